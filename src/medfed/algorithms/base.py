@@ -1,0 +1,61 @@
+"""The algorithm interface: one file per algorithm holds both halves.
+
+* The **site hook** plugs into the one local training loop (site/train.py): an extra loss
+  term (FedProx), a gradient correction (SCAFFOLD), tensors sent back with the update.
+  One hook object lives at each site for the whole run, so it may keep state.
+* The **server rule** turns the round's updates into the next global parameters; it may
+  send extra tensors to the sites with the round plan (e.g. a server control variate).
+
+Adding an algorithm = one new file with a subclass of :class:`Algorithm` (and, if needed,
+of :class:`SiteHook`) plus its config class in config.py. The round loop does not change.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from medfed.core.types import Params, RoundPlan, Update
+
+
+class SiteHook:
+    """Site-side half of an algorithm. The defaults give plain local training."""
+
+    def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
+        """Called once per round after the global parameters are loaded into ``model``."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the task loss at every step (None: nothing to add)."""
+        return None
+
+    def on_after_backward(self, model: nn.Module) -> None:
+        """Called after ``loss.backward()`` and before the optimizer step."""
+
+    def on_train_end(self, model: nn.Module, num_steps: int) -> Params:
+        """Extra tensors to send back with the update (empty by default)."""
+        return {}
+
+
+class Algorithm(ABC):
+    """Server-side half of an algorithm, and the factory of its site hook."""
+
+    name: str
+
+    def make_site_hook(self) -> SiteHook:
+        """The hook one site uses for the whole run."""
+        return SiteHook()
+
+    def round_extras(self, global_params: Params) -> Params:
+        """Tensors sent to every selected site with this round's plan."""
+        return {}
+
+    @abstractmethod
+    def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:
+        """The next global parameters from the current ones and the round's updates.
+
+        ``updates`` is never empty and is ordered by site as in the job, so that the
+        result does not depend on which site answered first.
+        """

@@ -1,0 +1,331 @@
+"""The job file: schema, loading and error messages.
+
+A job is validated once, at load time, and frozen. An error names the field path and the
+bad value, e.g. ``train.lr: must be > 0, got -1``. Relative data paths are resolved
+against the job file's folder, so a job file and its data can move together; the output
+folder is resolved against the current directory, where the user runs medfed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medfed.core.errors import ConfigError
+
+SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _unique(names: list[str], what: str) -> list[str]:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"{what} must be unique, '{n}' appears twice")
+        seen.add(n)
+    return names
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ScannerConfig(_Frozen):
+    """A site's acquisition signature, applied to images in [0, 1] before noise.
+
+    ``out = intensity_scale * in**contrast + intensity_offset``, then a Gaussian blur of
+    ``blur`` pixels (sigma) and additive Gaussian noise of standard deviation ``noise``.
+    """
+
+    intensity_scale: float = Field(1.0, gt=0)
+    intensity_offset: float = 0.0
+    contrast: float = Field(1.0, gt=0)
+    noise: float = Field(0.0, ge=0)
+    blur: float = Field(0.0, ge=0)
+
+
+class SyntheticSite(_Frozen):
+    """One synthetic hospital: its size, label prevalence and scanner."""
+
+    name: SiteName
+    n_train: int = Field(gt=0)
+    n_val: int = Field(20, gt=0)
+    n_test: int = Field(gt=0)
+    prevalence: float = Field(0.5, gt=0, lt=1)
+    scanner: ScannerConfig = ScannerConfig()
+
+
+class SyntheticData(_Frozen):
+    """Generated 2D images, 1 channel: an anatomical background with or without a lesion.
+
+    ``lesion_contrast`` is the lesion's intensity above the tissue around it (images in
+    [0, 1] before the scanner signature): lower is harder.
+    """
+
+    source: Literal["synthetic"]
+    image_size: int = Field(32, ge=16, le=512)
+    lesion_contrast: float = Field(0.3, gt=0, le=1)
+    sites: list[SyntheticSite] = Field(min_length=1)
+
+    @field_validator("sites")
+    @classmethod
+    def _names_unique(cls, v: list[SyntheticSite]) -> list[SyntheticSite]:
+        _unique([s.name for s in v], "site names")
+        return v
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+
+class PartitionConfig(_Frozen):
+    """How one data set is split into sites.
+
+    ``iid``: uniformly at random, equal sizes. ``dirichlet``: label skew, each class is
+    shared among sites in proportions drawn from Dirichlet(alpha); small alpha means strong
+    skew. ``quantity``: site sizes drawn from Dirichlet(alpha), labels IID.
+    The same per-site proportions are applied to the train, val and test splits, so a
+    site's test set has the same population as its training set.
+    """
+
+    method: Literal["iid", "dirichlet", "quantity"]
+    sites: list[SiteName] = Field(min_length=1)
+    alpha: float = Field(0.5, gt=0)
+
+    @field_validator("sites")
+    @classmethod
+    def _names_unique(cls, v: list[str]) -> list[str]:
+        return _unique(v, "site names")
+
+
+class MedMNISTData(_Frozen):
+    """A MedMNIST ``.npz`` file (2D) with its official train/val/test split, split into sites."""
+
+    source: Literal["medmnist"]
+    path: Path
+    partition: PartitionConfig
+
+    @property
+    def site_names(self) -> list[str]:
+        return list(self.partition.sites)
+
+
+DataConfig = Annotated[Union[SyntheticData, MedMNISTData], Field(discriminator="source")]
+
+
+# --------------------------------------------------------------------------- model, task, training
+
+
+class ModelConfig(_Frozen):
+    """A network by name. ``small_cnn`` is for CPU runs; the others are MONAI networks.
+
+    Input channels and output size come from the data and the task; ``width`` sets the
+    channel count of the first layer of ``small_cnn``.
+    """
+
+    name: Literal["small_cnn", "densenet121", "resnet18", "resnet50"]
+    width: int = Field(16, ge=1, le=512)
+
+
+class TaskConfig(_Frozen):
+    """Classification. ``binary`` uses one logit; ``multiclass`` one logit per class with
+    softmax; ``multilabel`` one independent logit per label. ``num_classes`` is the number
+    of classes (2 for binary) or of labels. ``monitor`` picks the best model on val."""
+
+    kind: Literal["classification"] = "classification"
+    labels: Literal["binary", "multiclass", "multilabel"]
+    num_classes: int = Field(2, ge=2, le=1000)
+    monitor: Literal["auc", "accuracy"] = "auc"
+
+    @model_validator(mode="after")
+    def _binary_has_two(self) -> "TaskConfig":
+        if self.labels == "binary" and self.num_classes != 2:
+            raise ValueError(f"num_classes must be 2 for binary labels, got {self.num_classes}")
+        return self
+
+
+class TrainConfig(_Frozen):
+    """The local training step, the same at every site and for the baselines."""
+
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class FedAvgConfig(_Frozen):
+    """FedAvg (McMahan et al., 2017): the average of site parameters weighted by the number
+    of training examples."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+# One entry per algorithm; each is `name: Literal[...]` plus its hyperparameters.
+AlgorithmConfig = FedAvgConfig
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class Job(_Frozen):
+    """A whole federated run: who takes part, on what data, with which model and method."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    seed: int = Field(0, ge=0, lt=2**31)
+    output: Path
+    rounds: int = Field(ge=1, le=100_000)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, le=512)
+    transport: Literal["inprocess", "pool"] = "inprocess"
+    workers: int | None = Field(None, ge=1, le=256)
+    round_timeout: float = Field(600.0, gt=0)
+    min_sites: int | None = Field(None, ge=1)
+    eval_every: int = Field(1, ge=1)
+    data: DataConfig
+    model: ModelConfig
+    task: TaskConfig
+    algorithm: AlgorithmConfig = FedAvgConfig()
+    train: TrainConfig = TrainConfig()
+    compare: list[Literal["local", "centralized"]] = Field(default_factory=list)
+
+    @field_validator("compare")
+    @classmethod
+    def _compare_unique(cls, v: list[str]) -> list[str]:
+        return _unique(v, "compare entries")
+
+    @model_validator(mode="after")
+    def _quorum_fits(self) -> "Job":
+        n = len(self.site_names)
+        if self.min_sites is not None and self.min_sites > n:
+            raise ValueError(f"min_sites: is {self.min_sites} but the job has only {n} sites")
+        return self
+
+    @property
+    def site_names(self) -> list[str]:
+        return self.data.site_names
+
+    @property
+    def num_threads(self) -> int:
+        return self.threads if self.threads is not None else (os.cpu_count() or 1)
+
+    @property
+    def quorum(self) -> int:
+        return self.min_sites if self.min_sites is not None else len(self.site_names)
+
+    def job_hash(self) -> str:
+        """SHA-256 of everything that affects results (the output folder does not)."""
+        body = self.model_dump(mode="json", exclude={"output"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading and messages
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "missing": "is required",
+    "extra_forbidden": "is not a known field",
+    "too_short": "must have at least {min_length} item(s)",
+    "string_too_short": "must have at least {min_length} character(s)",
+    "string_too_long": "must have at most {max_length} character(s)",
+    "string_pattern_mismatch": "must match {pattern}",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("synthetic", "medmnist") and parts and parts[-1] == "data":
+            continue  # pydantic adds the union tag; users never write it
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(job)"
+
+
+def _num(v: Any) -> Any:
+    return f"{v:g}" if isinstance(v, float) else v
+
+
+def _describe(err: dict[str, Any]) -> str:
+    path = _field_path(tuple(err["loc"]))
+    etype = err["type"]
+    ctx = err.get("ctx", {}) or {}
+    if etype == "literal_error":
+        msg = f"must be one of {ctx.get('expected', '')}"
+        if path.endswith("name") and path.split(".")[0] in ("model", "algorithm"):
+            msg = f"unknown {path.split('.')[0]} name; {msg}"
+    elif etype in ("union_tag_invalid", "union_tag_not_found"):
+        msg = f"needs 'source' set to one of {ctx.get('expected_tags', '')}"
+    elif etype == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        if not err["loc"]:  # a check across fields: its message starts with the field path
+            return msg
+    elif etype in _MESSAGES:
+        try:
+            msg = _MESSAGES[etype].format(**{k: _num(v) for k, v in ctx.items()})
+        except KeyError:
+            msg = err["msg"]
+    else:
+        msg = err["msg"][:1].lower() + err["msg"][1:]
+    if etype == "union_tag_invalid":
+        msg += f", got {ctx.get('tag')!r}"
+    elif etype not in ("missing", "value_error", "union_tag_not_found") and "input" in err:
+        got = err["input"]
+        msg += f", got {got!r}" if not isinstance(got, dict) else ""
+    return f"{path}: {msg}"
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [_describe(err) for err in e.errors()]
+    return f"{source}: invalid job\n  " + "\n  ".join(lines)
+
+
+def parse_job(raw: Any, source: str = "job", base_dir: Path | None = None) -> Job:
+    """Validate a mapping (parsed YAML) as a Job. Relative data paths resolve against base_dir."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a job must be a mapping of fields, got {type(raw).__name__}")
+    try:
+        job = Job.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+    if base_dir is not None and isinstance(job.data, MedMNISTData) and not job.data.path.is_absolute():
+        data = job.data.model_copy(update={"path": (base_dir / job.data.path).resolve()})
+        job = job.model_copy(update={"data": data})
+    return job
+
+
+def load_job(path: str | Path) -> Job:
+    """Read and validate a YAML job file. Raises ConfigError naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file '{path}' not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"job file '{path}' is not valid YAML: {e}") from None
+    return parse_job(raw, source=str(path), base_dir=path.parent.resolve())
+
+
+def builtin_job_path(name: str = "quickstart") -> Path:
+    """The path of a job file shipped inside the package (``medfed run`` with no argument)."""
+    return Path(__file__).parent / "examples" / f"{name}.yaml"

@@ -1,0 +1,117 @@
+"""The one place where typed payloads become bytes and back.
+
+Tensors travel as safetensors; everything else as JSON in the safetensors header
+metadata. No pickle: a payload from another process or another hospital is parsed, never
+executed. Tensor names are prefixed by their role (``params/``, ``extras/``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from medfed.core.errors import CodecError
+from medfed.core.types import Arm, FitRequest, Params, RoundPlan, TrainSettings, Update
+
+_META_KEY = "medfed"
+
+
+def _pack(groups: dict[str, Params], meta: dict[str, Any]) -> bytes:
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, params in groups.items():
+        for name, t in params.items():
+            tensors[f"{prefix}/{name}"] = t.detach().to("cpu").contiguous()
+    return _st_save(tensors, metadata={_META_KEY: json.dumps(meta)})
+
+
+def _unpack(blob: bytes, what: str) -> tuple[dict[str, Params], dict[str, Any]]:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CodecError(f"{what}: expected bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    try:
+        tensors = _st_load(blob)
+        header_len = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"][_META_KEY])
+    except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CodecError(f"{what}: malformed payload ({e})") from None
+    if not isinstance(meta, dict):
+        raise CodecError(f"{what}: header metadata must be a JSON object")
+    groups: dict[str, Params] = {}
+    for key, t in tensors.items():
+        prefix, sep, name = key.partition("/")
+        if not sep:
+            raise CodecError(f"{what}: tensor name {key!r} has no role prefix")
+        groups.setdefault(prefix, {})[name] = t
+    return groups, meta
+
+
+def encode_params(params: Params) -> bytes:
+    """Serialize a state dict (names to tensors) to safetensors bytes."""
+    return _pack({"params": params}, {})
+
+
+def decode_params(blob: bytes) -> Params:
+    groups, _ = _unpack(blob, "params")
+    return groups.get("params", {})
+
+
+def encode_fit_request(req: FitRequest) -> bytes:
+    plan = req.plan
+    meta = {
+        "site": req.site,
+        "job_id": plan.job_id,
+        "round": plan.round,
+        "arm": plan.arm.value,
+        "train": asdict(plan.train),
+    }
+    return _pack({"params": req.params, "extras": plan.extras}, meta)
+
+
+def decode_fit_request(blob: bytes) -> FitRequest:
+    groups, meta = _unpack(blob, "fit request")
+    try:
+        plan = RoundPlan(
+            job_id=str(meta["job_id"]),
+            round=int(meta["round"]),
+            arm=Arm(meta["arm"]),
+            train=TrainSettings(**meta["train"]),
+            extras=groups.get("extras", {}),
+        )
+        return FitRequest(site=str(meta["site"]), params=groups.get("params", {}), plan=plan)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CodecError(f"fit request: bad header field ({e})") from None
+
+
+def encode_update(update: Update) -> bytes:
+    meta = {
+        "site": update.site,
+        "round": update.round,
+        "num_examples": update.num_examples,
+        "num_steps": update.num_steps,
+        "metrics": update.metrics,
+    }
+    return _pack({"params": update.params, "extras": update.extras}, meta)
+
+
+def decode_update(blob: bytes) -> Update:
+    groups, meta = _unpack(blob, "update")
+    try:
+        metrics = {str(k): float(v) for k, v in dict(meta.get("metrics", {})).items()}
+        return Update(
+            site=str(meta["site"]),
+            round=int(meta["round"]),
+            params=groups.get("params", {}),
+            num_examples=int(meta["num_examples"]),
+            num_steps=int(meta["num_steps"]),
+            metrics=metrics,
+            extras=groups.get("extras", {}),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CodecError(f"update: bad header field ({e})") from None

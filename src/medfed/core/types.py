@@ -1,0 +1,114 @@
+"""Typed payloads that flow through a round. Strings only at the edge (see core/codec.py).
+
+``Params`` is an ordered mapping from a model's state-dict names to CPU tensors. It holds
+parameters and buffers (e.g. batch-norm running statistics) alike.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported lazily so that `medfed validate` stays fast
+    import torch
+
+Params = dict[str, "torch.Tensor"]
+
+
+class Arm(str, enum.Enum):
+    """Which model a record belongs to: the federation or one of its baselines."""
+
+    FEDERATED = "federated"
+    LOCAL = "local"  # each site trains alone on its own data
+    CENTRALIZED = "centralized"  # all sites' training data pooled in one place
+
+
+class Split(str, enum.Enum):
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a site needs to know to run its local training step.
+
+    ``lr`` is the learning rate of the local optimizer; ``local_epochs`` full passes over
+    the site's training split; ``seed`` fixes initialisation-independent randomness at the
+    site for this round (shuffling, dropout, augmentation).
+    """
+
+    local_epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str  # "sgd" | "adam"
+    momentum: float
+    weight_decay: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The server's instructions to one site for one round."""
+
+    job_id: str
+    round: int
+    arm: Arm
+    train: TrainSettings
+    # Algorithm-specific tensors sent along with the global parameters (e.g. a server
+    # control variate). Empty for FedAvg.
+    extras: Params = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    site: str
+    params: Params
+    plan: RoundPlan
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one site sends back after local training.
+
+    ``params`` are the site's parameters after training (full values, not deltas);
+    ``num_examples`` the size of the training split used (the FedAvg weight);
+    ``num_steps`` the optimizer steps taken; ``metrics`` training metrics (e.g. loss).
+    """
+
+    site: str
+    round: int
+    params: Params
+    num_examples: int
+    num_steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    extras: Params = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    site: str
+    params: Params
+    splits: tuple[Split, ...]
+    job_id: str
+    round: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of one model on one site's split. ``metrics`` maps name to value; a value
+    is ``None`` where the metric is undefined (e.g. AUC on a split with one class)."""
+
+    site: str
+    split: Split
+    num_examples: int
+    metrics: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class SiteFailure:
+    """A site that did not answer in time or raised: the cause reaches the server log."""
+
+    site: str
+    cause: str

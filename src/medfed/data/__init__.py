@@ -1,0 +1,1 @@
+"""Data: readers (synthetic, MedMNIST), partitioners, and the in-memory site data type."""

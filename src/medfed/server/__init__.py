@@ -1,0 +1,1 @@
+"""The server side: the round loop, update checks, checkpoints and the run folder."""

@@ -1,0 +1,53 @@
+"""The two baselines every medical FL paper reports, trained with the same local step,
+the same model initialisation and the same budget of local epochs as the federation.
+
+* local: each site trains alone on its own data, round after round, never sharing.
+* centralized: one model trained on all sites' training data pooled.
+Both are evaluated on every site's own val and test splits, like the federated model.
+"""
+
+from __future__ import annotations
+
+from medfed.config import Job
+from medfed.core.types import Arm, FitRequest, Params
+from medfed.server.loop import Recorder, RoundCallback, RoundSummary, _mean_loss, collect_updates, evaluate_round, make_plan
+from medfed.transport.base import POOLED, Transport
+
+
+def run_local(
+    job: Job, transport: Transport, init_params: Params, record: Recorder, on_round: RoundCallback | None = None
+) -> dict[str, Params]:
+    """Each site trains its own model from ``init_params``; returns the final models by site."""
+    sites = list(job.site_names)
+    params = {s: init_params for s in sites}
+    for rnd in range(1, job.rounds + 1):
+        requests = [FitRequest(s, params[s], make_plan(job, Arm.LOCAL, rnd, i)) for i, s in enumerate(sites)]
+        answers = transport.fit(requests, timeout=job.round_timeout)
+        updates, failed = collect_updates(answers, init_params, rnd, job.quorum, Arm.LOCAL)
+        for u in updates:
+            params[u.site] = u.params
+            record(rnd, Arm.LOCAL.value, u.site, "train", "loss", u.metrics.get("loss"))
+        means = {}
+        if rnd % job.eval_every == 0 or rnd == job.rounds:
+            means = evaluate_round(transport, params, job, Arm.LOCAL, rnd, record)
+        if on_round is not None:
+            on_round(RoundSummary(Arm.LOCAL, rnd, _mean_loss(updates), means, failed), init_params)
+    return params
+
+
+def run_centralized(
+    job: Job, transport: Transport, init_params: Params, record: Recorder, on_round: RoundCallback | None = None
+) -> Params:
+    """One model trained on the pooled data; returns its final parameters."""
+    params = init_params
+    for rnd in range(1, job.rounds + 1):
+        request = FitRequest(POOLED, params, make_plan(job, Arm.CENTRALIZED, rnd, 0))
+        (update,), _ = collect_updates(transport.fit([request], job.round_timeout), params, rnd, 1, Arm.CENTRALIZED)
+        params = update.params
+        record(rnd, Arm.CENTRALIZED.value, "all", "train", "loss", update.metrics.get("loss"))
+        means = {}
+        if rnd % job.eval_every == 0 or rnd == job.rounds:
+            means = evaluate_round(transport, {s: params for s in job.site_names}, job, Arm.CENTRALIZED, rnd, record)
+        if on_round is not None:
+            on_round(RoundSummary(Arm.CENTRALIZED, rnd, update.metrics.get("loss"), means), params)
+    return params

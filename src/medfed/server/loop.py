@@ -1,0 +1,183 @@
+"""THE round loop of a federated run, readable top to bottom.
+
+It knows nothing of how sites are reached (the transport), what the algorithm does (its
+hook and rule) or how metrics are stored (the recorder); it sequences them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medfed.algorithms.base import Algorithm
+from medfed.config import Job
+from medfed.core.errors import RoundError
+from medfed.core.types import (
+    Arm,
+    EvalRequest,
+    EvalResult,
+    FitRequest,
+    Params,
+    RoundPlan,
+    SiteFailure,
+    Split,
+    TrainSettings,
+    Update,
+)
+from medfed.server.validate import update_problem
+from medfed.transport.base import Transport
+
+log = logging.getLogger("medfed")
+
+_ARM_CODE = {Arm.FEDERATED: 0, Arm.LOCAL: 1, Arm.CENTRALIZED: 2}
+EVAL_SPLITS = (Split.VAL, Split.TEST)
+
+
+def round_seed(job_seed: int, arm: Arm, rnd: int, site_index: int) -> int:
+    """The seed of one site's local training in one round: independent streams per
+    (job seed, arm, round, site), identical run after run."""
+    ss = np.random.SeedSequence([job_seed, _ARM_CODE[arm], rnd, site_index])
+    return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def make_plan(job: Job, arm: Arm, rnd: int, site_index: int, extras: Params | None = None) -> RoundPlan:
+    t = job.train
+    return RoundPlan(
+        job_id=job.job_hash()[:16],
+        round=rnd,
+        arm=arm,
+        train=TrainSettings(
+            local_epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            optimizer=t.optimizer,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            seed=round_seed(job.seed, arm, rnd, site_index),
+        ),
+        extras=extras or {},
+    )
+
+
+@dataclass
+class RoundSummary:
+    """What the progress display and the best-model tracker need after a round."""
+
+    arm: Arm
+    round: int
+    train_loss: float | None
+    means: dict[str, dict[str, float | None]] = field(default_factory=dict)  # split -> metric -> mean
+    failed: list[str] = field(default_factory=list)
+
+
+Recorder = Callable[[int, str, str, str, str, "float | None"], None]
+RoundCallback = Callable[[RoundSummary, Params], None]
+
+
+def collect_updates(
+    answers: Sequence[Update | SiteFailure], global_params: Params, rnd: int, quorum: int, arm: Arm
+) -> tuple[list[Update], list[str]]:
+    """Valid updates in request order, and the names of sites that failed (logged)."""
+    updates, failed = [], []
+    for a in answers:
+        problem = a.cause if isinstance(a, SiteFailure) else update_problem(a, global_params, rnd)
+        if problem is None:
+            updates.append(a)
+        else:
+            failed.append(a.site)
+            log.warning("%s round %d: site '%s' left out: %s", arm.value, rnd, a.site, problem)
+    if len(updates) < quorum:
+        raise RoundError(
+            f"{arm.value} round {rnd}: only {len(updates)} site(s) answered, "
+            f"the quorum is {quorum} (failed: {', '.join(failed) or 'none'})"
+        )
+    return updates, failed
+
+
+def evaluate_round(
+    transport: Transport, params_by_site: dict[str, Params], job: Job, arm: Arm, rnd: int, record: Recorder
+) -> dict[str, dict[str, float | None]]:
+    """Evaluate each site's model on its val and test splits, record per-site values and
+    the example-weighted mean over sites (site ``all``); return those means."""
+    requests = [
+        EvalRequest(site=s, params=p, splits=EVAL_SPLITS, job_id=job.job_hash()[:16], round=rnd)
+        for s, p in params_by_site.items()
+    ]
+    sums: dict[tuple[str, str], list[float]] = {}
+    for req, answer in zip(requests, transport.evaluate(requests, timeout=job.round_timeout)):
+        if isinstance(answer, SiteFailure):
+            log.warning("%s round %d: site '%s' could not evaluate: %s", arm.value, rnd, req.site, answer.cause)
+            continue
+        for res in answer:
+            _record_result(res, arm, rnd, record, sums)
+    means: dict[str, dict[str, float | None]] = {}
+    for (split, metric), (weighted, n) in sums.items():
+        value = weighted / n if n > 0 else None
+        means.setdefault(split, {})[metric] = value
+        record(rnd, arm.value, "all", split, metric, value)
+    return means
+
+
+def _record_result(res: EvalResult, arm: Arm, rnd: int, record: Recorder, sums: dict) -> None:
+    for metric, value in res.metrics.items():
+        record(rnd, arm.value, res.site, res.split.value, metric, value)
+        acc = sums.setdefault((res.split.value, metric), [0.0, 0])
+        if value is not None:
+            acc[0] += value * res.num_examples
+            acc[1] += res.num_examples
+
+
+def run_federated(
+    job: Job,
+    transport: Transport,
+    algorithm: Algorithm,
+    init_params: Params,
+    record: Recorder,
+    on_round: RoundCallback | None = None,
+) -> Params:
+    """Run ``job.rounds`` rounds of federated training; return the final global params."""
+    sites = list(job.site_names)
+    global_params = init_params
+    for rnd in range(1, job.rounds + 1):
+        # ---- 1. select the sites of this round (all of them: sampling comes later)
+        log.info("federated round %d/%d started", rnd, job.rounds)
+        selected = list(enumerate(sites))
+
+        # ---- 2. send the global parameters and the round plan; sites train locally
+        extras = algorithm.round_extras(global_params)
+        requests = [
+            FitRequest(site=s, params=global_params, plan=make_plan(job, Arm.FEDERATED, rnd, i, extras))
+            for i, s in selected
+        ]
+        answers = transport.fit(requests, timeout=job.round_timeout)
+
+        # ---- 3. collect the updates that pass the incoming checks; enforce the quorum
+        updates, failed = collect_updates(answers, global_params, rnd, job.quorum, Arm.FEDERATED)
+        for u in updates:
+            record(rnd, Arm.FEDERATED.value, u.site, "train", "loss", u.metrics.get("loss"))
+
+        # ---- 4. aggregate with the algorithm's server rule
+        global_params = algorithm.aggregate(global_params, updates)
+
+        # ---- 5. evaluate the new global model at every site
+        means: dict[str, dict[str, float | None]] = {}
+        if rnd % job.eval_every == 0 or rnd == job.rounds:
+            means = evaluate_round(transport, {s: global_params for s in sites}, job, Arm.FEDERATED, rnd, record)
+
+        # ---- 6. report the round (the caller checkpoints and tracks the best model)
+        loss = _mean_loss(updates)
+        log.info("federated round %d/%d done (%d sites, %d failed)", rnd, job.rounds, len(updates), len(failed))
+        if on_round is not None:
+            on_round(RoundSummary(Arm.FEDERATED, rnd, loss, means, failed), global_params)
+    return global_params
+
+
+def _mean_loss(updates: Sequence[Update]) -> float | None:
+    n = sum(u.num_examples for u in updates)
+    losses = [(u.metrics.get("loss"), u.num_examples) for u in updates]
+    if n == 0 or any(v is None for v, _ in losses):
+        return None
+    return sum(v * k for v, k in losses) / n

@@ -1,0 +1,175 @@
+"""A whole run: the run folder, the data, the transport, the federation and baselines.
+
+Nothing half-written: the run is built in a hidden staging folder next to the output
+folder and moved into place only when everything, report included, is written. A run
+that fails leaves the output folder as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from medfed import __version__
+from medfed.algorithms import build_algorithm
+from medfed.config import Job
+from medfed.core.errors import RunDirError
+from medfed.core.types import Arm, Params
+from medfed.data.base import SiteData
+from medfed.models import build_model, get_params
+from medfed.server.baselines import run_centralized, run_local
+from medfed.server.checkpoint import atomic_write_text, save_checkpoint
+from medfed.server.loop import RoundCallback, RoundSummary, run_federated
+from medfed.site.device import resolve_device, set_threads
+from medfed.transport.base import POOLED, Transport
+
+log = logging.getLogger("medfed")
+
+RUN_MARKER = "run.json"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    elapsed_s: float
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an output folder that already holds something, unless ``overwrite``."""
+    if output.exists() and not output.is_dir():
+        raise RunDirError(f"output '{output}' exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        what = "a run" if (output / RUN_MARKER).exists() else "files"
+        raise RunDirError(
+            f"output folder '{output}' already holds {what}; choose another output or pass --overwrite"
+        )
+
+
+def make_transport(job: Job, sites: list[SiteData], device: torch.device) -> Transport:
+    pooled = POOLED if "centralized" in job.compare else None
+    if job.transport == "pool":
+        from medfed.transport.pool import PoolTransport
+
+        return PoolTransport(job, pooled=pooled)
+    from medfed.site.app import build_site_apps
+    from medfed.transport.inprocess import InProcessTransport
+
+    return InProcessTransport(build_site_apps(job, sites, device, pooled_name=pooled))
+
+
+def initial_params(job: Job, in_channels: int) -> Params:
+    """The common starting point of every arm, fixed by the job seed."""
+    torch.manual_seed(job.seed)
+    return get_params(build_model(job.model, job.task, in_channels))
+
+
+class _BestTracker:
+    """Checkpoints the federated model after every round and keeps the best on val."""
+
+    def __init__(self, run_dir: Path, job: Job):
+        self.run_dir, self.job = run_dir, job
+        self.metric = f"val_{job.task.monitor}"
+        self.best: float | None = None
+
+    def __call__(self, s: RoundSummary, params: Params) -> None:
+        if s.arm is not Arm.FEDERATED:
+            return
+        value = s.means.get("val", {}).get(self.job.task.monitor)
+        meta = {"round": s.round, "arm": s.arm.value, "metric": self.metric, "value": value,
+                "job_hash": self.job.job_hash()}
+        save_checkpoint(self.run_dir / "model_final", params, meta)
+        if value is not None and (self.best is None or value > self.best):
+            self.best = value
+            save_checkpoint(self.run_dir / "model_best", params, meta)
+
+    def finish(self) -> None:
+        if self.best is None:  # no defined val metric in any round: the final model is the best we know
+            for ext in (".safetensors", ".json"):
+                shutil.copyfile(self.run_dir / f"model_final{ext}", self.run_dir / f"model_best{ext}")
+
+
+def run_job(
+    job: Job,
+    overwrite: bool = False,
+    on_round: RoundCallback | None = None,
+    on_sites: Callable[[list[dict]], None] | None = None,
+) -> RunResult:
+    """Run the federation and the baselines of ``job``; return where the run was written."""
+    from medfed.data.sites import build_sites, describe_sites
+    from medfed.tracking.metrics import MetricsWriter
+    from medfed.tracking.report import write_report
+
+    output = job.output.resolve()
+    check_output(output, overwrite)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    set_threads(job.num_threads)
+    device = resolve_device(job.device)
+    sites = build_sites(job)  # data errors surface before anything is written
+    summary = describe_sites(sites, job.task)
+    if on_sites is not None:
+        on_sites(summary)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    handler = logging.FileHandler(staging / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        atomic_write_text(staging / "job.yaml", job.to_yaml())
+        atomic_write_text(staging / "sites.json", json.dumps({"sites": summary}, indent=2) + "\n")
+        init = initial_params(job, in_channels=sites[0].train.images.shape[1])
+        tracker = _BestTracker(staging, job)
+
+        def callback(s: RoundSummary, params: Params) -> None:
+            tracker(s, params)
+            if on_round is not None:
+                on_round(s, params)
+
+        with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
+            algorithm = build_algorithm(job.algorithm)
+            run_federated(job, transport, algorithm, init, metrics.write, callback)
+            tracker.finish()
+            if "local" in job.compare:
+                run_local(job, transport, init, metrics.write, callback)
+            if "centralized" in job.compare:
+                run_centralized(job, transport, init, metrics.write, callback)
+        elapsed = time.perf_counter() - t0
+        marker = {"status": "complete", "medfed_version": __version__, "job_hash": job.job_hash(),
+                  "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
+                  "elapsed_s": round(elapsed, 3), "rounds": job.rounds}
+        atomic_write_text(staging / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
+        write_report(staging)
+    except BaseException:
+        log.removeHandler(handler)
+        handler.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.removeHandler(handler)
+    handler.close()
+    _move_into_place(staging, output)
+    return RunResult(run_dir=output, elapsed_s=time.perf_counter() - t0)
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    if output.exists():  # only reached with overwrite=True; check_output refused otherwise
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        os.replace(output, old)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)

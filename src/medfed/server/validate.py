@@ -1,0 +1,30 @@
+"""The server's incoming check: an update must fit the global model before it is used."""
+
+from __future__ import annotations
+
+import torch
+
+from medfed.core.types import Params, Update
+
+
+def update_problem(update: Update, global_params: Params, expected_round: int) -> str | None:
+    """Why ``update`` cannot be aggregated, or None when it is fine.
+
+    Checks the round number, the example count, and that the tensors have exactly the
+    global model's names, shapes and dtypes and hold only finite values.
+    """
+    if update.round != expected_round:
+        return f"update is for round {update.round}, expected {expected_round}"
+    if update.num_examples <= 0:
+        return f"num_examples must be > 0, got {update.num_examples}"
+    missing = global_params.keys() - update.params.keys()
+    extra = update.params.keys() - global_params.keys()
+    if missing or extra:
+        return f"tensor names differ from the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+    for name, ref in global_params.items():
+        t = update.params[name]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            return f"tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"tensor '{name}' holds NaN or Inf"
+    return None

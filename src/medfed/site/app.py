@@ -1,0 +1,91 @@
+"""A site's answers to the server: ``fit`` (local training) and ``evaluate``.
+
+The same class serves every transport: in-process it is called directly, in a worker
+process it is called by the pool worker, in a deployment by the network client.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medfed.algorithms import build_algorithm
+from medfed.algorithms.base import SiteHook
+from medfed.config import Job
+from medfed.core.errors import SiteError
+from medfed.core.types import Arm, EvalResult, Params, RoundPlan, Split, Update
+from medfed.data.base import SiteData
+from medfed.models import build_model, get_params
+from medfed.site.evaluate import evaluate_split
+from medfed.site.train import train_local
+from medfed.tasks.classification import ClassificationTask
+
+
+class SiteApp:
+    """One site: its data, a model buffer and the algorithm's site hook.
+
+    ``data.name`` is the site name. The model object is built once and reused; each
+    request loads the parameters it carries, so the site keeps no hidden model state
+    between rounds other than what the algorithm's hook keeps on purpose.
+    """
+
+    def __init__(self, data: SiteData, job: Job, device: torch.device):
+        self.name = data.name
+        self.data = data
+        self.device = device
+        self.task = ClassificationTask(job.task)
+        self.model = build_model(job.model, job.task, in_channels=data.train.images.shape[1])
+        self.model.to(device)
+        self._hooks = {Arm.FEDERATED: build_algorithm(job.algorithm).make_site_hook()}
+
+    def _load(self, params: Params) -> None:
+        try:
+            self.model.load_state_dict(params, strict=True)
+        except (RuntimeError, KeyError) as e:
+            raise SiteError(self.name, f"parameters do not fit the model: {e}") from None
+
+    def fit(self, params: Params, plan: RoundPlan) -> Update:
+        self._load(params)
+        hook = self._hooks.get(plan.arm) or SiteHook()  # baselines train plainly
+        hook.on_train_start(self.model, plan)
+        stats = train_local(self.model, self.data.train, self.task, plan.train, hook, self.device)
+        extras = hook.on_train_end(self.model, stats.num_steps)
+        return Update(
+            site=self.name,
+            round=plan.round,
+            params=get_params(self.model),
+            num_examples=len(self.data.train),
+            num_steps=stats.num_steps,
+            metrics={"loss": stats.mean_loss},
+            extras=extras,
+        )
+
+    def evaluate(self, params: Params, splits: tuple[Split, ...]) -> list[EvalResult]:
+        self._load(params)
+        out = []
+        for split in splits:
+            data = self.data.split(split.value)
+            metrics = evaluate_split(self.model, data, self.task, self.device)
+            out.append(EvalResult(site=self.name, split=split, num_examples=len(data), metrics=metrics))
+        return out
+
+
+def pooled_site_data(sites: list[SiteData], name: str) -> SiteData:
+    """All sites' splits concatenated: the data of the centralized baseline."""
+    from medfed.data.base import ArraySplit
+
+    return SiteData(
+        name=name,
+        train=ArraySplit.concat([s.train for s in sites]),
+        val=ArraySplit.concat([s.val for s in sites]),
+        test=ArraySplit.concat([s.test for s in sites]),
+    )
+
+
+def build_site_apps(
+    job: Job, sites: list[SiteData], device: torch.device, pooled_name: str | None = None
+) -> dict[str, SiteApp]:
+    """One app per site; plus the pooled pseudo-site when ``pooled_name`` is given."""
+    apps = {s.name: SiteApp(s, job, device) for s in sites}
+    if pooled_name is not None:
+        apps[pooled_name] = SiteApp(pooled_site_data(sites, pooled_name), job, device)
+    return apps

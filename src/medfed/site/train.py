@@ -1,0 +1,91 @@
+"""THE local training step. Every site, every algorithm and every baseline trains here.
+
+Algorithms plug in through their :class:`~medfed.algorithms.base.SiteHook`; nothing in
+this file knows which algorithm runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medfed.algorithms.base import SiteHook
+from medfed.core.types import TrainSettings
+from medfed.data.base import ArraySplit
+from medfed.tasks.classification import ClassificationTask
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    num_steps: int
+    mean_loss: float
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Shuffled index batches covering ``range(n)`` once.
+
+    A trailing batch of one example is dropped when n > 1: batch norm cannot normalise
+    over a single example in training mode.
+    """
+    perm = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        idx = perm[start : start + batch_size]
+        if len(idx) == 1 and n > 1:
+            return
+        yield idx
+
+
+def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+    )
+
+
+def train_local(
+    model: nn.Module,
+    data: ArraySplit,
+    task: ClassificationTask,
+    settings: TrainSettings,
+    hook: SiteHook,
+    device: torch.device,
+) -> TrainStats:
+    """Train ``model`` in place for ``settings.local_epochs`` passes over ``data``.
+
+    A fresh optimizer is made each round (its momentum does not carry over). Mixed
+    precision (float16 autocast with loss scaling) is used on CUDA.
+    """
+    torch.manual_seed(settings.seed)  # dropout and any other randomness in the model
+    gen = torch.Generator().manual_seed(settings.seed)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    optimizer = make_optimizer(model, settings)
+    model.train()
+    steps, loss_sum = 0, 0.0
+    for _ in range(settings.local_epochs):
+        for idx in batches(len(data), settings.batch_size, gen):
+            x = data.images[idx].to(device, non_blocking=True)
+            y = data.labels[idx].to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                loss = task.loss(model(x), y)
+                extra = hook.extra_loss(model)
+                if extra is not None:
+                    loss = loss + extra
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                hook.on_after_backward(model)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                hook.on_after_backward(model)
+                optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach())
+    return TrainStats(num_steps=steps, mean_loss=loss_sum / max(steps, 1))

@@ -1,0 +1,1 @@
+"""Tasks: what a model predicts, its loss and its metrics."""

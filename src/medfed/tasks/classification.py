@@ -1,0 +1,85 @@
+"""Classification: binary, multi-class and multi-label.
+
+Logits have shape (B, K): K = 1 for binary (sigmoid), K classes for multi-class (softmax),
+K labels for multi-label (independent sigmoids). Labels are int64 (B,) class indices for
+binary and multi-class, float32 (B, K) of 0/1 for multi-label.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.config import TaskConfig
+
+
+class ClassificationTask:
+    """Loss, probabilities and metrics for one classification setting."""
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        self.labels = cfg.labels
+        self.num_classes = cfg.num_classes
+        self._ce = nn.CrossEntropyLoss()
+        self._bce = nn.BCEWithLogitsLoss()
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the batch: BCE-with-logits (binary, multi-label) or cross-entropy."""
+        if self.labels == "binary":
+            return self._bce(logits[:, 0], labels.to(logits.dtype))
+        if self.labels == "multiclass":
+            return self._ce(logits, labels)
+        return self._bce(logits, labels.to(logits.dtype))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) positive-class probability for binary, (B, K) otherwise."""
+        if self.labels == "binary":
+            return torch.sigmoid(logits[:, 0])
+        if self.labels == "multiclass":
+            return torch.softmax(logits, dim=1)
+        return torch.sigmoid(logits)
+
+    def metrics(self, probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+        """Accuracy and ROC AUC (MONAI) on a whole split.
+
+        ``auc`` is the macro average over the classes (or labels) for which AUC is
+        defined (both values present); ``None`` when it is defined for none.
+        Multi-class and multi-label also report ``auc_class_<i>``. Multi-label accuracy
+        is the mean over labels of the per-label accuracy at threshold 0.5.
+        """
+        probs = probs.detach().float().cpu()
+        labels = labels.detach().cpu()
+        out: dict[str, float | None] = {}
+        if self.labels == "binary":
+            out["accuracy"] = float(((probs >= 0.5).long() == labels).float().mean())
+            out["auc"] = _auc(probs, labels)
+            return out
+        if self.labels == "multiclass":
+            out["accuracy"] = float((probs.argmax(1) == labels).float().mean())
+            onehot = torch.nn.functional.one_hot(labels, self.num_classes)
+        else:
+            out["accuracy"] = float(((probs >= 0.5).float() == labels).float().mean())
+            onehot = labels
+        per_class = [_auc(probs[:, k], onehot[:, k]) for k in range(self.num_classes)]
+        defined = [v for v in per_class if v is not None]
+        out["auc"] = float(np.mean(defined)) if defined else None
+        for k, v in enumerate(per_class):
+            out[f"auc_class_{k}"] = v
+        return out
+
+
+def _auc(scores: torch.Tensor, targets: torch.Tensor) -> float | None:
+    """ROC AUC of one column; None when only one class is present."""
+    from monai.metrics import compute_roc_auc  # MONAI is imported only where used
+
+    targets = targets.long()
+    if targets.numel() == 0 or targets.min() == targets.max():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = float(compute_roc_auc(scores, targets))
+    return None if math.isnan(value) else value

@@ -1,0 +1,1 @@
+"""Transports carry round plans to sites and updates back. Simulation is just a transport."""

@@ -1,0 +1,44 @@
+"""In-process transport: sites are objects in this process, called one after another.
+
+Deterministic and the default for simulation. There is nothing to wait on, so
+``timeout`` is not enforced here: a site's call returns when its training ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from medfed.core.errors import MedfedError
+from medfed.core.types import EvalRequest, EvalResult, FitRequest, SiteFailure, Update
+from medfed.site.app import SiteApp
+from medfed.transport.base import Transport, describe_exception
+
+
+class InProcessTransport(Transport):
+    def __init__(self, apps: dict[str, SiteApp]):
+        self.apps = apps
+
+    def _app(self, site: str) -> SiteApp:
+        if site not in self.apps:
+            raise MedfedError(f"unknown site '{site}'")
+        return self.apps[site]
+
+    def fit(self, requests: Sequence[FitRequest], timeout: float) -> list[Update | SiteFailure]:
+        out: list[Update | SiteFailure] = []
+        for req in requests:
+            try:
+                out.append(self._app(req.site).fit(req.params, req.plan))
+            except Exception as e:  # one site's failure must not stop the federation
+                out.append(SiteFailure(req.site, describe_exception(e)))
+        return out
+
+    def evaluate(
+        self, requests: Sequence[EvalRequest], timeout: float
+    ) -> list[list[EvalResult] | SiteFailure]:
+        out: list[list[EvalResult] | SiteFailure] = []
+        for req in requests:
+            try:
+                out.append(self._app(req.site).evaluate(req.params, req.splits))
+            except Exception as e:
+                out.append(SiteFailure(req.site, describe_exception(e)))
+        return out

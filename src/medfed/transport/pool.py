@@ -1,0 +1,172 @@
+"""Process-pool transport: sites train in parallel worker processes on this machine.
+
+Each worker process serves a fixed subset of sites (site i goes to worker i mod W), so a
+site's algorithm state stays in one process for the whole run. Workers are started with
+``spawn`` (safe with torch's thread pools), build their sites' data themselves from the
+job (data never crosses the process boundary) and exchange parameters as safetensors
+bytes through the codec. Every wait is bounded by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from medfed.config import Job
+from medfed.core import codec
+from medfed.core.types import EvalRequest, EvalResult, FitRequest, SiteFailure, Split, Update
+from medfed.transport.base import Transport, describe_exception
+
+# --------------------------------------------------------------------------- worker side
+
+_APPS: dict[str, Any] = {}
+
+
+def _init_worker(job_json: str, sites: list[str], pooled: str | None, threads: int) -> None:
+    from medfed.data.sites import build_sites
+    from medfed.site.app import build_site_apps
+    from medfed.site.device import resolve_device, set_threads
+
+    set_threads(threads)
+    job = Job.model_validate(json.loads(job_json))
+    all_sites = build_sites(job)
+    mine = [s for s in all_sites if s.name in sites]
+    _APPS.update(build_site_apps(job, mine, resolve_device(job.device)))
+    if pooled is not None:
+        from medfed.site.app import SiteApp, pooled_site_data
+
+        _APPS[pooled] = SiteApp(pooled_site_data(all_sites, pooled), job, resolve_device(job.device))
+
+
+def _worker_fit(blob: bytes) -> tuple[str, bytes | str]:
+    try:
+        req = codec.decode_fit_request(blob)
+        update = _APPS[req.site].fit(req.params, req.plan)
+        return "ok", codec.encode_update(update)
+    except Exception as e:
+        return "error", describe_exception(e)
+
+
+def _worker_evaluate(site: str, params_blob: bytes, splits: list[str]) -> tuple[str, str]:
+    try:
+        results = _APPS[site].evaluate(codec.decode_params(params_blob), tuple(Split(s) for s in splits))
+        return "ok", json.dumps(
+            [{"split": r.split.value, "n": r.num_examples, "metrics": r.metrics} for r in results]
+        )
+    except Exception as e:
+        return "error", describe_exception(e)
+
+
+# --------------------------------------------------------------------------- server side
+
+
+class PoolTransport(Transport):
+    """``workers`` processes (default: one per site, at most the thread count)."""
+
+    def __init__(self, job: Job, workers: int | None = None, pooled: str | None = None):
+        names = list(job.site_names)
+        n = workers or job.workers or min(len(names), job.num_threads)
+        n = max(1, min(n, len(names)))
+        self._assign = {name: i % n for i, name in enumerate(names)}
+        if pooled is not None:
+            self._assign[pooled] = 0
+        self._job_json = json.dumps(job.model_dump(mode="json"))
+        self._threads = max(1, job.num_threads // n)
+        self._pooled = pooled
+        self._executors: list[ProcessPoolExecutor | None] = [None] * n
+
+    def _executor(self, i: int) -> ProcessPoolExecutor:
+        ex = self._executors[i]
+        if ex is None:
+            sites = [s for s, w in self._assign.items() if w == i and s != self._pooled]
+            pooled = self._pooled if self._assign.get(self._pooled) == i else None
+            ex = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self._job_json, sites, pooled, self._threads),
+            )
+            self._executors[i] = ex
+        return ex
+
+    def _run(self, sites: Sequence[str], submit: Callable[[ProcessPoolExecutor, int], Future], timeout: float) -> list[tuple[str, Any] | SiteFailure]:
+        futures: list[Future | SiteFailure] = []
+        for k, site in enumerate(sites):
+            if site not in self._assign:
+                futures.append(SiteFailure(site, "unknown site"))
+                continue
+            futures.append(submit(self._executor(self._assign[site]), k))
+        pending = [f for f in futures if isinstance(f, Future)]
+        deadline = time.monotonic() + timeout
+        done, _ = wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        out: list[tuple[str, Any] | SiteFailure] = []
+        for site, f in zip(sites, futures):
+            if isinstance(f, SiteFailure):
+                out.append(f)
+            elif f not in done:
+                f.cancel()
+                self._kill(self._assign[site])  # a hung worker must not block later rounds
+                out.append(SiteFailure(site, f"no answer within round_timeout={timeout:g}s"))
+            elif f.exception() is not None:
+                exc = f.exception()
+                if isinstance(exc, BrokenProcessPool):  # a worker died: start afresh next time
+                    self._executors[self._assign[site]] = None
+                out.append(SiteFailure(site, f"worker process failed: {describe_exception(exc)}"))
+            else:
+                status, payload = f.result()
+                out.append(SiteFailure(site, payload) if status == "error" else ("ok", payload))
+        return out
+
+    def fit(self, requests: Sequence[FitRequest], timeout: float) -> list[Update | SiteFailure]:
+        blobs = [codec.encode_fit_request(r) for r in requests]
+        raw = self._run(
+            [r.site for r in requests], lambda ex, k: ex.submit(_worker_fit, blobs[k]), timeout
+        )
+        return [r if isinstance(r, SiteFailure) else codec.decode_update(r[1]) for r in raw]
+
+    def evaluate(
+        self, requests: Sequence[EvalRequest], timeout: float
+    ) -> list[list[EvalResult] | SiteFailure]:
+        blobs = [codec.encode_params(r.params) for r in requests]
+        raw = self._run(
+            [r.site for r in requests],
+            lambda ex, k: ex.submit(
+                _worker_evaluate, requests[k].site, blobs[k], [s.value for s in requests[k].splits]
+            ),
+            timeout,
+        )
+        out: list[list[EvalResult] | SiteFailure] = []
+        for req, r in zip(requests, raw):
+            if isinstance(r, SiteFailure):
+                out.append(r)
+                continue
+            out.append(
+                [
+                    EvalResult(site=req.site, split=Split(d["split"]), num_examples=d["n"], metrics=d["metrics"])
+                    for d in json.loads(r[1])
+                ]
+            )
+        return out
+
+    def _kill(self, i: int, grace: float = 5.0) -> None:
+        """Stop worker ``i`` without waiting on it for more than ``grace`` seconds."""
+        ex = self._executors[i]
+        if ex is None:
+            return
+        self._executors[i] = None
+        procs = list(getattr(ex, "_processes", {}).values())  # no public handle in 3.11
+        ex.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.join(timeout=grace)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=grace)
+
+    def close(self) -> None:
+        for i in range(len(self._executors)):
+            self._kill(i)

@@ -1,0 +1,92 @@
+import copy
+from pathlib import Path
+
+import pytest
+
+from medfed.config import builtin_job_path, load_job, parse_job
+from medfed.core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "name": "t",
+    "output": "out",
+    "rounds": 2,
+    "data": {"source": "synthetic", "sites": [{"name": "a", "n_train": 10, "n_test": 5}]},
+    "model": {"name": "small_cnn"},
+    "task": {"labels": "binary"},
+}
+
+
+def _error(mutate) -> str:
+    raw = copy.deepcopy(BASE)
+    mutate(raw)
+    with pytest.raises(ConfigError) as e:
+        parse_job(raw, "job.yaml")
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "mutate,expected",
+    [
+        (lambda d: d.update(train={"lr": -1}), "train.lr: must be > 0, got -1"),
+        (lambda d: d.update(rounds=0), "rounds: must be >= 1, got 0"),
+        (lambda d: d["model"].update(name="vgg16"), "model.name: unknown model name"),
+        (lambda d: d.update(algorithm={"name": "fedprox"}), "algorithm.name: unknown algorithm name"),
+        (lambda d: d["data"].update(sites=[]), "data.sites: must have at least 1 item"),
+        (lambda d: d["data"]["sites"][0].update(n_train=0), "data.sites[0].n_train: must be > 0, got 0"),
+        (lambda d: d["data"].update(source="dicom"), "data: needs 'source' set to one of"),
+        (lambda d: d.update(epochs=3), "epochs: is not a known field"),
+        (lambda d: d.pop("rounds"), "rounds: is required"),
+        (lambda d: d.update(min_sites=2), "min_sites: is 2 but the job has only 1 sites"),
+        (lambda d: d["data"]["sites"].append({"name": "a", "n_train": 1, "n_test": 1}), "'a' appears twice"),
+        (lambda d: d["data"]["sites"][0].update(name="bad name!"), "data.sites[0].name: must match"),
+        (lambda d: d["task"].update(num_classes=3), "num_classes must be 2 for binary labels"),
+        (lambda d: d.update(compare=["local", "local"]), "compare entries must be unique"),
+        (lambda d: d["train"].update(momentum=1.0) if "train" in d else d.update(train={"momentum": 1.0}), "train.momentum: must be < 1"),
+    ],
+)
+def test_errors_name_the_field_and_value(mutate, expected):
+    msg = _error(mutate)
+    assert "job.yaml: invalid job" in msg
+    assert expected in msg
+
+
+def test_valid_job_is_frozen_and_hash_ignores_output():
+    job = parse_job(copy.deepcopy(BASE))
+    with pytest.raises(Exception):
+        job.rounds = 5
+    other = parse_job({**copy.deepcopy(BASE), "output": "elsewhere"})
+    assert job.job_hash() == other.job_hash()
+    changed = parse_job({**copy.deepcopy(BASE), "seed": 1})
+    assert job.job_hash() != changed.job_hash()
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_job(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_job(scalar)
+
+
+def test_relative_data_path_resolves_against_job_folder(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    f = tmp_path / "jobs" / "j.yaml"
+    f.write_text(
+        "name: m\noutput: o\nrounds: 1\nmodel: {name: small_cnn}\ntask: {labels: binary}\n"
+        "data: {source: medmnist, path: ../data/x.npz, partition: {method: iid, sites: [a, b]}}\n"
+    )
+    job = load_job(f)
+    assert job.data.path == (tmp_path / "data" / "x.npz").resolve()
+
+
+def test_example_jobs_are_valid_and_builtin_matches_examples():
+    for f in sorted((REPO / "examples").glob("*.yaml")):
+        load_job(f)
+    assert builtin_job_path().read_text() == (REPO / "examples" / "quickstart.yaml").read_text()
