@@ -41,6 +41,7 @@ def _error(mutate) -> str:
         (lambda d: d.update(min_sites=2), "min_sites: is 2 but the job has only 1 sites"),
         (lambda d: d["data"]["sites"].append({"name": "a", "n_train": 1, "n_test": 1}), "'a' appears twice"),
         (lambda d: d["data"]["sites"][0].update(name="bad name!"), "data.sites[0].name: must match"),
+        (lambda d: d["data"]["sites"][0].update(name="all"), "data.sites: 'all' is reserved"),
         (lambda d: d["task"].update(num_classes=3), "num_classes must be 2 for binary labels"),
         (lambda d: d.update(compare=["local", "local"]), "compare entries must be unique"),
         (lambda d: d["train"].update(momentum=1.0) if "train" in d else d.update(train={"momentum": 1.0}), "train.momentum: must be < 1"),

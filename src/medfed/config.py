@@ -26,9 +26,14 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+RESERVED_SITE_NAMES = {"all"}  # "all" labels the mean over sites in metrics and reports
+
+
 def _unique(names: list[str], what: str) -> list[str]:
     seen: set[str] = set()
     for n in names:
+        if what == "site names" and n in RESERVED_SITE_NAMES:
+            raise ValueError(f"'{n}' is reserved and cannot name a site")
         if n in seen:
             raise ValueError(f"{what} must be unique, '{n}' appears twice")
         seen.add(n)

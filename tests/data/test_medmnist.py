@@ -2,89 +2,160 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medfed.config import TaskConfig
 from medfed.core.errors import DataError
 from medfed.data.medmnist import load_medmnist
 
 BINARY = TaskConfig(labels="binary")
+SIZES = {"train": 12, "val": 4, "test": 6}
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "medmnist" / "breastmnist.npz"
 
 
-def _write(path, images=None, labels=None, **override):
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for s, n in (("train", 12), ("val", 4), ("test", 6)):
-        arrays[f"{s}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) if images is None else images(n)
-        arrays[f"{s}_labels"] = rng.integers(0, 2, (n, 1)) if labels is None else labels(n)
-    arrays.update(override)
-    np.savez(path, **arrays)
+def _arrays(images=None, labels=None, seed=0):
+    """A small valid MedMNIST-like set: uint8 (N, 28, 28) images, (N, 1) labels in {0, 1}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s, n in SIZES.items():
+        out[f"{s}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) if images is None else images(rng, n)
+        out[f"{s}_labels"] = rng.integers(0, 2, (n, 1)) if labels is None else labels(rng, n)
+    return out
+
+
+def _write(path, arrays=None, compressed=False, **override):
+    arrays = {**(arrays or _arrays()), **override}
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
     return path
 
 
 def test_grayscale_with_column_labels(tmp_path):
-    out = load_medmnist(_write(tmp_path / "m.npz"), BINARY)
-    assert out["train"].images.shape == (12, 1, 28, 28) and out["val"].labels.shape == (4,)
-    assert 0.0 <= float(out["test"].images.min()) and float(out["test"].images.max()) <= 1.0
+    arrays = _arrays()
+    out = load_medmnist(_write(tmp_path / "m.npz", arrays), BINARY)
+    assert set(out) == {"train", "val", "test"}
+    for s, n in SIZES.items():
+        assert out[s].images.shape == (n, 1, 28, 28) and out[s].images.dtype == torch.float32
+        assert out[s].labels.shape == (n,) and out[s].labels.dtype == torch.int64
+    assert torch.equal(out["val"].images[:, 0] * 255, torch.from_numpy(arrays["val_images"]).float())
+    assert torch.equal(out["test"].labels, torch.from_numpy(arrays["test_labels"][:, 0]))
 
 
-def test_rgb_and_flat_labels(tmp_path):
-    rng = np.random.default_rng(1)
-    p = _write(tmp_path / "m.npz", images=lambda n: rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8),
-               labels=lambda n: rng.integers(0, 5, n))
-    out = load_medmnist(p, TaskConfig(labels="multiclass", num_classes=5))
+def test_binary_flat_labels(tmp_path):
+    out = load_medmnist(_write(tmp_path / "m.npz", _arrays(labels=lambda r, n: r.integers(0, 2, n))), BINARY)
+    assert out["train"].labels.shape == (12,)
+
+
+def test_rgb_multiclass(tmp_path):
+    arrays = _arrays(images=lambda r, n: r.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8),
+                     labels=lambda r, n: r.integers(0, 5, (n, 1)))
+    out = load_medmnist(_write(tmp_path / "m.npz", arrays), TaskConfig(labels="multiclass", num_classes=5))
     assert out["train"].images.shape == (12, 3, 28, 28)
+    # channel-first: channel c of image 0 is the last axis of the stored array
+    assert torch.equal(out["train"].images[0, 2] * 255, torch.from_numpy(arrays["train_images"][0, :, :, 2]).float())
+
+
+def test_float_images_and_single_channel_last_axis(tmp_path):
+    arrays = _arrays(images=lambda r, n: r.random((n, 28, 28, 1)).astype(np.float32))
+    out = load_medmnist(_write(tmp_path / "m.npz", arrays), BINARY)
+    assert out["train"].images.shape == (12, 1, 28, 28)
+    assert torch.equal(out["train"].images[:, 0], torch.from_numpy(arrays["train_images"][..., 0]))
 
 
 def test_multilabel(tmp_path):
-    rng = np.random.default_rng(2)
-    p = _write(tmp_path / "m.npz", labels=lambda n: rng.integers(0, 2, (n, 4)))
-    out = load_medmnist(p, TaskConfig(labels="multilabel", num_classes=4))
-    assert out["train"].labels.shape == (12, 4)
+    arrays = _arrays(labels=lambda r, n: r.integers(0, 2, (n, 4)).astype(np.uint8))
+    out = load_medmnist(_write(tmp_path / "m.npz", arrays), TaskConfig(labels="multilabel", num_classes=4))
+    assert out["train"].labels.shape == (12, 4) and out["train"].labels.dtype == torch.float32
+    assert torch.equal(out["train"].labels, torch.from_numpy(arrays["train_labels"]).float())
 
 
-def _bad_cases(tmp_path):
-    good = _write(tmp_path / "good.npz")
-    trunc = tmp_path / "trunc.npz"
-    trunc.write_bytes(good.read_bytes()[:100])
-    rand = tmp_path / "rand.npz"
-    rand.write_bytes(np.random.default_rng(0).bytes(500))
-    nan = np.full((12, 28, 28), 0.5, dtype=np.float32)
-    nan[0, 0, 0] = np.nan
-    return [
-        (tmp_path / "missing.npz", "not found"),
-        (trunc, "not a readable .npz"),
-        (rand, "not a readable .npz"),
-        (_nokey(tmp_path), "missing key(s) ['test_labels']"),
-        (_write(tmp_path / "ndim.npz", train_images=np.zeros((12, 28), np.uint8)), "key 'train_images': images must have shape"),
-        (_write(tmp_path / "str.npz", train_images=np.array(["a"] * 12)), "images must be numeric"),
-        (_write(tmp_path / "nan.npz", train_images=nan), "key 'train_images': 1 pixel value(s) are NaN"),
-        (_write(tmp_path / "range.npz", val_labels=np.array([0, 1, 2, 1])), "key 'val_labels': label 2 is outside 0..1"),
-        (_write(tmp_path / "count.npz", test_labels=np.zeros(5, np.int64)), "6 images in 'test_images' but 5 labels"),
-        (_write(tmp_path / "empty.npz", val_images=np.zeros((0, 28, 28), np.uint8), val_labels=np.zeros(0)), "the split is empty"),
-    ]
+def _nan_images():
+    x = np.full((12, 28, 28), 0.5, dtype=np.float32)
+    x[0, 0, :3] = [np.nan, np.inf, np.nan]
+    return x
 
 
-def _nokey(tmp_path):
-    p = tmp_path / "nokey.npz"
-    rng = np.random.default_rng(0)
-    arrays = {f"{s}_{k}": (rng.integers(0, 256, (4, 28, 28), dtype=np.uint8) if k == "images" else np.zeros(4, np.int64))
-              for s in ("train", "val", "test") for k in ("images", "labels")}
-    del arrays["test_labels"]
-    np.savez(p, **arrays)
+def _corrupt_member(tmp_path):
+    """A zip archive whose central directory is intact but whose first member is damaged."""
+    good = _write(tmp_path / "tmp_good.npz", compressed=True).read_bytes()
+    bad = bytearray(good)
+    for i in range(200, 1200):
+        bad[i] ^= 0x5A
+    p = tmp_path / "member.npz"
+    p.write_bytes(bytes(bad))
     return p
 
 
-def test_bad_inputs_name_file_and_problem(tmp_path):
-    for path, expected in _bad_cases(tmp_path):
-        with pytest.raises(DataError) as e:
-            load_medmnist(path, BINARY)
-        assert path.name in str(e.value) and expected in str(e.value), str(e.value)
+BAD = {
+    # id: (how to make the file, task, text the message must hold besides the file name)
+    "missing": (lambda d: d / "absent.npz", BINARY, ["not found"]),
+    "truncated": (lambda d: _trunc(d), BINARY, ["not a .npz (zip) archive"]),
+    "random_bytes": (lambda d: _raw(d / "rand.npz", np.random.default_rng(0).bytes(500)), BINARY, ["not a .npz"]),
+    "npy_not_npz": (lambda d: _npy(d), BINARY, ["not a .npz"]),
+    "corrupt_member": (_corrupt_member, BINARY, ["train_images", "cannot be read"]),
+    "missing_key": (lambda d: _write(d / "nokey.npz", {k: v for k, v in _arrays().items() if k != "test_labels"}),
+                    BINARY, ["missing key(s) ['test_labels']", "found ['test_images', 'train_images'"]),
+    "images_ndim": (lambda d: _write(d / "ndim.npz", train_images=np.zeros((12, 28), np.uint8)),
+                    BINARY, ["'train_images'", "must have shape (N, H, W)", "(12, 28)"]),
+    "images_strings": (lambda d: _write(d / "str.npz", val_images=np.array(["a"] * 4)),
+                       BINARY, ["'val_images'", "must be uint8 or float", "<U1"]),
+    "images_object": (lambda d: _write(d / "obj.npz", test_images=np.array([None] * 6, dtype=object)),
+                      BINARY, ["'test_images'", "dtype object"]),
+    "images_nan": (lambda d: _write(d / "nan.npz", train_images=_nan_images()),
+                   BINARY, ["'train_images'", "3 pixel value(s) are NaN or Inf"]),
+    "images_int_range": (lambda d: _write(d / "i16.npz", train_images=np.full((12, 28, 28), 300, np.int16)),
+                         BINARY, ["'train_images'", "0..255", "300"]),
+    "label_out_of_range": (lambda d: _write(d / "range.npz", val_labels=np.array([0, 1, 2, 1])),
+                           BINARY, ["'val_labels'", "label 2 is outside 0..1"]),
+    "label_negative": (lambda d: _write(d / "neg.npz", val_labels=np.array([0, -1, 1, 1])),
+                       TaskConfig(labels="multiclass", num_classes=3), ["'val_labels'", "label -1 is outside 0..2"]),
+    "label_fraction": (lambda d: _write(d / "frac.npz", val_labels=np.array([0, 0.5, 1, 1])),
+                       BINARY, ["'val_labels'", "whole numbers", "0.5"]),
+    "labels_ndim": (lambda d: _write(d / "lndim.npz", train_labels=np.zeros((12, 2), np.int64)),
+                    BINARY, ["'train_labels'", "(N,) or (N, 1)", "(12, 2)"]),
+    "labels_strings": (lambda d: _write(d / "lstr.npz", train_labels=np.array(["x"] * 12)),
+                       BINARY, ["'train_labels'", "must be numeric"]),
+    "count_mismatch": (lambda d: _write(d / "count.npz", test_labels=np.zeros(5, np.int64)),
+                       BINARY, ["6 images in 'test_images' but 5 labels in 'test_labels'"]),
+    "empty_split": (lambda d: _write(d / "empty.npz", val_images=np.zeros((0, 28, 28), np.uint8),
+                                     val_labels=np.zeros(0, np.int64)), BINARY, ["'val_images'", "empty"]),
+    "multilabel_width": (lambda d: _write(d / "mlw.npz"), TaskConfig(labels="multilabel", num_classes=4),
+                         ["'train_labels'", "(N, 4)", "(12, 1)"]),
+    "multilabel_value": (lambda d: _write(d / "mlv.npz", _arrays(labels=lambda r, n: np.full((n, 3), 2))),
+                         TaskConfig(labels="multilabel", num_classes=3), ["'train_labels'", "0 or 1, found 2"]),
+    "split_shapes": (lambda d: _write(d / "shapes.npz", test_images=np.zeros((6, 32, 32), np.uint8)),
+                     BINARY, ["shapes differ", "(1, 32, 32)"]),
+}
 
 
-@pytest.mark.skipif(not SHARED.is_file(), reason=f"real BreastMNIST not present at {SHARED}")
+def _raw(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _trunc(d):
+    return _raw(d / "trunc.npz", _write(d / "full.npz").read_bytes()[:100])
+
+
+def _npy(d):
+    np.save(d / "plain.npy", np.zeros(3))
+    return (d / "plain.npy").rename(d / "plain.npz")
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_names_file_key_and_problem(tmp_path, case):
+    make, task, expected = BAD[case]
+    path = make(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_medmnist(path, task)
+    msg = str(e.value)
+    assert str(path) in msg and all(text in msg for text in expected), msg
+
+
+@pytest.mark.skipif(not SHARED.is_file(), reason=f"the real BreastMNIST file is not present at {SHARED}")
 def test_real_breastmnist():
     out = load_medmnist(SHARED, BINARY)
     assert [len(out[s]) for s in ("train", "val", "test")] == [546, 78, 156]
-    assert out["train"].images.shape[1:] == (1, 28, 28)
-    assert set(out["train"].labels.unique().tolist()) == {0, 1}
+    for s in ("train", "val", "test"):
+        assert out[s].images.shape[1:] == (1, 28, 28)
+        assert set(out[s].labels.unique().tolist()) == {0, 1}
+        assert 0.0 <= float(out[s].images.min()) and float(out[s].images.max()) <= 1.0

@@ -9,7 +9,7 @@ import torch
 from medfed.algorithms.fedavg import FedAvg
 from medfed.config import parse_job
 from medfed.core.errors import RoundError
-from medfed.core.types import Arm, EvalResult, SiteFailure, Split, Update
+from medfed.core.types import Arm, EvalResult, SiteFailure, Update
 from medfed.server.loop import round_seed, run_federated
 from medfed.transport.base import Transport
 

@@ -1,13 +1,16 @@
 """MedMNIST ``.npz`` reader (2D), with the official train/val/test split.
 
-Images: uint8 (N, H, W) for one channel or (N, H, W, 3) for RGB; float arrays are
-accepted if finite. Labels: (N,) or (N, 1) class indices for binary and multi-class
-tasks, (N, K) 0/1 for multi-label tasks.
+The file holds ``{split}_images`` and ``{split}_labels`` for split in train, val, test.
+Images: uint8 (N, H, W) for one channel or (N, H, W, 3) for RGB ((N, H, W, 1) is read as
+one channel); float arrays are taken as they are if finite, other integer arrays if they
+hold 0..255. Labels: (N,) or (N, 1) class indices for binary and multi-class tasks,
+(N, K) 0/1 for multi-label tasks with K labels. Nothing is unpickled (``allow_pickle=False``).
 """
 
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +21,50 @@ from medfed.core.errors import DataError
 from medfed.data.base import ArraySplit
 
 SPLITS = ("train", "val", "test")
+KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
+
+# What np.load and the zip reader raise on a damaged or truncated archive.
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError)
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    """The six arrays of the file, read eagerly; DataError names the file and key."""
+    if not path.is_file():
+        raise DataError(f"MedMNIST file '{path}' not found")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"MedMNIST file '{path}' is not a .npz (zip) archive; it may be truncated or corrupt")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except _READ_ERRORS as e:
+        raise DataError(f"MedMNIST file '{path}' cannot be read ({type(e).__name__}: {e})") from None
+    with npz:
+        found = sorted(npz.files)
+        missing = [k for k in KEYS if k not in found]
+        if missing:
+            raise DataError(f"MedMNIST file '{path}': missing key(s) {missing}; found {found}")
+        out = {}
+        for key in KEYS:
+            try:
+                out[key] = npz[key]
+            except ValueError as e:
+                if "allow_pickle" in str(e):
+                    raise DataError(
+                        f"MedMNIST file '{path}' key '{key}': holds Python objects (dtype object), "
+                        "which are never unpickled; store numeric arrays"
+                    ) from None
+                raise DataError(f"MedMNIST file '{path}' key '{key}': cannot be read ({e})") from None
+            except _READ_ERRORS as e:
+                raise DataError(
+                    f"MedMNIST file '{path}' key '{key}': cannot be read, the file may be corrupt "
+                    f"({type(e).__name__}: {e})"
+                ) from None
+    return out
 
 
 def _images(arr: np.ndarray, where: str) -> torch.Tensor:
+    """(N, C, H, W) float32 from (N, H, W) or (N, H, W, 1|3); uint8 scaled to [0, 1]."""
     if arr.dtype.kind not in "uif":
-        raise DataError(f"{where}: images must be numeric (uint8 or float), got dtype {arr.dtype}")
+        raise DataError(f"{where}: images must be uint8 or float, got dtype {arr.dtype}")
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4 and arr.shape[-1] in (1, 3):
@@ -31,23 +73,30 @@ def _images(arr: np.ndarray, where: str) -> torch.Tensor:
         raise DataError(f"{where}: images must have shape (N, H, W) or (N, H, W, 1|3), got {arr.shape}")
     if arr.shape[0] == 0:
         raise DataError(f"{where}: the split is empty")
-    if arr.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
-    out = arr.astype(np.float32)
+    if arr.dtype.kind in "ui":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise DataError(f"{where}: integer images must hold 0..255 like uint8, found values in {lo}..{hi}")
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).div_(255.0)
+    out = np.ascontiguousarray(arr, dtype=np.float32)
     bad = int(np.count_nonzero(~np.isfinite(out)))
     if bad:
         raise DataError(f"{where}: {bad} pixel value(s) are NaN or Inf")
-    return torch.from_numpy(np.ascontiguousarray(out))
+    return torch.from_numpy(out)
 
 
 def _labels(arr: np.ndarray, task: TaskConfig, where: str) -> torch.Tensor:
+    """(N,) int64 class indices, or (N, K) float32 0/1 for a multi-label task."""
     if arr.dtype.kind not in "uifb":
         raise DataError(f"{where}: labels must be numeric, got dtype {arr.dtype}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise DataError(f"{where}: labels hold NaN or Inf")
+        raise DataError(f"{where}: {int(np.count_nonzero(~np.isfinite(arr)))} label(s) are NaN or Inf")
     if task.labels == "multilabel":
         if arr.ndim != 2 or arr.shape[1] != task.num_classes:
-            raise DataError(f"{where}: multi-label labels must have shape (N, {task.num_classes}), got {arr.shape}")
+            raise DataError(
+                f"{where}: multi-label labels must have shape (N, {task.num_classes}) "
+                f"(task.num_classes), got {arr.shape}"
+            )
         bad = arr[(arr != 0) & (arr != 1)]
         if bad.size:
             raise DataError(f"{where}: multi-label labels must be 0 or 1, found {bad.flat[0].item()!r}")
@@ -55,39 +104,39 @@ def _labels(arr: np.ndarray, task: TaskConfig, where: str) -> torch.Tensor:
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
-        raise DataError(f"{where}: labels must have shape (N,) or (N, 1), got {arr.shape}")
+        raise DataError(f"{where}: {task.labels} labels must have shape (N,) or (N, 1), got {arr.shape}")
     if arr.dtype.kind == "f" and not np.all(arr == np.round(arr)):
-        raise DataError(f"{where}: class labels must be whole numbers")
+        bad = arr[arr != np.round(arr)]
+        raise DataError(f"{where}: class labels must be whole numbers, found {bad.flat[0].item()!r}")
     bad = arr[(arr < 0) | (arr >= task.num_classes)]
     if bad.size:
         raise DataError(
-            f"{where}: label {bad.flat[0].item()!r} is outside 0..{task.num_classes - 1} (task.num_classes={task.num_classes})"
+            f"{where}: label {bad.flat[0].item()!r} is outside 0..{task.num_classes - 1} "
+            f"({task.labels} task with num_classes={task.num_classes})"
         )
     return torch.from_numpy(arr.astype(np.int64))
 
 
 def load_medmnist(path: Path, task: TaskConfig) -> dict[str, ArraySplit]:
-    """The ``train``, ``val`` and ``test`` splits of a MedMNIST ``.npz`` file."""
+    """The ``train``, ``val`` and ``test`` splits of a MedMNIST ``.npz`` file.
+
+    Images come back (N, C, H, W) float32 (uint8 / 255), labels as :class:`ArraySplit`
+    describes. Raises DataError naming the file and key for a missing, corrupt or
+    malformed file, and for labels that do not fit ``task``.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"MedMNIST file '{path}' not found")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            need = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
-            missing = [k for k in need if k not in keys]
-            if missing:
-                raise DataError(f"'{path}': missing key(s) {missing}; found {sorted(keys)}")
-            raw = {k: npz[k] for k in need}
-    except DataError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise DataError(f"'{path}' is not a readable .npz file ({type(e).__name__}: {e})") from None
+    raw = _read(path)
     out: dict[str, ArraySplit] = {}
     for s in SPLITS:
-        images = _images(raw[f"{s}_images"], f"'{path}' key '{s}_images'")
-        labels = _labels(raw[f"{s}_labels"], task, f"'{path}' key '{s}_labels'")
+        images = _images(raw[f"{s}_images"], f"MedMNIST file '{path}' key '{s}_images'")
+        labels = _labels(raw[f"{s}_labels"], task, f"MedMNIST file '{path}' key '{s}_labels'")
         if len(labels) != len(images):
-            raise DataError(f"'{path}': {len(images)} images in '{s}_images' but {len(labels)} labels in '{s}_labels'")
+            raise DataError(
+                f"MedMNIST file '{path}': {len(images)} images in '{s}_images' but "
+                f"{len(labels)} labels in '{s}_labels'"
+            )
         out[s] = ArraySplit(images, labels)
+    shapes = {s: tuple(out[s].images.shape[1:]) for s in SPLITS}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"MedMNIST file '{path}': image shapes differ between splits, (C, H, W) = {shapes}")
     return out

@@ -1,8 +1,16 @@
 """Synthetic multi-site 2D images: a lesion present (label 1) or absent (label 0) on an
 anatomical background, with each site's own scanner signature, prevalence and size.
 
+An image is (1, S, S) float32, S = ``image_size``: a dark field, a rotated elliptic body
+with smooth texture at two scales and a darker inner organ, and for positives a small
+Gaussian blob (radius 1.5-4 px at S = 32, scaled with S / 32) placed inside the body whose
+peak is ``lesion_contrast`` above the tissue around it. The site's scanner signature
+(:func:`apply_scanner`) comes last.
+
 Deterministic: site ``i`` of a job with seed ``s`` is drawn from
-``numpy.random.default_rng([s, i])``, independent of the other sites.
+``numpy.random.default_rng([s, i])``, so it is the same run after run and does not depend
+on the other sites. Its train, val and test splits are drawn, in that order, from that one
+stream and hence from the same distribution.
 """
 
 from __future__ import annotations
@@ -14,9 +22,16 @@ import torch.nn.functional as F
 from medfed.config import ScannerConfig, SyntheticData, SyntheticSite
 from medfed.data.base import ArraySplit, SiteData
 
+# Tissue intensities in [0, 1] before the scanner: the field outside the body, the body,
+# how much its coarse and fine texture move it, and how much darker the inner organ is.
+_FIELD, _BODY, _ORGAN = 0.05, 0.5, 0.18
+_TEXTURE_COARSE, _TEXTURE_FINE = 0.12, 0.06
+_LESION_RADIUS_PX = (1.5, 4.0)  # at S = 32
 
-def _labels(n: int, prevalence: float, rng: np.random.Generator) -> np.ndarray:
-    """Exactly round(prevalence * n) positives (at least one of each class when n >= 2)."""
+
+def binary_labels(n: int, prevalence: float, rng: np.random.Generator) -> np.ndarray:
+    """(n,) int64 in {0, 1}, shuffled, with exactly ``round(prevalence * n)`` ones,
+    clipped to [1, n - 1] when n >= 2 so that both classes are present."""
     n_pos = int(round(prevalence * n))
     if n >= 2:
         n_pos = min(max(n_pos, 1), n - 1)
@@ -25,74 +40,93 @@ def _labels(n: int, prevalence: float, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(y)
 
 
-def _smooth_noise(n: int, size: int, coarse: int, rng: np.random.Generator) -> torch.Tensor:
-    """Low-frequency texture in [-1, 1]: coarse random grid upsampled bicubically."""
-    grid = torch.from_numpy(rng.uniform(-1, 1, (n, 1, coarse, coarse)).astype(np.float32))
-    return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, 1, H, W) images; sigma in pixels (0: unchanged)."""
+    """Separable Gaussian blur of (N, C, H, W) images; ``sigma`` in pixels, 0 returns the
+    input unchanged. The border is replicated, so a constant image stays constant."""
     if sigma <= 0:
         return images
-    radius = max(1, int(round(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    k = k / k.sum()
-    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(padded, k.view(1, 1, 1, -1))
-    return F.conv2d(out, k.view(1, 1, -1, 1))
+    radius = max(1, int(np.ceil(3 * sigma)))
+    w = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+    w = (w / w.sum()).tolist()
+    h, wd = images.shape[-2:]
+    # Shifted-slice sums: much faster than conv2d for one channel and many small images.
+    x = F.pad(images, (radius, radius, 0, 0), mode="replicate")
+    rows = sum(wk * x[..., :, k : k + wd] for k, wk in enumerate(w))
+    x = F.pad(rows, (0, 0, radius, radius), mode="replicate")
+    return sum(wk * x[..., k : k + h, :] for k, wk in enumerate(w))
 
 
 def apply_scanner(images: torch.Tensor, scanner: ScannerConfig, rng: np.random.Generator) -> torch.Tensor:
-    """A site's acquisition: gain and offset after a contrast (gamma) curve, blur, noise."""
+    """A site's acquisition of (N, C, H, W) images in [0, 1]:
+    ``scale * clip(x, 0, 1)**contrast + offset``, then a Gaussian blur of ``blur`` pixels
+    (sigma), then additive Gaussian noise of standard deviation ``noise``."""
     out = scanner.intensity_scale * images.clamp(0, 1) ** scanner.contrast + scanner.intensity_offset
     out = gaussian_blur(out, scanner.blur)
     if scanner.noise > 0:
-        out = out + torch.from_numpy(rng.normal(0, scanner.noise, out.shape).astype(np.float32))
-    return out
+        out = out + torch.from_numpy(rng.normal(0.0, scanner.noise, tuple(out.shape)).astype(np.float32))
+    return out.to(torch.float32)
+
+
+def _uniform(rng: np.random.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    """(n, 1, 1) float32 draws, shaped to broadcast against (n, S, S) images."""
+    return torch.from_numpy(rng.uniform(low, high, n).astype(np.float32)).view(n, 1, 1)
+
+
+def _smooth_noise(n: int, size: int, knots: int, rng: np.random.Generator) -> torch.Tensor:
+    """(n, size, size) smooth noise in about [-1, 1]: a random (knots x knots) grid
+    upsampled bicubically, so its features are about ``size / knots`` pixels wide."""
+    grid = torch.from_numpy(rng.uniform(-1, 1, (n, 1, knots, knots)).astype(np.float32))
+    return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
+
+
+def _texture(n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """(n, size, size) tissue texture: broad shading (about 6 px features) plus finer
+    structure (about 3 px) that a lesion can hide in, so detection is not trivial."""
+    coarse = _smooth_noise(n, size, max(4, size // 6), rng).clamp(-1, 1)
+    fine = _smooth_noise(n, size, max(8, size // 3), rng).clamp(-1, 1)
+    return _TEXTURE_COARSE * coarse + _TEXTURE_FINE * fine
 
 
 def render(labels: np.ndarray, size: int, lesion_contrast: float, rng: np.random.Generator) -> torch.Tensor:
-    """Clean images in [0, 1], shape (N, 1, size, size), before any scanner effect."""
+    """Clean images, (N, 1, size, size) float32 in [0, 1], before any scanner effect;
+    ``labels`` (N,) in {0, 1} says which images get a lesion."""
     n = len(labels)
-    lin = torch.linspace(-1, 1, size)
+    lin = torch.linspace(-1, 1, size)  # image coordinates, 2 / size per pixel
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")  # (S, S)
 
-    def draw(*shape_low_high: tuple[float, float]) -> list[torch.Tensor]:
-        return [torch.from_numpy(rng.uniform(lo, hi, n).astype(np.float32)).view(n, 1, 1) for lo, hi in shape_low_high]
+    # body: a rotated ellipse with a soft edge, centre (cx, cy), semi-axes (a, b)
+    cx, cy = _uniform(rng, n, -0.12, 0.12), _uniform(rng, n, -0.12, 0.12)
+    a, b, th = _uniform(rng, n, 0.6, 0.85), _uniform(rng, n, 0.45, 0.7), _uniform(rng, n, 0, np.pi)
+    cos, sin = torch.cos(th), torch.sin(th)
+    u = (xx - cx) * cos + (yy - cy) * sin  # coordinates along the body's axes
+    v = -(xx - cx) * sin + (yy - cy) * cos
+    body = torch.sigmoid((1 - torch.sqrt((u / a) ** 2 + (v / b) ** 2)) * 12)
+    # an inner organ: a darker ellipse, placed in body coordinates so it rotates with it
+    ou, ov = _uniform(rng, n, -0.25, 0.25), _uniform(rng, n, -0.2, 0.2)
+    oa, ob = _uniform(rng, n, 0.12, 0.3), _uniform(rng, n, 0.1, 0.25)
+    organ = torch.sigmoid((1 - torch.sqrt(((u - ou) / oa) ** 2 + ((v - ov) / ob) ** 2)) * 8)
+    img = _FIELD + body * (_BODY - _FIELD + _texture(n, size, rng) - _ORGAN * organ)
 
-    # body: a rotated ellipse with a soft edge
-    cx, cy, a, b, th = draw((-0.12, 0.12), (-0.12, 0.12), (0.6, 0.85), (0.45, 0.7), (0, np.pi))
-    xr = (xx - cx) * torch.cos(th) + (yy - cy) * torch.sin(th)
-    yr = -(xx - cx) * torch.sin(th) + (yy - cy) * torch.cos(th)
-    r_body = torch.sqrt((xr / a) ** 2 + (yr / b) ** 2)
-    body = torch.sigmoid((1 - r_body) * 12)
-    # an inner organ: a darker ellipse inside the body
-    ox, oy, oa, ob = draw((-0.25, 0.25), (-0.25, 0.25), (0.12, 0.3), (0.1, 0.25))
-    organ = torch.sigmoid((1 - torch.sqrt(((xx - cx - ox) / oa) ** 2 + ((yy - cy - oy) / ob) ** 2)) * 8)
-    texture = _smooth_noise(n, size, max(4, size // 6), rng)[:, 0]
-    img = 0.05 + body * (0.5 + 0.12 * texture - 0.18 * organ)
-
-    # lesion: a Gaussian blob inside the body, for positives only
-    rho, phi, rad_px, strength = draw((0.0, 0.6), (0, 2 * np.pi), (1.5, 3.5), (0.7, 1.0))
-    lx = cx + rho * a * torch.cos(phi)
-    ly = cy + rho * b * torch.sin(phi)
-    r_norm = rad_px * (size / 32) * 2 / size
-    blob = torch.exp(-((xx - lx) ** 2 + (yy - ly) ** 2) / (2 * r_norm**2))
+    # lesion: a Gaussian blob well inside the body (at most 0.6 of the way to its edge)
+    rho, phi = torch.sqrt(_uniform(rng, n, 0.0, 0.36)), _uniform(rng, n, 0, 2 * np.pi)
+    lu, lv = rho * a * torch.cos(phi), rho * b * torch.sin(phi)
+    sigma = _uniform(rng, n, *_LESION_RADIUS_PX) * (size / 32) * (2 / size)
+    blob = torch.exp(-((u - lu) ** 2 + (v - lv) ** 2) / (2 * sigma**2))
     present = torch.from_numpy(labels.astype(np.float32)).view(n, 1, 1)
-    img = img + present * lesion_contrast * strength * blob * body
+    img = img + present * lesion_contrast * blob * body
     return img.unsqueeze(1).clamp(0, 1)
 
 
 def make_split(site: SyntheticSite, n: int, cfg: SyntheticData, rng: np.random.Generator) -> ArraySplit:
-    labels = _labels(n, site.prevalence, rng)
+    """``n`` images of ``site``: (n, 1, S, S) float32 and (n,) int64 labels."""
+    labels = binary_labels(n, site.prevalence, rng)
     clean = render(labels, cfg.image_size, cfg.lesion_contrast, rng)
     images = apply_scanner(clean, site.scanner, rng).contiguous()
     return ArraySplit(images, torch.from_numpy(labels))
 
 
 def make_site(site: SyntheticSite, index: int, cfg: SyntheticData, seed: int) -> SiteData:
+    """Site number ``index`` of the job, drawn from ``default_rng([seed, index])``."""
     rng = np.random.default_rng([seed, index])
     return SiteData(
         name=site.name,

@@ -1,0 +1,311 @@
+"""The report of a run folder: one self-contained ``report.html`` (figures inlined as
+base64 PNG, no external CSS or JS), and the comparison table for the terminal.
+
+The report is rebuilt from the files of the run folder alone (``job.yaml``,
+``metrics.jsonl``, ``sites.json``, ``run.json``, ``model_best.json``), so ``medfed report``
+can redo it at any time; only ``job.yaml`` and ``metrics.jsonl`` are required.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+from datetime import datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from rich.table import Table
+from rich.text import Text
+
+from medfed.config import load_job
+from medfed.core.errors import RunDirError
+from medfed.tracking.metrics import ARMS, POOLED_SITE, arms_present, comparison_rows, curves, read_metrics
+
+REPORT_NAME = "report.html"
+MISSING = "–"  # en dash: a value that is absent or undefined
+ARM_STYLE = {"local": ("#d95f02", "--"), "federated": ("#1b6ec2", "-"), "centralized": ("#1b9e77", ":")}
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; padding: 0 1em; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; } tr.pooled td { font-weight: bold; background: #fafafa; }
+.meta td { border: none; padding: 0.1em 1em 0.1em 0; text-align: left; }
+pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+img { max-width: 100%; } .note { color: #666; font-size: 0.9em; }
+"""
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt(value: float | None, signed: bool = False) -> str:
+    """Three decimals, or an en dash where the value is absent, NaN or infinite."""
+    if value is None or not math.isfinite(value):
+        return MISSING
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _fmt_date(iso: Any) -> str:
+    try:
+        return datetime.fromisoformat(str(iso)).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+    except ValueError:
+        return str(iso)
+
+
+def _table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None) -> str:
+    """An HTML table; every cell is escaped here, so callers pass plain text."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{escape(row_classes[i])}"' if row_classes and row_classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# --------------------------------------------------------------------------- reading the run folder
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file, or None if the file is absent. Malformed: RunDirError."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"'{path}' is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RunDirError(f"'{path}' must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _require(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise RunDirError(f"run folder '{run_dir}' not found")
+    for name in ("job.yaml", "metrics.jsonl"):
+        if not (run_dir / name).is_file():
+            raise RunDirError(f"'{run_dir / name}' not found; is '{run_dir}' a run folder written by `medfed run`?")
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _png(fig: Figure) -> str:
+    """An <img> tag holding ``fig`` as a base64 PNG."""
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig)  # render with Agg, whatever pyplot's backend is; no pyplot state
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+    fig.clear()
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="figure" src="data:image/png;base64,{data}">'
+
+
+def _nan(values: list[float | None]) -> list[float]:
+    return [math.nan if v is None else v for v in values]
+
+
+def learning_curves_figure(records: list[dict], monitor: str) -> str | None:
+    """One small panel per site (and "all") of test ``monitor`` against round, one line per arm."""
+    by_site = curves(records, monitor, "test")
+    if not by_site:
+        return None
+    n = len(by_site)
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    width, height = 3.2 * ncols, 2.3 * nrows + 0.4
+    fig = Figure(figsize=(width, height))
+    # fixed margins (inches): constrained layout would double the rendering time
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.45 / height, top=1 - 0.65 / height,
+                        wspace=0.3, hspace=0.45)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    for ax, (site, arms) in zip(axes.flat, by_site.items()):
+        for arm, (rounds, values) in arms.items():
+            color, style = ARM_STYLE[arm]
+            ax.plot(rounds, _nan(values), style, color=color, label=arm, marker="o" if len(rounds) <= 20 else None,
+                    markersize=3)
+        ax.set_title("all sites (weighted)" if site == POOLED_SITE else site, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"test {monitor}", fontsize=8)
+    for col in range(ncols):  # the lowest visible panel of each column carries the x axis
+        ax = axes[(n - 1 - col) // ncols, col]
+        ax.tick_params(labelbottom=True)
+        ax.set_xlabel("round", fontsize=8)
+    legend = {}  # arm -> line, from whichever panel has it
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        labels = [a for a in ARMS if a in legend]
+        fig.legend([legend[a] for a in labels], labels, loc="upper center", ncols=len(labels), fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def training_loss_figure(records: list[dict]) -> str | None:
+    """Training loss of the federated arm against round, one line per site."""
+    by_site = curves([r for r in records if r["arm"] == "federated"], "loss", "train")
+    if not by_site:
+        return None
+    fig = Figure(figsize=(6.4, 3.2))
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.14, top=0.95)
+    ax = fig.subplots()
+    for site, arms in by_site.items():
+        rounds, values = arms["federated"]
+        pooled = site == POOLED_SITE
+        ax.plot(rounds, _nan(values), "--" if pooled else "-", color="black" if pooled else None,
+                label="all sites" if pooled else site, linewidth=1.2)
+    ax.set_xlabel("round", fontsize=8)
+    ax.set_ylabel("training loss", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False, ncols=2 if len(by_site) > 6 else 1)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _comparison_columns(records: list[dict]) -> tuple[list[str], bool]:
+    """The arms to show (federated always) and whether to show the gain over local."""
+    present = set(arms_present(records))
+    arms = [a for a in ARMS if a in present or a == "federated"]
+    return arms, "local" in arms
+
+
+def _comparison_section(records: list[dict], monitor: str, best: dict | None) -> str:
+    rows = comparison_rows(records, monitor)
+    arms, gain = _comparison_columns(records)
+    header = ["site", *arms] + (["gain (federated − local)"] if gain else [])
+    cells = [[r["site"], *(fmt(r[a]) for a in arms)] + ([fmt(r["gain"], signed=True)] if gain else []) for r in rows]
+    classes = ["pooled" if r["site"] == POOLED_SITE else "" for r in rows]
+    parts = [f"<h2>Test {escape(monitor)} at the last round</h2>"]
+    parts.append(_table(header, cells, classes) if rows else '<p class="note">No test metrics recorded.</p>')
+    parts.append(f'<p class="note">Each arm at its last evaluated round; “all” is the mean over sites weighted '
+                 f'by test examples. {escape(MISSING)} = not run or undefined.</p>')
+    if best is not None:
+        metric = str(best.get("metric", "val metric")).replace("_", " ")
+        parts.append(
+            f"<p>Best model ({escape(str(best.get('arm', 'federated')))}, chosen on {escape(metric)}): "
+            f"round {escape(str(best.get('round', MISSING)))}, {escape(metric)} "
+            f"{escape(fmt(best.get('value')))}.</p>"
+        )
+    return "\n".join(parts)
+
+
+def _counts(counts: Any) -> str:
+    return " / ".join(str(c) for c in counts) if isinstance(counts, list) else MISSING
+
+
+def _sites_section(sites: dict | None) -> str:
+    if sites is None or not isinstance(sites.get("sites"), list):
+        return '<h2>Sites</h2><p class="note">No sites.json in this run folder.</p>'
+    splits = ("train", "val", "test")
+    header = ["site", *splits, *(f"{s} classes" for s in splits)]
+    rows = []
+    for s in sites["sites"]:
+        cc = s.get("class_counts", {}) or {}
+        rows.append([str(s.get("name", "?")), *(str(s.get(k, MISSING)) for k in splits),
+                     *(_counts(cc.get(k)) for k in splits)])
+    return ("<h2>Sites</h2>" + _table(header, rows)
+            + '<p class="note">Class counts: examples per class (binary, multi-class) or positives per label '
+              "(multi-label), in class order.</p>")
+
+
+def _header(job_name: str, job_hash: str, run: dict | None) -> str:
+    meta = [("job hash", job_hash)]
+    if run is None:
+        meta.append(("status", "unknown (no run.json)"))
+    else:
+        meta += [("status", str(run.get("status", "unknown"))),
+                 ("started", _fmt_date(run.get("started", MISSING))),
+                 ("finished", _fmt_date(run.get("finished", MISSING))),
+                 ("elapsed", f"{run['elapsed_s']:.1f} s" if isinstance(run.get("elapsed_s"), (int, float)) else MISSING),
+                 ("rounds", str(run.get("rounds", MISSING))),
+                 ("medfed", str(run.get("medfed_version", MISSING)))]
+    rows = "".join(f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in meta)
+    return f"<h1>medfed run: {escape(job_name)}</h1>\n<table class=\"meta\">{rows}</table>"
+
+
+def render_report(run_dir: Path) -> str:
+    """The HTML text of the report of ``run_dir`` (see :func:`write_report`)."""
+    run_dir = Path(run_dir)
+    _require(run_dir)
+    job = load_job(run_dir / "job.yaml")
+    job_text = (run_dir / "job.yaml").read_text(encoding="utf-8")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    run = _read_json(run_dir / "run.json")
+    best = _read_json(run_dir / "model_best.json")
+    monitor = job.task.monitor
+    job_hash = str(run.get("job_hash")) if run and run.get("job_hash") else job.job_hash()
+
+    curves_img = learning_curves_figure(records, monitor)
+    loss_img = training_loss_figure(records)
+    no_data = '<p class="note">No data recorded.</p>'
+    body = [
+        _header(job.name, job_hash, run),
+        _sites_section(_read_json(run_dir / "sites.json")),
+        _comparison_section(records, monitor, best),
+        f"<h2>Learning curves: test {escape(monitor)}</h2>", curves_img or no_data,
+        "<h2>Training loss (federated)</h2>", loss_img or no_data,
+        "<h2>Job</h2>", f"<pre>{escape(job_text)}</pre>",
+    ]
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>medfed: {escape(job.name)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def write_report(run_dir: Path) -> Path:
+    """Build ``run_dir/report.html``, a single self-contained file, and return its path.
+
+    Raises RunDirError if the run folder, its ``job.yaml`` or its ``metrics.jsonl`` is
+    missing or a file in it is malformed; ConfigError if ``job.yaml`` is invalid.
+    The file is written to a temporary name and moved into place, so a reader never
+    sees half a report.
+    """
+    run_dir = Path(run_dir)
+    html_text = render_report(run_dir)
+    path = run_dir / REPORT_NAME
+    tmp = run_dir / (REPORT_NAME + ".tmp")
+    tmp.write_text(html_text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+def summary_table(records: list[dict], monitor: str) -> Table:
+    """The comparison of :func:`comparison_rows` as a rich table for the terminal."""
+    arms, gain = _comparison_columns(records)
+    table = Table(title=f"test {monitor} at the last round")
+    table.add_column("site")
+    for arm in arms:
+        table.add_column(arm, justify="right")
+    if gain:
+        table.add_column("gain", justify="right")
+    for r in comparison_rows(records, monitor):
+        cells = [fmt(r[a]) for a in arms]
+        if gain:
+            g = fmt(r["gain"], signed=True)
+            style = "green" if (r["gain"] or 0) > 0 else "red" if (r["gain"] or 0) < 0 else ""
+            cells.append(Text(g, style=style))
+        table.add_row(Text(r["site"]), *cells, style="bold" if r["site"] == POOLED_SITE else None)
+    return table
