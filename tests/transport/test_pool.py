@@ -31,7 +31,7 @@ def pool():
 
 def _requests(sites=("a", "b", "c")):
     init = initial_params(JOB, 1)
-    return init, [FitRequest(s, init, make_plan(JOB, Arm.FEDERATED, 1, i)) for i, s in enumerate(sites)]
+    return init, [FitRequest(s, init, make_plan(JOB, "job", Arm.FEDERATED, 1, i)) for i, s in enumerate(sites)]
 
 
 def test_pool_matches_inprocess(pool):

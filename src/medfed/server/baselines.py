@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from medfed.config import Job
 from medfed.core.types import Arm, FitRequest, Params
-from medfed.server.loop import Recorder, RoundCallback, RoundSummary, _mean_loss, collect_updates, evaluate_round, make_plan
+from medfed.server.loop import (
+    Recorder,
+    RoundCallback,
+    RoundSummary,
+    _mean_loss,
+    collect_updates,
+    evaluate_round,
+    job_id_of,
+    make_plan,
+)
 from medfed.transport.base import POOLED, Transport
 
 
@@ -19,9 +28,10 @@ def run_local(
 ) -> dict[str, Params]:
     """Each site trains its own model from ``init_params``; returns the final models by site."""
     sites = list(job.site_names)
+    job_id = job_id_of(job)
     params = {s: init_params for s in sites}
     for rnd in range(1, job.rounds + 1):
-        requests = [FitRequest(s, params[s], make_plan(job, Arm.LOCAL, rnd, i)) for i, s in enumerate(sites)]
+        requests = [FitRequest(s, params[s], make_plan(job, job_id, Arm.LOCAL, rnd, i)) for i, s in enumerate(sites)]
         answers = transport.fit(requests, timeout=job.round_timeout)
         updates, failed = collect_updates(answers, init_params, rnd, job.quorum, Arm.LOCAL)
         for u in updates:
@@ -39,9 +49,9 @@ def run_centralized(
     job: Job, transport: Transport, init_params: Params, record: Recorder, on_round: RoundCallback | None = None
 ) -> Params:
     """One model trained on the pooled data; returns its final parameters."""
-    params = init_params
+    params, job_id = init_params, job_id_of(job)
     for rnd in range(1, job.rounds + 1):
-        request = FitRequest(POOLED, params, make_plan(job, Arm.CENTRALIZED, rnd, 0))
+        request = FitRequest(POOLED, params, make_plan(job, job_id, Arm.CENTRALIZED, rnd, 0))
         (update,), _ = collect_updates(transport.fit([request], job.round_timeout), params, rnd, 1, Arm.CENTRALIZED)
         params = update.params
         record(rnd, Arm.CENTRALIZED.value, "all", "train", "loss", update.metrics.get("loss"))

@@ -43,10 +43,12 @@ def round_seed(job_seed: int, arm: Arm, rnd: int, site_index: int) -> int:
     return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def make_plan(job: Job, arm: Arm, rnd: int, site_index: int, extras: Params | None = None) -> RoundPlan:
+def make_plan(
+    job: Job, job_id: str, arm: Arm, rnd: int, site_index: int, extras: Params | None = None
+) -> RoundPlan:
     t = job.train
     return RoundPlan(
-        job_id=job.job_hash()[:16],
+        job_id=job_id,
         round=rnd,
         arm=arm,
         train=TrainSettings(
@@ -60,6 +62,11 @@ def make_plan(job: Job, arm: Arm, rnd: int, site_index: int, extras: Params | No
         ),
         extras=extras or {},
     )
+
+
+def job_id_of(job: Job) -> str:
+    """The short job id that every plan and request carries."""
+    return job.job_hash()[:16]
 
 
 @dataclass
@@ -102,9 +109,9 @@ def evaluate_round(
 ) -> dict[str, dict[str, float | None]]:
     """Evaluate each site's model on its val and test splits, record per-site values and
     the example-weighted mean over sites (site ``all``); return those means."""
+    job_id = job_id_of(job)
     requests = [
-        EvalRequest(site=s, params=p, splits=EVAL_SPLITS, job_id=job.job_hash()[:16], round=rnd)
-        for s, p in params_by_site.items()
+        EvalRequest(site=s, params=p, splits=EVAL_SPLITS, job_id=job_id, round=rnd) for s, p in params_by_site.items()
     ]
     sums: dict[tuple[str, str], list[float]] = {}
     for req, answer in zip(requests, transport.evaluate(requests, timeout=job.round_timeout)):
@@ -140,6 +147,7 @@ def run_federated(
 ) -> Params:
     """Run ``job.rounds`` rounds of federated training; return the final global params."""
     sites = list(job.site_names)
+    job_id = job_id_of(job)
     global_params = init_params
     for rnd in range(1, job.rounds + 1):
         # ---- 1. select the sites of this round (all of them: sampling comes later)
@@ -149,7 +157,7 @@ def run_federated(
         # ---- 2. send the global parameters and the round plan; sites train locally
         extras = algorithm.round_extras(global_params)
         requests = [
-            FitRequest(site=s, params=global_params, plan=make_plan(job, Arm.FEDERATED, rnd, i, extras))
+            FitRequest(site=s, params=global_params, plan=make_plan(job, job_id, Arm.FEDERATED, rnd, i, extras))
             for i, s in selected
         ]
         answers = transport.fit(requests, timeout=job.round_timeout)

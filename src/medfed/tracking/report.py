@@ -26,7 +26,7 @@ from rich.text import Text
 
 from medfed.config import load_job
 from medfed.core.errors import RunDirError
-from medfed.tracking.metrics import ARMS, POOLED_SITE, arms_present, comparison_rows, curves, read_metrics
+from medfed.tracking.metrics import ARMS, POOLED_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
 
 REPORT_NAME = "report.html"
 MISSING = "–"  # en dash: a value that is absent or undefined
@@ -114,11 +114,17 @@ def _nan(values: list[float | None]) -> list[float]:
     return [math.nan if v is None else v for v in values]
 
 
+MAX_SITE_PANELS = 12  # beyond this, per-site panels are unreadable and slow to draw
+
+
 def learning_curves_figure(records: list[dict], monitor: str) -> str | None:
-    """One small panel per site (and "all") of test ``monitor`` against round, one line per arm."""
+    """One small panel per site (and "all") of test ``monitor`` against round, one line per
+    arm; with more than MAX_SITE_PANELS sites, only the "all" panel."""
     by_site = curves(records, monitor, "test")
     if not by_site:
         return None
+    if len(by_site) - (POOLED_SITE in by_site) > MAX_SITE_PANELS and POOLED_SITE in by_site:
+        by_site = {POOLED_SITE: by_site[POOLED_SITE]}
     n = len(by_site)
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
@@ -155,6 +161,14 @@ def learning_curves_figure(records: list[dict], monitor: str) -> str | None:
     return _png(fig)
 
 
+def _many_sites_note(records: list[dict]) -> str:
+    n = len([s for s in site_order(records) if s != POOLED_SITE])
+    if n <= MAX_SITE_PANELS:
+        return ""
+    return (f'<p class="note">{n} sites: per-site panels are drawn for at most {MAX_SITE_PANELS} sites; '
+            "the per-site values are in the table above and in metrics.jsonl.</p>")
+
+
 def training_loss_figure(records: list[dict]) -> str | None:
     """Training loss of the federated arm against round, one line per site."""
     by_site = curves([r for r in records if r["arm"] == "federated"], "loss", "train")
@@ -163,17 +177,19 @@ def training_loss_figure(records: list[dict]) -> str | None:
     fig = Figure(figsize=(6.4, 3.2))
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.14, top=0.95)
     ax = fig.subplots()
+    many = len(by_site) > MAX_SITE_PANELS  # then thin unlabelled lines, no legend
     for site, arms in by_site.items():
         rounds, values = arms["federated"]
         pooled = site == POOLED_SITE
-        ax.plot(rounds, _nan(values), "--" if pooled else "-", color="black" if pooled else None,
-                label="all sites" if pooled else site, linewidth=1.2)
+        ax.plot(rounds, _nan(values), "--" if pooled else "-", color="black" if pooled else ("0.6" if many else None),
+                label=None if many else ("all sites" if pooled else site), linewidth=0.6 if many else 1.2)
     ax.set_xlabel("round", fontsize=8)
     ax.set_ylabel("training loss", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, frameon=False, ncols=2 if len(by_site) > 6 else 1)
+    if not many:
+        ax.legend(fontsize=7, frameon=False, ncols=2 if len(by_site) > 6 else 1)
     return _png(fig)
 
 
@@ -261,6 +277,7 @@ def render_report(run_dir: Path) -> str:
         _sites_section(_read_json(run_dir / "sites.json")),
         _comparison_section(records, monitor, best),
         f"<h2>Learning curves: test {escape(monitor)}</h2>", curves_img or no_data,
+        _many_sites_note(records),
         "<h2>Training loss (federated)</h2>", loss_img or no_data,
         "<h2>Job</h2>", f"<pre>{escape(job_text)}</pre>",
     ]
