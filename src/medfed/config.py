@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -175,8 +176,62 @@ class FedAvgConfig(_Frozen):
     name: Literal["fedavg"] = "fedavg"
 
 
+class FedProxConfig(_Frozen):
+    """FedProx (Li et al., 2020): FedAvg plus a proximal term ``mu/2 ||w - w_global||^2``
+    in each site's local loss. ``mu = 0`` is FedAvg."""
+
+    name: Literal["fedprox"]
+    mu: float = Field(0.01, ge=0)
+
+
+class FedOptConfig(_Frozen):
+    """Server optimizers on the pseudo-gradient (Reddi et al., 2021; Hsu et al., 2019).
+
+    The pseudo-gradient is the example-weighted mean of the site parameters minus the
+    global parameters. ``fedavgm``: heavy-ball momentum ``beta1`` (``beta1 = 0`` and
+    ``server_lr = 1`` is FedAvg). ``fedadagrad``, ``fedadam``, ``fedyogi``: adaptive
+    steps with first-moment decay ``beta1``, second-moment decay ``beta2`` and
+    adaptivity ``tau``. Only trainable parameters take the optimizer step; buffers such
+    as batch-norm statistics take the plain weighted mean.
+    """
+
+    name: Literal["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
+    server_lr: float = Field(1.0, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+
+
+class ScaffoldConfig(_Frozen):
+    """SCAFFOLD (Karimireddy et al., 2020), control variates of option II: site gradients
+    are corrected by ``c - c_i``; ``server_lr`` scales the averaged model update."""
+
+    name: Literal["scaffold"]
+    server_lr: float = Field(1.0, gt=0)
+
+
 # One entry per algorithm; each is `name: Literal[...]` plus its hyperparameters.
-AlgorithmConfig = FedAvgConfig
+AlgorithmConfig = Annotated[
+    Union[FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig], Field(discriminator="name")
+]
+
+
+class SamplingConfig(_Frozen):
+    """Which sites train in a round. Give ``fraction`` of the sites (rounded up) or a
+    ``count``, never both; at least ``minimum`` are drawn. ``uniform`` draws every site
+    with equal chance; ``size`` with chance proportional to its training examples. The
+    draw is repeatable: it depends only on the job seed and the round."""
+
+    fraction: float | None = Field(None, gt=0, le=1)
+    count: int | None = Field(None, ge=1)
+    minimum: int = Field(1, ge=1)
+    method: Literal["uniform", "size"] = "uniform"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "SamplingConfig":
+        if self.fraction is not None and self.count is not None:
+            raise ValueError("give either fraction or count, not both")
+        return self
 
 
 # --------------------------------------------------------------------------- the job
@@ -195,6 +250,7 @@ class Job(_Frozen):
     workers: int | None = Field(None, ge=1, le=256)
     round_timeout: float = Field(600.0, gt=0)
     min_sites: int | None = Field(None, ge=1)
+    sampling: SamplingConfig = SamplingConfig()
     eval_every: int = Field(1, ge=1)
     data: DataConfig
     model: ModelConfig
@@ -211,9 +267,22 @@ class Job(_Frozen):
     @model_validator(mode="after")
     def _quorum_fits(self) -> "Job":
         n = len(self.site_names)
-        if self.min_sites is not None and self.min_sites > n:
-            raise ValueError(f"min_sites: is {self.min_sites} but the job has only {n} sites")
+        if self.min_sites is not None and self.min_sites > self.sites_per_round:
+            raise ValueError(
+                f"min_sites: is {self.min_sites} but only {self.sites_per_round} of the {n} sites train in a round"
+            )
+        if self.sampling.count is not None and self.sampling.count > n:
+            raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} sites")
+        if self.sampling.minimum > n:
+            raise ValueError(f"sampling.minimum: is {self.sampling.minimum} but the job has only {n} sites")
         return self
+
+    @property
+    def sites_per_round(self) -> int:
+        """How many sites are drawn each round (all of them unless sampling says otherwise)."""
+        n, s = len(self.site_names), self.sampling
+        k = s.count if s.count is not None else (math.ceil(s.fraction * n) if s.fraction is not None else n)
+        return min(n, max(k, s.minimum))
 
     @property
     def site_names(self) -> list[str]:
@@ -225,7 +294,8 @@ class Job(_Frozen):
 
     @property
     def quorum(self) -> int:
-        return self.min_sites if self.min_sites is not None else len(self.site_names)
+        """Updates a round needs: ``min_sites``, or every site drawn for the round."""
+        return self.min_sites if self.min_sites is not None else self.sites_per_round
 
     def job_hash(self) -> str:
         """SHA-256 of everything that affects results (the output folder does not)."""
@@ -255,12 +325,17 @@ _MESSAGES = {
 }
 
 
+_UNION_TAGS = {
+    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold",
+}
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("synthetic", "medmnist") and parts and parts[-1] == "data":
+        elif parts and parts[-1] in (".data", "data", ".algorithm", "algorithm") and item in _UNION_TAGS:
             continue  # pydantic adds the union tag; users never write it
         else:
             parts.append(("." if parts else "") + str(item))
@@ -280,7 +355,11 @@ def _describe(err: dict[str, Any]) -> str:
         if path.endswith("name") and path.split(".")[0] in ("model", "algorithm"):
             msg = f"unknown {path.split('.')[0]} name; {msg}"
     elif etype in ("union_tag_invalid", "union_tag_not_found"):
-        msg = f"needs 'source' set to one of {ctx.get('expected_tags', '')}"
+        key = str(ctx.get("discriminator", "")).strip("'")
+        what = {"source": "data source", "name": f"{path} name"}.get(key, key)
+        if etype == "union_tag_not_found":
+            return f"{path}.{key}: is required"
+        return f"{path}.{key}: unknown {what} {ctx.get('tag')!r}; must be one of {ctx.get('expected_tags', '')}"
     elif etype == "value_error":
         msg = str(ctx.get("error", err["msg"]))
         if not err["loc"]:  # a check across fields: its message starts with the field path
@@ -292,9 +371,7 @@ def _describe(err: dict[str, Any]) -> str:
             msg = err["msg"]
     else:
         msg = err["msg"][:1].lower() + err["msg"][1:]
-    if etype == "union_tag_invalid":
-        msg += f", got {ctx.get('tag')!r}"
-    elif etype not in ("missing", "value_error", "union_tag_not_found") and "input" in err:
+    if etype not in ("missing", "value_error", "union_tag_not_found") and "input" in err:
         got = err["input"]
         msg += f", got {got!r}" if not isinstance(got, dict) else ""
     return f"{path}: {msg}"

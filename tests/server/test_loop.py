@@ -101,3 +101,16 @@ def test_eval_every_skips_rounds_but_not_the_last():
     t = FakeTransport({"a": 0.0, "b": 0.0, "c": 0.0}, {"a": 1, "b": 1, "c": 1})
     _, records, _ = _run(t, rounds=5, eval_every=2)
     assert sorted({r[0] for r in records if r[3] == "test"}) == [2, 4, 5]
+
+
+def test_only_sampled_sites_train_but_all_evaluate():
+    from medfed.server.sampling import SiteSampler
+
+    t = FakeTransport({"a": 1.0, "b": 2.0, "c": 4.0}, {"a": 10, "b": 30, "c": 60})
+    job = parse_job({**copy.deepcopy(JOB), "rounds": 3, "sampling": {"count": 1}})
+    sampler = SiteSampler(job)
+    records = []
+    run_federated(job, t, FedAvg(), {"w": torch.zeros(3)}, lambda *r: records.append(r), None, sampler)
+    trained = [(site, rnd) for site, rnd, _ in t.fit_calls]
+    assert trained == [(sampler.select(r)[0][1], r) for r in (1, 2, 3)]
+    assert {r[2] for r in records if r[3] == "test"} == {"a", "b", "c", "all"}

@@ -40,9 +40,16 @@ class SiteHook:
 
 
 class Algorithm(ABC):
-    """Server-side half of an algorithm, and the factory of its site hook."""
+    """Server-side half of an algorithm, and the factory of its site hook.
+
+    ``trainable`` names the model's trainable parameters (as opposed to buffers such as
+    batch-norm statistics), for rules that treat the two differently.
+    """
 
     name: str
+
+    def __init__(self, trainable: frozenset[str] = frozenset()):
+        self.trainable = trainable
 
     def make_site_hook(self) -> SiteHook:
         """The hook one site uses for the whole run."""
@@ -51,6 +58,11 @@ class Algorithm(ABC):
     def round_extras(self, global_params: Params) -> Params:
         """Tensors sent to every selected site with this round's plan."""
         return {}
+
+    def update_problem(self, update: Update, global_params: Params) -> str | None:
+        """Why ``update``'s algorithm-specific content is unusable (None: it is fine).
+        Called after the generic checks of server/validate.py."""
+        return None
 
     @abstractmethod
     def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:

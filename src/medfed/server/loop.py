@@ -27,6 +27,7 @@ from medfed.core.types import (
     TrainSettings,
     Update,
 )
+from medfed.server.sampling import SiteSampler
 from medfed.server.validate import update_problem
 from medfed.transport.base import Transport
 
@@ -85,12 +86,25 @@ RoundCallback = Callable[[RoundSummary, Params], None]
 
 
 def collect_updates(
-    answers: Sequence[Update | SiteFailure], global_params: Params, rnd: int, quorum: int, arm: Arm
+    answers: Sequence[Update | SiteFailure],
+    global_params: Params,
+    rnd: int,
+    quorum: int,
+    arm: Arm,
+    algorithm: Algorithm | None = None,
 ) -> tuple[list[Update], list[str]]:
-    """Valid updates in request order, and the names of sites that failed (logged)."""
+    """Valid updates in request order, and the names of sites that failed (logged).
+
+    An update passes the generic checks (server/validate.py) and, when given, the
+    algorithm's own (e.g. its control variates)."""
     updates, failed = [], []
     for a in answers:
-        problem = a.cause if isinstance(a, SiteFailure) else update_problem(a, global_params, rnd)
+        if isinstance(a, SiteFailure):
+            problem = a.cause
+        else:
+            problem = update_problem(a, global_params, rnd)
+            if problem is None and algorithm is not None:
+                problem = algorithm.update_problem(a, global_params)
         if problem is None:
             updates.append(a)
         else:
@@ -144,15 +158,19 @@ def run_federated(
     init_params: Params,
     record: Recorder,
     on_round: RoundCallback | None = None,
+    sampler: SiteSampler | None = None,
 ) -> Params:
-    """Run ``job.rounds`` rounds of federated training; return the final global params."""
+    """Run ``job.rounds`` rounds of federated training; return the final global params.
+
+    ``sampler`` picks each round's sites (default: all sites, every round)."""
     sites = list(job.site_names)
+    sampler = sampler or SiteSampler(job)
     job_id = job_id_of(job)
     global_params = init_params
     for rnd in range(1, job.rounds + 1):
-        # ---- 1. select the sites of this round (all of them: sampling comes later)
-        log.info("federated round %d/%d started", rnd, job.rounds)
-        selected = list(enumerate(sites))
+        # ---- 1. select the sites of this round
+        selected = sampler.select(rnd)
+        log.info("federated round %d/%d started: %s", rnd, job.rounds, ", ".join(s for _, s in selected))
 
         # ---- 2. send the global parameters and the round plan; sites train locally
         extras = algorithm.round_extras(global_params)
@@ -163,7 +181,7 @@ def run_federated(
         answers = transport.fit(requests, timeout=job.round_timeout)
 
         # ---- 3. collect the updates that pass the incoming checks; enforce the quorum
-        updates, failed = collect_updates(answers, global_params, rnd, job.quorum, Arm.FEDERATED)
+        updates, failed = collect_updates(answers, global_params, rnd, job.quorum, Arm.FEDERATED, algorithm)
         for u in updates:
             record(rnd, Arm.FEDERATED.value, u.site, "train", "loss", u.metrics.get("loss"))
 

@@ -29,6 +29,7 @@ from medfed.models import build_model, get_params
 from medfed.server.baselines import run_centralized, run_local
 from medfed.server.checkpoint import atomic_write_text, save_checkpoint
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
+from medfed.server.sampling import SiteSampler
 from medfed.site.device import resolve_device, set_threads
 from medfed.transport.base import POOLED, Transport
 
@@ -70,6 +71,12 @@ def initial_params(job: Job, in_channels: int) -> Params:
     """The common starting point of every arm, fixed by the job seed."""
     torch.manual_seed(job.seed)
     return get_params(build_model(job.model, job.task, in_channels))
+
+
+def trainable_names(job: Job, in_channels: int) -> frozenset[str]:
+    """Names of the model's trainable parameters (state-dict entries that are not buffers)."""
+    model = build_model(job.model, job.task, in_channels)
+    return frozenset(n for n, p in model.named_parameters() if p.requires_grad)
 
 
 class _BestTracker:
@@ -141,8 +148,10 @@ def run_job(
                 on_round(s, params)
 
         with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
-            algorithm = build_algorithm(job.algorithm)
-            run_federated(job, transport, algorithm, init, metrics.write, callback)
+            channels = sites[0].train.images.shape[1]
+            algorithm = build_algorithm(job.algorithm, trainable_names(job, channels), len(job.site_names))
+            sampler = SiteSampler(job, {row["name"]: row["train"] for row in summary})
+            run_federated(job, transport, algorithm, init, metrics.write, callback, sampler)
             tracker.finish()
             if "local" in job.compare:
                 run_local(job, transport, init, metrics.write, callback)

@@ -35,7 +35,9 @@ class SiteApp:
         self.task = ClassificationTask(job.task)
         self.model = build_model(job.model, job.task, in_channels=data.train.images.shape[1])
         self.model.to(device)
-        self._hooks = {Arm.FEDERATED: build_algorithm(job.algorithm).make_site_hook()}
+        trainable = frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
+        algorithm = build_algorithm(job.algorithm, trainable, len(job.site_names))
+        self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
 
     def _load(self, params: Params) -> None:
         try:

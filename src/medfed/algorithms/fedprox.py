@@ -1,0 +1,37 @@
+"""FedProx (Li et al., 2020): each site adds ``mu/2 * ||w - w_global||^2`` to its loss,
+pulling its model towards the global one; the server averages like FedAvg."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medfed.algorithms.base import SiteHook
+from medfed.algorithms.fedavg import FedAvg
+from medfed.core.types import RoundPlan
+
+
+class ProximalHook(SiteHook):
+    def __init__(self, mu: float):
+        self.mu = mu
+        self.anchor: list[torch.Tensor] = []
+
+    def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
+        self.anchor = [p.detach().clone() for p in model.parameters()]
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        if self.mu == 0:
+            return None
+        sq = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), self.anchor))
+        return 0.5 * self.mu * sq
+
+
+class FedProx(FedAvg):
+    name = "fedprox"
+
+    def __init__(self, mu: float, trainable: frozenset[str] = frozenset()):
+        super().__init__(trainable)
+        self.mu = mu
+
+    def make_site_hook(self) -> SiteHook:
+        return ProximalHook(self.mu)
