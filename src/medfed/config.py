@@ -204,15 +204,25 @@ class FedOptConfig(_Frozen):
 
 class ScaffoldConfig(_Frozen):
     """SCAFFOLD (Karimireddy et al., 2020), control variates of option II: site gradients
-    are corrected by ``c - c_i``; ``server_lr`` scales the averaged model update."""
+    are corrected by ``c - c_i``; ``server_lr`` scales the averaged model update. Needs
+    plain SGD local steps (``train.momentum: 0``): option II estimates the mean gradient as
+    ``(x - y) / (K * lr)``, which momentum inflates."""
 
     name: Literal["scaffold"]
     server_lr: float = Field(1.0, gt=0)
 
 
+class FedBNConfig(_Frozen):
+    """FedBN (Li et al., ICLR 2021): batch-norm layers (weights, biases and running
+    statistics) stay at each site, are never sent and never overwritten; the other layers
+    are averaged as in FedAvg. Each site evaluates with its own batch-norm layers."""
+
+    name: Literal["fedbn"]
+
+
 # One entry per algorithm; each is `name: Literal[...]` plus its hyperparameters.
 AlgorithmConfig = Annotated[
-    Union[FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig], Field(discriminator="name")
+    Union[FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig], Field(discriminator="name")
 ]
 
 
@@ -271,6 +281,11 @@ class Job(_Frozen):
             raise ValueError(
                 f"min_sites: is {self.min_sites} but only {self.sites_per_round} of the {n} sites train in a round"
             )
+        if isinstance(self.algorithm, ScaffoldConfig) and (self.train.optimizer != "sgd" or self.train.momentum != 0):
+            raise ValueError(
+                "train.momentum: scaffold's control variates assume plain SGD local steps; "
+                f"set train.optimizer: sgd and train.momentum: 0 (got {self.train.optimizer}, momentum {self.train.momentum:g})"
+            )
         if self.sampling.count is not None and self.sampling.count > n:
             raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} sites")
         if self.sampling.minimum > n:
@@ -326,7 +341,7 @@ _MESSAGES = {
 
 
 _UNION_TAGS = {
-    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold",
+    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn",
 }
 
 

@@ -19,7 +19,7 @@ def test_weighted_average_hand_computed():
 
 
 def test_fedavg_weights_by_examples():
-    algo = build_algorithm(FedAvgConfig(), frozenset({"w"}), 2)
+    algo = build_algorithm(FedAvgConfig(), torch.nn.Linear(1, 1), 2)
     ups = [
         Update("a", 1, {"w": torch.tensor([0.0])}, num_examples=30, num_steps=1),
         Update("b", 1, {"w": torch.tensor([10.0])}, num_examples=10, num_steps=1),

@@ -115,10 +115,12 @@ def test_validate_and_report_commands(tmp_path):
 @pytest.mark.parametrize(
     "algorithm",
     [{"name": "fedprox", "mu": 0.1}, {"name": "fedavgm", "beta1": 0.5}, {"name": "fedadam", "server_lr": 0.01},
-     {"name": "fedyogi", "server_lr": 0.01}, {"name": "fedadagrad", "server_lr": 0.01}, {"name": "scaffold"}],
+     {"name": "fedyogi", "server_lr": 0.01}, {"name": "fedadagrad", "server_lr": 0.01}, {"name": "scaffold"},
+     {"name": "fedbn"}],
 )
 def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
-    job = _job(tmp_path, algorithm=algorithm, compare=[], rounds=2)
+    train = {"batch_size": 8, "lr": 0.05, "momentum": 0.0 if algorithm["name"] == "scaffold" else 0.9}
+    job = _job(tmp_path, algorithm=algorithm, compare=[], rounds=2, train=train)
     res = runner.invoke(app, ["run", str(job), "-q"])
     assert res.exit_code == 0, res.output
     final = [r for r in _records(tmp_path / "run") if r["round"] == 2 and r["site"] == "all" and r["split"] == "test"]
@@ -129,7 +131,7 @@ def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
 def test_pool_transport_runs_scaffold_and_centralized(tmp_path):
     # SCAFFOLD's control variates cross the process boundary through the codec
     job = _job(tmp_path, transport="pool", workers=2, threads=2, compare=["centralized"], rounds=2,
-               algorithm={"name": "scaffold"})
+               algorithm={"name": "scaffold"}, train={"batch_size": 8, "lr": 0.05, "momentum": 0.0})
     res = runner.invoke(app, ["run", str(job), "-q"])
     assert res.exit_code == 0, res.output
     recs = _records(tmp_path / "run")

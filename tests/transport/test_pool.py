@@ -7,7 +7,8 @@ from medfed.config import parse_job
 from medfed.core.types import Arm, EvalRequest, FitRequest, SiteFailure, Split, Update
 from medfed.data.sites import build_sites
 from medfed.server.loop import make_plan
-from medfed.server.runner import initial_params
+from medfed.models import get_params
+from medfed.server.runner import initial_model
 from medfed.site.app import build_site_apps
 from medfed.transport.inprocess import InProcessTransport
 from medfed.transport.pool import PoolTransport
@@ -30,7 +31,7 @@ def pool():
 
 
 def _requests(sites=("a", "b", "c")):
-    init = initial_params(JOB, 1)
+    init = get_params(initial_model(JOB, 1))
     return init, [FitRequest(s, init, make_plan(JOB, "job", Arm.FEDERATED, 1, i)) for i, s in enumerate(sites)]
 
 

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from medfed.algorithms.base import Algorithm, SiteHook
+from torch import nn
+
+from medfed.algorithms.base import Algorithm, SiteHook, norm_keys, trainable_keys
 from medfed.algorithms.fedavg import FedAvg
+from medfed.algorithms.fedbn import FedBN
 from medfed.algorithms.fedopt import FedOpt
 from medfed.algorithms.fedprox import FedProx
 from medfed.algorithms.scaffold import Scaffold
-from medfed.config import AlgorithmConfig, FedAvgConfig, FedOptConfig, FedProxConfig, ScaffoldConfig
+from medfed.config import AlgorithmConfig, FedAvgConfig, FedBNConfig, FedOptConfig, FedProxConfig, ScaffoldConfig
+from medfed.core.errors import ConfigError
 
 
-def build_algorithm(cfg: AlgorithmConfig, trainable: frozenset[str], num_sites: int) -> Algorithm:
-    """The algorithm object for a validated config.
-
-    ``trainable``: names of the model's trainable parameters; ``num_sites``: sites in the job.
-    """
+def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int) -> Algorithm:
+    """The algorithm object for a validated config, for ``model`` (its trainable and
+    batch-norm names) and a job of ``num_sites`` sites."""
+    trainable = trainable_keys(model)
+    if isinstance(cfg, FedBNConfig):
+        bn = norm_keys(model)
+        if not bn:
+            raise ConfigError(
+                f"algorithm.name: 'fedbn' keeps batch-norm layers local, but model "
+                f"'{type(model).__name__}' has none; choose another algorithm or model"
+            )
+        return FedBN(bn, trainable)
     if isinstance(cfg, FedAvgConfig):
         return FedAvg(trainable)
     if isinstance(cfg, FedProxConfig):

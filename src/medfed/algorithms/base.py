@@ -47,6 +47,9 @@ class Algorithm(ABC):
     """
 
     name: str
+    # State-dict entries that stay at each site: never sent to the server, never
+    # overwritten by the global model, and used when the site evaluates (FedBN).
+    local_keys: frozenset[str] = frozenset()
 
     def __init__(self, trainable: frozenset[str] = frozenset()):
         self.trainable = trainable
@@ -71,3 +74,18 @@ class Algorithm(ABC):
         ``updates`` is never empty and is ordered by site as in the job, so that the
         result does not depend on which site answered first.
         """
+
+
+def trainable_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict names of the model's trainable parameters (not buffers)."""
+    return frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def norm_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict names of every batch-norm layer: affine parameters and statistics."""
+    keys = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            prefix = f"{mod_name}." if mod_name else ""
+            keys.update(prefix + k for k in mod.state_dict())
+    return frozenset(keys)

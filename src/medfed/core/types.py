@@ -93,6 +93,7 @@ class EvalRequest:
     splits: tuple[Split, ...]
     job_id: str
     round: int
+    arm: Arm = Arm.FEDERATED
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,8 @@ def collect_updates(
         if isinstance(a, SiteFailure):
             problem = a.cause
         else:
-            problem = update_problem(a, global_params, rnd)
+            local = algorithm.local_keys if algorithm is not None else frozenset()
+            problem = update_problem(a, global_params, rnd, local)
             if problem is None and algorithm is not None:
                 problem = algorithm.update_problem(a, global_params)
         if problem is None:
@@ -125,7 +126,8 @@ def evaluate_round(
     the example-weighted mean over sites (site ``all``); return those means."""
     job_id = job_id_of(job)
     requests = [
-        EvalRequest(site=s, params=p, splits=EVAL_SPLITS, job_id=job_id, round=rnd) for s, p in params_by_site.items()
+        EvalRequest(site=s, params=p, splits=EVAL_SPLITS, job_id=job_id, round=rnd, arm=arm)
+        for s, p in params_by_site.items()
     ]
     sums: dict[tuple[str, str], list[float]] = {}
     for req, answer in zip(requests, transport.evaluate(requests, timeout=job.round_timeout)):

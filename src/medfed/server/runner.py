@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from medfed import __version__
 from medfed.algorithms import build_algorithm
@@ -67,16 +68,13 @@ def make_transport(job: Job, sites: list[SiteData], device: torch.device) -> Tra
     return InProcessTransport(build_site_apps(job, sites, device, pooled_name=pooled))
 
 
-def initial_params(job: Job, in_channels: int) -> Params:
+def initial_model(job: Job, in_channels: int) -> nn.Module:
     """The common starting point of every arm, fixed by the job seed."""
     torch.manual_seed(job.seed)
-    return get_params(build_model(job.model, job.task, in_channels))
+    return build_model(job.model, job.task, in_channels)
 
 
-def trainable_names(job: Job, in_channels: int) -> frozenset[str]:
-    """Names of the model's trainable parameters (state-dict entries that are not buffers)."""
-    model = build_model(job.model, job.task, in_channels)
-    return frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+
 
 
 class _BestTracker:
@@ -139,7 +137,8 @@ def run_job(
     try:
         atomic_write_text(staging / "job.yaml", job.to_yaml())
         atomic_write_text(staging / "sites.json", json.dumps({"sites": summary}, indent=2) + "\n")
-        init = initial_params(job, in_channels=sites[0].train.images.shape[1])
+        model = initial_model(job, in_channels=sites[0].train.images.shape[1])
+        init = get_params(model)
         tracker = _BestTracker(staging, job)
 
         def callback(s: RoundSummary, params: Params) -> None:
@@ -148,8 +147,7 @@ def run_job(
                 on_round(s, params)
 
         with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
-            channels = sites[0].train.images.shape[1]
-            algorithm = build_algorithm(job.algorithm, trainable_names(job, channels), len(job.site_names))
+            algorithm = build_algorithm(job.algorithm, model, len(job.site_names))
             sampler = SiteSampler(job, {row["name"]: row["train"] for row in summary})
             run_federated(job, transport, algorithm, init, metrics.write, callback, sampler)
             tracker.finish()

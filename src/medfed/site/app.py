@@ -25,7 +25,9 @@ class SiteApp:
 
     ``data.name`` is the site name. The model object is built once and reused; each
     request loads the parameters it carries, so the site keeps no hidden model state
-    between rounds other than what the algorithm's hook keeps on purpose.
+    between rounds other than what the algorithm keeps on purpose: its hook's state and,
+    for the federated arm, the entries named by ``algorithm.local_keys`` (FedBN's
+    batch-norm layers), which are never sent and replace the server's on every load.
     """
 
     def __init__(self, data: SiteData, job: Job, device: torch.device):
@@ -35,34 +37,40 @@ class SiteApp:
         self.task = ClassificationTask(job.task)
         self.model = build_model(job.model, job.task, in_channels=data.train.images.shape[1])
         self.model.to(device)
-        trainable = frozenset(n for n, p in self.model.named_parameters() if p.requires_grad)
-        algorithm = build_algorithm(job.algorithm, trainable, len(job.site_names))
+        algorithm = build_algorithm(job.algorithm, self.model, len(job.site_names))
         self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
+        self._local_keys = algorithm.local_keys
+        self._kept: Params = {}  # this site's values of the local keys, after its first fit
 
-    def _load(self, params: Params) -> None:
+    def _load(self, params: Params, arm: Arm) -> None:
+        if arm is Arm.FEDERATED and self._kept:
+            params = {**params, **self._kept}
         try:
             self.model.load_state_dict(params, strict=True)
         except (RuntimeError, KeyError) as e:
             raise SiteError(self.name, f"parameters do not fit the model: {e}") from None
 
     def fit(self, params: Params, plan: RoundPlan) -> Update:
-        self._load(params)
+        self._load(params, plan.arm)
         hook = self._hooks.get(plan.arm) or SiteHook()  # baselines train plainly
         hook.on_train_start(self.model, plan)
         stats = train_local(self.model, self.data.train, self.task, plan.train, hook, self.device)
         extras = hook.on_train_end(self.model, stats.num_steps)
+        trained = get_params(self.model)
+        if plan.arm is Arm.FEDERATED and self._local_keys:
+            self._kept = {k: trained.pop(k) for k in self._local_keys}
         return Update(
             site=self.name,
             round=plan.round,
-            params=get_params(self.model),
+            params=trained,
             num_examples=len(self.data.train),
             num_steps=stats.num_steps,
             metrics={"loss": stats.mean_loss},
             extras=extras,
         )
 
-    def evaluate(self, params: Params, splits: tuple[Split, ...]) -> list[EvalResult]:
-        self._load(params)
+    def evaluate(self, params: Params, splits: tuple[Split, ...], arm: Arm) -> list[EvalResult]:
+        self._load(params, arm)
         out = []
         for split in splits:
             data = self.data.split(split.value)

@@ -38,7 +38,7 @@ class InProcessTransport(Transport):
         out: list[list[EvalResult] | SiteFailure] = []
         for req in requests:
             try:
-                out.append(self._app(req.site).evaluate(req.params, req.splits))
+                out.append(self._app(req.site).evaluate(req.params, req.splits, req.arm))
             except Exception as e:
                 out.append(SiteFailure(req.site, describe_exception(e)))
         return out

@@ -19,7 +19,7 @@ from typing import Any
 
 from medfed.config import Job
 from medfed.core import codec
-from medfed.core.types import EvalRequest, EvalResult, FitRequest, SiteFailure, Split, Update
+from medfed.core.types import Arm, EvalRequest, EvalResult, FitRequest, SiteFailure, Split, Update
 from medfed.transport.base import Transport, describe_exception
 
 # --------------------------------------------------------------------------- worker side
@@ -52,9 +52,9 @@ def _worker_fit(blob: bytes) -> tuple[str, bytes | str]:
         return "error", describe_exception(e)
 
 
-def _worker_evaluate(site: str, params_blob: bytes, splits: list[str]) -> tuple[str, str]:
+def _worker_evaluate(site: str, params_blob: bytes, splits: list[str], arm: str) -> tuple[str, str]:
     try:
-        results = _APPS[site].evaluate(codec.decode_params(params_blob), tuple(Split(s) for s in splits))
+        results = _APPS[site].evaluate(codec.decode_params(params_blob), tuple(Split(s) for s in splits), Arm(arm))
         return "ok", json.dumps(
             [{"split": r.split.value, "n": r.num_examples, "metrics": r.metrics} for r in results]
         )
@@ -136,7 +136,7 @@ class PoolTransport(Transport):
         raw = self._run(
             [r.site for r in requests],
             lambda ex, k: ex.submit(
-                _worker_evaluate, requests[k].site, blobs[k], [s.value for s in requests[k].splits]
+                _worker_evaluate, requests[k].site, blobs[k], [s.value for s in requests[k].splits], requests[k].arm.value
             ),
             timeout,
         )

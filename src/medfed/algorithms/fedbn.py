@@ -1,0 +1,28 @@
+"""FedBN (Li et al., ICLR 2021): batch-norm layers stay local to each site.
+
+Sites never send their batch-norm parameters and statistics and never take the
+server's: the site app (site/app.py) keeps them across rounds through ``local_keys`` and
+evaluates the federated model with them. The server averages the other layers as FedAvg
+does and carries its own (initial) batch-norm entries unchanged, so the global state
+dict keeps its full set of names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from medfed.algorithms.base import Algorithm
+from medfed.algorithms.fedavg import weighted_average
+from medfed.core.types import Params, Update
+
+
+class FedBN(Algorithm):
+    name = "fedbn"
+
+    def __init__(self, bn_keys: frozenset[str], trainable: frozenset[str] = frozenset()):
+        super().__init__(trainable)
+        self.local_keys = bn_keys
+
+    def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:
+        shared = weighted_average([u.params for u in updates], [u.num_examples for u in updates])
+        return {k: shared[k] if k in shared else v for k, v in global_params.items()}
