@@ -14,7 +14,7 @@ from medfed.server.loop import (
     Recorder,
     RoundCallback,
     RoundSummary,
-    _mean_loss,
+    mean_loss,
     collect_updates,
     evaluate_round,
     job_id_of,
@@ -41,7 +41,7 @@ def run_local(
         if rnd % job.eval_every == 0 or rnd == job.rounds:
             means = evaluate_round(transport, params, job, Arm.LOCAL, rnd, record)
         if on_round is not None:
-            on_round(RoundSummary(Arm.LOCAL, rnd, _mean_loss(updates), means, failed), init_params)
+            on_round(RoundSummary(Arm.LOCAL, rnd, mean_loss(updates), means, failed), init_params)
     return params
 
 

@@ -196,14 +196,14 @@ def run_federated(
             means = evaluate_round(transport, {s: global_params for s in sites}, job, Arm.FEDERATED, rnd, record)
 
         # ---- 6. report the round (the caller checkpoints and tracks the best model)
-        loss = _mean_loss(updates)
+        loss = mean_loss(updates)
         log.info("federated round %d/%d done (%d sites, %d failed)", rnd, job.rounds, len(updates), len(failed))
         if on_round is not None:
             on_round(RoundSummary(Arm.FEDERATED, rnd, loss, means, failed), global_params)
     return global_params
 
 
-def _mean_loss(updates: Sequence[Update]) -> float | None:
+def mean_loss(updates: Sequence[Update]) -> float | None:
     n = sum(u.num_examples for u in updates)
     losses = [(u.metrics.get("loss"), u.num_examples) for u in updates]
     if n == 0 or any(v is None for v, _ in losses):
