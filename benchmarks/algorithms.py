@@ -44,6 +44,8 @@ METHODS = {
     "fedadagrad (lr 0.01)": {"name": "fedadagrad", "server_lr": 0.01},
     "scaffold (plain SGD)": {"name": "scaffold"},
     "fedbn": {"name": "fedbn"},
+    "fednova": {"name": "fednova"},
+    "feddyn (alpha 0.01)": {"name": "feddyn", "alpha": 0.01},
 }
 
 SCANNERS = [

@@ -39,6 +39,8 @@ def _error(mutate) -> str:
         (lambda d: d.update(algorithm={"name": "fedyogi", "tau": 0}), "algorithm.tau: must be > 0, got 0"),
         (lambda d: d.update(algorithm={"name": "scaffold", "server_lr": -1}), "algorithm.server_lr: must be > 0"),
         (lambda d: d.update(algorithm={"name": "scaffold"}), "train.momentum: scaffold's control variates assume plain SGD"),
+        (lambda d: d.update(algorithm={"name": "fednova"}, train={"optimizer": "adam"}), "train.optimizer: fednova normalizes"),
+        (lambda d: d.update(algorithm={"name": "feddyn", "alpha": 0}), "algorithm.alpha: must be > 0, got 0"),
         (lambda d: d["data"].update(sites=[]), "data.sites: must have at least 1 item"),
         (lambda d: d["data"]["sites"][0].update(n_train=0), "data.sites[0].n_train: must be > 0, got 0"),
         (lambda d: d["data"].update(source="dicom"), "data.source: unknown data source 'dicom'"),

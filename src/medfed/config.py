@@ -220,9 +220,27 @@ class FedBNConfig(_Frozen):
     name: Literal["fedbn"]
 
 
+class FedNovaConfig(_Frozen):
+    """FedNova (Wang et al., 2020): each site's change is divided by its number of local
+    steps (corrected for momentum) before averaging, so sites that take more steps do not
+    pull the global model further. With equal steps everywhere it is FedAvg."""
+
+    name: Literal["fednova"]
+
+
+class FedDynConfig(_Frozen):
+    """FedDyn (Acar et al., 2021): dynamic regularization. Each site adds
+    ``-<g_i, w> + alpha/2 ||w - w_global||^2`` to its loss and updates its ``g_i``; the
+    server keeps a correction ``h``. ``alpha`` > 0."""
+
+    name: Literal["feddyn"]
+    alpha: float = Field(0.01, gt=0)
+
+
 # One entry per algorithm; each is `name: Literal[...]` plus its hyperparameters.
 AlgorithmConfig = Annotated[
-    Union[FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig], Field(discriminator="name")
+    Union[FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig, FedNovaConfig, FedDynConfig],
+    Field(discriminator="name"),
 ]
 
 
@@ -286,6 +304,11 @@ class Job(_Frozen):
                 "train.momentum: scaffold's control variates assume plain SGD local steps; "
                 f"set train.optimizer: sgd and train.momentum: 0 (got {self.train.optimizer}, momentum {self.train.momentum:g})"
             )
+        if isinstance(self.algorithm, FedNovaConfig) and self.train.optimizer != "sgd":
+            raise ValueError(
+                "train.optimizer: fednova normalizes by the number of SGD steps; "
+                f"set train.optimizer: sgd (got {self.train.optimizer})"
+            )
         if self.sampling.count is not None and self.sampling.count > n:
             raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} sites")
         if self.sampling.minimum > n:
@@ -341,7 +364,7 @@ _MESSAGES = {
 
 
 _UNION_TAGS = {
-    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn",
+    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn",
 }
 
 

@@ -116,7 +116,7 @@ def test_validate_and_report_commands(tmp_path):
     "algorithm",
     [{"name": "fedprox", "mu": 0.1}, {"name": "fedavgm", "beta1": 0.5}, {"name": "fedadam", "server_lr": 0.01},
      {"name": "fedyogi", "server_lr": 0.01}, {"name": "fedadagrad", "server_lr": 0.01}, {"name": "scaffold"},
-     {"name": "fedbn"}],
+     {"name": "fedbn"}, {"name": "fednova"}, {"name": "feddyn", "alpha": 0.01}],
 )
 def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
     train = {"batch_size": 8, "lr": 0.05, "momentum": 0.0 if algorithm["name"] == "scaffold" else 0.9}

@@ -7,16 +7,27 @@ from torch import nn
 from medfed.algorithms.base import Algorithm, SiteHook, norm_keys, trainable_keys
 from medfed.algorithms.fedavg import FedAvg
 from medfed.algorithms.fedbn import FedBN
+from medfed.algorithms.feddyn import FedDyn
+from medfed.algorithms.fednova import FedNova
 from medfed.algorithms.fedopt import FedOpt
 from medfed.algorithms.fedprox import FedProx
 from medfed.algorithms.scaffold import Scaffold
-from medfed.config import AlgorithmConfig, FedAvgConfig, FedBNConfig, FedOptConfig, FedProxConfig, ScaffoldConfig
+from medfed.config import (
+    AlgorithmConfig,
+    FedAvgConfig,
+    FedBNConfig,
+    FedDynConfig,
+    FedNovaConfig,
+    FedOptConfig,
+    FedProxConfig,
+    ScaffoldConfig,
+)
 from medfed.core.errors import ConfigError
 
 
-def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int) -> Algorithm:
+def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int, momentum: float = 0.0) -> Algorithm:
     """The algorithm object for a validated config, for ``model`` (its trainable and
-    batch-norm names) and a job of ``num_sites`` sites."""
+    batch-norm names), a job of ``num_sites`` sites and local SGD ``momentum``."""
     trainable = trainable_keys(model)
     if isinstance(cfg, FedBNConfig):
         bn = norm_keys(model)
@@ -32,6 +43,10 @@ def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int) -> A
         return FedProx(cfg.mu, trainable)
     if isinstance(cfg, FedOptConfig):
         return FedOpt(cfg.name, cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau, trainable)
+    if isinstance(cfg, FedNovaConfig):
+        return FedNova(momentum, trainable)
+    if isinstance(cfg, FedDynConfig):
+        return FedDyn(cfg.alpha, num_sites, trainable)
     if isinstance(cfg, ScaffoldConfig):
         return Scaffold(cfg.server_lr, num_sites, trainable)
     raise TypeError(f"no algorithm for config {type(cfg).__name__}")

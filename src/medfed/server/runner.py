@@ -147,7 +147,7 @@ def run_job(
                 on_round(s, params)
 
         with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
-            algorithm = build_algorithm(job.algorithm, model, len(job.site_names))
+            algorithm = build_algorithm(job.algorithm, model, len(job.site_names), job.train.momentum)
             sampler = SiteSampler(job, {row["name"]: row["train"] for row in summary})
             run_federated(job, transport, algorithm, init, metrics.write, callback, sampler)
             tracker.finish()

@@ -37,7 +37,7 @@ class SiteApp:
         self.task = ClassificationTask(job.task)
         self.model = build_model(job.model, job.task, in_channels=data.train.images.shape[1])
         self.model.to(device)
-        algorithm = build_algorithm(job.algorithm, self.model, len(job.site_names))
+        algorithm = build_algorithm(job.algorithm, self.model, len(job.site_names), job.train.momentum)
         self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
         self._local_keys = algorithm.local_keys
         self._kept: Params = {}  # this site's values of the local keys, after its first fit
