@@ -1,7 +1,7 @@
 """Every implemented algorithm against local and centralized training, under feature
 shift, label skew and (when ../shared/data is present) BreastMNIST split into sites.
 
-Usage: python benchmarks/algorithms.py [--seeds 0,1,2] [--rounds 20] [--out FILE]
+Usage: python benchmarks/algorithms.py [--seeds 0,1,2] [--rounds 20] [--methods fedavg,fedbn]
 
 Settings (same model, small CNN; same budget: ``rounds`` rounds of 1 local epoch, SGD lr
 0.02 with momentum 0.9, except SCAFFOLD, which needs plain SGD, momentum 0):
@@ -46,6 +46,7 @@ METHODS = {
     "fedbn": {"name": "fedbn"},
     "fednova": {"name": "fednova"},
     "feddyn (alpha 0.01)": {"name": "feddyn", "alpha": 0.01},
+    "fedper (personal head)": {"name": "fedper", "personal_layers": ["head"]},
 }
 
 SCANNERS = [
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--settings", default="feature-shift,label-skew,breastmnist")
+    ap.add_argument("--methods", default="", help="comma-separated method names (e.g. fedper); default: all")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     set_threads(2)
@@ -118,8 +120,10 @@ def main() -> None:
                 continue
             for seed in seeds:
                 for i, (label, algo) in enumerate(METHODS.items()):
+                    if args.methods and algo["name"] not in args.methods.split(","):
+                        continue
                     out = Path(tmp) / f"{setting}-{seed}-{i}"
-                    compare = ["local", "centralized"] if i == 0 else []
+                    compare = ["local", "centralized"] if algo["name"] == "fedavg" else []
                     run_job(job_for(setting, seed, algo, compare, args.rounds, out))
                     recs = read(out)
                     results.setdefault((setting, label), []).append(summarize(recs, "federated", args.rounds))

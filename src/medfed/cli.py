@@ -109,9 +109,10 @@ def _print_summary(run_dir: Path, job: Job) -> None:
 
 @app.command()
 def validate(job_file: Path = typer.Argument(..., help="Job YAML to check.")) -> None:
-    """Check a job file without running it."""
+    """Check a job file without running it (the schema, then the model and algorithm)."""
     try:
         job = load_job(job_file)
+        _check_model_and_algorithm(job)
     except MedfedError as e:
         _fail(e)
         return
@@ -121,6 +122,16 @@ def validate(job_file: Path = typer.Argument(..., help="Job YAML to check.")) ->
         + (f", compared with {', '.join(job.compare)}" if job.compare else ""),
         highlight=False,
     )
+
+
+def _check_model_and_algorithm(job: Job) -> None:
+    """Build the model and the algorithm once: catches what needs the model (e.g. a
+    personal layer name that is not a layer of it). Input channels do not matter here."""
+    from medfed.algorithms import build_algorithm
+    from medfed.models import build_model
+
+    model = build_model(job.model, job.task, in_channels=1)
+    build_algorithm(job.algorithm, model, len(job.site_names), job.train.momentum)
 
 
 @app.command()

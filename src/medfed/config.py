@@ -237,9 +237,21 @@ class FedDynConfig(_Frozen):
     alpha: float = Field(0.01, gt=0)
 
 
+class FedPerConfig(_Frozen):
+    """FedPer (Arivazhagan et al., 2019): the layers in ``personal_layers`` (module names
+    of the model, e.g. ``head`` for small_cnn, ``fc`` for the MONAI ResNets,
+    ``class_layers`` for DenseNet121) stay personal at each site; the rest is averaged."""
+
+    name: Literal["fedper"]
+    personal_layers: list[str] = Field(min_length=1)
+
+
 # One entry per algorithm; each is `name: Literal[...]` plus its hyperparameters.
 AlgorithmConfig = Annotated[
-    Union[FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig, FedNovaConfig, FedDynConfig],
+    Union[
+        FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig, FedNovaConfig, FedDynConfig,
+        FedPerConfig,
+    ],
     Field(discriminator="name"),
 ]
 
@@ -364,7 +376,7 @@ _MESSAGES = {
 
 
 _UNION_TAGS = {
-    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn",
+    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn", "fedper",
 }
 
 

@@ -101,6 +101,9 @@ def test_validate_and_report_commands(tmp_path):
     good = _job(tmp_path, compare=[], rounds=1)
     res = runner.invoke(app, ["validate", str(good)])
     assert res.exit_code == 0 and "3 sites" in res.output
+    wrong_layer = _job(tmp_path, "layer.yaml", algorithm={"name": "fedper", "personal_layers": ["fc"]})
+    res = runner.invoke(app, ["validate", str(wrong_layer)])
+    assert res.exit_code == 2 and "'fc' is not a layer of model 'SmallCNN'" in res.output
     bad = _job(tmp_path, "bad.yaml", train={"lr": -1})
     res = runner.invoke(app, ["validate", str(bad)])
     assert res.exit_code == 2 and "train.lr: must be > 0, got -1" in res.output
@@ -116,7 +119,8 @@ def test_validate_and_report_commands(tmp_path):
     "algorithm",
     [{"name": "fedprox", "mu": 0.1}, {"name": "fedavgm", "beta1": 0.5}, {"name": "fedadam", "server_lr": 0.01},
      {"name": "fedyogi", "server_lr": 0.01}, {"name": "fedadagrad", "server_lr": 0.01}, {"name": "scaffold"},
-     {"name": "fedbn"}, {"name": "fednova"}, {"name": "feddyn", "alpha": 0.01}],
+     {"name": "fedbn"}, {"name": "fednova"}, {"name": "feddyn", "alpha": 0.01},
+     {"name": "fedper", "personal_layers": ["head"]}],
 )
 def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
     train = {"batch_size": 8, "lr": 0.05, "momentum": 0.0 if algorithm["name"] == "scaffold" else 0.9}

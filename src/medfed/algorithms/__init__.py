@@ -9,6 +9,7 @@ from medfed.algorithms.fedavg import FedAvg
 from medfed.algorithms.fedbn import FedBN
 from medfed.algorithms.feddyn import FedDyn
 from medfed.algorithms.fednova import FedNova
+from medfed.algorithms.fedper import FedPer, layer_keys
 from medfed.algorithms.fedopt import FedOpt
 from medfed.algorithms.fedprox import FedProx
 from medfed.algorithms.scaffold import Scaffold
@@ -19,6 +20,7 @@ from medfed.config import (
     FedDynConfig,
     FedNovaConfig,
     FedOptConfig,
+    FedPerConfig,
     FedProxConfig,
     ScaffoldConfig,
 )
@@ -43,6 +45,8 @@ def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int, mome
         return FedProx(cfg.mu, trainable)
     if isinstance(cfg, FedOptConfig):
         return FedOpt(cfg.name, cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau, trainable)
+    if isinstance(cfg, FedPerConfig):
+        return FedPer(layer_keys(model, cfg.personal_layers), trainable)
     if isinstance(cfg, FedNovaConfig):
         return FedNova(momentum, trainable)
     if isinstance(cfg, FedDynConfig):

@@ -36,4 +36,7 @@ class FedAvg(Algorithm):
     name = "fedavg"
 
     def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:
-        return weighted_average([u.params for u in updates], [u.num_examples for u in updates])
+        """The weighted mean of what the sites sent; entries they keep local (``local_keys``)
+        keep the server's value, so the global state dict always has every name."""
+        shared = weighted_average([u.params for u in updates], [u.num_examples for u in updates])
+        return {k: shared.get(k, v) for k, v in global_params.items()}

@@ -9,20 +9,12 @@ dict keeps its full set of names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from medfed.algorithms.base import Algorithm
-from medfed.algorithms.fedavg import weighted_average
-from medfed.core.types import Params, Update
+from medfed.algorithms.fedavg import FedAvg
 
 
-class FedBN(Algorithm):
+class FedBN(FedAvg):
     name = "fedbn"
 
     def __init__(self, bn_keys: frozenset[str], trainable: frozenset[str] = frozenset()):
         super().__init__(trainable)
         self.local_keys = bn_keys
-
-    def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:
-        shared = weighted_average([u.params for u in updates], [u.num_examples for u in updates])
-        return {k: shared[k] if k in shared else v for k, v in global_params.items()}

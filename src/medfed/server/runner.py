@@ -139,6 +139,7 @@ def run_job(
         atomic_write_text(staging / "sites.json", json.dumps({"sites": summary}, indent=2) + "\n")
         model = initial_model(job, in_channels=sites[0].train.images.shape[1])
         init = get_params(model)
+        algorithm = build_algorithm(job.algorithm, model, len(job.site_names), job.train.momentum)
         tracker = _BestTracker(staging, job)
 
         def callback(s: RoundSummary, params: Params) -> None:
@@ -147,7 +148,6 @@ def run_job(
                 on_round(s, params)
 
         with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
-            algorithm = build_algorithm(job.algorithm, model, len(job.site_names), job.train.momentum)
             sampler = SiteSampler(job, {row["name"]: row["train"] for row in summary})
             run_federated(job, transport, algorithm, init, metrics.write, callback, sampler)
             tracker.finish()
