@@ -76,7 +76,7 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
         TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), console=out, disable=quiet, transient=False,
     ) as progress:
-        tasks = {a: progress.add_task(a, total=job.rounds, info="") for a in arms}
+        tasks = {a: progress.add_task(a, total=1 if a == "finetuned" else job.rounds, info="") for a in arms}
 
         def on_sites(rows: list[dict]) -> None:
             if quiet:

@@ -278,7 +278,12 @@ class SamplingConfig(_Frozen):
 
 
 class Job(_Frozen):
-    """A whole federated run: who takes part, on what data, with which model and method."""
+    """A whole federated run: who takes part, on what data, with which model and method.
+
+    ``compare`` adds arms trained on the same data: ``local`` (each site alone),
+    ``centralized`` (all data pooled) and ``finetuned`` (the final federated model
+    fine-tuned at each site for ``finetune_epochs`` epochs on its own training data).
+    """
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     seed: int = Field(0, ge=0, lt=2**31)
@@ -297,7 +302,8 @@ class Job(_Frozen):
     task: TaskConfig
     algorithm: AlgorithmConfig = FedAvgConfig()
     train: TrainConfig = TrainConfig()
-    compare: list[Literal["local", "centralized"]] = Field(default_factory=list)
+    compare: list[Literal["local", "centralized", "finetuned"]] = Field(default_factory=list)
+    finetune_epochs: int = Field(1, ge=1)
 
     @field_validator("compare")
     @classmethod

@@ -141,3 +141,17 @@ def test_pool_transport_runs_scaffold_and_centralized(tmp_path):
     recs = _records(tmp_path / "run")
     assert {r["arm"] for r in recs} == {"federated", "centralized"}
     assert {r["site"] for r in recs if r["split"] == "test"} == {"a", "b", "c", "all"}
+
+
+def test_finetuned_arm_is_reported_next_to_the_global_model(tmp_path):
+    job = _job(tmp_path, compare=["local", "finetuned"], finetune_epochs=2, rounds=2,
+               algorithm={"name": "fedbn"})
+    res = runner.invoke(app, ["run", str(job), "-q"])
+    assert res.exit_code == 0, res.output
+    recs = _records(tmp_path / "run")
+    tuned = [r for r in recs if r["arm"] == "finetuned"]
+    assert {r["round"] for r in tuned} == {2}
+    assert {r["site"] for r in tuned if r["split"] == "test" and r["metric"] == "auc"} == {"a", "b", "c", "all"}
+    assert "finetuned" in res.output
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "finetuned" in html

@@ -22,6 +22,7 @@ class Arm(str, enum.Enum):
     FEDERATED = "federated"
     LOCAL = "local"  # each site trains alone on its own data
     CENTRALIZED = "centralized"  # all sites' training data pooled in one place
+    FINETUNED = "finetuned"  # the final federated model fine-tuned at each site on its own data
 
 
 class Split(str, enum.Enum):

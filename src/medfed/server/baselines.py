@@ -3,10 +3,13 @@ the same model initialisation and the same budget of local epochs as the federat
 
 * local: each site trains alone on its own data, round after round, never sharing.
 * centralized: one model trained on all sites' training data pooled.
+* finetuned: the final federated model, fine-tuned at each site on its own data.
 Both are evaluated on every site's own val and test splits, like the federated model.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from medfed.config import Job
 from medfed.core.types import Arm, FitRequest, Params
@@ -43,6 +46,31 @@ def run_local(
         if on_round is not None:
             on_round(RoundSummary(Arm.LOCAL, rnd, mean_loss(updates), means, failed), init_params)
     return params
+
+
+def run_finetuned(
+    job: Job, transport: Transport, global_params: Params, record: Recorder, on_round: RoundCallback | None = None
+) -> dict[str, Params]:
+    """Local fine-tuning after federation: every site trains the final federated model
+    for ``job.finetune_epochs`` epochs on its own data (starting from its own personal
+    layers where the algorithm keeps some), then evaluates it. Recorded at the last round."""
+    sites, rnd = list(job.site_names), job.rounds
+    base = make_plan(job, job_id_of(job), Arm.FINETUNED, rnd, 0)
+    plan_of = {
+        s: replace(
+            base, train=replace(make_plan(job, base.job_id, Arm.FINETUNED, rnd, i).train, local_epochs=job.finetune_epochs)
+        )
+        for i, s in enumerate(sites)
+    }
+    answers = transport.fit([FitRequest(s, global_params, plan_of[s]) for s in sites], timeout=job.round_timeout)
+    updates, failed = collect_updates(answers, global_params, rnd, job.quorum, Arm.FINETUNED)
+    tuned = {u.site: {**global_params, **u.params} for u in updates}
+    for u in updates:
+        record(rnd, Arm.FINETUNED.value, u.site, "train", "loss", u.metrics.get("loss"))
+    means = evaluate_round(transport, tuned, job, Arm.FINETUNED, rnd, record)
+    if on_round is not None:
+        on_round(RoundSummary(Arm.FINETUNED, 1, mean_loss(updates), means, failed), global_params)
+    return tuned
 
 
 def run_centralized(

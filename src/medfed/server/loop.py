@@ -33,7 +33,7 @@ from medfed.transport.base import Transport
 
 log = logging.getLogger("medfed")
 
-_ARM_CODE = {Arm.FEDERATED: 0, Arm.LOCAL: 1, Arm.CENTRALIZED: 2}
+_ARM_CODE = {Arm.FEDERATED: 0, Arm.LOCAL: 1, Arm.CENTRALIZED: 2, Arm.FINETUNED: 3}
 EVAL_SPLITS = (Split.VAL, Split.TEST)
 
 

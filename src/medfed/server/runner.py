@@ -27,7 +27,7 @@ from medfed.core.errors import RunDirError
 from medfed.core.types import Arm, Params
 from medfed.data.base import SiteData
 from medfed.models import build_model, get_params
-from medfed.server.baselines import run_centralized, run_local
+from medfed.server.baselines import run_centralized, run_finetuned, run_local
 from medfed.server.checkpoint import atomic_write_text, save_checkpoint
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
 from medfed.server.sampling import SiteSampler
@@ -149,8 +149,10 @@ def run_job(
 
         with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
             sampler = SiteSampler(job, {row["name"]: row["train"] for row in summary})
-            run_federated(job, transport, algorithm, init, metrics.write, callback, sampler)
+            final = run_federated(job, transport, algorithm, init, metrics.write, callback, sampler)
             tracker.finish()
+            if "finetuned" in job.compare:
+                run_finetuned(job, transport, final, metrics.write, callback)
             if "local" in job.compare:
                 run_local(job, transport, init, metrics.write, callback)
             if "centralized" in job.compare:

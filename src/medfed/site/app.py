@@ -42,8 +42,8 @@ class SiteApp:
         self._local_keys = algorithm.local_keys
         self._kept: Params = {}  # this site's values of the local keys, after its first fit
 
-    def _load(self, params: Params, arm: Arm) -> None:
-        if arm is Arm.FEDERATED and self._kept:
+    def _load(self, params: Params, with_kept: bool) -> None:
+        if with_kept and self._kept:
             params = {**params, **self._kept}
         try:
             self.model.load_state_dict(params, strict=True)
@@ -51,7 +51,8 @@ class SiteApp:
             raise SiteError(self.name, f"parameters do not fit the model: {e}") from None
 
     def fit(self, params: Params, plan: RoundPlan) -> Update:
-        self._load(params, plan.arm)
+        # federated training and fine-tuning start from this site's own local layers
+        self._load(params, with_kept=plan.arm in (Arm.FEDERATED, Arm.FINETUNED))
         hook = self._hooks.get(plan.arm) or SiteHook()  # baselines train plainly
         hook.on_train_start(self.model, plan)
         stats = train_local(self.model, self.data.train, self.task, plan.train, hook, self.device)
@@ -59,6 +60,7 @@ class SiteApp:
         trained = get_params(self.model)
         if plan.arm is Arm.FEDERATED and self._local_keys:
             self._kept = {k: trained.pop(k) for k in self._local_keys}
+
         return Update(
             site=self.name,
             round=plan.round,
@@ -70,7 +72,9 @@ class SiteApp:
         )
 
     def evaluate(self, params: Params, splits: tuple[Split, ...], arm: Arm) -> list[EvalResult]:
-        self._load(params, arm)
+        # a fine-tuned model comes back whole, local layers included; only the federated
+        # model needs this site's local layers put back
+        self._load(params, with_kept=arm is Arm.FEDERATED)
         out = []
         for split in splits:
             data = self.data.split(split.value)

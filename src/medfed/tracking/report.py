@@ -30,7 +30,10 @@ from medfed.tracking.metrics import ARMS, POOLED_SITE, arms_present, comparison_
 
 REPORT_NAME = "report.html"
 MISSING = "–"  # en dash: a value that is absent or undefined
-ARM_STYLE = {"local": ("#d95f02", "--"), "federated": ("#1b6ec2", "-"), "centralized": ("#1b9e77", ":")}
+ARM_STYLE = {
+    "local": ("#d95f02", "--"), "federated": ("#1b6ec2", "-"), "finetuned": ("#7570b3", "-."),
+    "centralized": ("#1b9e77", ":"),
+}
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
