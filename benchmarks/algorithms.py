@@ -47,6 +47,7 @@ METHODS = {
     "fednova": {"name": "fednova"},
     "feddyn (alpha 0.01)": {"name": "feddyn", "alpha": 0.01},
     "fedper (personal head)": {"name": "fedper", "personal_layers": ["head"]},
+    "ditto (lam 0.1)": {"name": "ditto", "lam": 0.1},
 }
 
 SCANNERS = [
@@ -129,6 +130,9 @@ def main() -> None:
                     results.setdefault((setting, label), []).append(summarize(recs, "federated", args.rounds))
                     for arm in compare:
                         results.setdefault((setting, arm), []).append(summarize(recs, arm, args.rounds))
+                    if any(r["arm"] == "personalized" for r in recs):
+                        results.setdefault((setting, f"{label}: personal models"), []).append(
+                            summarize(recs, "personalized", args.rounds))
                     print(f"  {setting} seed {seed} {label}: {results[(setting, label)][-1]} "
                           f"({time.perf_counter() - t0:.0f} s)", flush=True)
 

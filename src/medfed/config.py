@@ -237,6 +237,15 @@ class FedDynConfig(_Frozen):
     alpha: float = Field(0.01, gt=0)
 
 
+class DittoConfig(_Frozen):
+    """Ditto (Li et al., ICML 2021): FedAvg for the global model plus a personal model at
+    each site, trained with a proximal pull of weight ``lam`` towards the global model and
+    reported as the ``personalized`` arm."""
+
+    name: Literal["ditto"]
+    lam: float = Field(0.1, ge=0)
+
+
 class FedPerConfig(_Frozen):
     """FedPer (Arivazhagan et al., 2019): the layers in ``personal_layers`` (module names
     of the model, e.g. ``head`` for small_cnn, ``fc`` for the MONAI ResNets,
@@ -250,7 +259,7 @@ class FedPerConfig(_Frozen):
 AlgorithmConfig = Annotated[
     Union[
         FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig, FedNovaConfig, FedDynConfig,
-        FedPerConfig,
+        FedPerConfig, DittoConfig,
     ],
     Field(discriminator="name"),
 ]
@@ -382,7 +391,7 @@ _MESSAGES = {
 
 
 _UNION_TAGS = {
-    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn", "fedper",
+    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn", "fedper", "ditto",
 }
 
 

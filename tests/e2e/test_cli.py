@@ -120,7 +120,7 @@ def test_validate_and_report_commands(tmp_path):
     [{"name": "fedprox", "mu": 0.1}, {"name": "fedavgm", "beta1": 0.5}, {"name": "fedadam", "server_lr": 0.01},
      {"name": "fedyogi", "server_lr": 0.01}, {"name": "fedadagrad", "server_lr": 0.01}, {"name": "scaffold"},
      {"name": "fedbn"}, {"name": "fednova"}, {"name": "feddyn", "alpha": 0.01},
-     {"name": "fedper", "personal_layers": ["head"]}],
+     {"name": "fedper", "personal_layers": ["head"]}, {"name": "ditto", "lam": 0.1}],
 )
 def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
     train = {"batch_size": 8, "lr": 0.05, "momentum": 0.0 if algorithm["name"] == "scaffold" else 0.9}
@@ -130,6 +130,9 @@ def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
     final = [r for r in _records(tmp_path / "run") if r["round"] == 2 and r["site"] == "all" and r["split"] == "test"]
     assert {r["metric"] for r in final} >= {"auc", "accuracy", "loss"}
     assert "left out" not in (tmp_path / "run" / "run.log").read_text()
+    if algorithm["name"] == "ditto":
+        personal = [r for r in _records(tmp_path / "run") if r["arm"] == "personalized" and r["split"] == "test"]
+        assert {r["round"] for r in personal} == {1, 2} and {r["site"] for r in personal} == {"a", "b", "c", "all"}
 
 
 def test_pool_transport_runs_scaffold_and_centralized(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from medfed.algorithms.base import Algorithm, SiteHook, norm_keys, trainable_keys
+from medfed.algorithms.ditto import Ditto
 from medfed.algorithms.fedavg import FedAvg
 from medfed.algorithms.fedbn import FedBN
 from medfed.algorithms.feddyn import FedDyn
@@ -15,6 +16,7 @@ from medfed.algorithms.fedprox import FedProx
 from medfed.algorithms.scaffold import Scaffold
 from medfed.config import (
     AlgorithmConfig,
+    DittoConfig,
     FedAvgConfig,
     FedBNConfig,
     FedDynConfig,
@@ -45,6 +47,8 @@ def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int, mome
         return FedProx(cfg.mu, trainable)
     if isinstance(cfg, FedOptConfig):
         return FedOpt(cfg.name, cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau, trainable)
+    if isinstance(cfg, DittoConfig):
+        return Ditto(cfg.lam, trainable)
     if isinstance(cfg, FedPerConfig):
         return FedPer(layer_keys(model, cfg.personal_layers), trainable)
     if isinstance(cfg, FedNovaConfig):

@@ -38,6 +38,18 @@ class SiteHook:
         """Extra tensors to send back with the update (empty by default)."""
         return {}
 
+    # ---- personalization (Ditto): a personal model kept at the site, never sent
+
+    def personal_objective(self) -> tuple[Params | None, float] | None:
+        """None when the algorithm keeps no personal model. Otherwise (the site's personal
+        parameters, None before its first round; the weight of the proximal pull towards
+        the global model): the site app then trains the personal model after the global
+        one, with the same settings, and hands it back with :meth:`keep_personal`."""
+        return None
+
+    def keep_personal(self, params: Params) -> None:
+        """Store the personal model after its training."""
+
 
 class Algorithm(ABC):
     """Server-side half of an algorithm, and the factory of its site hook.
@@ -50,6 +62,8 @@ class Algorithm(ABC):
     # State-dict entries that stay at each site: never sent to the server, never
     # overwritten by the global model, and used when the site evaluates (FedBN).
     local_keys: frozenset[str] = frozenset()
+    # True when each site also keeps a personal model, evaluated as the "personalized" arm.
+    personal_models: bool = False
 
     def __init__(self, trainable: frozenset[str] = frozenset()):
         self.trainable = trainable

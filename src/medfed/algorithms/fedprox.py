@@ -12,9 +12,12 @@ from medfed.core.types import RoundPlan
 
 
 class ProximalHook(SiteHook):
-    def __init__(self, mu: float):
+    """``mu/2 ||w - anchor||^2``; the anchor is the model at ``on_train_start`` unless given
+    (one tensor per ``model.parameters()`` entry, in order)."""
+
+    def __init__(self, mu: float, anchor: list[torch.Tensor] | None = None):
         self.mu = mu
-        self.anchor: list[torch.Tensor] = []
+        self.anchor: list[torch.Tensor] = anchor or []
 
     def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
         self.anchor = [p.detach().clone() for p in model.parameters()]

@@ -23,6 +23,7 @@ class Arm(str, enum.Enum):
     LOCAL = "local"  # each site trains alone on its own data
     CENTRALIZED = "centralized"  # all sites' training data pooled in one place
     FINETUNED = "finetuned"  # the final federated model fine-tuned at each site on its own data
+    PERSONALIZED = "personalized"  # each site's personal model kept alongside the global one (Ditto)
 
 
 class Split(str, enum.Enum):

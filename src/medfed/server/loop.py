@@ -33,7 +33,7 @@ from medfed.transport.base import Transport
 
 log = logging.getLogger("medfed")
 
-_ARM_CODE = {Arm.FEDERATED: 0, Arm.LOCAL: 1, Arm.CENTRALIZED: 2, Arm.FINETUNED: 3}
+_ARM_CODE = {Arm.FEDERATED: 0, Arm.LOCAL: 1, Arm.CENTRALIZED: 2, Arm.FINETUNED: 3, Arm.PERSONALIZED: 4}
 EVAL_SPLITS = (Split.VAL, Split.TEST)
 
 
@@ -169,6 +169,7 @@ def run_federated(
     sampler = sampler or SiteSampler(job)
     job_id = job_id_of(job)
     global_params = init_params
+    personal: set[str] = set()
     for rnd in range(1, job.rounds + 1):
         # ---- 1. select the sites of this round
         selected = sampler.select(rnd)
@@ -186,6 +187,7 @@ def run_federated(
         updates, failed = collect_updates(answers, global_params, rnd, job.quorum, Arm.FEDERATED, algorithm)
         for u in updates:
             record(rnd, Arm.FEDERATED.value, u.site, "train", "loss", u.metrics.get("loss"))
+            personal.add(u.site)  # has trained once: holds a personal model if the algorithm keeps one
 
         # ---- 4. aggregate with the algorithm's server rule
         global_params = algorithm.aggregate(global_params, updates)
@@ -194,6 +196,9 @@ def run_federated(
         means: dict[str, dict[str, float | None]] = {}
         if rnd % job.eval_every == 0 or rnd == job.rounds:
             means = evaluate_round(transport, {s: global_params for s in sites}, job, Arm.FEDERATED, rnd, record)
+            if algorithm.personal_models:  # each site's personal model, on its own data
+                have = {s: global_params for s in sites if s in personal}
+                evaluate_round(transport, have, job, Arm.PERSONALIZED, rnd, record)
 
         # ---- 6. report the round (the caller checkpoints and tracks the best model)
         loss = mean_loss(updates)

@@ -10,6 +10,7 @@ import torch
 
 from medfed.algorithms import build_algorithm
 from medfed.algorithms.base import SiteHook
+from medfed.algorithms.fedprox import ProximalHook
 from medfed.config import Job
 from medfed.core.errors import SiteError
 from medfed.core.types import Arm, EvalResult, Params, RoundPlan, Split, Update
@@ -60,6 +61,8 @@ class SiteApp:
         trained = get_params(self.model)
         if plan.arm is Arm.FEDERATED and self._local_keys:
             self._kept = {k: trained.pop(k) for k in self._local_keys}
+        if plan.arm is Arm.FEDERATED:
+            self._train_personal(hook, params, plan)
 
         return Update(
             site=self.name,
@@ -71,7 +74,24 @@ class SiteApp:
             extras=extras,
         )
 
+    def _train_personal(self, hook: SiteHook, global_params: Params, plan: RoundPlan) -> None:
+        """Ditto's second local training: the personal model, pulled towards the global
+        model this site received; it never leaves the site."""
+        objective = hook.personal_objective()
+        if objective is None:
+            return
+        personal, lam = objective
+        self._load(personal if personal is not None else global_params, with_kept=personal is None)
+        anchor = [global_params[n].to(self.device) for n, _ in self.model.named_parameters()]
+        train_local(self.model, self.data.train, self.task, plan.train, ProximalHook(lam, anchor), self.device)
+        hook.keep_personal(get_params(self.model))
+
     def evaluate(self, params: Params, splits: tuple[Split, ...], arm: Arm) -> list[EvalResult]:
+        if arm is Arm.PERSONALIZED:  # the site's own personal model, whatever was sent
+            personal = self._hooks[Arm.FEDERATED].personal_objective()
+            if personal is None or personal[0] is None:
+                raise SiteError(self.name, "has no personal model to evaluate yet")
+            params = personal[0]
         # a fine-tuned model comes back whole, local layers included; only the federated
         # model needs this site's local layers put back
         self._load(params, with_kept=arm is Arm.FEDERATED)

@@ -1,7 +1,7 @@
 """The metrics store of a run: one JSON object per line in ``metrics.jsonl``.
 
 A record is ``{"round", "arm", "site", "split", "metric", "value"}``: ``round`` counts from
-1, ``arm`` is ``federated``, ``local``, ``finetuned`` or ``centralized``, ``site`` is a site name or
+1, ``arm`` is ``federated``, ``local``, ``personalized``, ``finetuned`` or ``centralized``, ``site`` is a site name or
 ``"all"`` (the example-weighted mean over sites), ``split`` is ``train`` (training loss as
 reported by the site), ``val`` or ``test``. ``value`` is ``null`` where the metric is
 undefined, e.g. AUC on a split holding one class, or a non-finite number.
@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from medfed.core.errors import RunDirError
 
-ARMS = ("local", "federated", "finetuned", "centralized")  # display order: baseline, method(s), upper bound
+ARMS = ("local", "federated", "personalized", "finetuned", "centralized")  # display order: baseline, method(s), upper bound
 SPLITS = ("train", "val", "test")
 POOLED_SITE = "all"
 FIELDS = ("round", "arm", "site", "split", "metric", "value")
@@ -143,7 +143,7 @@ def comparison_rows(records: list[dict], monitor: str, split: str = "test") -> l
     An arm's last round is the latest round it has any ``split`` record for, the same for
     every site, so a table never mixes rounds. A value is None where the arm is absent,
     the site has no record at that round, or the metric was undefined. Rows follow
-    :func:`site_order`; each is ``{"site", "local", "federated", "finetuned", "centralized", "gain"}``
+    :func:`site_order`; each is ``{"site", "local", "federated", "personalized", "finetuned", "centralized", "gain"}``
     with ``gain = federated - local`` (None if either is None).
     """
     last: dict[str, int] = {}

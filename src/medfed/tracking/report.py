@@ -31,7 +31,7 @@ from medfed.tracking.metrics import ARMS, POOLED_SITE, arms_present, comparison_
 REPORT_NAME = "report.html"
 MISSING = "–"  # en dash: a value that is absent or undefined
 ARM_STYLE = {
-    "local": ("#d95f02", "--"), "federated": ("#1b6ec2", "-"), "finetuned": ("#7570b3", "-."),
+    "local": ("#d95f02", "--"), "federated": ("#1b6ec2", "-"), "finetuned": ("#7570b3", "-."), "personalized": ("#e7298a", "-."),
     "centralized": ("#1b9e77", ":"),
 }
 
