@@ -48,6 +48,7 @@ METHODS = {
     "feddyn (alpha 0.01)": {"name": "feddyn", "alpha": 0.01},
     "fedper (personal head)": {"name": "fedper", "personal_layers": ["head"]},
     "ditto (lam 0.1)": {"name": "ditto", "lam": 0.1},
+    "moon (mu 1, tau 0.5)": {"name": "moon", "mu": 1.0, "tau": 0.5},
 }
 
 SCANNERS = [

@@ -246,6 +246,15 @@ class DittoConfig(_Frozen):
     lam: float = Field(0.1, ge=0)
 
 
+class MoonConfig(_Frozen):
+    """MOON (Li, He and Song, 2021): a model-contrastive term of weight ``mu`` and
+    temperature ``tau`` on the representation entering the classifier head."""
+
+    name: Literal["moon"]
+    mu: float = Field(1.0, ge=0)
+    tau: float = Field(0.5, gt=0)
+
+
 class FedPerConfig(_Frozen):
     """FedPer (Arivazhagan et al., 2019): the layers in ``personal_layers`` (module names
     of the model, e.g. ``head`` for small_cnn, ``fc`` for the MONAI ResNets,
@@ -259,7 +268,7 @@ class FedPerConfig(_Frozen):
 AlgorithmConfig = Annotated[
     Union[
         FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig, FedNovaConfig, FedDynConfig,
-        FedPerConfig, DittoConfig,
+        FedPerConfig, DittoConfig, MoonConfig,
     ],
     Field(discriminator="name"),
 ]
@@ -391,7 +400,7 @@ _MESSAGES = {
 
 
 _UNION_TAGS = {
-    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn", "fedper", "ditto",
+    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn", "fedper", "ditto", "moon",
 }
 
 

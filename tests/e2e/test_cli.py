@@ -120,7 +120,8 @@ def test_validate_and_report_commands(tmp_path):
     [{"name": "fedprox", "mu": 0.1}, {"name": "fedavgm", "beta1": 0.5}, {"name": "fedadam", "server_lr": 0.01},
      {"name": "fedyogi", "server_lr": 0.01}, {"name": "fedadagrad", "server_lr": 0.01}, {"name": "scaffold"},
      {"name": "fedbn"}, {"name": "fednova"}, {"name": "feddyn", "alpha": 0.01},
-     {"name": "fedper", "personal_layers": ["head"]}, {"name": "ditto", "lam": 0.1}],
+     {"name": "fedper", "personal_layers": ["head"]}, {"name": "ditto", "lam": 0.1},
+     {"name": "moon", "mu": 1.0}],
 )
 def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
     train = {"batch_size": 8, "lr": 0.05, "momentum": 0.0 if algorithm["name"] == "scaffold" else 0.9}

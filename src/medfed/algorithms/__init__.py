@@ -11,6 +11,7 @@ from medfed.algorithms.fedbn import FedBN
 from medfed.algorithms.feddyn import FedDyn
 from medfed.algorithms.fednova import FedNova
 from medfed.algorithms.fedper import FedPer, layer_keys
+from medfed.algorithms.moon import Moon
 from medfed.algorithms.fedopt import FedOpt
 from medfed.algorithms.fedprox import FedProx
 from medfed.algorithms.scaffold import Scaffold
@@ -24,6 +25,7 @@ from medfed.config import (
     FedOptConfig,
     FedPerConfig,
     FedProxConfig,
+    MoonConfig,
     ScaffoldConfig,
 )
 from medfed.core.errors import ConfigError
@@ -47,6 +49,8 @@ def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int, mome
         return FedProx(cfg.mu, trainable)
     if isinstance(cfg, FedOptConfig):
         return FedOpt(cfg.name, cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau, trainable)
+    if isinstance(cfg, MoonConfig):
+        return Moon(cfg.mu, cfg.tau, trainable)
     if isinstance(cfg, DittoConfig):
         return Ditto(cfg.lam, trainable)
     if isinstance(cfg, FedPerConfig):
