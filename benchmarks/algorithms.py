@@ -49,6 +49,7 @@ METHODS = {
     "fedper (personal head)": {"name": "fedper", "personal_layers": ["head"]},
     "ditto (lam 0.1)": {"name": "ditto", "lam": 0.1},
     "moon (mu 1, tau 0.5)": {"name": "moon", "mu": 1.0, "tau": 0.5},
+    "fedrep (personal head, 1 head epoch)": {"name": "fedrep", "personal_layers": ["head"], "head_epochs": 1},
 }
 
 SCANNERS = [

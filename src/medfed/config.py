@@ -246,6 +246,16 @@ class DittoConfig(_Frozen):
     lam: float = Field(0.1, ge=0)
 
 
+class FedRepConfig(_Frozen):
+    """FedRep (Collins et al., 2021): ``personal_layers`` stay at each site like FedPer;
+    each round trains the head alone for ``head_epochs`` epochs, then the body alone for
+    ``train.local_epochs`` epochs."""
+
+    name: Literal["fedrep"]
+    personal_layers: list[str] = Field(min_length=1)
+    head_epochs: int = Field(1, ge=1)
+
+
 class MoonConfig(_Frozen):
     """MOON (Li, He and Song, 2021): a model-contrastive term of weight ``mu`` and
     temperature ``tau`` on the representation entering the classifier head."""
@@ -268,7 +278,7 @@ class FedPerConfig(_Frozen):
 AlgorithmConfig = Annotated[
     Union[
         FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig, FedNovaConfig, FedDynConfig,
-        FedPerConfig, DittoConfig, MoonConfig,
+        FedPerConfig, FedRepConfig, DittoConfig, MoonConfig,
     ],
     Field(discriminator="name"),
 ]
@@ -400,7 +410,7 @@ _MESSAGES = {
 
 
 _UNION_TAGS = {
-    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn", "fedper", "ditto", "moon",
+    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn", "fedper", "fedrep", "ditto", "moon",
 }
 
 

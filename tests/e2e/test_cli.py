@@ -121,7 +121,7 @@ def test_validate_and_report_commands(tmp_path):
      {"name": "fedyogi", "server_lr": 0.01}, {"name": "fedadagrad", "server_lr": 0.01}, {"name": "scaffold"},
      {"name": "fedbn"}, {"name": "fednova"}, {"name": "feddyn", "alpha": 0.01},
      {"name": "fedper", "personal_layers": ["head"]}, {"name": "ditto", "lam": 0.1},
-     {"name": "moon", "mu": 1.0}],
+     {"name": "moon", "mu": 1.0}, {"name": "fedrep", "personal_layers": ["head"]}],
 )
 def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
     train = {"batch_size": 8, "lr": 0.05, "momentum": 0.0 if algorithm["name"] == "scaffold" else 0.9}

@@ -11,6 +11,7 @@ from medfed.algorithms.fedbn import FedBN
 from medfed.algorithms.feddyn import FedDyn
 from medfed.algorithms.fednova import FedNova
 from medfed.algorithms.fedper import FedPer, layer_keys
+from medfed.algorithms.fedrep import FedRep
 from medfed.algorithms.moon import Moon
 from medfed.algorithms.fedopt import FedOpt
 from medfed.algorithms.fedprox import FedProx
@@ -25,6 +26,7 @@ from medfed.config import (
     FedOptConfig,
     FedPerConfig,
     FedProxConfig,
+    FedRepConfig,
     MoonConfig,
     ScaffoldConfig,
 )
@@ -53,6 +55,8 @@ def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int, mome
         return Moon(cfg.mu, cfg.tau, trainable)
     if isinstance(cfg, DittoConfig):
         return Ditto(cfg.lam, trainable)
+    if isinstance(cfg, FedRepConfig):
+        return FedRep(layer_keys(model, cfg.personal_layers), cfg.head_epochs, trainable)
     if isinstance(cfg, FedPerConfig):
         return FedPer(layer_keys(model, cfg.personal_layers), trainable)
     if isinstance(cfg, FedNovaConfig):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medfed.core.types import Params, RoundPlan, Update
+from medfed.core.types import Params, RoundPlan, TrainSettings, Update
 
 
 class SiteHook:
@@ -37,6 +37,12 @@ class SiteHook:
     def on_train_end(self, model: nn.Module, num_steps: int) -> Params:
         """Extra tensors to send back with the update (empty by default)."""
         return {}
+
+    def phases(self, settings: TrainSettings) -> list[tuple[TrainSettings, frozenset[str]]]:
+        """The local training of one round as phases: (settings, names of parameters kept
+        frozen). Default: one phase training everything (FedRep trains its head, then its
+        body)."""
+        return [(settings, frozenset())]
 
     # ---- personalization (Ditto): a personal model kept at the site, never sent
 

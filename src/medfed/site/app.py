@@ -17,7 +17,7 @@ from medfed.core.types import Arm, EvalResult, Params, RoundPlan, Split, Update
 from medfed.data.base import SiteData
 from medfed.models import build_model, get_params
 from medfed.site.evaluate import evaluate_split
-from medfed.site.train import train_local
+from medfed.site.train import TrainStats, train_local
 from medfed.tasks.classification import ClassificationTask
 
 
@@ -56,7 +56,11 @@ class SiteApp:
         self._load(params, with_kept=plan.arm in (Arm.FEDERATED, Arm.FINETUNED))
         hook = self._hooks.get(plan.arm) or SiteHook()  # baselines train plainly
         hook.on_train_start(self.model, plan)
-        stats = train_local(self.model, self.data.train, self.task, plan.train, hook, self.device)
+        steps, loss_sum = 0, 0.0
+        for settings, frozen in hook.phases(plan.train):
+            stats = train_local(self.model, self.data.train, self.task, settings, hook, self.device, frozen)
+            steps, loss_sum = steps + stats.num_steps, loss_sum + stats.mean_loss * stats.num_steps
+        stats = TrainStats(num_steps=steps, mean_loss=loss_sum / max(steps, 1))
         extras = hook.on_train_end(self.model, stats.num_steps)
         trained = get_params(self.model)
         if plan.arm is Arm.FEDERATED and self._local_keys:

@@ -39,11 +39,11 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 
 def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """A fresh optimizer over the parameters that currently require gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if s.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
-    )
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
 def train_local(
@@ -53,12 +53,29 @@ def train_local(
     settings: TrainSettings,
     hook: SiteHook,
     device: torch.device,
+    frozen: frozenset[str] = frozenset(),
 ) -> TrainStats:
     """Train ``model`` in place for ``settings.local_epochs`` passes over ``data``.
 
     A fresh optimizer is made each round (its momentum does not carry over). Mixed
-    precision (float16 autocast with loss scaling) is used on CUDA.
+    precision (float16 autocast with loss scaling) is used on CUDA. Parameters named in
+    ``frozen`` are not trained (FedRep's phases); batch-norm statistics still update.
     """
+    params = dict(model.named_parameters())
+    was = {n: params[n].requires_grad for n in frozen if n in params}
+    for n in was:
+        params[n].requires_grad_(False)
+    try:
+        return _train(model, data, task, settings, hook, device)
+    finally:
+        for n, flag in was.items():
+            params[n].requires_grad_(flag)
+
+
+def _train(
+    model: nn.Module, data: ArraySplit, task: ClassificationTask, settings: TrainSettings, hook: SiteHook,
+    device: torch.device,
+) -> TrainStats:
     torch.manual_seed(settings.seed)  # dropout and any other randomness in the model
     gen = torch.Generator().manual_seed(settings.seed)
     amp = device.type == "cuda"
