@@ -7,6 +7,7 @@ process it is called by the pool worker, in a deployment by the network client.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from medfed.algorithms import build_algorithm
 from medfed.algorithms.base import SiteHook
@@ -31,12 +32,14 @@ class SiteApp:
     batch-norm layers), which are never sent and replace the server's on every load.
     """
 
-    def __init__(self, data: SiteData, job: Job, device: torch.device):
+    def __init__(self, data: SiteData, job: Job, device: torch.device, model: nn.Module | None = None):
         self.name = data.name
         self.data = data
         self.device = device
         self.task = ClassificationTask(job.task)
-        self.model = build_model(job.model, job.task, in_channels=data.train.images.shape[1])
+        # ``model`` is a work buffer: every request loads its parameters first, so sites
+        # that run one after another in one process can share one (less memory, warmer caches)
+        self.model = model if model is not None else build_model(job.model, job.task, data.train.images.shape[1])
         self.model.to(device)
         algorithm = build_algorithm(job.algorithm, self.model, len(job.site_names), job.train.momentum)
         self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
@@ -122,8 +125,12 @@ def pooled_site_data(sites: list[SiteData], name: str) -> SiteData:
 def build_site_apps(
     job: Job, sites: list[SiteData], device: torch.device, pooled_name: str | None = None
 ) -> dict[str, SiteApp]:
-    """One app per site; plus the pooled pseudo-site when ``pooled_name`` is given."""
-    apps = {s.name: SiteApp(s, job, device) for s in sites}
+    """One app per site; plus the pooled pseudo-site when ``pooled_name`` is given. The
+    apps run one at a time in this process, so they share one model buffer."""
+    if not sites:
+        return {}
+    shared = build_model(job.model, job.task, sites[0].train.images.shape[1])
+    apps = {s.name: SiteApp(s, job, device, shared) for s in sites}
     if pooled_name is not None:
-        apps[pooled_name] = SiteApp(pooled_site_data(sites, pooled_name), job, device)
+        apps[pooled_name] = SiteApp(pooled_site_data(sites, pooled_name), job, device, shared)
     return apps
