@@ -13,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -409,9 +409,15 @@ _MESSAGES = {
 }
 
 
-_UNION_TAGS = {
-    "synthetic", "medmnist", "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "fedbn", "fednova", "feddyn", "fedper", "fedrep", "ditto", "moon",
-}
+def _union_tags(union: Any, field: str) -> set[str]:
+    """The discriminator values of an ``Annotated[Union[...], Field(discriminator=...)]``."""
+    members = get_args(get_args(union)[0])
+    return {tag for m in members for tag in get_args(m.model_fields[field].annotation)}
+
+
+# The tags pydantic puts in error locations of the two unions; derived, so a new
+# algorithm or data source never needs listing here.
+_UNION_TAGS = _union_tags(DataConfig, "source") | _union_tags(AlgorithmConfig, "name")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
