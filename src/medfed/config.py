@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medfed.core.errors import ConfigError
 
@@ -48,7 +57,10 @@ class ScannerConfig(_Frozen):
     """A site's acquisition signature, applied to images in [0, 1] before noise.
 
     ``out = intensity_scale * in**contrast + intensity_offset``, then a Gaussian blur of
-    ``blur`` pixels (sigma) and additive Gaussian noise of standard deviation ``noise``.
+    ``blur`` pixels (sigma), then a loss of ``resolution`` (the image is downsampled by
+    this factor and brought back to its size: 0.5 halves the detail), and additive
+    Gaussian noise of standard deviation ``noise``. The same signature can be put on real
+    images with the job's ``feature_shift``.
     """
 
     intensity_scale: float = Field(1.0, gt=0)
@@ -56,6 +68,7 @@ class ScannerConfig(_Frozen):
     contrast: float = Field(1.0, gt=0)
     noise: float = Field(0.0, ge=0)
     blur: float = Field(0.0, ge=0)
+    resolution: float = Field(1.0, gt=0, le=1)
 
 
 class SyntheticSite(_Frozen):
@@ -113,10 +126,13 @@ class PartitionConfig(_Frozen):
 
 
 class MedMNISTData(_Frozen):
-    """A MedMNIST ``.npz`` file (2D) with its official train/val/test split, split into sites."""
+    """A MedMNIST ``.npz`` file with its official train/val/test split, split into sites.
+    ``dims: 2`` for the 2D sets (images (N, H, W) or (N, H, W, 3)), ``dims: 3`` for the 3D
+    sets such as OrganMNIST3D (volumes (N, D, H, W))."""
 
     source: Literal["medmnist"]
     path: Path
+    dims: Literal[2, 3] = 2
     partition: PartitionConfig
 
     @property
@@ -124,20 +140,419 @@ class MedMNISTData(_Frozen):
         return list(self.partition.sites)
 
 
-DataConfig = Annotated[Union[SyntheticData, MedMNISTData], Field(discriminator="source")]
+class SplitConfig(_Frozen):
+    """Fractions of a site's examples held out for ``val`` and ``test`` when its files do
+    not say which split they belong to. Drawn with the job seed; the rest trains."""
+
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_training(self) -> "SplitConfig":
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must leave examples to train on, got {self.val:g} + {self.test:g}")
+        return self
+
+
+class FileSet(_Frozen):
+    """Files of one site or one split: an ``images`` folder, and the ``masks`` folder (image
+    and mask matched by file name) or the ``csv`` of labels that goes with it."""
+
+    images: Path
+    masks: Path | None = None
+    csv: Path | None = None
+
+
+class FileSite(_Frozen):
+    """One site's files: ``images`` (with ``masks`` or ``csv``) holding all its examples,
+    or ``train`` with optional ``val`` and ``test`` sets (missing ones are drawn from
+    ``train`` by the data's ``split`` fractions)."""
+
+    name: SiteName
+    images: Path | None = None
+    masks: Path | None = None
+    csv: Path | None = None
+    train: FileSet | None = None
+    val: FileSet | None = None
+    test: FileSet | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "FileSite":
+        flat = self.images is not None
+        split = self.train is not None
+        if flat == split:
+            raise ValueError(f"site '{self.name}': give either images (all examples) or train (with optional val, test)")
+        if split and (self.masks is not None or self.csv is not None):
+            raise ValueError(f"site '{self.name}': masks and csv go inside train/val/test when those are given")
+        if not split and (self.val is not None or self.test is not None):
+            raise ValueError(f"site '{self.name}': val and test need train")
+        return self
+
+    def file_sets(self) -> dict[str, FileSet]:
+        """The declared sets by split; ``all`` when the site gives one undivided set."""
+        if self.images is not None:
+            return {"all": FileSet(images=self.images, masks=self.masks, csv=self.csv)}
+        return {k: v for k, v in (("train", self.train), ("val", self.val), ("test", self.test)) if v is not None}
+
+
+def _split_label(split: str) -> str:
+    return "" if split == "all" else f" {split}"
+
+
+def _site_list(v: list[FileSite]) -> list[FileSite]:
+    _unique([s.name for s in v], "site names")
+    return v
+
+
+class SitesBy(_Frozen):
+    """A natural split: the value of ``column`` in the CSV names each row's site; ``sites``
+    lists the values that are sites (a row with another value is an error)."""
+
+    column: str = Field(min_length=1)
+    sites: list[SiteName] = Field(min_length=1)
+
+    @field_validator("sites")
+    @classmethod
+    def _names_unique(cls, v: list[str]) -> list[str]:
+        return _unique(v, "site names")
+
+
+OnBadFile = Literal["error", "skip"]
+
+
+class FolderData(_Frozen):
+    """Image files (PNG, JPEG, TIFF) with a CSV of labels, for classification.
+
+    The CSV has a ``file_column`` (path relative to the images folder) and the
+    ``label_columns``: one column of class indices (binary, multi-class) or one 0/1 column
+    per label (multi-label); other columns are metadata. A ``split_column`` with values
+    train/val/test fixes each row's split; without one, ``split`` fractions are drawn.
+
+    Sites: each site its own folder and CSV (``sites``), or one folder and CSV split by a
+    metadata column (``sites_by``, the natural split) or by a ``partition``.
+    ``channels``: 1 reads grey, 3 reads RGB. ``on_bad_file: skip`` leaves out unreadable
+    files and reports them by name, per site.
+    """
+
+    source: Literal["folder"]
+    images: Path | None = None
+    csv: Path | None = None
+    sites: list[FileSite] | None = None
+    sites_by: SitesBy | None = None
+    partition: PartitionConfig | None = None
+    file_column: str = Field("file", min_length=1)
+    label_columns: list[str] = Field(min_length=1)
+    split_column: str | None = None
+    split: SplitConfig = SplitConfig()
+    channels: Literal[1, 3] = 1
+    on_bad_file: OnBadFile = "error"
+
+    @field_validator("sites")
+    @classmethod
+    def _names_unique(cls, v: list[FileSite] | None) -> list[FileSite] | None:
+        return None if v is None else _site_list(v)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "FolderData":
+        ways = [w for w in ("sites", "sites_by", "partition") if getattr(self, w) is not None]
+        if len(ways) != 1:
+            raise ValueError(f"give exactly one of sites, sites_by or partition, got {ways or 'none'}")
+        shared = self.images is not None and self.csv is not None
+        if ways[0] == "sites":
+            if self.images is not None or self.csv is not None:
+                raise ValueError("with sites, each site names its own images and csv")
+            for s in self.sites or []:
+                for split, fs in s.file_sets().items():
+                    if fs.csv is None:
+                        raise ValueError(f"site '{s.name}'{_split_label(split)}: a folder of images needs its csv of labels")
+        elif not shared:
+            raise ValueError(f"{ways[0]} splits one data set: give its images folder and csv")
+        return self
+
+    @property
+    def site_names(self) -> list[str]:
+        if self.sites is not None:
+            return [s.name for s in self.sites]
+        if self.sites_by is not None:
+            return list(self.sites_by.sites)
+        return list(self.partition.sites)  # type: ignore[union-attr]
+
+
+class PairsData(_Frozen):
+    """2D segmentation: image and mask files (PNG, JPEG, TIFF, BMP) matched by file name,
+    each site with its own folders. Masks store grey levels; ``mask_values`` lists them in
+    class order (e.g. ``[0, 255]``, or ``[0, 128, 255]`` for fundus disc and cup) and
+    they become classes 0..K-1. An image without its mask, or the reverse, is an error
+    naming the file."""
+
+    source: Literal["pairs"]
+    sites: list[FileSite] = Field(min_length=1)
+    mask_values: list[int] = Field(min_length=2)
+    channels: Literal[1, 3] = 1
+    split: SplitConfig = SplitConfig()
+    on_bad_file: OnBadFile = "error"
+
+    @field_validator("sites")
+    @classmethod
+    def _names_unique(cls, v: list[FileSite]) -> list[FileSite]:
+        _site_list(v)
+        for s in v:
+            for split, fs in s.file_sets().items():
+                if fs.masks is None:
+                    raise ValueError(f"site '{s.name}'{_split_label(split)}: image/mask pairs need a masks folder")
+        return v
+
+    @field_validator("mask_values")
+    @classmethod
+    def _values_unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"mask values must be distinct, got {v}")
+        return v
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+
+class VolumesData(_Frozen):
+    """3D segmentation: image volumes and label volumes matched by name. ``format: nifti``
+    reads ``.nii``/``.nii.gz`` files; ``format: dicom`` reads each sub-folder of the images
+    folder as one series (or each file as a multi-frame volume). Masks are NIfTI label
+    volumes named after the image (file stem or series folder name), holding class indices.
+    Spacing is kept; resample with a ``spacing`` preprocessing step."""
+
+    source: Literal["volumes"]
+    format: Literal["nifti", "dicom"] = "nifti"
+    sites: list[FileSite] = Field(min_length=1)
+    split: SplitConfig = SplitConfig()
+    on_bad_file: OnBadFile = "error"
+
+    @field_validator("sites")
+    @classmethod
+    def _names_unique(cls, v: list[FileSite]) -> list[FileSite]:
+        _site_list(v)
+        for s in v:
+            for split, fs in s.file_sets().items():
+                if fs.masks is None:
+                    raise ValueError(f"site '{s.name}'{_split_label(split)}: volumes need a masks folder of label volumes")
+        return v
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+
+class SyntheticSegmentationData(_Frozen):
+    """Generated segmentation data, 2D or 3D, 1 channel: a body with an organ (class 1)
+    and, in a ``prevalence`` share of images, a lesion inside the organ (class 2 when the
+    task has 3 classes, else part of the organ class), under each site's scanner signature.
+    """
+
+    source: Literal["synthetic_segmentation"]
+    dims: Literal[2, 3] = 2
+    image_size: int = Field(48, ge=16, le=256)
+    lesion_contrast: float = Field(0.3, gt=0, le=1)
+    sites: list[SyntheticSite] = Field(min_length=1)
+
+    @field_validator("sites")
+    @classmethod
+    def _names_unique(cls, v: list[SyntheticSite]) -> list[SyntheticSite]:
+        _unique([s.name for s in v], "site names")
+        return v
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+
+DataConfig = Annotated[
+    Union[SyntheticData, MedMNISTData, FolderData, PairsData, VolumesData, SyntheticSegmentationData],
+    Field(discriminator="source"),
+]
+
+SEGMENTATION_SOURCES = ("pairs", "volumes", "synthetic_segmentation")
+
+
+# --------------------------------------------------------------------------- transforms
+
+# Intensity windows (level +- width / 2) in Hounsfield units, for CT.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "ct_abdomen": (-160.0, 240.0),   # level 40, width 400
+    "ct_liver": (-25.0, 175.0),      # level 75, width 200
+    "ct_lung": (-1350.0, 150.0),     # level -600, width 1500
+    "ct_mediastinum": (-125.0, 225.0),  # level 50, width 350
+    "ct_brain": (0.0, 80.0),         # level 40, width 80
+    "ct_bone": (-450.0, 1050.0),     # level 300, width 1500
+}
+
+
+class WindowStep(_Frozen):
+    """Clip intensities to [``min``, ``max``] (or a CT ``preset``) and scale them to [0, 1]."""
+
+    name: Literal["window"]
+    min: float | None = None
+    max: float | None = None
+    preset: Literal["ct_abdomen", "ct_liver", "ct_lung", "ct_mediastinum", "ct_brain", "ct_bone"] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "WindowStep":
+        if (self.preset is None) == (self.min is None or self.max is None):
+            if self.preset is None:
+                raise ValueError("window: give min and max, or a preset")
+            raise ValueError("window: give a preset or min and max, not both")
+        if self.preset is None and self.max <= self.min:  # type: ignore[operator]
+            raise ValueError(f"window: max must be > min, got min {self.min:g}, max {self.max:g}")
+        return self
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return WINDOW_PRESETS[self.preset] if self.preset is not None else (self.min, self.max)  # type: ignore[return-value]
+
+
+class NormalizeStep(_Frozen):
+    """``zscore``: zero mean, unit variance per image (over ``nonzero`` voxels only if set);
+    ``minmax``: scaled to [0, 1] per image."""
+
+    name: Literal["normalize"]
+    mode: Literal["zscore", "minmax"] = "zscore"
+    nonzero: bool = False
+
+
+class SpacingStep(_Frozen):
+    """Resample volumes to ``pixdim`` millimetres per voxel (image trilinear, mask nearest)."""
+
+    name: Literal["spacing"]
+    pixdim: list[float] = Field(min_length=2, max_length=3)
+
+    @field_validator("pixdim")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(not (x > 0) for x in v):
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+
+class CropOrPadStep(_Frozen):
+    """Centre-crop or zero-pad every image (and mask) to ``size``."""
+
+    name: Literal["crop_or_pad"]
+    size: list[int] = Field(min_length=2, max_length=3)
+
+
+class ResizeStep(_Frozen):
+    """Resize every image to ``size`` (image bilinear/trilinear, mask nearest)."""
+
+    name: Literal["resize"]
+    size: list[int] = Field(min_length=2, max_length=3)
+
+
+PreprocessStep = Annotated[
+    Union[WindowStep, NormalizeStep, SpacingStep, CropOrPadStep, ResizeStep], Field(discriminator="name")
+]
+
+
+class FlipStep(_Frozen):
+    """Flip along each spatial axis in ``axes`` (0 = first spatial axis) with chance ``prob``."""
+
+    name: Literal["flip"]
+    axes: list[int] = Field(default_factory=lambda: [0])
+    prob: float = Field(0.5, ge=0, le=1)
+
+
+class Rotate90Step(_Frozen):
+    """Rotate by a random multiple of 90 degrees in the plane of the last two axes."""
+
+    name: Literal["rotate90"]
+    prob: float = Field(0.5, ge=0, le=1)
+
+
+class RotateStep(_Frozen):
+    """Rotate by an angle drawn in [-``degrees``, ``degrees``] (in-plane for 2D, about each
+    axis for 3D)."""
+
+    name: Literal["rotate"]
+    degrees: float = Field(15.0, gt=0, le=180)
+    prob: float = Field(0.5, ge=0, le=1)
+
+
+class ZoomStep(_Frozen):
+    """Zoom by a factor drawn in [``min``, ``max``], keeping the image size."""
+
+    name: Literal["zoom"]
+    min: float = Field(0.9, gt=0)
+    max: float = Field(1.1, gt=0)
+    prob: float = Field(0.5, ge=0, le=1)
+
+
+class IntensityStep(_Frozen):
+    """Intensity jitter: multiply by ``1 + u``, u in [-``scale``, ``scale``], then add a
+    shift drawn in [-``shift``, ``shift``]."""
+
+    name: Literal["intensity"]
+    scale: float = Field(0.1, ge=0)
+    shift: float = Field(0.1, ge=0)
+    prob: float = Field(0.5, ge=0, le=1)
+
+
+class NoiseStep(_Frozen):
+    """Additive Gaussian noise of standard deviation up to ``std``."""
+
+    name: Literal["noise"]
+    std: float = Field(0.05, gt=0)
+    prob: float = Field(0.3, ge=0, le=1)
+
+
+class ContrastStep(_Frozen):
+    """Gamma contrast change with gamma drawn in [``min``, ``max``]."""
+
+    name: Literal["contrast"]
+    min: float = Field(0.7, gt=0)
+    max: float = Field(1.5, gt=0)
+    prob: float = Field(0.3, ge=0, le=1)
+
+
+AugmentStep = Annotated[
+    Union[FlipStep, Rotate90Step, RotateStep, ZoomStep, IntensityStep, NoiseStep, ContrastStep],
+    Field(discriminator="name"),
+]
+
+
+class TransformsConfig(_Frozen):
+    """Preprocessing (applied once to every image when the data is read, in order) and
+    augmentation (applied to every training batch, random, seeded by the round), both
+    built from MONAI transforms. ``patch``: train on random crops of this size; evaluation
+    then runs sliding-window inference over the whole image or volume."""
+
+    preprocess: list[PreprocessStep] = Field(default_factory=list)
+    augment: list[AugmentStep] = Field(default_factory=list)
+    patch: list[int] | None = Field(None, min_length=2, max_length=3)
+
+    @field_validator("patch")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(x < 4 for x in v):
+            raise ValueError(f"patch sizes must be >= 4, got {v}")
+        return v
 
 
 # --------------------------------------------------------------------------- model, task, training
 
 
+CLASSIFIERS = ("small_cnn", "densenet121", "resnet18", "resnet50")
+SEGMENTERS = ("unet", "segresnet")
+
+
 class ModelConfig(_Frozen):
-    """A network by name. ``small_cnn`` is for CPU runs; the others are MONAI networks.
+    """A network by name, 2D or 3D as the data is. Classifiers: ``small_cnn`` (for CPU
+    runs), MONAI ``densenet121``, ``resnet18``, ``resnet50``. Segmenters: MONAI ``unet``
+    and ``segresnet``.
 
     Input channels and output size come from the data and the task; ``width`` sets the
-    channel count of the first layer of ``small_cnn``.
+    channel count of the first layer of ``small_cnn``, ``unet`` (then doubled at each of
+    its levels) and ``segresnet``.
     """
 
-    name: Literal["small_cnn", "densenet121", "resnet18", "resnet50"]
+    name: Literal["small_cnn", "densenet121", "resnet18", "resnet50", "unet", "segresnet"]
     width: int = Field(16, ge=1, le=512)
 
 
@@ -156,6 +571,33 @@ class TaskConfig(_Frozen):
         if self.labels == "binary" and self.num_classes != 2:
             raise ValueError(f"num_classes must be 2 for binary labels, got {self.num_classes}")
         return self
+
+
+class SegmentationTaskConfig(_Frozen):
+    """Segmentation, 2D or 3D: one softmax logit per class per pixel, class 0 the
+    background. Loss: Dice + cross-entropy. Metrics: Dice per class and their mean over
+    the foreground classes (``dice``), and the 95% Hausdorff distance (``hd95``, in
+    pixels or voxels of the stored images; costly, ``hd95: false`` turns it off).
+    ``save_predictions``: how many predicted test masks per site to keep from the final
+    federated model (PNG overlays shown in the report for 2D, NIfTI files for 3D)."""
+
+    kind: Literal["segmentation"]
+    num_classes: int = Field(2, ge=2, le=255)
+    monitor: Literal["dice"] = "dice"
+    hd95: bool = True
+    save_predictions: int = Field(4, ge=0, le=1000)
+
+
+def _task_kind(v: Any) -> str:
+    if isinstance(v, dict):
+        return v.get("kind", "classification")
+    return getattr(v, "kind", "classification")
+
+
+AnyTaskConfig = Annotated[
+    Union[Annotated[TaskConfig, Tag("classification")], Annotated[SegmentationTaskConfig, Tag("segmentation")]],
+    Discriminator(_task_kind),
+]
 
 
 class TrainConfig(_Frozen):
@@ -311,6 +753,10 @@ class Job(_Frozen):
     ``compare`` adds arms trained on the same data: ``local`` (each site alone),
     ``centralized`` (all data pooled) and ``finetuned`` (the final federated model
     fine-tuned at each site for ``finetune_epochs`` epochs on its own training data).
+
+    ``feature_shift`` puts a scanner signature on a site's images after they are read
+    (heterogeneity on real data). ``held_out`` sites never train, in any arm: they are
+    evaluated with the models the other sites trained (domain generalization).
     """
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
@@ -326,8 +772,11 @@ class Job(_Frozen):
     sampling: SamplingConfig = SamplingConfig()
     eval_every: int = Field(1, ge=1)
     data: DataConfig
+    transforms: TransformsConfig = TransformsConfig()
+    feature_shift: dict[SiteName, ScannerConfig] = Field(default_factory=dict)
+    held_out: list[SiteName] = Field(default_factory=list)
     model: ModelConfig
-    task: TaskConfig
+    task: AnyTaskConfig
     algorithm: AlgorithmConfig = FedAvgConfig()
     train: TrainConfig = TrainConfig()
     compare: list[Literal["local", "centralized", "finetuned"]] = Field(default_factory=list)
@@ -340,7 +789,7 @@ class Job(_Frozen):
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> "Job":
-        n = len(self.site_names)
+        n = len(self.site_names) - len(self.held_out)
         if self.min_sites is not None and self.min_sites > self.sites_per_round:
             raise ValueError(
                 f"min_sites: is {self.min_sites} but only {self.sites_per_round} of the {n} sites train in a round"
@@ -355,16 +804,76 @@ class Job(_Frozen):
                 "train.optimizer: fednova normalizes by the number of SGD steps; "
                 f"set train.optimizer: sgd (got {self.train.optimizer})"
             )
+        self._check_task_fits()
+        self._check_site_refs()
         if self.sampling.count is not None and self.sampling.count > n:
-            raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} sites")
+            raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} training sites")
         if self.sampling.minimum > n:
-            raise ValueError(f"sampling.minimum: is {self.sampling.minimum} but the job has only {n} sites")
+            raise ValueError(f"sampling.minimum: is {self.sampling.minimum} but the job has only {n} training sites")
         return self
+
+    def _check_task_fits(self) -> None:
+        seg_task = self.task.kind == "segmentation"
+        if seg_task and self.model.name not in SEGMENTERS:
+            raise ValueError(f"model.name: a segmentation task needs one of {list(SEGMENTERS)}, got '{self.model.name}'")
+        if not seg_task and self.model.name not in CLASSIFIERS:
+            raise ValueError(
+                f"model.name: '{self.model.name}' segments; a classification task needs one of {list(CLASSIFIERS)}"
+            )
+        seg_data = self.data.source in SEGMENTATION_SOURCES
+        if seg_data != seg_task:
+            want = "task.kind: segmentation" if seg_data else "a classification task"
+            raise ValueError(f"data.source: '{self.data.source}' data needs {want}, got task.kind '{self.task.kind}'")
+        if isinstance(self.data, PairsData) and len(self.data.mask_values) != self.task.num_classes:
+            raise ValueError(
+                f"data.mask_values: {len(self.data.mask_values)} values {self.data.mask_values} but "
+                f"task.num_classes is {self.task.num_classes}; give one grey level per class"
+            )
+        if isinstance(self.data, SyntheticSegmentationData) and self.task.num_classes not in (2, 3):
+            raise ValueError(
+                "task.num_classes: synthetic segmentation has 2 classes (background, organ) or 3 "
+                f"(background, organ, lesion), got {self.task.num_classes}"
+            )
+        dims = self.data_dims
+        for i, step in enumerate(self.transforms.preprocess):
+            size = getattr(step, "size", None) or getattr(step, "pixdim", None)
+            if size is not None and dims is not None and len(size) != dims:
+                raise ValueError(f"transforms.preprocess[{i}]: {step.name} needs {dims} sizes for {dims}D data, got {list(size)}")
+        patch = self.transforms.patch
+        if patch is not None and dims is not None and len(patch) != dims:
+            raise ValueError(f"transforms.patch: needs {dims} sizes for {dims}D data, got {patch}")
+        if patch is not None and not seg_task:
+            raise ValueError("transforms.patch: patch training is for segmentation tasks")
+
+    def _check_site_refs(self) -> None:
+        names = set(self.site_names)
+        for field, refs in (("feature_shift", list(self.feature_shift)), ("held_out", self.held_out)):
+            unknown = [r for r in refs if r not in names]
+            if unknown:
+                raise ValueError(f"{field}: unknown site(s) {unknown}; the sites are {self.site_names}")
+        _unique(self.held_out, "held_out entries")
+        if len(self.held_out) >= len(self.site_names):
+            raise ValueError(f"held_out: at least one site must train, but all of {self.site_names} are held out")
+
+    @property
+    def data_dims(self) -> int | None:
+        """2 or 3 spatial dimensions when the data source fixes it, else None."""
+        if isinstance(self.data, (MedMNISTData, SyntheticSegmentationData)):
+            return self.data.dims
+        if isinstance(self.data, VolumesData):
+            return 3
+        return 2
+
+    @property
+    def training_sites(self) -> list[str]:
+        """The sites that train: all but the held-out ones, in the job's order."""
+        return [s for s in self.site_names if s not in self.held_out]
 
     @property
     def sites_per_round(self) -> int:
-        """How many sites are drawn each round (all of them unless sampling says otherwise)."""
-        n, s = len(self.site_names), self.sampling
+        """How many sites are drawn each round (all training sites unless sampling says
+        otherwise)."""
+        n, s = len(self.training_sites), self.sampling
         k = s.count if s.count is not None else (math.ceil(s.fraction * n) if s.fraction is not None else n)
         return min(n, max(k, s.minimum))
 
@@ -415,9 +924,13 @@ def _union_tags(union: Any, field: str) -> set[str]:
     return {tag for m in members for tag in get_args(m.model_fields[field].annotation)}
 
 
-# The tags pydantic puts in error locations of the two unions; derived, so a new
-# algorithm or data source never needs listing here.
-_UNION_TAGS = _union_tags(DataConfig, "source") | _union_tags(AlgorithmConfig, "name")
+# The tags pydantic puts in error locations of the unions; derived, so a new algorithm,
+# data source or transform never needs listing here.
+_UNION_TAGS = (
+    _union_tags(DataConfig, "source") | _union_tags(AlgorithmConfig, "name") | _union_tags(PreprocessStep, "name")
+    | _union_tags(AugmentStep, "name") | {"classification", "segmentation"}
+)
+_UNION_PARENTS = ("data", "algorithm", "task", "]")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -425,7 +938,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif parts and parts[-1] in (".data", "data", ".algorithm", "algorithm") and item in _UNION_TAGS:
+        elif parts and parts[-1].lstrip(".").endswith(_UNION_PARENTS) and item in _UNION_TAGS:
             continue  # pydantic adds the union tag; users never write it
         else:
             parts.append(("." if parts else "") + str(item))
@@ -446,7 +959,8 @@ def _describe(err: dict[str, Any]) -> str:
             msg = f"unknown {path.split('.')[0]} name; {msg}"
     elif etype in ("union_tag_invalid", "union_tag_not_found"):
         key = str(ctx.get("discriminator", "")).strip("'")
-        what = {"source": "data source", "name": f"{path} name"}.get(key, key)
+        key = "kind" if key == f"{_task_kind.__name__}()" else key
+        what = {"source": "data source", "name": f"{path} name", "kind": "task kind"}.get(key, key)
         if etype == "union_tag_not_found":
             return f"{path}.{key}: is required"
         return f"{path}.{key}: unknown {what} {ctx.get('tag')!r}; must be one of {ctx.get('expected_tags', '')}"
@@ -480,10 +994,26 @@ def parse_job(raw: Any, source: str = "job", base_dir: Path | None = None) -> Jo
         job = Job.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
-    if base_dir is not None and isinstance(job.data, MedMNISTData) and not job.data.path.is_absolute():
-        data = job.data.model_copy(update={"path": (base_dir / job.data.path).resolve()})
-        job = job.model_copy(update={"data": data})
+    if base_dir is not None:
+        job = job.model_copy(update={"data": _resolve_paths(job.data, base_dir)})
     return job
+
+
+def _resolve_paths(value: Any, base_dir: Path) -> Any:
+    """A copy of a data config with every relative path made absolute against base_dir."""
+    if isinstance(value, Path):
+        return value if value.is_absolute() else (base_dir / value).resolve()
+    if isinstance(value, list):
+        return [_resolve_paths(v, base_dir) for v in value]
+    if isinstance(value, BaseModel):
+        update = {}
+        for name in type(value).model_fields:
+            old = getattr(value, name)
+            new = _resolve_paths(old, base_dir)
+            if new is not old:
+                update[name] = new
+        return value.model_copy(update=update) if update else value
+    return value
 
 
 def load_job(path: str | Path) -> Job:

@@ -50,7 +50,7 @@ def test_size_weighting_favours_large_sites():
     "kw,expected",
     [({"sampling": {"fraction": 0.5, "count": 2}}, "give either fraction or count"),
      ({"sampling": {"fraction": 1.5}}, "sampling.fraction: must be <= 1"),
-     ({"sampling": {"count": 11}}, "sampling.count: is 11 but the job has only 10 sites"),
+     ({"sampling": {"count": 11}}, "sampling.count: is 11 but the job has only 10 training sites"),
      ({"sampling": {"count": 2}, "min_sites": 3}, "min_sites: is 3 but only 2 of the 10 sites train in a round"),
      ({"sampling": {"method": "random"}}, "sampling.method: must be one of")],
 )

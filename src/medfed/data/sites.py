@@ -28,7 +28,7 @@ def build_sites(job: Job) -> list[SiteData]:
 
         sites = make_synthetic_sites(job.data, job.seed)
     elif isinstance(job.data, MedMNISTData):
-        from medfed.data.medmnist import load_medmnist
+        from medfed.data.readers.medmnist import load_medmnist
         from medfed.data.partition import partition_splits
 
         sites = partition_splits(load_medmnist(job.data.path, job.task), job.data.partition, job.task, job.seed)

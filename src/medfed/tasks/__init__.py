@@ -1,1 +1,35 @@
-"""Tasks: what a model predicts, its loss and its metrics."""
+"""What is learned: the loss, the inference and the metrics of a task.
+
+Every task object offers the same four things, which the local training step and
+evaluation use without knowing the task:
+
+* ``loss(logits, target)``: the mean training loss of a batch;
+* ``infer(model, images)``: logits for a batch in eval mode (segmentation may run a
+  sliding window over images larger than the training patch);
+* ``evaluator()``: a fresh accumulator with ``add(logits, target)`` per batch and
+  ``result()`` giving the split's metrics (``None`` where a metric is undefined);
+* ``monitor``: the name of the metric that picks the best model on val.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from medfed.config import Job
+    from medfed.tasks.classification import ClassificationTask
+    from medfed.tasks.segmentation import SegmentationTask
+
+    Task = Union[ClassificationTask, SegmentationTask]
+
+
+def build_task(job: "Job") -> "Task":
+    """The task object of ``job``: classification, or segmentation with the job's patch."""
+    if job.task.kind == "segmentation":
+        from medfed.tasks.segmentation import SegmentationTask
+
+        patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
+        return SegmentationTask(job.task, patch=patch)
+    from medfed.tasks.classification import ClassificationTask
+
+    return ClassificationTask(job.task)

@@ -24,6 +24,7 @@ class ClassificationTask:
         self.cfg = cfg
         self.labels = cfg.labels
         self.num_classes = cfg.num_classes
+        self.monitor = cfg.monitor
         self._ce = nn.CrossEntropyLoss()
         self._bce = nn.BCEWithLogitsLoss()
 
@@ -34,6 +35,14 @@ class ClassificationTask:
         if self.labels == "multiclass":
             return self._ce(logits, labels)
         return self._bce(logits, labels.to(logits.dtype))
+
+    def infer(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Logits of ``model`` (in eval mode) for a batch of images."""
+        return model(images)
+
+    def evaluator(self) -> "ClassificationEvaluator":
+        """A fresh accumulator of batches; its ``result()`` gives the split's metrics."""
+        return ClassificationEvaluator(self)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(B,) positive-class probability for binary, (B, K) otherwise."""
@@ -70,6 +79,22 @@ class ClassificationTask:
         for k, v in enumerate(per_class):
             out[f"auc_class_{k}"] = v
         return out
+
+
+class ClassificationEvaluator:
+    """Collects the probabilities of every batch; the metrics need the whole split (AUC)."""
+
+    def __init__(self, task: ClassificationTask):
+        self.task = task
+        self._probs: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self._probs.append(self.task.probabilities(logits.float()).cpu())
+        self._labels.append(labels.cpu())
+
+    def result(self) -> dict[str, float | None]:
+        return self.task.metrics(torch.cat(self._probs), torch.cat(self._labels))
 
 
 def _auc(scores: torch.Tensor, targets: torch.Tensor) -> float | None:

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medfed.core.errors import DataError
-from medfed.data.pairs import load_pairs, match_pairs
+from shared_data import SHARED_DATA
 
-PROSTATE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "multisite" / "prostate"
-FUNDUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "multisite" / "fundus"
+from medfed.core.errors import DataError
+from medfed.data.readers.pairs import load_pairs, match_pairs
+
+PROSTATE = SHARED_DATA / "multisite" / "prostate"
+FUNDUS = SHARED_DATA / "multisite" / "fundus"
 
 
 def _write(folder: Path, name: str, array: np.ndarray) -> None:

@@ -1,16 +1,17 @@
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from shared_data import SHARED_DATA
+
 from medfed.config import TaskConfig
 from medfed.core.errors import DataError
-from medfed.data.medmnist import load_medmnist
+from medfed.data.readers.medmnist import load_medmnist
 
 BINARY = TaskConfig(labels="binary")
 SIZES = {"train": 12, "val": 4, "test": 6}
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "medmnist" / "breastmnist.npz"
+SHARED = SHARED_DATA / "medmnist" / "breastmnist.npz"
 
 
 def _arrays(images=None, labels=None, seed=0):

@@ -6,10 +6,12 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medfed.core.errors import DataError
-from medfed.data.volumes import load_dicom, load_dicom_series, load_nifti, load_nifti_pair
+from shared_data import SHARED_DATA
 
-VOLUMES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "volumes"
+from medfed.core.errors import DataError
+from medfed.data.readers.volumes import load_dicom, load_dicom_series, load_nifti, load_nifti_pair
+
+VOLUMES = SHARED_DATA / "volumes"
 
 
 def _nifti(path: Path, array: np.ndarray, zooms=(1.0, 2.0, 3.0)) -> Path:
