@@ -82,10 +82,13 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
             if quiet:
                 return
             for r in rows:
-                counts = ", ".join(f"{k}={v}" for k, v in zip(range(len(r["class_counts"]["train"])), r["class_counts"]["train"]))
+                counts = ", ".join(f"{k}={v}" for k, v in enumerate(r["class_counts"]["train"]))
+                extra = "  [yellow]held out[/]" if r.get("held_out") else ""
+                if r.get("skipped"):
+                    extra += f"  [yellow]{len(r['skipped'])} file(s) skipped[/]"
                 progress.console.print(
                     f"  site [bold]{r['name']}[/]: train {r['train']}, val {r['val']}, test {r['test']} "
-                    f"(train class counts {counts})", highlight=False
+                    f"(train class counts {counts}){extra}", highlight=False
                 )
 
         def on_round(s, _params) -> None:
@@ -126,12 +129,12 @@ def validate(job_file: Path = typer.Argument(..., help="Job YAML to check.")) ->
 
 def _check_model_and_algorithm(job: Job) -> None:
     """Build the model and the algorithm once: catches what needs the model (e.g. a
-    personal layer name that is not a layer of it). Input channels do not matter here."""
+    personal layer name that is not a layer of it). The data is not read here."""
     from medfed.algorithms import build_algorithm
     from medfed.models import build_model
 
-    model = build_model(job.model, job.task, in_channels=1)
-    build_algorithm(job.algorithm, model, len(job.site_names), job.train.momentum)
+    model = build_model(job.model, job.task, getattr(job.data, "channels", 1), spatial_dims=job.data_dims or 2)
+    build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum)
 
 
 @app.command()

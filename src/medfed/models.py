@@ -1,65 +1,135 @@
 """Networks by name: a small CNN for CPU runs and MONAI networks for real work.
 
-All models take images of shape (B, C, H, W) and return logits of shape (B, K), where K
-is 1 for a binary task and the number of classes or labels otherwise.
+Every network works on 2D images (B, C, H, W) and on 3D volumes (B, C, D, H, W), as
+``spatial_dims`` says. Classifiers return logits of shape (B, K), K being 1 for a binary
+task and the number of classes or labels otherwise. Segmenters return logits of shape
+(B, K, *spatial), one per class (background included) per pixel or voxel; their input
+sides must be multiples of 8 (three halvings), which a training patch or a resize step
+should ensure.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Union
+
 import torch
 from torch import nn
 
-from medfed.config import ModelConfig, TaskConfig
+from medfed.config import CLASSIFIERS, SEGMENTERS, ModelConfig, SegmentationTaskConfig, TaskConfig
 from medfed.core.errors import ModelError
+
+AnyTask = Union[TaskConfig, SegmentationTaskConfig]
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_AVGPOOL = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+
+# SegResNet's encoder: residual blocks per level (MONAI's default is (1, 2, 2, 4)). One
+# block at each of the four levels keeps it cheap enough for CPU runs; the decoder has one
+# block per level as in MONAI's default.
+SEGRESNET_BLOCKS_DOWN = (1, 1, 1, 1)
+SEGRESNET_BLOCKS_UP = (1, 1, 1)
 
 
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU blocks and a linear head; about 25k parameters at width 16.
+    """Three conv-BN-ReLU-maxpool blocks, a global average pool and a linear head; about
+    25k parameters at width 16 in 2D. ``spatial_dims`` 3 uses the 3D layers; the module
+    names (``features``, ``pool``, ``head``) and so the state-dict keys are the same.
 
     Batch norm is there on purpose: federated methods that treat BN layers specially
     (FedBN) must have something to act on.
     """
 
-    def __init__(self, in_channels: int, out_features: int, width: int = 16):
+    def __init__(self, in_channels: int, out_features: int, width: int = 16, spatial_dims: int = 2):
         super().__init__()
         w = width
+        conv, bn, maxpool = _CONV[spatial_dims], _BN[spatial_dims], _MAXPOOL[spatial_dims]
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
+                conv(cin, cout, 3, padding=1, bias=False),
+                bn(cout),
                 nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
+                maxpool(2),
             )
 
         self.features = nn.Sequential(block(in_channels, w), block(w, 2 * w), block(2 * w, 4 * w))
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = _AVGPOOL[spatial_dims](1)
         self.head = nn.Linear(4 * w, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def num_outputs(task: TaskConfig) -> int:
-    """Logits per example: 1 for binary, else the number of classes or labels."""
-    return 1 if task.labels == "binary" else task.num_classes
+def is_segmentation(task: AnyTask) -> bool:
+    return getattr(task, "kind", "classification") == "segmentation"
 
 
-def build_model(cfg: ModelConfig, task: TaskConfig, in_channels: int) -> nn.Module:
-    """Build an untrained network for ``in_channels``-channel 2D images and ``task``."""
+def num_outputs(task: AnyTask) -> int:
+    """Logits per example (classification: 1 for binary, else the number of classes or
+    labels) or per pixel (segmentation: the number of classes, background included)."""
+    if is_segmentation(task):
+        return task.num_classes
+    return 1 if task.labels == "binary" else task.num_classes  # type: ignore[union-attr]
+
+
+def build_model(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims: int = 2) -> nn.Module:
+    """An untrained network for ``in_channels``-channel images of ``spatial_dims`` (2 or 3)
+    spatial dimensions and ``task``.
+
+    Segmenters, with w = ``cfg.width``:
+
+    * ``unet``: MONAI ``UNet`` with channels (w, 2w, 4w, 8w), strides (2, 2, 2), one
+      residual unit per level and batch norm (so FedBN has BN layers to keep local);
+    * ``segresnet``: MONAI ``SegResNet`` with ``init_filters`` w, encoder blocks
+      :data:`SEGRESNET_BLOCKS_DOWN` and decoder blocks :data:`SEGRESNET_BLOCKS_UP`, and
+      group norm with gcd(8, w) groups (MONAI's 8 groups when w is a multiple of 8).
+    """
     if in_channels < 1:
         raise ModelError(f"model '{cfg.name}': input must have at least 1 channel, got {in_channels}")
+    if spatial_dims not in (2, 3):
+        raise ModelError(f"model '{cfg.name}': images must have 2 or 3 spatial dimensions, got {spatial_dims}")
+    seg = is_segmentation(task)
+    if seg and cfg.name not in SEGMENTERS:
+        raise ModelError(f"model '{cfg.name}' is a classifier; a segmentation task needs one of {list(SEGMENTERS)}")
+    if not seg and cfg.name not in CLASSIFIERS:
+        raise ModelError(f"model '{cfg.name}' segments; a classification task needs one of {list(CLASSIFIERS)}")
     out = num_outputs(task)
+    w = cfg.width
     if cfg.name == "small_cnn":
-        return SmallCNN(in_channels, out, cfg.width)
+        return SmallCNN(in_channels, out, w, spatial_dims)
     from monai.networks import nets  # imported here: MONAI costs ~1 s to import
 
     if cfg.name == "densenet121":
-        return nets.DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=out)
+        return nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out)
     if cfg.name == "resnet18":
-        return nets.resnet18(spatial_dims=2, n_input_channels=in_channels, num_classes=out)
+        return nets.resnet18(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out)
     if cfg.name == "resnet50":
-        return nets.resnet50(spatial_dims=2, n_input_channels=in_channels, num_classes=out)
+        return nets.resnet50(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out)
+    if cfg.name == "unet":
+        from monai.networks.layers import Norm
+
+        return nets.UNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out,
+            channels=(w, 2 * w, 4 * w, 8 * w),
+            strides=(2, 2, 2),
+            num_res_units=1,
+            norm=Norm.BATCH,
+        )
+    if cfg.name == "segresnet":
+        return nets.SegResNet(
+            spatial_dims=spatial_dims,
+            init_filters=w,
+            in_channels=in_channels,
+            out_channels=out,
+            norm=("GROUP", {"num_groups": math.gcd(8, w)}),
+            blocks_down=SEGRESNET_BLOCKS_DOWN,
+            blocks_up=SEGRESNET_BLOCKS_UP,
+        )
     raise ModelError(f"unknown model '{cfg.name}'")  # unreachable: the config schema checks it
 
 

@@ -33,9 +33,11 @@ def test_synthetic_job_builds_and_describes():
     assert [s.name for s in sites] == ["a", "b"] and sites[0].train.images.shape == (10, 1, 16, 16)
     assert describe_sites(sites, job.task) == [
         {"name": "a", "train": 10, "val": 4, "test": 4,
-         "class_counts": {"train": [5, 5], "val": [2, 2], "test": [2, 2]}},
+         "class_counts": {"train": [5, 5], "val": [2, 2], "test": [2, 2]},
+         "shape": [1, 16, 16], "held_out": False, "skipped": []},
         {"name": "b", "train": 6, "val": 3, "test": 5,
-         "class_counts": {"train": [5, 1], "val": [2, 1], "test": [4, 1]}},
+         "class_counts": {"train": [5, 1], "val": [2, 1], "test": [4, 1]},
+         "shape": [1, 16, 16], "held_out": False, "skipped": []},
     ]
     assert all(torch.equal(x.test.images, y.test.images) for x, y in zip(sites, build_sites(job)))
 

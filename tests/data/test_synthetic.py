@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medfed.config import ScannerConfig, SyntheticData
-from medfed.data.synthetic import apply_scanner, binary_labels, gaussian_blur, make_synthetic_sites, render
+from medfed.data.shift import apply_scanner, gaussian_blur
+from medfed.data.synthetic import binary_labels, make_synthetic_sites, render
 
 SPLITS = ("train", "val", "test")
 

@@ -114,3 +114,42 @@ def test_only_sampled_sites_train_but_all_evaluate():
     trained = [(site, rnd) for site, rnd, _ in t.fit_calls]
     assert trained == [(sampler.select(r)[0][1], r) for r in (1, 2, 3)]
     assert {r[2] for r in records if r[3] == "test"} == {"a", "b", "c", "all"}
+
+
+def test_held_out_site_never_trains_but_is_evaluated_outside_the_mean():
+    t = FakeTransport({"a": 1.0, "b": 2.0, "c": 4.0}, {"a": 10, "b": 30, "c": 60})
+    final, records, rounds = _run(t, held_out=["c"])
+    assert {site for site, _, _ in t.fit_calls} == {"a", "b"}
+    # FedAvg of a and b only: (10*1 + 30*2) / 40 = 1.75 per round
+    assert torch.allclose(final["w"], torch.full((3,), 3.5))
+    test_sites = {r[2] for r in records if r[3] == "test"}
+    assert test_sites == {"a", "b", "c", "all"}
+    # every site evaluates the same global model here, so "all" equals each site's value
+    last = {r[2]: r[5] for r in records if r[0] == 2 and r[3] == "test" and r[4] == "auc"}
+    assert last["all"] == pytest.approx(last["a"]) and last["c"] == pytest.approx(last["a"])
+
+
+def test_held_out_sites_are_left_out_of_the_mean():
+    class PerSite(FakeTransport):
+        def evaluate(self, requests, timeout):
+            value = {"a": 0.6, "b": 0.8, "c": 0.1}
+            return [[EvalResult(r.site, s, 10, {"auc": value[r.site]}) for s in r.splits] for r in requests]
+
+    t = PerSite({"a": 0.0, "b": 0.0, "c": 0.0}, {"a": 1, "b": 1, "c": 1})
+    _, records, rounds = _run(t, held_out=["c"])
+    assert rounds[-1][0].means["test"]["auc"] == pytest.approx(0.7)
+
+
+def test_local_and_centralized_baselines_leave_held_out_sites_out_of_training():
+    from medfed.server.baselines import run_centralized, run_local
+    from medfed.transport.base import POOLED
+
+    t = FakeTransport({"a": 1.0, "b": 2.0, "c": 4.0, POOLED: 0.5}, {"a": 10, "b": 30, "c": 60, POOLED: 40})
+    job = parse_job({**copy.deepcopy(JOB), "held_out": ["c"]})
+    records = []
+    local = run_local(job, t, {"w": torch.zeros(3)}, lambda *r: records.append(r))
+    assert set(local) == {"a", "b"}
+    run_centralized(job, t, {"w": torch.zeros(3)}, lambda *r: records.append(r))
+    assert {site for site, _, _ in t.fit_calls} == {"a", "b", POOLED}
+    centralized_tested = {r[2] for r in records if r[1] == "centralized" and r[3] == "test"}
+    assert centralized_tested == {"a", "b", "c", "all"}  # the held-out site evaluates the pooled model

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfed.config import ScannerConfig, SyntheticData, SyntheticSite
+from medfed.config import SyntheticData, SyntheticSite
 from medfed.data.base import ArraySplit, SiteData
+from medfed.data.shift import apply_scanner
 
 # Tissue intensities in [0, 1] before the scanner: the field outside the body, the body,
 # how much its coarse and fine texture move it, and how much darker the inner organ is.
@@ -38,33 +39,6 @@ def binary_labels(n: int, prevalence: float, rng: np.random.Generator) -> np.nda
     y = np.zeros(n, dtype=np.int64)
     y[:n_pos] = 1
     return rng.permutation(y)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W) images; ``sigma`` in pixels, 0 returns the
-    input unchanged. The border is replicated, so a constant image stays constant."""
-    if sigma <= 0:
-        return images
-    radius = max(1, int(np.ceil(3 * sigma)))
-    w = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
-    w = (w / w.sum()).tolist()
-    h, wd = images.shape[-2:]
-    # Shifted-slice sums: much faster than conv2d for one channel and many small images.
-    x = F.pad(images, (radius, radius, 0, 0), mode="replicate")
-    rows = sum(wk * x[..., :, k : k + wd] for k, wk in enumerate(w))
-    x = F.pad(rows, (0, 0, radius, radius), mode="replicate")
-    return sum(wk * x[..., k : k + h, :] for k, wk in enumerate(w))
-
-
-def apply_scanner(images: torch.Tensor, scanner: ScannerConfig, rng: np.random.Generator) -> torch.Tensor:
-    """A site's acquisition of (N, C, H, W) images in [0, 1]:
-    ``scale * clip(x, 0, 1)**contrast + offset``, then a Gaussian blur of ``blur`` pixels
-    (sigma), then additive Gaussian noise of standard deviation ``noise``."""
-    out = scanner.intensity_scale * images.clamp(0, 1) ** scanner.contrast + scanner.intensity_offset
-    out = gaussian_blur(out, scanner.blur)
-    if scanner.noise > 0:
-        out = out + torch.from_numpy(rng.normal(0.0, scanner.noise, tuple(out.shape)).astype(np.float32))
-    return out.to(torch.float32)
 
 
 def _uniform(rng: np.random.Generator, n: int, low: float, high: float) -> torch.Tensor:

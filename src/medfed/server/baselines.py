@@ -29,8 +29,9 @@ from medfed.transport.base import POOLED, Transport
 def run_local(
     job: Job, transport: Transport, init_params: Params, record: Recorder, on_round: RoundCallback | None = None
 ) -> dict[str, Params]:
-    """Each site trains its own model from ``init_params``; returns the final models by site."""
-    sites = list(job.site_names)
+    """Each training site trains its own model from ``init_params``; returns the final
+    models by site. (A held-out site has no local model: it never trains.)"""
+    sites = list(job.training_sites)
     job_id = job_id_of(job)
     params = {s: init_params for s in sites}
     for rnd in range(1, job.rounds + 1):
@@ -54,7 +55,7 @@ def run_finetuned(
     """Local fine-tuning after federation: every site trains the final federated model
     for ``job.finetune_epochs`` epochs on its own data (starting from its own personal
     layers where the algorithm keeps some), then evaluates it. Recorded at the last round."""
-    sites, rnd = list(job.site_names), job.rounds
+    sites, rnd = list(job.training_sites), job.rounds
     base = make_plan(job, job_id_of(job), Arm.FINETUNED, rnd, 0)
     plan_of = {
         s: replace(
@@ -76,7 +77,8 @@ def run_finetuned(
 def run_centralized(
     job: Job, transport: Transport, init_params: Params, record: Recorder, on_round: RoundCallback | None = None
 ) -> Params:
-    """One model trained on the pooled data; returns its final parameters."""
+    """One model trained on the training sites' data pooled, evaluated at every site;
+    returns its final parameters."""
     params, job_id = init_params, job_id_of(job)
     for rnd in range(1, job.rounds + 1):
         request = FitRequest(POOLED, params, make_plan(job, job_id, Arm.CENTRALIZED, rnd, 0))

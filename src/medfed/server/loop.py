@@ -123,7 +123,8 @@ def evaluate_round(
     transport: Transport, params_by_site: dict[str, Params], job: Job, arm: Arm, rnd: int, record: Recorder
 ) -> dict[str, dict[str, float | None]]:
     """Evaluate each site's model on its val and test splits, record per-site values and
-    the example-weighted mean over sites (site ``all``); return those means."""
+    the example-weighted mean over the training sites (site ``all``; held-out sites are
+    recorded under their own names only); return those means."""
     job_id = job_id_of(job)
     requests = [
         EvalRequest(site=s, params=p, splits=EVAL_SPLITS, job_id=job_id, round=rnd, arm=arm)
@@ -135,7 +136,7 @@ def evaluate_round(
             log.warning("%s round %d: site '%s' could not evaluate: %s", arm.value, rnd, req.site, answer.cause)
             continue
         for res in answer:
-            _record_result(res, arm, rnd, record, sums)
+            _record_result(res, arm, rnd, record, None if res.site in job.held_out else sums)
     means: dict[str, dict[str, float | None]] = {}
     for (split, metric), (weighted, n) in sums.items():
         value = weighted / n if n > 0 else None
@@ -144,9 +145,11 @@ def evaluate_round(
     return means
 
 
-def _record_result(res: EvalResult, arm: Arm, rnd: int, record: Recorder, sums: dict) -> None:
+def _record_result(res: EvalResult, arm: Arm, rnd: int, record: Recorder, sums: dict | None) -> None:
     for metric, value in res.metrics.items():
         record(rnd, arm.value, res.site, res.split.value, metric, value)
+        if sums is None:
+            continue
         acc = sums.setdefault((res.split.value, metric), [0.0, 0])
         if value is not None:
             acc[0] += value * res.num_examples
@@ -164,7 +167,8 @@ def run_federated(
 ) -> Params:
     """Run ``job.rounds`` rounds of federated training; return the final global params.
 
-    ``sampler`` picks each round's sites (default: all sites, every round)."""
+    ``sampler`` picks each round's sites (default: all training sites, every round).
+    Every site, held-out ones included, evaluates the global model."""
     sites = list(job.site_names)
     sampler = sampler or SiteSampler(job)
     job_id = job_id_of(job)

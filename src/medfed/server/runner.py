@@ -32,6 +32,7 @@ from medfed.server.checkpoint import atomic_write_text, save_checkpoint
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
 from medfed.server.sampling import SiteSampler
 from medfed.site.device import resolve_device, set_threads
+from medfed.tasks import build_task
 from medfed.transport.base import POOLED, Transport
 
 log = logging.getLogger("medfed")
@@ -68,10 +69,10 @@ def make_transport(job: Job, sites: list[SiteData], device: torch.device) -> Tra
     return InProcessTransport(build_site_apps(job, sites, device, pooled_name=pooled))
 
 
-def initial_model(job: Job, in_channels: int) -> nn.Module:
+def initial_model(job: Job, in_channels: int, spatial_dims: int = 2) -> nn.Module:
     """The common starting point of every arm, fixed by the job seed."""
     torch.manual_seed(job.seed)
-    return build_model(job.model, job.task, in_channels)
+    return build_model(job.model, job.task, in_channels, spatial_dims=spatial_dims)
 
 
 
@@ -120,7 +121,7 @@ def run_job(
     set_threads(job.num_threads)
     device = resolve_device(job.device)
     sites = build_sites(job)  # data errors surface before anything is written
-    summary = describe_sites(sites, job.task)
+    summary = describe_sites(sites, job.task, job.held_out)
     if on_sites is not None:
         on_sites(summary)
 
@@ -135,11 +136,17 @@ def run_job(
         log.setLevel(logging.INFO)
     log.addHandler(handler)
     try:
+        for site in sites:
+            if site.skipped:
+                log.warning(
+                    "site '%s': %d unreadable file(s) skipped (on_bad_file: skip): %s", site.name, len(site.skipped),
+                    "; ".join(f"{f} ({why})" for f, why in site.skipped),
+                )
         atomic_write_text(staging / "job.yaml", job.to_yaml())
         atomic_write_text(staging / "sites.json", json.dumps({"sites": summary}, indent=2) + "\n")
-        model = initial_model(job, in_channels=sites[0].train.images.shape[1])
+        model = initial_model(job, sites[0].train.images.shape[1], sites[0].train.spatial_dims)
         init = get_params(model)
-        algorithm = build_algorithm(job.algorithm, model, len(job.site_names), job.train.momentum)
+        algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum)
         tracker = _BestTracker(staging, job)
 
         def callback(s: RoundSummary, params: Params) -> None:
@@ -157,6 +164,12 @@ def run_job(
                 run_local(job, transport, init, metrics.write, callback)
             if "centralized" in job.compare:
                 run_centralized(job, transport, init, metrics.write, callback)
+        if job.task.kind == "segmentation" and job.task.save_predictions > 0:
+            from medfed.tracking.predictions import PREDICTIONS_DIR, save_predictions
+
+            model.load_state_dict(final)
+            model.to(device)
+            save_predictions(model, sites, build_task(job), staging / PREDICTIONS_DIR, job.task.save_predictions, device)
         elapsed = time.perf_counter() - t0
         marker = {"status": "complete", "medfed_version": __version__, "job_hash": job.job_hash(),
                   "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),

@@ -8,14 +8,16 @@ from medfed.config import Job
 
 
 class SiteSampler:
-    """Draws ``job.sites_per_round`` sites per round without replacement.
+    """Draws ``job.sites_per_round`` of the training sites per round without replacement
+    (held-out sites never train).
 
     ``sizes`` maps each site to its number of training examples (used by ``method:
     size``). The draw depends only on the job seed and the round number.
     """
 
     def __init__(self, job: Job, sizes: dict[str, int] | None = None):
-        self.names = list(job.site_names)
+        self.names = list(job.training_sites)
+        self.index = {n: i for i, n in enumerate(job.site_names)}
         self.k = job.sites_per_round
         self.seed = job.seed
         self.p: np.ndarray | None = None
@@ -28,7 +30,7 @@ class SiteSampler:
     def select(self, rnd: int) -> list[tuple[int, str]]:
         """(job index, name) of the sites drawn for round ``rnd``, in job order."""
         if self.k >= len(self.names):
-            return list(enumerate(self.names))
+            return [(self.index[n], n) for n in self.names]
         rng = np.random.default_rng([self.seed, 104_729, rnd])
         chosen = np.sort(rng.choice(len(self.names), size=self.k, replace=False, p=self.p))
-        return [(int(i), self.names[i]) for i in chosen]
+        return [(self.index[self.names[i]], self.names[i]) for i in chosen]

@@ -19,7 +19,7 @@ from medfed.data.base import SiteData
 from medfed.models import build_model, get_params
 from medfed.site.evaluate import evaluate_split
 from medfed.site.train import TrainStats, train_local
-from medfed.tasks.classification import ClassificationTask
+from medfed.tasks import build_task
 
 
 class SiteApp:
@@ -36,12 +36,13 @@ class SiteApp:
         self.name = data.name
         self.data = data
         self.device = device
-        self.task = ClassificationTask(job.task)
+        self.task = build_task(job)
+        self.augment = build_site_augment(job, data.train.spatial_dims)
         # ``model`` is a work buffer: every request loads its parameters first, so sites
         # that run one after another in one process can share one (less memory, warmer caches)
-        self.model = model if model is not None else build_model(job.model, job.task, data.train.images.shape[1])
+        self.model = model if model is not None else model_for(job, data)
         self.model.to(device)
-        algorithm = build_algorithm(job.algorithm, self.model, len(job.site_names), job.train.momentum)
+        algorithm = build_algorithm(job.algorithm, self.model, len(job.training_sites), job.train.momentum)
         self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
         self._local_keys = algorithm.local_keys
         self._kept: Params = {}  # this site's values of the local keys, after its first fit
@@ -61,7 +62,9 @@ class SiteApp:
         hook.on_train_start(self.model, plan)
         steps, loss_sum = 0, 0.0
         for settings, frozen in hook.phases(plan.train):
-            stats = train_local(self.model, self.data.train, self.task, settings, hook, self.device, frozen)
+            stats = train_local(
+                self.model, self.data.train, self.task, settings, hook, self.device, frozen, self.augment
+            )
             steps, loss_sum = steps + stats.num_steps, loss_sum + stats.mean_loss * stats.num_steps
         stats = TrainStats(num_steps=steps, mean_loss=loss_sum / max(steps, 1))
         extras = hook.on_train_end(self.model, stats.num_steps)
@@ -90,7 +93,9 @@ class SiteApp:
         personal, lam = objective
         self._load(personal if personal is not None else global_params, with_kept=personal is None)
         anchor = [global_params[n].to(self.device) for n, _ in self.model.named_parameters()]
-        train_local(self.model, self.data.train, self.task, plan.train, ProximalHook(lam, anchor), self.device)
+        train_local(
+            self.model, self.data.train, self.task, plan.train, ProximalHook(lam, anchor), self.device, augment=self.augment
+        )
         hook.keep_personal(get_params(self.model))
 
     def evaluate(self, params: Params, splits: tuple[Split, ...], arm: Arm) -> list[EvalResult]:
@@ -110,8 +115,25 @@ class SiteApp:
         return out
 
 
+def model_for(job: Job, data: SiteData) -> nn.Module:
+    """An untrained network of ``job`` for the channels and spatial dims of ``data``."""
+    return build_model(job.model, job.task, data.train.images.shape[1], spatial_dims=data.train.spatial_dims)
+
+
+def build_site_augment(job: Job, spatial_dims: int):
+    """The job's augmentation and patch cropping, or None when it has neither."""
+    t = job.transforms
+    if not t.augment and t.patch is None:
+        return None
+    from medfed.data.transforms import build_augment
+
+    patch = tuple(t.patch) if t.patch is not None else None
+    return build_augment(t.augment, patch, spatial_dims, job.task.kind == "segmentation")
+
+
 def pooled_site_data(sites: list[SiteData], name: str) -> SiteData:
-    """All sites' splits concatenated: the data of the centralized baseline."""
+    """All sites' splits concatenated: the data of the centralized baseline (the caller
+    leaves out held-out sites)."""
     from medfed.data.base import ArraySplit
 
     return SiteData(
@@ -129,8 +151,9 @@ def build_site_apps(
     apps run one at a time in this process, so they share one model buffer."""
     if not sites:
         return {}
-    shared = build_model(job.model, job.task, sites[0].train.images.shape[1])
+    shared = model_for(job, sites[0])
     apps = {s.name: SiteApp(s, job, device, shared) for s in sites}
     if pooled_name is not None:
-        apps[pooled_name] = SiteApp(pooled_site_data(sites, pooled_name), job, device, shared)
+        training = [s for s in sites if s.name not in job.held_out]
+        apps[pooled_name] = SiteApp(pooled_site_data(training, pooled_name), job, device, shared)
     return apps

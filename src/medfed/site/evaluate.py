@@ -2,31 +2,43 @@
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from medfed.data.base import ArraySplit
-from medfed.tasks.classification import ClassificationTask
+
+if TYPE_CHECKING:
+    from medfed.tasks import Task
 
 EVAL_BATCH = 256
+VOXELS_PER_BATCH = 2**22  # bounds a batch's memory for large images and volumes
+
+
+def eval_batch_size(data: ArraySplit) -> int:
+    """Examples per evaluation batch: up to 256, fewer for large images or volumes."""
+    per_example = max(1, math.prod(data.images.shape[1:]))
+    return max(1, min(EVAL_BATCH, VOXELS_PER_BATCH // per_example))
 
 
 @torch.no_grad()
-def evaluate_split(
-    model: nn.Module, data: ArraySplit, task: ClassificationTask, device: torch.device
-) -> dict[str, float | None]:
+def evaluate_split(model: nn.Module, data: ArraySplit, task: "Task", device: torch.device) -> dict[str, float | None]:
     """Task metrics plus the mean ``loss`` of ``model`` (eval mode) on ``data``."""
     model.eval()
-    probs, loss_sum = [], 0.0
+    evaluator = task.evaluator(spacing=data.spacing)
+    loss_sum = 0.0
     amp = device.type == "cuda"
-    for start in range(0, len(data), EVAL_BATCH):
-        x = data.images[start : start + EVAL_BATCH].to(device)
-        y = data.labels[start : start + EVAL_BATCH].to(device)
+    step = eval_batch_size(data)
+    for start in range(0, len(data), step):
+        x = data.images[start : start + step].to(device)
+        y = data.labels[start : start + step].to(device)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-            logits = model(x)
+            logits = task.infer(model, x)
         logits = logits.float()
         loss_sum += float(task.loss(logits, y)) * len(x)
-        probs.append(task.probabilities(logits).cpu())
-    metrics = task.metrics(torch.cat(probs), data.labels)
+        evaluator.add(logits, y)
+    metrics = evaluator.result()
     metrics["loss"] = loss_sum / max(len(data), 1)
     return metrics

@@ -6,8 +6,9 @@ this file knows which algorithm runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,7 +16,13 @@ from torch import nn
 from medfed.algorithms.base import SiteHook
 from medfed.core.types import TrainSettings
 from medfed.data.base import ArraySplit
-from medfed.tasks.classification import ClassificationTask
+
+if TYPE_CHECKING:
+    from medfed.tasks import Task
+
+
+# (images, labels, seed) -> (images, labels): random augmentation of one batch
+Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -49,32 +56,35 @@ def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
 def train_local(
     model: nn.Module,
     data: ArraySplit,
-    task: ClassificationTask,
+    task: "Task",
     settings: TrainSettings,
     hook: SiteHook,
     device: torch.device,
     frozen: frozenset[str] = frozenset(),
+    augment: Augment | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``settings.local_epochs`` passes over ``data``.
 
     A fresh optimizer is made each round (its momentum does not carry over). Mixed
     precision (float16 autocast with loss scaling) is used on CUDA. Parameters named in
     ``frozen`` are not trained (FedRep's phases); batch-norm statistics still update.
+    ``augment`` (the job's augmentation and patch cropping) transforms every batch on the
+    CPU before it moves to the device, seeded from ``settings.seed``.
     """
     params = dict(model.named_parameters())
     was = {n: params[n].requires_grad for n in frozen if n in params}
     for n in was:
         params[n].requires_grad_(False)
     try:
-        return _train(model, data, task, settings, hook, device)
+        return _train(model, data, task, settings, hook, device, augment)
     finally:
         for n, flag in was.items():
             params[n].requires_grad_(flag)
 
 
 def _train(
-    model: nn.Module, data: ArraySplit, task: ClassificationTask, settings: TrainSettings, hook: SiteHook,
-    device: torch.device,
+    model: nn.Module, data: ArraySplit, task: "Task", settings: TrainSettings, hook: SiteHook,
+    device: torch.device, augment: Augment | None,
 ) -> TrainStats:
     torch.manual_seed(settings.seed)  # dropout and any other randomness in the model
     gen = torch.Generator().manual_seed(settings.seed)
@@ -85,8 +95,10 @@ def _train(
     steps, loss_sum = 0, 0.0
     for _ in range(settings.local_epochs):
         for idx in batches(len(data), settings.batch_size, gen):
-            x = data.images[idx].to(device, non_blocking=True)
-            y = data.labels[idx].to(device, non_blocking=True)
+            x, y = data.images[idx], data.labels[idx]
+            if augment is not None:
+                x, y = augment(x, y, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                 loss = task.loss(model(x), y)

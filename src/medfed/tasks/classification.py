@@ -40,8 +40,9 @@ class ClassificationTask:
         """Logits of ``model`` (in eval mode) for a batch of images."""
         return model(images)
 
-    def evaluator(self) -> "ClassificationEvaluator":
-        """A fresh accumulator of batches; its ``result()`` gives the split's metrics."""
+    def evaluator(self, spacing: tuple[float, ...] | None = None) -> "ClassificationEvaluator":
+        """A fresh accumulator of batches; its ``result()`` gives the split's metrics.
+        (``spacing`` is for segmentation distances and unused here.)"""
         return ClassificationEvaluator(self)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:

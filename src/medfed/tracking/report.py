@@ -214,8 +214,8 @@ def _comparison_section(records: list[dict], monitor: str, best: dict | None) ->
     classes = ["pooled" if r["site"] == POOLED_SITE else "" for r in rows]
     parts = [f"<h2>Test {escape(monitor)} at the last round</h2>"]
     parts.append(_table(header, cells, classes) if rows else '<p class="note">No test metrics recorded.</p>')
-    parts.append(f'<p class="note">Each arm at its last evaluated round; “all” is the mean over sites weighted '
-                 f'by test examples. {escape(MISSING)} = not run or undefined.</p>')
+    parts.append(f'<p class="note">Each arm at its last evaluated round; “all” is the mean over the training sites '
+                 f'weighted by test examples. {escape(MISSING)} = not run or undefined.</p>')
     if best is not None:
         metric = str(best.get("metric", "val metric")).replace("_", " ")
         parts.append(
@@ -230,19 +230,53 @@ def _counts(counts: Any) -> str:
     return " / ".join(str(c) for c in counts) if isinstance(counts, list) else MISSING
 
 
-def _sites_section(sites: dict | None) -> str:
+def _sites_section(sites: dict | None, segmentation: bool = False) -> str:
     if sites is None or not isinstance(sites.get("sites"), list):
         return '<h2>Sites</h2><p class="note">No sites.json in this run folder.</p>'
     splits = ("train", "val", "test")
-    header = ["site", *splits, *(f"{s} classes" for s in splits)]
-    rows = []
+    header = ["site", *splits, *(f"{s} classes" for s in splits), "skipped files"]
+    rows, notes = [], []
     for s in sites["sites"]:
         cc = s.get("class_counts", {}) or {}
-        rows.append([str(s.get("name", "?")), *(str(s.get(k, MISSING)) for k in splits),
-                     *(_counts(cc.get(k)) for k in splits)])
-    return ("<h2>Sites</h2>" + _table(header, rows)
-            + '<p class="note">Class counts: examples per class (binary, multi-class) or positives per label '
-              "(multi-label), in class order.</p>")
+        name = str(s.get("name", "?")) + (" (held out)" if s.get("held_out") else "")
+        skipped = s.get("skipped") or []
+        rows.append([name, *(str(s.get(k, MISSING)) for k in splits), *(_counts(cc.get(k)) for k in splits),
+                     str(len(skipped))])
+        for item in skipped[:20]:
+            notes.append(f"{s.get('name', '?')}: {item.get('file', '?')}: {item.get('reason', '?')}")
+        if len(skipped) > 20:
+            notes.append(f"{s.get('name', '?')}: ... and {len(skipped) - 20} more (see sites.json)")
+    what = ("examples in which each class appears" if segmentation
+            else "examples per class (binary, multi-class) or positives per label (multi-label)")
+    out = ("<h2>Sites</h2>" + _table(header, rows)
+           + f'<p class="note">Class counts: {what}, in class order. A held-out site never trains; it is '
+             "evaluated with the models the other sites trained and left out of “all”.</p>")
+    if notes:
+        out += "<h3>Skipped files</h3><pre>" + escape("\n".join(notes)) + "</pre>"
+    return out
+
+
+MAX_PREDICTION_IMAGES = 4  # per site in the report; all of them stay in the folder
+
+
+def _predictions_section(run_dir: Path) -> str:
+    folder = run_dir / "predictions"
+    if not folder.is_dir():
+        return ""
+    parts = ["<h2>Predicted masks (test, final federated model)</h2>",
+             '<p class="note">Each picture: image, ground truth, prediction (3D: the middle slice). '
+             "All saved predictions are in the run folder under predictions/.</p>"]
+    for site in sorted(p for p in folder.iterdir() if p.is_dir()):
+        pngs = sorted(site.glob("*.png"))[:MAX_PREDICTION_IMAGES]
+        if not pngs:
+            continue
+        parts.append(f"<h3>{escape(site.name)}</h3>")
+        for png in pngs:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(f'<figure style="display:inline-block;margin:0.3em"><img alt="{escape(png.name)}" '
+                         f'src="data:image/png;base64,{data}" style="image-rendering:pixelated;min-width:300px">'
+                         f'<figcaption class="note">{escape(png.stem)}</figcaption></figure>')
+    return "\n".join(parts)
 
 
 def _header(job_name: str, job_hash: str, run: dict | None) -> str:
@@ -277,8 +311,9 @@ def render_report(run_dir: Path) -> str:
     no_data = '<p class="note">No data recorded.</p>'
     body = [
         _header(job.name, job_hash, run),
-        _sites_section(_read_json(run_dir / "sites.json")),
+        _sites_section(_read_json(run_dir / "sites.json"), job.task.kind == "segmentation"),
         _comparison_section(records, monitor, best),
+        _predictions_section(run_dir),
         f"<h2>Learning curves: test {escape(monitor)}</h2>", curves_img or no_data,
         _many_sites_note(records),
         "<h2>Training loss (federated)</h2>", loss_img or no_data,

@@ -40,7 +40,8 @@ def _init_worker(job_json: str, sites: list[str], pooled: str | None, threads: i
     if pooled is not None:
         from medfed.site.app import SiteApp, pooled_site_data
 
-        _APPS[pooled] = SiteApp(pooled_site_data(all_sites, pooled), job, resolve_device(job.device))
+        training = [s for s in all_sites if s.name not in job.held_out]
+        _APPS[pooled] = SiteApp(pooled_site_data(training, pooled), job, resolve_device(job.device))
 
 
 def _worker_fit(blob: bytes) -> tuple[str, bytes | str]:

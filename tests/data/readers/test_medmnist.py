@@ -160,3 +160,47 @@ def test_real_breastmnist():
         assert out[s].images.shape[1:] == (1, 28, 28)
         assert set(out[s].labels.unique().tolist()) == {0, 1}
         assert 0.0 <= float(out[s].images.min()) and float(out[s].images.max()) <= 1.0
+
+
+# --------------------------------------------------------------------------- 3D (OrganMNIST3D-like)
+
+ORGAN3D = TaskConfig(labels="multiclass", num_classes=11)
+
+
+def _volumes(rng, n, shape=(28, 28, 28)):
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def _organ3d(**kw):
+    return _arrays(images=kw.get("images", _volumes), labels=lambda r, n: r.integers(0, 11, (n, 1)))
+
+
+def test_3d_volumes(tmp_path):
+    arrays = _organ3d()
+    out = load_medmnist(_write(tmp_path / "organ3d.npz", arrays, compressed=True), ORGAN3D, dims=3)
+    for s, n in SIZES.items():
+        assert out[s].images.shape == (n, 1, 28, 28, 28) and out[s].images.dtype == torch.float32
+        assert out[s].spatial_dims == 3 and out[s].labels.shape == (n,) and int(out[s].labels.max()) <= 10
+    assert torch.equal(out["val"].images[:, 0] * 255, torch.from_numpy(arrays["val_images"]).float())
+    assert 0.0 <= float(out["train"].images.min()) and float(out["train"].images.max()) <= 1.0
+
+
+def test_3d_volumes_with_channel_axis(tmp_path):
+    arrays = _organ3d(images=lambda r, n: _volumes(r, n, (28, 28, 28, 1)))
+    out = load_medmnist(_write(tmp_path / "organ3d.npz", arrays), ORGAN3D, dims=3)
+    assert out["test"].images.shape == (6, 1, 28, 28, 28)
+    assert torch.equal(out["test"].images[:, 0] * 255, torch.from_numpy(arrays["test_images"][..., 0]).float())
+
+
+@pytest.mark.parametrize("shape, dims, expected", [
+    ((28, 28, 28), 2, "look like 3D volumes (N, D, H, W); set data.dims: 3"),
+    ((28, 28, 28, 1), 2, "look like 3D volumes (N, D, H, W); set data.dims: 3"),
+    ((28, 28), 3, "look like 2D images (N, H, W[, C]); set data.dims: 2"),
+    ((28, 28, 3), 3, "look like 2D images (N, H, W[, C]); set data.dims: 2"),
+    ((28, 28, 28, 2), 3, "3D images must have shape (N, D, H, W) or (N, D, H, W, 1)"),
+])
+def test_dims_mismatch_says_which_dims_to_set(tmp_path, shape, dims, expected):
+    path = _write(tmp_path / "m.npz", _organ3d(images=lambda r, n: _volumes(r, n, shape)))
+    with pytest.raises(DataError) as e:
+        load_medmnist(path, ORGAN3D, dims=dims)
+    assert str(path) in str(e.value) and "'train_images'" in str(e.value) and expected in str(e.value)

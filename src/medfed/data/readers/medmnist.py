@@ -1,14 +1,18 @@
-"""MedMNIST ``.npz`` reader (2D), with the official train/val/test split.
+"""MedMNIST ``.npz`` reader (2D and 3D), with the official train/val/test split.
 
 The file holds ``{split}_images`` and ``{split}_labels`` for split in train, val, test.
-Images: uint8 (N, H, W) for one channel or (N, H, W, 3) for RGB ((N, H, W, 1) is read as
-one channel); float arrays are taken as they are if finite, other integer arrays if they
-hold 0..255. Labels: (N,) or (N, 1) class indices for binary and multi-class tasks,
+Images with ``dims=2``: uint8 (N, H, W) for one channel or (N, H, W, 3) for RGB
+((N, H, W, 1) is read as one channel), returned (N, C, H, W). With ``dims=3`` (the 3D
+sets such as OrganMNIST3D): (N, D, H, W) or (N, D, H, W, 1) volumes, returned
+(N, 1, D, H, W). An array of the other kind is an error that says which ``dims`` to
+set. uint8 is divided by 255; float arrays are taken as they are if finite, other
+integer arrays if they hold 0..255. Labels: (N,) or (N, 1) class indices for binary and multi-class tasks,
 (N, K) 0/1 for multi-label tasks with K labels. Nothing is unpickled (``allow_pickle=False``).
 """
 
 from __future__ import annotations
 
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -23,8 +27,10 @@ from medfed.data.base import ArraySplit
 SPLITS = ("train", "val", "test")
 KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
 
-# What np.load and the zip reader raise on a damaged or truncated archive.
-_READ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError)
+# What np.load and the zip reader raise on a damaged or truncated archive (an unknown
+# compression method, an encrypted member, a header claiming a huge array included).
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError, NotImplementedError,
+                RuntimeError, MemoryError, UnicodeDecodeError, SyntaxError, TypeError, struct.error)
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
@@ -61,16 +67,31 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _images(arr: np.ndarray, where: str) -> torch.Tensor:
-    """(N, C, H, W) float32 from (N, H, W) or (N, H, W, 1|3); uint8 scaled to [0, 1]."""
+def _layout(arr: np.ndarray, dims: int, where: str) -> np.ndarray:
+    """Channels-first images: (N, C, H, W) for ``dims=2``, (N, 1, D, H, W) for ``dims=3``."""
+    channels_last = arr.ndim == 4 and arr.shape[-1] in (1, 3) and min(arr.shape[1:3]) > 3
+    if dims == 2:
+        if arr.ndim == 3:
+            return arr[:, None]
+        if arr.ndim == 4 and arr.shape[-1] in (1, 3):
+            return np.moveaxis(arr, -1, 1)
+        if arr.ndim in (4, 5):
+            raise DataError(f"{where}: images of shape {arr.shape} look like 3D volumes (N, D, H, W); set data.dims: 3")
+        raise DataError(f"{where}: images must have shape (N, H, W) or (N, H, W, 1|3), got {arr.shape}")
+    if arr.ndim == 5 and arr.shape[-1] == 1:
+        return np.moveaxis(arr, -1, 1)
+    if arr.ndim == 4 and not channels_last:
+        return arr[:, None]
+    if arr.ndim == 3 or channels_last:
+        raise DataError(f"{where}: images of shape {arr.shape} look like 2D images (N, H, W[, C]); set data.dims: 2")
+    raise DataError(f"{where}: 3D images must have shape (N, D, H, W) or (N, D, H, W, 1), got {arr.shape}")
+
+
+def _images(arr: np.ndarray, dims: int, where: str) -> torch.Tensor:
+    """(N, C, H, W) or (N, 1, D, H, W) float32; uint8 scaled to [0, 1]."""
     if arr.dtype.kind not in "uif":
         raise DataError(f"{where}: images must be uint8 or float, got dtype {arr.dtype}")
-    if arr.ndim == 3:
-        arr = arr[:, None]
-    elif arr.ndim == 4 and arr.shape[-1] in (1, 3):
-        arr = np.moveaxis(arr, -1, 1)
-    else:
-        raise DataError(f"{where}: images must have shape (N, H, W) or (N, H, W, 1|3), got {arr.shape}")
+    arr = _layout(arr, dims, where)
     if arr.shape[0] == 0:
         raise DataError(f"{where}: the split is empty")
     if arr.dtype.kind in "ui":
@@ -117,18 +138,20 @@ def _labels(arr: np.ndarray, task: TaskConfig, where: str) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
-def load_medmnist(path: Path, task: TaskConfig) -> dict[str, ArraySplit]:
+def load_medmnist(path: Path, task: TaskConfig, dims: int = 2) -> dict[str, ArraySplit]:
     """The ``train``, ``val`` and ``test`` splits of a MedMNIST ``.npz`` file.
 
-    Images come back (N, C, H, W) float32 (uint8 / 255), labels as :class:`ArraySplit`
-    describes. Raises DataError naming the file and key for a missing, corrupt or
+    Images come back float32 (uint8 / 255), (N, C, H, W) for ``dims=2`` and
+    (N, 1, D, H, W) for ``dims=3``; labels as :class:`ArraySplit` describes. Raises DataError naming the file and key for a missing, corrupt or
     malformed file, and for labels that do not fit ``task``.
     """
     path = Path(path)
+    if dims not in (2, 3):
+        raise DataError(f"MedMNIST file '{path}': dims must be 2 or 3, got {dims!r}")
     raw = _read(path)
     out: dict[str, ArraySplit] = {}
     for s in SPLITS:
-        images = _images(raw[f"{s}_images"], f"MedMNIST file '{path}' key '{s}_images'")
+        images = _images(raw[f"{s}_images"], dims, f"MedMNIST file '{path}' key '{s}_images'")
         labels = _labels(raw[f"{s}_labels"], task, f"MedMNIST file '{path}' key '{s}_labels'")
         if len(labels) != len(images):
             raise DataError(
@@ -138,5 +161,5 @@ def load_medmnist(path: Path, task: TaskConfig) -> dict[str, ArraySplit]:
         out[s] = ArraySplit(images, labels)
     shapes = {s: tuple(out[s].images.shape[1:]) for s in SPLITS}
     if len(set(shapes.values())) > 1:
-        raise DataError(f"MedMNIST file '{path}': image shapes differ between splits, (C, H, W) = {shapes}")
+        raise DataError(f"MedMNIST file '{path}': image shapes differ between splits, (C, *spatial) = {shapes}")
     return out

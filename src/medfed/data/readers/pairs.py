@@ -1,12 +1,23 @@
-"""Image/mask pairs for segmentation, read from two folders and matched by file name.
+"""Image/mask pairs for 2D segmentation, read from two folders and matched by file name.
 
-An image without its mask, or a mask without its image, is an error that names every
-unmatched file: a pair is never dropped silently nor paired with the wrong file. Masks
-are stored with arbitrary grey levels (e.g. 0/255, or 0/128/255); ``mask_values`` lists
-them in class order and they become class indices 0..K-1.
+What it accepts: image and mask files with the suffixes in ``IMAGE_SUFFIXES`` (PNG,
+JPEG, TIFF, BMP; hidden files are ignored), paired by file stem. An image without its
+mask, or a mask without its image, is an error that names every unmatched file, also
+with ``on_bad_file: skip``: a pair is never dropped silently nor paired with the wrong
+file. Two files of one stem in a folder (``a.png`` and ``a.jpg``) are an error too.
 
-Not wired into job files yet (segmentation jobs come with issue 3); used by tests and
-scripts on the multi-site prostate and fundus slices.
+Images are decoded as :func:`medfed.data.readers.folder.read_image` describes
+(``channels: 1`` grey, colour converted with Pillow's ``L``; ``channels: 3`` RGB) to
+float32 (C, H, W) in [0, 1]. Masks store grey levels (e.g. 0/255, or 0/128/255);
+``mask_values`` lists them in class order and they become int64 class indices 0..K-1.
+A mask saved as RGB(A) must hold the same value in its colour channels; a palette mask
+gives its palette indices; a 1-bit mask gives 0/255. A mask holding another value, or of
+another height and width than its image, is an error naming it.
+
+``on_bad_file: skip`` drops a pair whose image or mask cannot be read on its own
+(corrupt, truncated, unsupported, colour mask) and reports the file in ``skipped``.
+Record names are the image file name, prefixed with the set (``train/00_00.png``) for a
+site's train/val/test sets; ``split`` is the set name, None for an undivided set.
 """
 
 from __future__ import annotations
@@ -17,7 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medfed.config import PairsData
 from medfed.core.errors import DataError
+from medfed.data.base import Record, SiteRecords
+from medfed.data.readers.folder import UnreadableFile, is_hidden, read_image, record_name, require_records, set_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -33,9 +47,20 @@ class SegmentationSplit:
 
 
 def _files(folder: Path, site: str, what: str) -> dict[str, Path]:
+    """Image files of ``folder`` by stem; two files of one stem are an error."""
     if not folder.is_dir():
         raise DataError(f"site '{site}': {what} folder '{folder}' not found")
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or is_hidden(p) or not p.is_file():
+            continue
+        if p.stem in out:
+            raise DataError(
+                f"site '{site}': {what} files '{out[p.stem].name}' and '{p.name}' in '{folder}' share the name "
+                f"'{p.stem}'; pairs are matched by name, keep one"
+            )
+        out[p.stem] = p
+    return out
 
 
 def match_pairs(image_dir: Path, mask_dir: Path, site: str) -> list[tuple[Path, Path]]:
@@ -56,47 +81,102 @@ def match_pairs(image_dir: Path, mask_dir: Path, site: str) -> list[tuple[Path, 
     return [(images[n], masks[n]) for n in sorted(images)]
 
 
-def _read(path: Path, site: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def read_mask(path: Path, site: str) -> np.ndarray:
+    """The stored grey levels of a mask file, (H, W). Raises UnreadableFile."""
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"site '{site}': cannot read '{path}' ({type(e).__name__}: {e})") from None
+            im.load()
+            arr = np.asarray(im.convert("L") if im.mode == "1" else im)
+    except Exception as e:  # Pillow raises many types for damaged files
+        raise UnreadableFile(site, path, f"cannot be read as a mask image ({type(e).__name__}: {e})") from None
+    if arr.ndim == 3:  # RGB(A) or LA: grey stored in colour channels, alpha ignored
+        colour = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
+        differ = int(np.count_nonzero((colour != colour[..., :1]).any(axis=-1)))
+        if differ:
+            raise UnreadableFile(
+                site, path, f"colour mask: its channels differ at {differ} pixel(s); store class grey levels"
+            )
+        arr = colour[..., 0]
+    if arr.ndim != 2:
+        raise UnreadableFile(site, path, f"mask of shape {arr.shape} is not a 2D image")
+    return arr
 
 
-def load_pairs(pairs: list[tuple[Path, Path]], site: str, mask_values: tuple[int, ...]) -> SegmentationSplit:
-    """Read matched pairs; every image must have its mask's height and width, every mask
-    only the grey levels in ``mask_values``, and all images one size and channel count."""
-    lut = {v: i for i, v in enumerate(mask_values)}
-    images, masks = [], []
-    for img_path, mask_path in pairs:
-        img, mask = _read(img_path, site), _read(mask_path, site)
-        if mask.ndim == 3:  # masks saved as RGB(A) grey: take one channel
-            mask = mask[..., 0]
-        if img.shape[:2] != mask.shape:
-            raise DataError(
-                f"site '{site}': image '{img_path.name}' is {img.shape[1]}x{img.shape[0]} "
-                f"but its mask is {mask.shape[1]}x{mask.shape[0]}"
-            )
-        found = np.unique(mask)
-        unknown = [int(v) for v in found if int(v) not in lut]
-        if unknown:
-            raise DataError(
-                f"site '{site}': mask '{mask_path.name}' holds value(s) {unknown} outside the declared {list(mask_values)}"
-            )
-        img = img[..., None] if img.ndim == 2 else img[..., :3]
-        images.append(np.moveaxis(img, -1, 0).astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0))
-        table = np.zeros(int(found.max()) + 1, dtype=np.int64)
-        for v in found:
-            table[int(v)] = lut[int(v)]
-        masks.append(table[mask])
-    shapes = {a.shape for a in images}
+def mask_classes(mask: np.ndarray, mask_values: tuple[int, ...] | list[int], path: Path, site: str) -> np.ndarray:
+    """int64 class indices from the stored grey levels; a level not declared is an error."""
+    values = np.asarray(mask_values)
+    order = np.argsort(values)
+    ranked = values[order]
+    pos = np.clip(np.searchsorted(ranked, mask), 0, len(ranked) - 1)
+    ok = ranked[pos] == mask
+    if not ok.all():
+        unknown = np.unique(mask[~ok])
+        shown = [v.item() for v in unknown[:10]] + (["..."] if len(unknown) > 10 else [])
+        raise DataError(f"site '{site}': mask '{path}' holds value(s) {shown} outside mask_values {list(mask_values)}")
+    return order[pos].astype(np.int64)
+
+
+def load_pair(image: Path, mask: Path, site: str, mask_values, channels: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One pair: float32 (C, H, W) image in [0, 1] and int64 (H, W) class indices.
+    ``channels`` None keeps the image's own (1 for grey, 3 for colour). Raises
+    UnreadableFile for a file that cannot be read, DataError for a size mismatch or
+    undeclared mask values."""
+    if channels is None:
+        channels = _stored_channels(image, site)
+    img = read_image(image, channels, site)
+    msk = read_mask(mask, site)
+    if img.shape[1:] != msk.shape:
+        raise DataError(
+            f"site '{site}': '{image}': image is {img.shape[2]}x{img.shape[1]} (width x height) "
+            f"but its mask '{mask}' is {msk.shape[1]}x{msk.shape[0]}"
+        )
+    return img, mask_classes(msk, mask_values, mask, site)
+
+
+def _stored_channels(path: Path, site: str) -> int:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return 1 if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;16") else 3
+    except Exception as e:
+        raise UnreadableFile(site, path, f"cannot be read as an image ({type(e).__name__}: {e})") from None
+
+
+def load_pairs(pairs: list[tuple[Path, Path]], site: str, mask_values: tuple[int, ...],
+               channels: int | None = None) -> SegmentationSplit:
+    """Read matched pairs into one stacked split (all images one size and channel count);
+    errors as :func:`load_pair`."""
+    loaded = [load_pair(i, m, site, mask_values, channels) for i, m in pairs]
+    shapes = {img.shape for img, _ in loaded}
     if len(shapes) > 1:
         raise DataError(f"site '{site}': images differ in size or channels: {sorted(shapes)}")
     return SegmentationSplit(
-        images=torch.from_numpy(np.stack(images)),
-        masks=torch.from_numpy(np.stack(masks)),
+        images=torch.from_numpy(np.stack([img for img, _ in loaded])),
+        masks=torch.from_numpy(np.stack([m for _, m in loaded])),
         names=tuple(p.stem for p, _ in pairs),
     )
+
+
+def _pair_site(site, cfg: PairsData) -> SiteRecords:
+    out = SiteRecords(site.name)
+    for set_name, fs in site.file_sets().items():
+        assert fs.masks is not None  # the schema requires a masks folder
+        for image, mask in match_pairs(fs.images, fs.masks, site.name):
+            try:
+                img, target = load_pair(image, mask, site.name, cfg.mask_values, cfg.channels)
+            except UnreadableFile as e:
+                if cfg.on_bad_file != "skip":
+                    raise
+                out.skipped.append((e.path, e.reason))
+                continue
+            out.records.append(Record(record_name(set_name, image.name), img, target, None, set_split(set_name)))
+    return require_records(out, "its image/mask pairs")
+
+
+def read_pair_sites(cfg: PairsData) -> list[SiteRecords]:
+    """Every site's image/mask pairs as records, in the job's site order (see the module
+    docstring). Images of different sizes are allowed (preprocessing resizes them)."""
+    return [_pair_site(site, cfg) for site in cfg.sites]

@@ -1,9 +1,34 @@
-"""Medical volumes: NIfTI (nibabel) and DICOM (pydicom), with their voxel spacing.
+"""Medical volumes: NIfTI (nibabel) and DICOM (pydicom), with their voxel spacing, and
+the 3D segmentation sites built from them.
 
-Arrays keep the file's voxel order; ``affine`` (NIfTI) maps voxel indices to millimetres,
-so orientation is kept, not guessed. DICOM intensities are rescaled with the file's slope
-and intercept (Hounsfield units for CT). Every error names the site, the file or series
-and the problem. Not yet reachable from job files (issue 3 wires readers into jobs).
+What it accepts
+---------------
+- NIfTI: ``.nii`` and ``.nii.gz`` files. Arrays keep the file's voxel order; ``affine``
+  maps voxel indices to millimetres, so orientation is kept, not guessed. A zero or
+  negative spacing in the header is an error (nibabel would silently read it as 1).
+- DICOM: a single-frame file gives a (rows, cols) image, a multi-frame file a
+  (frames, rows, cols) volume, a folder of single-frame files (one series) a
+  (slices, rows, cols) volume sorted along the slice normal. Intensities go through the
+  modality transform (rescale slope and intercept, also from the functional groups of
+  enhanced multi-frame files, or the modality LUT): Hounsfield units for CT. Pixel
+  spacing from ``PixelSpacing`` (or the functional groups); slice spacing from the
+  slice positions (series), or ``SpacingBetweenSlices``, ``GridFrameOffsetVector`` or
+  ``SliceThickness`` (multi-frame). ``spacing`` is None when the file does not record
+  it. Colour DICOM images are refused.
+
+:func:`read_volume_sites` reads a :class:`VolumesData` job: images matched by name with
+NIfTI label volumes in the masks folder (name = file name without ``.nii``/``.nii.gz``;
+for DICOM, the series folder's name or the file name without ``.dcm``/``.dicom``/``.ima``).
+Every record is 3D: image float32 (1, *spatial), target int64 (*spatial) of class indices
+0..num_classes-1, spacing from the image file. A single-frame DICOM file is a volume of
+one slice. The mask must have the image's array shape (size-1 axes aside) in the image's
+own voxel order: for DICOM that is (slice, row, column), not the (x, y, z) order that
+converters such as dcm2niix write.
+
+Every error names the site, the file or series and the problem. ``on_bad_file: skip``
+leaves out an image or mask that cannot be read on its own (corrupt, truncated, NaN
+voxels, bad spacing or series geometry, colour) and lists it in ``skipped``; unmatched
+names, shape mismatches and label values stay errors.
 """
 
 from __future__ import annotations
@@ -13,23 +38,34 @@ from pathlib import Path
 
 import numpy as np
 
+from medfed.config import FileSite, VolumesData
 from medfed.core.errors import DataError
+from medfed.data.base import Record, SiteRecords
+from medfed.data.readers.folder import UnreadableFile, is_hidden, record_name, require_records, set_split
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
 @dataclass(frozen=True)
 class Volume:
-    """``array``: float32 voxels; ``spacing``: millimetres per voxel along each array axis;
-    ``affine``: 4x4 voxel-to-world matrix when the format has one, else None."""
+    """``array``: float32 voxels; ``spacing``: millimetres per voxel along each array axis,
+    None when the file does not record it; ``affine``: 4x4 voxel-to-world matrix when the
+    format has one, else None."""
 
     array: np.ndarray
-    spacing: tuple[float, ...]
+    spacing: tuple[float, ...] | None
     affine: np.ndarray | None = None
 
 
-def _check_spacing(spacing: tuple[float, ...], where: str) -> tuple[float, ...]:
-    if len(spacing) == 0 or any(not np.isfinite(s) or s <= 0 for s in spacing):
-        raise DataError(f"{where}: voxel spacing must be positive, got {tuple(round(float(s), 6) for s in spacing)}")
-    return tuple(float(s) for s in spacing)
+def _check_spacing(spacing, site: str, path) -> tuple[float, ...]:
+    values = tuple(float(s) for s in spacing)
+    if len(values) == 0 or any(not np.isfinite(s) or s <= 0 for s in values):
+        raise UnreadableFile(site, path, f"voxel spacing must be positive, got {tuple(round(s, 6) for s in values)}")
+    return values
+
+
+# --------------------------------------------------------------------------- NIfTI
 
 
 def _raw_spacing(path: Path, ndim: int) -> tuple[float, ...] | None:
@@ -49,99 +85,332 @@ def _raw_spacing(path: Path, ndim: int) -> tuple[float, ...] | None:
 
 
 def load_nifti(path: Path, site: str) -> Volume:
-    """A NIfTI image (``.nii`` or ``.nii.gz``) with its spacing and affine."""
+    """A NIfTI image (``.nii`` or ``.nii.gz``) with its spacing and affine. Raises
+    DataError when absent, UnreadableFile when it cannot be read or is invalid."""
     import nibabel as nib
 
-    where = f"site '{site}': '{path}'"
     if not Path(path).is_file():
-        raise DataError(f"{where} not found")
+        raise DataError(f"site '{site}': '{path}' not found")
     try:
         img = nib.load(str(path))
         array = np.asarray(img.dataobj, dtype=np.float32)
+        affine = np.asarray(img.affine)
+        zooms = tuple(img.header.get_zooms()[: array.ndim])
     except Exception as e:  # nibabel raises many types for damaged files (gzip, EOF, header errors)
-        raise DataError(f"{where} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
+        raise UnreadableFile(site, path, f"not a readable NIfTI file ({type(e).__name__}: {e})") from None
     raw = _raw_spacing(Path(path), array.ndim)
-    spacing = _check_spacing(raw if raw is not None else tuple(img.header.get_zooms()[: array.ndim]), where)
+    spacing = _check_spacing(raw if raw is not None else zooms, site, path)
     bad = int(np.count_nonzero(~np.isfinite(array)))
     if bad:
-        raise DataError(f"{where}: {bad} voxel value(s) are NaN or Inf")
-    return Volume(array, spacing, np.asarray(img.affine))
+        raise UnreadableFile(site, path, f"{bad} voxel value(s) are NaN or Inf")
+    return Volume(array, spacing, affine)
+
+
+def _label_values(mask: np.ndarray, mask_path: Path, site: str, num_classes: int) -> np.ndarray:
+    """int64 class indices; other values are an error naming the mask and the values."""
+    labels = np.rint(mask).astype(np.int64)
+    if labels.size and (not np.array_equal(labels, mask) or labels.min() < 0 or labels.max() >= num_classes):
+        found = np.unique(mask)
+        bad = [float(v) for v in found if v != np.rint(v) or not 0 <= v < num_classes]
+        raise DataError(
+            f"site '{site}': mask '{mask_path}' holds values {bad[:8]}{' ...' if len(bad) > 8 else ''} "
+            f"outside the class indices 0..{num_classes - 1}"
+        )
+    return labels
+
+
+def _fit_mask(image_shape: tuple, mask: np.ndarray, image: Path, mask_path: Path, site: str,
+              dicom: bool = False) -> np.ndarray:
+    """The mask in the image's shape (size-1 axes aside); another shape is an error."""
+    if mask.shape == image_shape:
+        return mask
+    if mask.size == int(np.prod(image_shape)) and np.squeeze(mask).shape == tuple(d for d in image_shape if d != 1):
+        return mask.reshape(image_shape)
+    hint = ""
+    if dicom and mask.shape == tuple(reversed(image_shape)):
+        hint = "; the mask seems to be in (x, y, z) order while the image array is (slice, row, column)"
+    raise DataError(f"site '{site}': image '{image}' is {image_shape} but its mask '{mask_path}' is {mask.shape}{hint}")
 
 
 def load_nifti_pair(image: Path, mask: Path, site: str, num_classes: int) -> tuple[Volume, np.ndarray]:
     """An image volume and its label volume (int64 class indices in 0..num_classes-1),
     which must share the image's shape and spacing."""
     img, msk = load_nifti(image, site), load_nifti(mask, site)
-    if img.array.shape != msk.array.shape:
-        raise DataError(f"site '{site}': image '{Path(image).name}' is {img.array.shape} but its mask is {msk.array.shape}")
-    if not np.allclose(img.spacing, msk.spacing, rtol=1e-3):
-        raise DataError(f"site '{site}': image '{Path(image).name}' spacing {img.spacing} differs from its mask's {msk.spacing}")
-    labels = np.rint(msk.array).astype(np.int64)
-    if not np.allclose(labels, msk.array) or labels.min() < 0 or labels.max() >= num_classes:
-        found = sorted(np.unique(msk.array).tolist())[:6]
-        raise DataError(f"site '{site}': mask '{Path(mask).name}' holds values {found}, expected class indices 0..{num_classes - 1}")
-    return img, labels
+    array = _fit_mask(img.array.shape, msk.array, image, mask, site)
+    if array is msk.array and not np.allclose(img.spacing, msk.spacing, rtol=1e-3):
+        raise DataError(f"site '{site}': image '{image}' spacing {img.spacing} differs from its mask's {msk.spacing}")
+    return img, _label_values(array, mask, site, num_classes)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _fg(ds, sequence: str, attr: str, frame: int | None = None):
+    """``attr`` from the functional groups of an enhanced multi-frame file: the frame's
+    own group first (when ``frame`` is given), then the shared group; else None."""
+    groups = []
+    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds:
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+        if frame < len(per_frame):
+            groups.append(per_frame[frame])
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    for group in groups:
+        items = group.get(sequence)
+        if items and attr in items[0]:
+            return items[0].get(attr)
+    return None
+
+
+def _rescale(ds, pixels: np.ndarray) -> np.ndarray:
+    """The modality transform: slope/intercept (top level, or per frame from the
+    functional groups), else the modality LUT; float32."""
+    if ds.get("ModalityLUTSequence"):
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    out = pixels.astype(np.float32)
+    multi = pixels.ndim == 3
+    for i in range(pixels.shape[0] if multi else 1):
+        slope = ds.get("RescaleSlope", _fg(ds, "PixelValueTransformationSequence", "RescaleSlope", i))
+        intercept = ds.get("RescaleIntercept", _fg(ds, "PixelValueTransformationSequence", "RescaleIntercept", i))
+        slope = 1.0 if slope in (None, "") else float(slope)
+        intercept = 0.0 if intercept in (None, "") else float(intercept)
+        if slope == 0:
+            raise ValueError("RescaleSlope is 0")
+        view = out[i] if multi else out
+        view *= np.float32(slope)
+        view += np.float32(intercept)
+    return out
 
 
 def _read_dicom(path: Path, site: str):
+    """(dataset, float32 pixels after the modality transform). Raises UnreadableFile."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(str(path))
-        pixels = ds.pixel_array
-    except (InvalidDicomError, AttributeError, KeyError, ValueError, OSError, EOFError, TypeError) as e:
-        raise DataError(f"site '{site}': '{path}' is not a readable DICOM image ({type(e).__name__}: {e})") from None
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    return ds, pixels.astype(np.float32) * slope + intercept
+        if int(ds.get("SamplesPerPixel") or 1) != 1:
+            raise UnreadableFile(site, path, f"colour DICOM image (SamplesPerPixel {ds.SamplesPerPixel}); volumes are grey")
+        pixels = _rescale(ds, ds.pixel_array)
+    except UnreadableFile:
+        raise
+    except Exception as e:  # pydicom raises many types for damaged files (EOF, VR, decoder errors)
+        raise UnreadableFile(site, path, f"not a readable DICOM image ({type(e).__name__}: {e})") from None
+    if not np.isfinite(pixels).all():
+        raise UnreadableFile(site, path, "pixel values are NaN or Inf after rescale")
+    return ds, pixels
 
 
-def load_dicom(path: Path, site: str) -> Volume:
-    """One DICOM file: a 2D image (rows, cols), or a multi-frame volume (frames, rows, cols)."""
+def _floats(value) -> tuple[float, ...] | None:
+    """A DICOM number or list of numbers as floats; None when absent or not numeric."""
+    if value is None or value == "":
+        return None
+    items = value if hasattr(value, "__len__") and not isinstance(value, (str, bytes)) else [value]
+    try:
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pixel_spacing(ds) -> tuple[float, ...] | None:
+    spacing = _floats(ds.get("PixelSpacing")) or _floats(_fg(ds, "PixelMeasuresSequence", "PixelSpacing"))
+    return spacing if spacing is not None and len(spacing) == 2 else None
+
+
+def _frame_gap(ds) -> float | None:
+    """Distance between frames of a multi-frame file, when recorded."""
+    for value in (ds.get("SpacingBetweenSlices"), _fg(ds, "PixelMeasuresSequence", "SpacingBetweenSlices")):
+        gap = _floats(value)
+        if gap:
+            return abs(gap[0])
+    offsets = _floats(ds.get("GridFrameOffsetVector"))
+    if offsets and len(offsets) > 1:
+        gaps = np.abs(np.diff(offsets))
+        return float(gaps[0]) if np.allclose(gaps, gaps[0], rtol=1e-3) else None
+    thickness = _floats(ds.get("SliceThickness")) or _floats(_fg(ds, "PixelMeasuresSequence", "SliceThickness"))
+    return thickness[0] if thickness else None
+
+
+def _load_dicom(path: Path, site: str) -> tuple[Volume, object]:
+    """(volume, dataset) of one DICOM file; see :func:`load_dicom`."""
     if not Path(path).is_file():
         raise DataError(f"site '{site}': '{path}' not found")
     ds, array = _read_dicom(Path(path), site)
-    row, col = (float(v) for v in getattr(ds, "PixelSpacing", (1.0, 1.0)))
-    where = f"site '{site}': '{path}'"
+    pixel = _pixel_spacing(ds)
+    spacing: tuple[float, ...] | None = pixel
     if array.ndim == 3:
-        thickness = float(getattr(ds, "SpacingBetweenSlices", getattr(ds, "SliceThickness", 1.0)) or 0)
-        return Volume(array, _check_spacing((thickness, row, col), where))
-    return Volume(array, _check_spacing((row, col), where))
+        gap = _frame_gap(ds)
+        spacing = None if pixel is None or gap is None else (gap, *pixel)
+    return Volume(array, None if spacing is None else _check_spacing(spacing, site, path)), ds
+
+
+def load_dicom(path: Path, site: str) -> Volume:
+    """One DICOM file: a 2D image (rows, cols), or a multi-frame volume (frames, rows,
+    cols). ``spacing`` is None when the file does not record it."""
+    return _load_dicom(path, site)[0]
+
+
+def _series_slice(f: Path, folder: Path, site: str):
+    ds, array = _read_dicom(f, site)
+    if array.ndim != 2:
+        raise UnreadableFile(site, folder, f"series file '{f.name}' has {array.ndim} dimensions; a series holds single frames")
+    try:
+        orient = np.array([float(v) for v in ds.ImageOrientationPatient])
+        pos = np.array([float(v) for v in ds.ImagePositionPatient])
+    except (AttributeError, TypeError, ValueError):
+        raise UnreadableFile(site, folder, f"series file '{f.name}' lacks its position or orientation") from None
+    if orient.shape != (6,) or pos.shape != (3,):
+        raise UnreadableFile(site, folder, f"series file '{f.name}' has a malformed position or orientation")
+    return ds.get("SeriesInstanceUID"), orient, pos, _pixel_spacing(ds), array, ds
 
 
 def load_dicom_series(folder: Path, site: str) -> Volume:
     """The single-frame DICOM files of one folder as a (slices, rows, cols) volume, sorted
     by position along the slice normal; slice spacing from the positions. Files that
-    disagree in size, pixel spacing or orientation, or two slices at one position, are an
-    error naming the series."""
+    disagree in size, pixel spacing or orientation, belong to several series, or two
+    slices at one position, are an error naming the series (UnreadableFile)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden(p)) if folder.is_dir() else []
     if not files:
         raise DataError(f"site '{site}': DICOM series '{folder}' has no files")
-    slices = []
-    for f in files:
-        ds, array = _read_dicom(f, site)
-        try:
-            orient = np.array([float(v) for v in ds.ImageOrientationPatient])
-            pos = np.array([float(v) for v in ds.ImagePositionPatient])
-        except AttributeError:
-            raise DataError(f"site '{site}': '{f.name}' in series '{folder}' lacks its position or orientation") from None
-        slices.append((orient, pos, tuple(float(v) for v in ds.PixelSpacing), array))
-    orient0, _, spacing0, array0 = slices[0]
-    for orient, _, spacing, array in slices[1:]:
-        if array.shape != array0.shape or not np.allclose(spacing, spacing0) or not np.allclose(orient, orient0, atol=1e-4):
-            raise DataError(
-                f"site '{site}': DICOM series '{folder}' has inconsistent geometry "
-                f"(size {array.shape} vs {array0.shape}, spacing {spacing} vs {spacing0}, or orientation)"
+    slices = [_series_slice(f, folder, site) for f in files]
+    uids = {s[0] for s in slices}
+    if len(uids) > 1:
+        raise UnreadableFile(site, folder, f"the folder holds files of {len(uids)} DICOM series; one series per folder")
+    _, orient0, _, spacing0, array0, ds0 = slices[0]
+    for f, (_, orient, _, spacing, array, _) in zip(files[1:], slices[1:]):
+        differ = []
+        if array.shape != array0.shape:
+            differ.append(f"size {array.shape} vs {array0.shape}")
+        if spacing != spacing0 and not (spacing and spacing0 and np.allclose(spacing, spacing0)):
+            differ.append(f"pixel spacing {spacing} vs {spacing0}")
+        if not np.allclose(orient, orient0, atol=1e-4):
+            differ.append(f"orientation {orient.round(4).tolist()} vs {orient0.round(4).tolist()}")
+        if differ:
+            raise UnreadableFile(
+                site, folder, f"DICOM series has inconsistent geometry: '{f.name}' differs from "
+                f"'{files[0].name}' in {', '.join(differ)}"
             )
     normal = np.cross(orient0[:3], orient0[3:])
-    slices.sort(key=lambda s: float(np.dot(normal, s[1])))
-    depths = np.array([float(np.dot(normal, s[1])) for s in slices])
+    slices.sort(key=lambda s: float(np.dot(normal, s[2])))
+    depths = np.array([float(np.dot(normal, s[2])) for s in slices])
     gaps = np.diff(depths)
-    where = f"site '{site}': DICOM series '{folder}'"
     if len(gaps) and (np.any(gaps <= 1e-6) or not np.allclose(gaps, gaps[0], rtol=1e-2)):
-        raise DataError(f"{where} has uneven or repeated slice positions (gaps {np.round(gaps, 3).tolist()[:5]})")
-    thickness = float(gaps[0]) if len(gaps) else 1.0
-    volume = np.stack([s[3] for s in slices])
-    return Volume(volume, _check_spacing((thickness, *spacing0), where))
+        raise UnreadableFile(
+            site, folder, f"DICOM series has uneven or repeated slice positions (gaps {np.round(gaps, 3).tolist()[:5]})"
+        )
+    gap = float(gaps[0]) if len(gaps) else _frame_gap(ds0)
+    volume = np.stack([s[4] for s in slices])
+    spacing = None if spacing0 is None or gap is None else (gap, *spacing0)
+    return Volume(volume, None if spacing is None else _check_spacing(spacing, site, folder))
+
+
+# --------------------------------------------------------------------------- sites
+
+
+def _strip(name: str, suffixes: tuple[str, ...]) -> str | None:
+    lower = name.lower()
+    for s in suffixes:
+        if lower.endswith(s) and len(name) > len(s):
+            return name[: -len(s)]
+    return None
+
+
+def _named(folder: Path, site: str, what: str, dicom: bool) -> dict[str, Path]:
+    """The volumes of ``folder`` by name: NIfTI files, or (``dicom``) series folders and
+    DICOM files. Two entries of one name are an error."""
+    if not folder.is_dir():
+        raise DataError(f"site '{site}': {what} folder '{folder}' not found")
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if is_hidden(p):
+            continue
+        if dicom:
+            if p.name.upper() == "DICOMDIR":
+                continue
+            name = p.name if p.is_dir() else (_strip(p.name, DICOM_SUFFIXES) or p.name)
+        else:
+            name = _strip(p.name, NIFTI_SUFFIXES) if p.is_file() else None
+        if name is None:
+            continue
+        if name in out:
+            raise DataError(f"site '{site}': {what} '{out[name].name}' and '{p.name}' in '{folder}' share the name '{name}'")
+        out[name] = p
+    return out
+
+
+def _match(images: dict[str, Path], masks: dict[str, Path], fs, site: str) -> list[tuple[str, Path, Path]]:
+    lonely_images = sorted(images.keys() - masks.keys())
+    lonely_masks = sorted(masks.keys() - images.keys())
+    if lonely_images or lonely_masks:
+        parts = []
+        if lonely_images:
+            parts.append(f"images without a mask: {', '.join(images[n].name for n in lonely_images)}")
+        if lonely_masks:
+            parts.append(f"masks without an image: {', '.join(masks[n].name for n in lonely_masks)}")
+        raise DataError(f"site '{site}': {'; '.join(parts)} (in '{fs.images}' and '{fs.masks}')")
+    if not images:
+        raise DataError(f"site '{site}': no image volumes in '{fs.images}'")
+    return [(n, images[n], masks[n]) for n in sorted(images)]
+
+
+def _as_3d(vol: Volume, source: Path, site: str) -> Volume:
+    """The volume with three spatial axes (trailing size-1 axes dropped)."""
+    array, spacing = vol.array, vol.spacing
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+        spacing = None if spacing is None else spacing[: array.ndim]
+    if array.ndim != 3:
+        raise UnreadableFile(site, source, f"array of shape {vol.array.shape} is not a 3D volume")
+    return Volume(array, spacing, vol.affine)
+
+
+def _load_image(source: Path, fmt: str, site: str) -> Volume:
+    """An image volume; a single-frame DICOM file becomes a volume of one slice (slice
+    spacing from SpacingBetweenSlices or SliceThickness)."""
+    if fmt == "nifti":
+        return _as_3d(load_nifti(source, site), source, site)
+    if source.is_dir():
+        return load_dicom_series(source, site)
+    vol, ds = _load_dicom(source, site)
+    if vol.array.ndim == 2:
+        gap = _frame_gap(ds)
+        spacing = None if vol.spacing is None or gap is None else _check_spacing((gap, *vol.spacing), site, source)
+        vol = Volume(vol.array[None], spacing)
+    return vol
+
+
+def _volume_record(source: Path, mask_path: Path, fmt: str, site: str, num_classes: int):
+    vol = _load_image(source, fmt, site)
+    msk = load_nifti(mask_path, site)
+    array = _fit_mask(vol.array.shape, msk.array, source, mask_path, site, dicom=fmt == "dicom")
+    if fmt == "nifti" and array is msk.array and not np.allclose(vol.spacing, msk.spacing[:3], rtol=1e-3):
+        raise DataError(f"site '{site}': image '{source}' spacing {vol.spacing} differs from its mask's {msk.spacing}")
+    target = _label_values(array, mask_path, site, num_classes)
+    return vol.array[None].astype(np.float32, copy=False), target, vol.spacing
+
+
+def _volume_site(site: FileSite, cfg: VolumesData, num_classes: int) -> SiteRecords:
+    out = SiteRecords(site.name)
+    dicom = cfg.format == "dicom"
+    for set_name, fs in site.file_sets().items():
+        assert fs.masks is not None  # the schema requires a masks folder
+        images = _named(fs.images, site.name, "image", dicom)
+        masks = _named(fs.masks, site.name, "mask", dicom=False)
+        for name, source, mask_path in _match(images, masks, fs, site.name):
+            try:
+                image, target, spacing = _volume_record(source, mask_path, cfg.format, site.name, num_classes)
+            except UnreadableFile as e:
+                if cfg.on_bad_file != "skip":
+                    raise
+                out.skipped.append((e.path, e.reason))
+                continue
+            out.records.append(Record(record_name(set_name, name), image, target, spacing, set_split(set_name)))
+    return require_records(out, "its volumes")
+
+
+def read_volume_sites(cfg: VolumesData, num_classes: int) -> list[SiteRecords]:
+    """Every site's volumes with their label volumes, in the job's site order (see the
+    module docstring). Raises DataError naming the site, the file and the problem."""
+    return [_volume_site(site, cfg, num_classes) for site in cfg.sites]
