@@ -11,7 +11,6 @@ should ensure.
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from torch import nn
 from medfed.config import CLASSIFIERS, SEGMENTERS, ModelConfig, SegmentationTaskConfig, TaskConfig
 from medfed.core.errors import ModelError
 
-AnyTask = Union[TaskConfig, SegmentationTaskConfig]
+AnyTask = TaskConfig | SegmentationTaskConfig
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

@@ -162,14 +162,17 @@ def _crop_or_pad_op(step: CropOrPadStep) -> _Op:
 
 def _resize_op(step: ResizeStep, dims: int) -> _Op:
     size = [int(s) for s in step.size]
-    # Linear interpolation with a Gaussian pre-filter along the axes that shrink (no
-    # aliasing when downsampling, smooth when upsampling); the mask by nearest neighbour.
+    # Shrinking along every axis: area averaging (no aliasing, and ~40x cheaper than a
+    # Gaussian pre-filter). Otherwise linear interpolation, with a Gaussian pre-filter
+    # along the axes that shrink. The mask by nearest neighbour.
+    shrink_tf = Resize(spatial_size=size, mode="area")
     image_tf = Resize(spatial_size=size, mode=_linear(dims), anti_aliasing=True)
     mask_tf = Resize(spatial_size=size, mode="nearest-exact")
 
     def op(image, mask, spacing, name):
         old = image.shape[1:]
-        image = _plain(image_tf(image))
+        shrinking = all(int(n) <= int(o) for n, o in zip(size, old))
+        image = _plain((shrink_tf if shrinking else image_tf)(image))
         if mask is not None:
             mask = _plain(mask_tf(mask))
         if spacing is not None and len(spacing) == dims:
@@ -188,8 +191,9 @@ def build_preprocess(steps: Sequence[PreprocessStep], dims: int, segmentation: b
     (over nonzero voxels if asked) or whole-image min-max to [0, 1]. ``spacing``: resample
     from ``record.spacing`` to ``pixdim`` (image linear, mask nearest) and set the new
     spacing; a record without spacing is a DataError naming it. ``crop_or_pad``: centre
-    crop / zero pad image and mask. ``resize``: image linear (anti-aliased), mask nearest;
-    the spacing is scaled to keep the field of view.
+    crop / zero pad image and mask. ``resize``: image by area averaging when every axis
+    shrinks, else linear (anti-aliased along shrinking axes); mask nearest; the spacing is
+    scaled to keep the field of view.
 
     The returned record has a float32 numpy image and, for segmentation, an int64 numpy
     mask of the image's spatial shape; a classification target is returned as is. Raises

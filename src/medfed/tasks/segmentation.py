@@ -81,7 +81,7 @@ class SegmentationTask:
         """Predicted masks (B, *sp) int64: the most likely class per pixel."""
         return logits.argmax(dim=1)
 
-    def evaluator(self, spacing: Sequence[float] | None = None) -> "SegmentationEvaluator":
+    def evaluator(self, spacing: Sequence[float] | None = None) -> SegmentationEvaluator:
         """A fresh accumulator of batches; ``spacing`` (mm per pixel or voxel along the
         spatial axes), when known, puts ``hd95`` in millimetres instead of pixels."""
         return SegmentationEvaluator(self, spacing)
