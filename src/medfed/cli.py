@@ -131,9 +131,11 @@ def _check_model_and_algorithm(job: Job) -> None:
     """Build the model and the algorithm once: catches what needs the model (e.g. a
     personal layer name that is not a layer of it). The data is not read here."""
     from medfed.algorithms import build_algorithm
-    from medfed.models import build_model
+    from medfed.models import build_model, check_input_size
 
     model = build_model(job.model, job.task, getattr(job.data, "channels", 1), spatial_dims=job.data_dims or 2)
+    if job.transforms.patch is not None:
+        check_input_size(job.model, tuple(job.transforms.patch), tuple(job.transforms.patch))
     build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum)
 
 

@@ -135,3 +135,21 @@ def build_model(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims:
 def get_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of the model's state dict (parameters and buffers)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+SEGMENTER_STRIDE = 8  # unet and segresnet halve the image three times
+
+
+def check_input_size(cfg: ModelConfig, spatial_shape: tuple[int, ...], patch: tuple[int, ...] | None) -> None:
+    """Refuse inputs a segmenter cannot take: it halves them three times, so every side it
+    sees (the training patch, else the image) must be a multiple of 8. Raises ModelError."""
+    if cfg.name not in ("unet", "segresnet"):
+        return
+    seen = tuple(patch) if patch is not None else tuple(spatial_shape)
+    if any(int(s) % SEGMENTER_STRIDE for s in seen):
+        what = "transforms.patch" if patch is not None else "the images"
+        raise ModelError(
+            f"model '{cfg.name}' halves its input three times: every side must be a multiple of "
+            f"{SEGMENTER_STRIDE}, but {what} are {list(seen)}; add a crop_or_pad or resize step to "
+            "transforms.preprocess, or train on patches (transforms.patch)"
+        )

@@ -26,7 +26,7 @@ from medfed.config import Job
 from medfed.core.errors import RunDirError
 from medfed.core.types import Arm, Params
 from medfed.data.base import SiteData
-from medfed.models import build_model, get_params
+from medfed.models import build_model, check_input_size, get_params
 from medfed.server.baselines import run_centralized, run_finetuned, run_local
 from medfed.server.checkpoint import atomic_write_text, save_checkpoint
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
@@ -121,6 +121,8 @@ def run_job(
     set_threads(job.num_threads)
     device = resolve_device(job.device)
     sites = build_sites(job)  # data errors surface before anything is written
+    patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
+    check_input_size(job.model, tuple(sites[0].train.images.shape[2:]), patch)
     summary = describe_sites(sites, job.task, job.held_out)
     if on_sites is not None:
         on_sites(summary)

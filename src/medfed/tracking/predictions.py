@@ -55,11 +55,17 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
     return rgb.clip(0, 255).astype(np.uint8)
 
 
+MIN_PANEL = 128  # small images are enlarged (nearest neighbour) to at least this height
+
+
 def panels(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Image, ground truth and prediction side by side, 2 px of white between them."""
-    plain = overlay(image, np.zeros_like(truth))
-    gap = np.full((plain.shape[0], 2, 3), 255, dtype=np.uint8)
-    return np.concatenate([plain, gap, overlay(image, truth), gap, overlay(image, pred)], axis=1)
+    """Image, ground truth and prediction side by side, 2 px of white between them;
+    images smaller than MIN_PANEL pixels high are enlarged by a whole factor."""
+    k = max(1, MIN_PANEL // max(1, truth.shape[0]))
+    views = [overlay(image, np.zeros_like(truth)), overlay(image, truth), overlay(image, pred)]
+    views = [v.repeat(k, axis=0).repeat(k, axis=1) for v in views]
+    gap = np.full((views[0].shape[0], 2, 3), 255, dtype=np.uint8)
+    return np.concatenate([views[0], gap, views[1], gap, views[2]], axis=1)
 
 
 @torch.no_grad()
