@@ -99,3 +99,49 @@ def test_example_jobs_are_valid_and_builtin_matches_examples():
     for f in sorted((REPO / "examples").glob("*.yaml")):
         load_job(f)
     assert builtin_job_path().read_text() == (REPO / "examples" / "quickstart.yaml").read_text()
+
+
+SEG = {
+    "name": "s", "output": "o", "rounds": 1, "model": {"name": "unet"},
+    "task": {"kind": "segmentation", "num_classes": 3},
+    "data": {"source": "synthetic_segmentation", "dims": 3, "image_size": 32,
+             "sites": [{"name": "a", "n_train": 4, "n_test": 2}, {"name": "b", "n_train": 4, "n_test": 2}]},
+}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"task": {"kind": "segmentation", "num_classes": 5}}, "task.num_classes: synthetic segmentation has 2 classes"),
+    ({"model": {"name": "small_cnn"}}, "model.name: a segmentation task needs one of ['unet', 'segresnet']"),
+    ({"task": {"labels": "binary"}}, "data.source: 'synthetic_segmentation' data needs task.kind: segmentation"),
+    ({"transforms": {"patch": [16, 16]}}, "transforms.patch: needs 3 sizes for 3D data, got [16, 16]"),
+    ({"transforms": {"augment": [{"name": "flip", "prob": 2}]}}, "transforms.augment[0].prob: must be <= 1, got 2"),
+    ({"transforms": {"preprocess": [{"name": "window"}]}}, "transforms.preprocess[0]: window: give min and max, or a preset"),
+    ({"transforms": {"preprocess": [{"name": "resize", "size": [8, 8]}]}}, "transforms.preprocess[0]: resize needs 3 sizes"),
+    ({"task": {"kind": "segmentaton"}}, "task.kind: unknown task kind 'segmentaton'"),
+    ({"held_out": ["a", "b"]}, "held_out: at least one site must train"),
+    ({"held_out": ["c"]}, "held_out: unknown site(s) ['c']"),
+    ({"feature_shift": {"c": {}}}, "feature_shift: unknown site(s) ['c']"),
+    ({"feature_shift": {"a": {"resolution": 0}}}, "feature_shift.a.resolution: must be > 0"),
+    ({"data": {"source": "pairs", "mask_values": [0, 255], "sites": [{"name": "a", "images": "i"}]}},
+     "data.sites: site 'a': image/mask pairs need a masks folder"),
+    ({"data": {"source": "pairs", "mask_values": [0, 255], "sites": [{"name": "a", "images": "i", "masks": "m"}]}},
+     "data.mask_values: 2 values [0, 255] but task.num_classes is 3"),
+    ({"data": {"source": "volumes", "sites": [{"name": "a", "images": "i", "masks": "m", "train": {"images": "t"}}]}},
+     "site 'a': give either images (all examples) or train"),
+])
+def test_segmentation_and_transform_errors_name_the_field(change, message):
+    with pytest.raises(ConfigError) as e:
+        parse_job({**SEG, **change})
+    assert message in str(e.value)
+
+
+def test_folder_source_needs_exactly_one_way_to_make_sites():
+    base = {"name": "f", "output": "o", "rounds": 1, "model": {"name": "small_cnn"}, "task": {"labels": "binary"}}
+    with pytest.raises(ConfigError, match="give exactly one of sites, sites_by or partition, got none"):
+        parse_job({**base, "data": {"source": "folder", "label_columns": ["y"], "images": "i", "csv": "c"}})
+    with pytest.raises(ConfigError, match="sites_by splits one data set: give its images folder and csv"):
+        parse_job({**base, "data": {"source": "folder", "label_columns": ["y"],
+                                    "sites_by": {"column": "h", "sites": ["x"]}}})
+    job = parse_job({**base, "data": {"source": "folder", "label_columns": ["y"], "images": "img", "csv": "l.csv",
+                                      "sites_by": {"column": "h", "sites": ["x", "y"]}}}, base_dir=Path("/data/jobs"))
+    assert job.site_names == ["x", "y"] and job.data.images == Path("/data/jobs/img")

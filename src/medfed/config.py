@@ -814,16 +814,16 @@ class Job(_Frozen):
 
     def _check_task_fits(self) -> None:
         seg_task = self.task.kind == "segmentation"
+        seg_data = self.data.source in SEGMENTATION_SOURCES
+        if seg_data != seg_task:
+            want = "task.kind: segmentation" if seg_data else "a classification task"
+            raise ValueError(f"data.source: '{self.data.source}' data needs {want}, got task.kind '{self.task.kind}'")
         if seg_task and self.model.name not in SEGMENTERS:
             raise ValueError(f"model.name: a segmentation task needs one of {list(SEGMENTERS)}, got '{self.model.name}'")
         if not seg_task and self.model.name not in CLASSIFIERS:
             raise ValueError(
                 f"model.name: '{self.model.name}' segments; a classification task needs one of {list(CLASSIFIERS)}"
             )
-        seg_data = self.data.source in SEGMENTATION_SOURCES
-        if seg_data != seg_task:
-            want = "task.kind: segmentation" if seg_data else "a classification task"
-            raise ValueError(f"data.source: '{self.data.source}' data needs {want}, got task.kind '{self.task.kind}'")
         if isinstance(self.data, PairsData) and len(self.data.mask_values) != self.task.num_classes:
             raise ValueError(
                 f"data.mask_values: {len(self.data.mask_values)} values {self.data.mask_values} but "

@@ -344,3 +344,45 @@ def test_real_promise12_through_read_volume_sites(tmp_path):
     assert r.name == "Case00" and r.image.shape == (1, 128, 128, 64) and r.target.shape == (128, 128, 64)
     assert np.allclose(r.spacing, (1.0937, 1.0937, 1.6156), atol=1e-3)
     assert set(np.unique(r.target).tolist()) == {0, 1} and 0 < r.target.mean() < 0.5
+
+
+def test_real_promise12_resampled_trains_one_3d_step_and_segments_by_sliding_window(tmp_path):
+    import torch
+
+    from medfed.algorithms.base import SiteHook
+    from medfed.config import ModelConfig, SegmentationTaskConfig, TransformsConfig
+    from medfed.core.types import TrainSettings
+    from medfed.data.base import ArraySplit
+    from medfed.data.transforms import build_augment, build_preprocess
+    from medfed.models import build_model
+    from medfed.site.train import train_local
+    from medfed.tasks.segmentation import SegmentationTask
+
+    root = shared("volumes")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    os.symlink(root / "promise12_Case00.nii.gz", tmp_path / "img" / "Case00.nii.gz")
+    os.symlink(root / "promise12_Case00_segmentation.nii.gz", tmp_path / "msk" / "Case00.nii.gz")
+    (site,) = read_volume_sites(_cfg(tmp_path), 2)
+    steps = TransformsConfig(preprocess=[{"name": "spacing", "pixdim": [2.2, 2.2, 3.2]}, {"name": "normalize"},
+                                         {"name": "crop_or_pad", "size": [64, 64, 32]}]).preprocess
+    rec = build_preprocess(steps, 3, True)(site.records[0])
+    assert rec.image.shape == (1, 64, 64, 32) and rec.spacing == (2.2, 2.2, 3.2)
+    assert set(np.unique(rec.target).tolist()) == {0, 1}
+    data = ArraySplit(torch.from_numpy(rec.image)[None].repeat(2, 1, 1, 1, 1),
+                      torch.from_numpy(rec.target)[None].repeat(2, 1, 1, 1), spacing=rec.spacing)
+    task_cfg = SegmentationTaskConfig(kind="segmentation", num_classes=2)
+    task = SegmentationTask(task_cfg, patch=(32, 32, 16))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="unet", width=4), task_cfg, 1, spatial_dims=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(local_epochs=1, batch_size=2, lr=0.01, optimizer="adam", momentum=0.0,
+                             weight_decay=0.0, seed=0)
+    augment = build_augment([], (32, 32, 16), 3, True)
+    stats = train_local(model, data, task, settings, SiteHook(), torch.device("cpu"), augment=augment)
+    assert stats.num_steps == 1 and np.isfinite(stats.mean_loss)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        logits = task.infer(model, data.images[:1])
+    assert logits.shape == (1, 2, 64, 64, 32)
