@@ -576,8 +576,9 @@ class TaskConfig(_Frozen):
 class SegmentationTaskConfig(_Frozen):
     """Segmentation, 2D or 3D: one softmax logit per class per pixel, class 0 the
     background. Loss: Dice + cross-entropy. Metrics: Dice per class and their mean over
-    the foreground classes (``dice``), and the 95% Hausdorff distance (``hd95``, in
-    pixels or voxels of the stored images; costly, ``hd95: false`` turns it off).
+    the foreground classes (``dice``), and on the test split the 95% Hausdorff distance
+    (``hd95``, in mm when the data's spacing is known, else in pixels or voxels; costly,
+    ``hd95: false`` turns it off).
     ``save_predictions``: how many predicted test masks per site to keep from the final
     federated model (PNG overlays shown in the report for 2D, NIfTI files for 3D)."""
 

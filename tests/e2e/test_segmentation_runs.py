@@ -40,6 +40,8 @@ def test_2d_segmentation_run_writes_dice_hd95_predictions_and_report(tmp_path):
     rec = read_metrics(run / "metrics.jsonl")
     metrics = {r["metric"] for r in rec if r["split"] == "test" and r["arm"] == "federated"}
     assert {"dice", "dice_class_1", "dice_class_2", "hd95", "loss"} <= metrics
+    val_metrics = {r["metric"] for r in rec if r["split"] == "val" and r["arm"] == "federated"}
+    assert "dice" in val_metrics and not any(m.startswith("hd95") for m in val_metrics)  # test only
     dice = [r["value"] for r in rec if r["metric"] == "dice" and r["site"] == "all" and r["split"] == "test"]
     assert all(v is not None and 0.0 <= v <= 1.0 for v in dice)
     pngs = sorted((run / "predictions").glob("*/*.png"))

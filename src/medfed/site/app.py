@@ -110,7 +110,8 @@ class SiteApp:
         out = []
         for split in splits:
             data = self.data.split(split.value)
-            metrics = evaluate_split(self.model, data, self.task, self.device)
+            # surface distances (HD95) on test only: val picks the best model by its Dice
+            metrics = evaluate_split(self.model, data, self.task, self.device, distances=split is Split.TEST)
             out.append(EvalResult(site=self.name, split=split, num_examples=len(data), metrics=metrics))
         return out
 

@@ -24,10 +24,13 @@ def eval_batch_size(data: ArraySplit) -> int:
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, data: ArraySplit, task: "Task", device: torch.device) -> dict[str, float | None]:
-    """Task metrics plus the mean ``loss`` of ``model`` (eval mode) on ``data``."""
+def evaluate_split(
+    model: nn.Module, data: ArraySplit, task: "Task", device: torch.device, distances: bool = True
+) -> dict[str, float | None]:
+    """Task metrics plus the mean ``loss`` of ``model`` (eval mode) on ``data``.
+    ``distances: False`` leaves out segmentation's surface distances (HD95)."""
     model.eval()
-    evaluator = task.evaluator(spacing=data.spacing)
+    evaluator = task.evaluator(spacing=data.spacing, distances=distances)
     loss_sum = 0.0
     amp = device.type == "cuda"
     step = eval_batch_size(data)

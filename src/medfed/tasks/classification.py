@@ -40,9 +40,9 @@ class ClassificationTask:
         """Logits of ``model`` (in eval mode) for a batch of images."""
         return model(images)
 
-    def evaluator(self, spacing: tuple[float, ...] | None = None) -> "ClassificationEvaluator":
+    def evaluator(self, spacing: tuple[float, ...] | None = None, distances: bool = True) -> "ClassificationEvaluator":
         """A fresh accumulator of batches; its ``result()`` gives the split's metrics.
-        (``spacing`` is for segmentation distances and unused here.)"""
+        (``spacing`` and ``distances`` are for segmentation and unused here.)"""
         return ClassificationEvaluator(self)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:

@@ -81,10 +81,12 @@ class SegmentationTask:
         """Predicted masks (B, *sp) int64: the most likely class per pixel."""
         return logits.argmax(dim=1)
 
-    def evaluator(self, spacing: Sequence[float] | None = None) -> SegmentationEvaluator:
+    def evaluator(self, spacing: Sequence[float] | None = None, distances: bool = True) -> SegmentationEvaluator:
         """A fresh accumulator of batches; ``spacing`` (mm per pixel or voxel along the
-        spatial axes), when known, puts ``hd95`` in millimetres instead of pixels."""
-        return SegmentationEvaluator(self, spacing)
+        spatial axes), when known, puts ``hd95`` in millimetres instead of pixels.
+        ``distances: False`` skips the (costly) HD95 even when the task asks for it: the
+        validation split needs only the monitored Dice."""
+        return SegmentationEvaluator(self, spacing, distances)
 
 
 class SegmentationEvaluator:
@@ -106,10 +108,10 @@ class SegmentationEvaluator:
     classes where they are defined; ``None`` where nothing is defined.
     """
 
-    def __init__(self, task: SegmentationTask, spacing: Sequence[float] | None = None):
+    def __init__(self, task: SegmentationTask, spacing: Sequence[float] | None = None, distances: bool = True):
         self.task = task
         self.num_classes = task.num_classes
-        self.hd95 = task.cfg.hd95
+        self.hd95 = task.cfg.hd95 and distances
         self.spacing = None if spacing is None else [float(s) for s in spacing]
         if self.hd95:
             try:
