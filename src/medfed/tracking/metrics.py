@@ -2,7 +2,7 @@
 
 A record is ``{"round", "arm", "site", "split", "metric", "value"}``: ``round`` counts from
 1, ``arm`` is ``federated``, ``local``, ``personalized``, ``finetuned`` or ``centralized``, ``site`` is a site name or
-``"all"`` (the example-weighted mean over sites), ``split`` is ``train`` (training loss as
+``"all"`` (the example-weighted mean over the training sites), ``split`` is ``train`` (training loss as
 reported by the site), ``val`` or ``test``. ``value`` is ``null`` where the metric is
 undefined, e.g. AUC on a split holding one class, or a non-finite number.
 
