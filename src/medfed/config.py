@@ -82,16 +82,9 @@ class SyntheticSite(_Frozen):
     scanner: ScannerConfig = ScannerConfig()
 
 
-class SyntheticData(_Frozen):
-    """Generated 2D images, 1 channel: an anatomical background with or without a lesion.
+class _SyntheticSites(_Frozen):
+    """The site list shared by the synthetic sources: names unique, in the job's order."""
 
-    ``lesion_contrast`` is the lesion's intensity above the tissue around it (images in
-    [0, 1] before the scanner signature): lower is harder.
-    """
-
-    source: Literal["synthetic"]
-    image_size: int = Field(32, ge=16, le=512)
-    lesion_contrast: float = Field(0.3, gt=0, le=1)
     sites: list[SyntheticSite] = Field(min_length=1)
 
     @field_validator("sites")
@@ -103,6 +96,18 @@ class SyntheticData(_Frozen):
     @property
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
+
+
+class SyntheticData(_SyntheticSites):
+    """Generated 2D images, 1 channel: an anatomical background with or without a lesion.
+
+    ``lesion_contrast`` is the lesion's intensity above the tissue around it (images in
+    [0, 1] before the scanner signature): lower is harder.
+    """
+
+    source: Literal["synthetic"]
+    image_size: int = Field(32, ge=16, le=512)
+    lesion_contrast: float = Field(0.3, gt=0, le=1)
 
 
 class PartitionConfig(_Frozen):
@@ -342,7 +347,7 @@ class VolumesData(_Frozen):
         return [s.name for s in self.sites]
 
 
-class SyntheticSegmentationData(_Frozen):
+class SyntheticSegmentationData(_SyntheticSites):
     """Generated segmentation data, 2D or 3D, 1 channel: a body with an organ (class 1)
     and, in a ``prevalence`` share of images, a lesion inside the organ (class 2 when the
     task has 3 classes, else part of the organ class), under each site's scanner signature.
@@ -352,17 +357,6 @@ class SyntheticSegmentationData(_Frozen):
     dims: Literal[2, 3] = 2
     image_size: int = Field(48, ge=16, le=256)
     lesion_contrast: float = Field(0.3, gt=0, le=1)
-    sites: list[SyntheticSite] = Field(min_length=1)
-
-    @field_validator("sites")
-    @classmethod
-    def _names_unique(cls, v: list[SyntheticSite]) -> list[SyntheticSite]:
-        _unique([s.name for s in v], "site names")
-        return v
-
-    @property
-    def site_names(self) -> list[str]:
-        return [s.name for s in self.sites]
 
 
 DataConfig = Annotated[

@@ -333,13 +333,19 @@ def test_real_promise12_volume_and_mask():
     assert set(np.unique(labels).tolist()) == {0, 1}
 
 
-def test_real_promise12_through_read_volume_sites(tmp_path):
+def _promise12_site(tmp_path):
+    """The PROMISE12 case through read_volume_sites, its image and mask linked under one name."""
     root = shared("volumes")
     (tmp_path / "img").mkdir()
     (tmp_path / "msk").mkdir()
     os.symlink(root / "promise12_Case00.nii.gz", tmp_path / "img" / "Case00.nii.gz")
     os.symlink(root / "promise12_Case00_segmentation.nii.gz", tmp_path / "msk" / "Case00.nii.gz")
     (site,) = read_volume_sites(_cfg(tmp_path), 2)
+    return site
+
+
+def test_real_promise12_through_read_volume_sites(tmp_path):
+    site = _promise12_site(tmp_path)
     (r,) = site.records
     assert r.name == "Case00" and r.image.shape == (1, 128, 128, 64) and r.target.shape == (128, 128, 64)
     assert np.allclose(r.spacing, (1.0937, 1.0937, 1.6156), atol=1e-3)
@@ -358,12 +364,7 @@ def test_real_promise12_resampled_trains_one_3d_step_and_segments_by_sliding_win
     from medfed.site.train import train_local
     from medfed.tasks.segmentation import SegmentationTask
 
-    root = shared("volumes")
-    (tmp_path / "img").mkdir()
-    (tmp_path / "msk").mkdir()
-    os.symlink(root / "promise12_Case00.nii.gz", tmp_path / "img" / "Case00.nii.gz")
-    os.symlink(root / "promise12_Case00_segmentation.nii.gz", tmp_path / "msk" / "Case00.nii.gz")
-    (site,) = read_volume_sites(_cfg(tmp_path), 2)
+    site = _promise12_site(tmp_path)
     steps = TransformsConfig(preprocess=[{"name": "spacing", "pixdim": [2.2, 2.2, 3.2]}, {"name": "normalize"},
                                          {"name": "crop_or_pad", "size": [64, 64, 32]}]).preprocess
     rec = build_preprocess(steps, 3, True)(site.records[0])

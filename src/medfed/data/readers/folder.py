@@ -94,6 +94,26 @@ def require_records(site: SiteRecords, where: str) -> SiteRecords:
     return site
 
 
+def match_names(
+    images: dict[str, Path], masks: dict[str, Path], site: str, image_dir: Path, mask_dir: Path, what: str
+) -> list[str]:
+    """The names shared by ``images`` and ``masks``, sorted. An image without its mask, or
+    a mask without its image, is an error listing every unmatched file; so is an empty
+    images folder (``what`` names what it should hold)."""
+    lonely_images = sorted(images.keys() - masks.keys())
+    lonely_masks = sorted(masks.keys() - images.keys())
+    if lonely_images or lonely_masks:
+        parts = []
+        if lonely_images:
+            parts.append(f"images without a mask: {', '.join(images[n].name for n in lonely_images)}")
+        if lonely_masks:
+            parts.append(f"masks without an image: {', '.join(masks[n].name for n in lonely_masks)}")
+        raise DataError(f"site '{site}': {'; '.join(parts)} (in '{image_dir}' and '{mask_dir}')")
+    if not images:
+        raise DataError(f"site '{site}': no {what} in '{image_dir}'")
+    return sorted(images)
+
+
 # --------------------------------------------------------------------------- images
 
 

@@ -31,7 +31,15 @@ import torch
 from medfed.config import PairsData
 from medfed.core.errors import DataError
 from medfed.data.base import Record, SiteRecords
-from medfed.data.readers.folder import UnreadableFile, is_hidden, read_image, record_name, require_records, set_split
+from medfed.data.readers.folder import (
+    UnreadableFile,
+    is_hidden,
+    match_names,
+    read_image,
+    record_name,
+    require_records,
+    set_split,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -67,18 +75,7 @@ def match_pairs(image_dir: Path, mask_dir: Path, site: str) -> list[tuple[Path, 
     """(image, mask) paths matched by file stem, sorted by name; unmatched files are an error."""
     images = _files(Path(image_dir), site, "image")
     masks = _files(Path(mask_dir), site, "mask")
-    lonely_images = sorted(images.keys() - masks.keys())
-    lonely_masks = sorted(masks.keys() - images.keys())
-    if lonely_images or lonely_masks:
-        parts = []
-        if lonely_images:
-            parts.append(f"images without a mask: {', '.join(images[n].name for n in lonely_images)}")
-        if lonely_masks:
-            parts.append(f"masks without an image: {', '.join(masks[n].name for n in lonely_masks)}")
-        raise DataError(f"site '{site}': {'; '.join(parts)} (in '{image_dir}' and '{mask_dir}')")
-    if not images:
-        raise DataError(f"site '{site}': no image files in '{image_dir}'")
-    return [(images[n], masks[n]) for n in sorted(images)]
+    return [(images[n], masks[n]) for n in match_names(images, masks, site, image_dir, mask_dir, "image files")]
 
 
 def read_mask(path: Path, site: str) -> np.ndarray:

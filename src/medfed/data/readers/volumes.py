@@ -41,7 +41,7 @@ import numpy as np
 from medfed.config import FileSite, VolumesData
 from medfed.core.errors import DataError
 from medfed.data.base import Record, SiteRecords
-from medfed.data.readers.folder import UnreadableFile, is_hidden, record_name, require_records, set_split
+from medfed.data.readers.folder import UnreadableFile, is_hidden, match_names, record_name, require_records, set_split
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -341,18 +341,8 @@ def _named(folder: Path, site: str, what: str, dicom: bool) -> dict[str, Path]:
 
 
 def _match(images: dict[str, Path], masks: dict[str, Path], fs, site: str) -> list[tuple[str, Path, Path]]:
-    lonely_images = sorted(images.keys() - masks.keys())
-    lonely_masks = sorted(masks.keys() - images.keys())
-    if lonely_images or lonely_masks:
-        parts = []
-        if lonely_images:
-            parts.append(f"images without a mask: {', '.join(images[n].name for n in lonely_images)}")
-        if lonely_masks:
-            parts.append(f"masks without an image: {', '.join(masks[n].name for n in lonely_masks)}")
-        raise DataError(f"site '{site}': {'; '.join(parts)} (in '{fs.images}' and '{fs.masks}')")
-    if not images:
-        raise DataError(f"site '{site}': no image volumes in '{fs.images}'")
-    return [(n, images[n], masks[n]) for n in sorted(images)]
+    names = match_names(images, masks, site, fs.images, fs.masks, "image volumes")
+    return [(n, images[n], masks[n]) for n in names]
 
 
 def _as_3d(vol: Volume, source: Path, site: str) -> Volume:
