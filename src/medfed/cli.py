@@ -1,4 +1,4 @@
-"""The command line: ``medfed run | validate | report``.
+"""The command line: ``medfed run | validate | report | provision | server | site``.
 
 Errors that a user can cause are printed as one clear message (no traceback) and the
 command exits with status 2 (bad job or data) or 1 (a run that failed on the way).
@@ -31,12 +31,14 @@ def _fail(e: MedfedError) -> None:
     raise typer.Exit(2 if isinstance(e, _USER_ERRORS) else 1)
 
 
-def _setup_logging() -> None:
+def _setup_logging(terminal_level: int = logging.WARNING) -> None:
+    """medfed's log on the terminal: warnings for a simulation (round-by-round INFO goes
+    to run.log only); everything for a server or site process, whose operator watches it."""
     logger = logging.getLogger("medfed")
     logger.setLevel(logging.INFO)
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        h = RichHandler(console=err, show_path=False, show_time=False)
-        h.setLevel(logging.WARNING)  # round-by-round INFO goes to run.log only
+        h = RichHandler(console=err, show_path=False, show_time=terminal_level <= logging.INFO)
+        h.setLevel(terminal_level)
         logger.addHandler(h)
 
 
@@ -150,6 +152,105 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by `me
         _fail(e)
         return
     out.print(f"report: [bold]{path}[/]")
+
+
+@app.command()
+def provision(
+    consortium_file: Path = typer.Argument(..., help="Consortium YAML: name, server host/port, sites."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder for the CA and the kits (default: <name>-kits next to the consortium file)."
+    ),
+) -> None:
+    """Create the consortium's CA and a startup kit per participant (only the missing ones)."""
+    from rich.table import Table
+
+    from medfed.transport import pki
+
+    try:
+        result = pki.provision(consortium_file, out_dir)
+    except MedfedError as e:
+        _fail(e)
+        return
+    cons = result.consortium
+    table = Table(title=f"consortium '{cons.name}', server {cons.server.host}:{cons.server.port}")
+    for col in ("name", "role", "kit folder", "status", "expires"):
+        table.add_column(col)
+    for k in result.kits:
+        status = "[green]created[/]" if k.status == "created" else "kept"
+        if not k.in_consortium_file:
+            status += " [yellow](removed from file, not revoked)[/]"
+        expires = f"{k.not_after:%Y-%m-%d}" + (" [red](expired)[/]" if k.expired else "")
+        table.add_row(k.name, k.role, str(k.path), status, expires)
+    out.print(table)
+    if result.ca_created:
+        out.print(f"new CA: [bold]{result.out_dir / 'ca'}[/]")
+    for note in result.notes:
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
+    out.print(
+        "Send each kit folder to its participant over a secure channel (it holds a private key). "
+        f"Keep [bold]{result.out_dir / 'ca'}[/] offline and backed up: it can issue new kits, and adding a site "
+        "later needs it. To reissue a kit, delete its folder and run provision again.",
+        highlight=False,
+    )
+
+
+@app.command()
+def server(
+    kit: Path = typer.Option(..., "--kit", help="The server's startup kit folder (from `medfed provision`)."),
+    job_file: Path = typer.Option(..., "--job", help="Job YAML: the same file a simulation runs."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run that was stopped, after its last completed round."),
+    listen: Optional[str] = typer.Option(None, "--listen", help="Address to bind, host:port (default 0.0.0.0:<kit port>)."),
+    join_timeout: Optional[float] = typer.Option(
+        None, "--join-timeout", help="Seconds to wait for the sites before round 1 (default: the job's round_timeout)."
+    ),
+) -> None:
+    """Serve a job to the consortium's sites over mutual TLS and aggregate their updates."""
+    from medfed.server.deploy import serve_job
+    from medfed.transport.pki import load_kit
+
+    _setup_logging(logging.INFO)
+    try:
+        job = load_job(job_file)
+        result = serve_job(job, load_kit(kit, role="server"), resume=resume, listen=listen, join_timeout=join_timeout)
+    except MedfedError as e:
+        _fail(e)
+        return
+    except OSError as e:  # e.g. the port is taken
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    _print_summary(result.run_dir, job)
+    out.print(f"run folder: [bold]{result.run_dir}[/]  ({result.elapsed_s:.1f} s)")
+    out.print(f"report:     [bold]{result.run_dir / 'report.html'}[/]")
+
+
+@app.command()
+def site(
+    kit: Path = typer.Option(..., "--kit", help="This site's startup kit folder (from `medfed provision`)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="This site's data file: the job's data section with local paths (not needed for generated data)."
+    ),
+    give_up_after: float = typer.Option(
+        3600.0, "--give-up-after", help="Seconds without contact with the server before the site stops."
+    ),
+) -> None:
+    """Take part in the consortium's job: connect out to the server, train and evaluate on local data."""
+    from medfed.site.remote import RemoteSite
+    from medfed.transport.grpc.client import Connection, serve_tasks
+    from medfed.transport.pki import load_kit
+
+    _setup_logging(logging.INFO)
+    try:
+        k = load_kit(kit, role="site")
+        remote = RemoteSite(k.name, data)
+        conn = Connection(f"{k.server_host}:{k.server_port}", k.ca_pem, k.cert_pem, k.key_pem, k.name)
+        try:
+            serve_tasks(conn, remote.setup, remote.answer, give_up_after=give_up_after)
+        finally:
+            conn.close()
+    except MedfedError as e:
+        _fail(e)
+        return
+    out.print(f"site [bold]{k.name}[/]: job finished")
 
 
 def main() -> None:

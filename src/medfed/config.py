@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -994,21 +995,31 @@ def parse_job(raw: Any, source: str = "job", base_dir: Path | None = None) -> Jo
     return job
 
 
-def _resolve_paths(value: Any, base_dir: Path) -> Any:
-    """A copy of a data config with every relative path made absolute against base_dir."""
+def map_paths(value: Any, fn: Callable[[Path], Path]) -> Any:
+    """A copy of a config value with ``fn`` applied to every Path inside it (unchanged
+    parts are shared, not copied)."""
     if isinstance(value, Path):
-        return value if value.is_absolute() else (base_dir / value).resolve()
+        return fn(value)
     if isinstance(value, list):
-        return [_resolve_paths(v, base_dir) for v in value]
+        items = [map_paths(v, fn) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if isinstance(value, dict):
+        mapped = {k: map_paths(v, fn) for k, v in value.items()}
+        return value if all(mapped[k] is v for k, v in value.items()) else mapped
     if isinstance(value, BaseModel):
         update = {}
         for name in type(value).model_fields:
             old = getattr(value, name)
-            new = _resolve_paths(old, base_dir)
+            new = map_paths(old, fn)
             if new is not old:
                 update[name] = new
         return value.model_copy(update=update) if update else value
     return value
+
+
+def _resolve_paths(value: Any, base_dir: Path) -> Any:
+    """A copy of a data config with every relative path made absolute against base_dir."""
+    return map_paths(value, lambda p: p if p.is_absolute() else (base_dir / p).resolve())
 
 
 def load_job(path: str | Path) -> Job:

@@ -87,6 +87,26 @@ class Algorithm(ABC):
         Called after the generic checks of server/validate.py."""
         return None
 
+    # Names of the attributes (each a Params dict) that make up the server rule's state
+    # across rounds (e.g. a server optimizer's moments). Saved with every checkpoint so a
+    # resumed run continues exactly where it stopped.
+    state_fields: tuple[str, ...] = ()
+
+    def server_state(self) -> Params:
+        """The server rule's state as one flat tensor dict (``<field>/<param name>``)."""
+        return {f"{f}/{n}": t for f in self.state_fields for n, t in getattr(self, f).items()}
+
+    def load_server_state(self, state: Params) -> None:
+        """Restore what :meth:`server_state` returned. Unknown entries are an error."""
+        fields: dict[str, Params] = {f: {} for f in self.state_fields}
+        for key, t in state.items():
+            f, _, n = key.partition("/")
+            if f not in fields or not n:
+                raise ValueError(f"{self.name}: unexpected server state entry '{key}'")
+            fields[f][n] = t
+        for f, values in fields.items():
+            setattr(self, f, values)
+
     @abstractmethod
     def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:
         """The next global parameters from the current ones and the round's updates.

@@ -43,6 +43,8 @@ class DynamicRegularizerHook(SiteHook):
 
 
 class FedDyn(Algorithm):
+    state_fields = ("h",)
+
     name = "feddyn"
 
     def __init__(self, alpha: float, num_sites: int, trainable: frozenset[str] = frozenset()):

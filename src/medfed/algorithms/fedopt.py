@@ -25,6 +25,8 @@ from medfed.core.types import Params, Update
 
 
 class FedOpt(Algorithm):
+    state_fields = ("m", "v")
+
     def __init__(
         self, name: str, server_lr: float, beta1: float, beta2: float, tau: float,
         trainable: frozenset[str] = frozenset(),

@@ -56,6 +56,8 @@ class ScaffoldHook(SiteHook):
 
 
 class Scaffold(Algorithm):
+    state_fields = ("c",)
+
     name = "scaffold"
 
     def __init__(self, server_lr: float, num_sites: int, trainable: frozenset[str] = frozenset()):

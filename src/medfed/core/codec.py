@@ -8,6 +8,8 @@ executed. Tensor names are prefixed by their role (``params/``, ``extras/``).
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -17,7 +19,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from medfed.core.errors import CodecError
-from medfed.core.types import Arm, FitRequest, Params, RoundPlan, TrainSettings, Update
+from medfed.core.types import Arm, EvalResult, FitRequest, Params, RoundPlan, Split, TrainSettings, Update
 
 _META_KEY = "medfed"
 
@@ -62,31 +64,79 @@ def decode_params(blob: bytes) -> Params:
     return groups.get("params", {})
 
 
-def encode_fit_request(req: FitRequest) -> bytes:
-    plan = req.plan
-    meta = {
-        "site": req.site,
-        "job_id": plan.job_id,
-        "round": plan.round,
-        "arm": plan.arm.value,
-        "train": asdict(plan.train),
-    }
-    return _pack({"params": req.params, "extras": plan.extras}, meta)
+def plan_to_dict(plan: RoundPlan) -> dict[str, Any]:
+    """The JSON part of a round plan (its ``extras`` tensors travel with the parameters)."""
+    return {"job_id": plan.job_id, "round": plan.round, "arm": plan.arm.value, "train": asdict(plan.train)}
 
 
-def decode_fit_request(blob: bytes) -> FitRequest:
-    groups, meta = _unpack(blob, "fit request")
+def plan_from_dict(meta: Any, extras: Params, what: str = "round plan") -> RoundPlan:
     try:
-        plan = RoundPlan(
+        return RoundPlan(
             job_id=str(meta["job_id"]),
             round=int(meta["round"]),
             arm=Arm(meta["arm"]),
             train=TrainSettings(**meta["train"]),
-            extras=groups.get("extras", {}),
+            extras=extras,
         )
-        return FitRequest(site=str(meta["site"]), params=groups.get("params", {}), plan=plan)
     except (KeyError, TypeError, ValueError) as e:
+        raise CodecError(f"{what}: bad header field ({e})") from None
+
+
+def encode_model(params: Params, extras: Params) -> bytes:
+    """The tensors a site receives for one round: the global parameters and the
+    algorithm's extras. One blob serves every site of the round."""
+    return _pack({"params": params, "extras": extras}, {})
+
+
+def decode_model(blob: bytes) -> tuple[Params, Params]:
+    groups, _ = _unpack(blob, "model")
+    unknown = groups.keys() - {"params", "extras"}
+    if unknown:
+        raise CodecError(f"model: unexpected tensor group(s) {sorted(unknown)}")
+    return groups.get("params", {}), groups.get("extras", {})
+
+
+def encode_fit_request(req: FitRequest) -> bytes:
+    meta = {"site": req.site, **plan_to_dict(req.plan)}
+    return _pack({"params": req.params, "extras": req.plan.extras}, meta)
+
+
+def decode_fit_request(blob: bytes) -> FitRequest:
+    groups, meta = _unpack(blob, "fit request")
+    plan = plan_from_dict(meta, groups.get("extras", {}), "fit request")
+    try:
+        return FitRequest(site=str(meta["site"]), params=groups.get("params", {}), plan=plan)
+    except KeyError as e:
         raise CodecError(f"fit request: bad header field ({e})") from None
+
+
+def encode_eval_results(results: Sequence[EvalResult]) -> bytes:
+    """Evaluation results as JSON (they hold no tensors)."""
+    rows = [{"split": r.split.value, "n": r.num_examples, "metrics": r.metrics} for r in results]
+    return json.dumps(rows, allow_nan=False).encode()
+
+
+def decode_eval_results(site: str, blob: bytes, splits: Sequence[Split] | None = None) -> list[EvalResult]:
+    """Parse :func:`encode_eval_results` output; ``splits`` (when given) must be exactly
+    the splits that were asked for. Metric values must be finite numbers or null."""
+    try:
+        rows = json.loads(bytes(blob).decode())
+        out = []
+        for d in rows:
+            metrics: dict[str, float | None] = {}
+            for k, v in dict(d["metrics"]).items():
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                    raise ValueError(f"metric {k!r} is {v!r}")
+                metrics[str(k)] = None if v is None else float(v)
+            n = d["n"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"n is {n!r}")
+            out.append(EvalResult(site=site, split=Split(d["split"]), num_examples=n, metrics=metrics))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CodecError(f"evaluation results: malformed ({e})") from None
+    if splits is not None and [r.split for r in out] != list(splits):
+        raise CodecError(f"evaluation results: splits {[r.split.value for r in out]}, expected {[s.value for s in splits]}")
+    return out
 
 
 def encode_update(update: Update) -> bytes:

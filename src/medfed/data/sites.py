@@ -31,14 +31,19 @@ SPLITS = ("train", "val", "test")
 Preprocess = Callable[[Record], Record]
 
 
-def build_sites(job: Job) -> list[SiteData]:
+def build_sites(job: Job, order: list[str] | None = None) -> list[SiteData]:
     """The sites of ``job``, in the job's order, each checked by :func:`check_site`.
 
     Synthetic data is generated from ``job.seed``; a data set that is split into sites
     (MedMNIST, a folder with ``partition``) is split by ``job.seed``; split fractions of
     undivided site files are drawn with ``job.seed``. Raises DataError naming the site,
     file and problem.
+
+    A site's random draws (its split, its scanner signature) depend on its position in
+    the job's site list; ``order`` gives that list when ``job.data`` holds only some of
+    the sites (a deployed site reads only its own data).
     """
+    index = {n: i for i, n in enumerate(order if order is not None else job.site_names)}
     seg = job.task.kind == "segmentation"
     dims = job.data_dims or 2
     preprocess = None
@@ -80,22 +85,24 @@ def build_sites(job: Job) -> list[SiteData]:
             whole = assemble_site(pooled, preprocess, data.split, job.seed, -1, "the data set")
             sites = partition_splits({s: whole.split(s) for s in SPLITS}, data.partition, job.task, job.seed)
         else:
-            sites = [assemble_site(r, preprocess, data.split, job.seed, i) for i, r in enumerate(read)]
+            sites = [assemble_site(r, preprocess, data.split, job.seed, index.get(r.name, i)) for i, r in enumerate(read)]
     elif isinstance(data, PairsData):
         from medfed.data.readers.pairs import read_pair_sites
 
-        sites = [assemble_site(r, preprocess, data.split, job.seed, i) for i, r in enumerate(read_pair_sites(data))]
+        sites = [
+            assemble_site(r, preprocess, data.split, job.seed, index.get(r.name, i))
+            for i, r in enumerate(read_pair_sites(data))
+        ]
     elif isinstance(data, VolumesData):
         from medfed.data.readers.volumes import read_volume_sites
 
         read = read_volume_sites(data, job.task.num_classes)
-        sites = [assemble_site(r, preprocess, data.split, job.seed, i) for i, r in enumerate(read)]
+        sites = [assemble_site(r, preprocess, data.split, job.seed, index.get(r.name, i)) for i, r in enumerate(read)]
     else:  # pragma: no cover - the schema admits no other source
         raise DataError(f"unsupported data source {type(data).__name__}")
     if job.feature_shift:
         from medfed.data.shift import shift_site
 
-        index = {n: i for i, n in enumerate(job.site_names)}
         sites = [
             shift_site(s, job.feature_shift[s.name], job.seed, index[s.name]) if s.name in job.feature_shift else s
             for s in sites

@@ -164,17 +164,21 @@ def run_federated(
     record: Recorder,
     on_round: RoundCallback | None = None,
     sampler: SiteSampler | None = None,
+    start_round: int = 1,
 ) -> Params:
-    """Run ``job.rounds`` rounds of federated training; return the final global params.
+    """Run rounds ``start_round`` .. ``job.rounds`` of federated training from
+    ``init_params``; return the final global params.
 
     ``sampler`` picks each round's sites (default: all training sites, every round).
-    Every site, held-out ones included, evaluates the global model."""
+    Every site, held-out ones included, evaluates the global model. A resumed run passes
+    the checkpointed params and the round after the checkpoint."""
     sites = list(job.site_names)
     sampler = sampler or SiteSampler(job)
     job_id = job_id_of(job)
     global_params = init_params
-    personal: set[str] = set()
-    for rnd in range(1, job.rounds + 1):
+    # sites that have trained (and so hold a personal model, for algorithms that keep one)
+    personal: set[str] = {s for r in range(1, start_round) for _, s in sampler.select(r)}
+    for rnd in range(start_round, job.rounds + 1):
         # ---- 1. select the sites of this round
         selected = sampler.select(rnd)
         log.info("federated round %d/%d started: %s", rnd, job.rounds, ", ".join(s for _, s in selected))

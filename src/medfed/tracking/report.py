@@ -2,8 +2,9 @@
 base64 PNG, no external CSS or JS), and the comparison table for the terminal.
 
 The report is rebuilt from the files of the run folder alone (``job.yaml``,
-``metrics.jsonl``, ``sites.json``, ``run.json``, ``model_best.json``), so ``medfed report``
-can redo it at any time; only ``job.yaml`` and ``metrics.jsonl`` are required.
+``metrics.jsonl``, ``sites.json``, ``run.json``, ``model_best.json`` and, for a deployed run,
+``audit.json``), so ``medfed report`` can redo it at any time; only ``job.yaml`` and
+``metrics.jsonl`` are required.
 """
 
 from __future__ import annotations
@@ -66,14 +67,37 @@ def _fmt_date(iso: Any) -> str:
         return str(iso)
 
 
-def _table(header: list[str], rows: list[list[str]], row_classes: list[str] | None = None) -> str:
-    """An HTML table; every cell is escaped here, so callers pass plain text."""
+Cell = str | tuple[str, str]  # plain text, or (text, title): the title shows on hover
+
+
+def _td(cell: Cell) -> str:
+    if isinstance(cell, tuple):
+        text, title = cell
+        return f'<td title="{escape(title)}">{escape(text)}</td>'
+    return f"<td>{escape(cell)}</td>"
+
+
+def _table(header: list[str], rows: list[list[Cell]], row_classes: list[str] | None = None) -> str:
+    """An HTML table; every cell is escaped here, so callers pass plain text (or (text, title))."""
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{escape(row_classes[i])}"' if row_classes and row_classes[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>")
+        body.append(f"<tr{cls}>" + "".join(_td(c) for c in row) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def fmt_bytes(n: Any) -> str:
+    """A byte count in decimal units, e.g. "512 B", "1.2 MB"; an en dash if not a count."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+        return MISSING
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    return MISSING  # not reached
 
 
 # --------------------------------------------------------------------------- reading the run folder
@@ -240,8 +264,11 @@ def _sites_section(sites: dict | None, segmentation: bool = False) -> str:
         cc = s.get("class_counts", {}) or {}
         name = str(s.get("name", "?")) + (" (held out)" if s.get("held_out") else "")
         skipped = s.get("skipped") or []
+        # a deployed site reports only how many files it skipped: their names stay at the site
+        count = skipped if isinstance(skipped, int) else len(skipped)
+        skipped = [] if isinstance(skipped, int) else skipped
         rows.append([name, *(str(s.get(k, MISSING)) for k in splits), *(_counts(cc.get(k)) for k in splits),
-                     str(len(skipped))])
+                     str(count)])
         for item in skipped[:20]:
             notes.append(f"{s.get('name', '?')}: {item.get('file', '?')}: {item.get('reason', '?')}")
         if len(skipped) > 20:
@@ -276,6 +303,63 @@ def _predictions_section(run_dir: Path) -> str:
             parts.append(f'<figure style="display:inline-block;margin:0.3em"><img alt="{escape(png.name)}" '
                          f'src="data:image/png;base64,{data}" style="image-rendering:pixelated;min-width:300px">'
                          f'<figcaption class="note">{escape(png.stem)}</figcaption></figure>')
+    return "\n".join(parts)
+
+
+MAX_AUDIT_ROWS = 200  # shown in the report; all of them stay in audit.json
+
+
+def _audit_section(run_dir: Path) -> str:
+    """The exchanges of a deployed run (``audit.json``, written by the server's run store), per
+    arm and round; nothing for a simulated run, which has no audit.json."""
+    audit = _read_json(run_dir / "audit.json")
+    if audit is None:
+        return ""
+    rows = audit.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise RunDirError(f"'{run_dir / 'audit.json'}' must hold {{\"rows\": [...]}} with one object per exchange")
+
+    def total(key: str) -> int:
+        return sum(r[key] for r in rows if isinstance(r.get(key), int) and not isinstance(r.get(key), bool))
+
+    statuses: dict[str, int] = {}
+    for r in rows:
+        statuses[str(r.get("status", "?"))] = statuses.get(str(r.get("status", "?")), 0) + 1
+    not_accepted = ", ".join(f"{n} {s}" for s, n in statuses.items() if s != "accepted")
+    parts = ["<h2>Audit</h2>",
+             f"<p>{len(rows)} exchange{'s' if len(rows) != 1 else ''}"
+             + (f" ({escape(not_accepted)})" if not_accepted else "")
+             + f"; {escape(fmt_bytes(total('bytes_sent')))} sent, {escape(fmt_bytes(total('bytes_received')))} "
+               "received over the run.</p>"]
+    shown = rows[:MAX_AUDIT_ROWS]
+    groups: dict[tuple[str, Any], list[dict]] = {}
+    for r in shown:
+        groups.setdefault((str(r.get("arm", "?")), r.get("round")), []).append(r)
+    arm_rank = {a: i for i, a in enumerate(ARMS)}
+
+    def order(key: tuple[str, Any]) -> tuple:
+        arm, rnd = key
+        return (arm_rank.get(arm, len(ARMS)), arm, rnd if isinstance(rnd, int) else 0)
+
+    header = ["site", "kind", "status", "bytes sent", "bytes received", "SHA-256", "seconds", "reason"]
+    for arm, rnd in sorted(groups, key=order):
+        cells: list[list[Cell]] = []
+        for r in groups[(arm, rnd)]:
+            sha = r.get("sha256")
+            seconds = r.get("seconds")
+            cells.append([
+                str(r.get("site", "?")), str(r.get("kind", MISSING)), str(r.get("status", MISSING)),
+                fmt_bytes(r.get("bytes_sent")), fmt_bytes(r.get("bytes_received")),
+                (str(sha)[:12], str(sha)) if sha else MISSING,
+                f"{seconds:.2f}" if isinstance(seconds, (int, float)) and math.isfinite(seconds) else MISSING,
+                str(r.get("reason") or ""),
+            ])
+        parts.append(f"<h3>{escape(arm)}, round {escape(str(rnd))}</h3>" + _table(header, cells))
+    if len(rows) > MAX_AUDIT_ROWS:
+        parts.append(f'<p class="note">The first {MAX_AUDIT_ROWS} exchanges are shown; '
+                     f"{len(rows) - MAX_AUDIT_ROWS} more are in audit.json.</p>")
+    parts.append('<p class="note">One row per exchange of the server with a site. Bytes sent: server to site; '
+                 "bytes received: site to server. SHA-256: of the site's answer (hover for the full digest).</p>")
     return "\n".join(parts)
 
 
@@ -317,6 +401,7 @@ def render_report(run_dir: Path) -> str:
         f"<h2>Learning curves: test {escape(monitor)}</h2>", curves_img or no_data,
         _many_sites_note(records),
         "<h2>Training loss (federated)</h2>", loss_img or no_data,
+        _audit_section(run_dir),
         "<h2>Job</h2>", f"<pre>{escape(job_text)}</pre>",
     ]
     return (

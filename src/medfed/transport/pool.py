@@ -53,12 +53,10 @@ def _worker_fit(blob: bytes) -> tuple[str, bytes | str]:
         return "error", describe_exception(e)
 
 
-def _worker_evaluate(site: str, params_blob: bytes, splits: list[str], arm: str) -> tuple[str, str]:
+def _worker_evaluate(site: str, params_blob: bytes, splits: list[str], arm: str) -> tuple[str, bytes | str]:
     try:
         results = _APPS[site].evaluate(codec.decode_params(params_blob), tuple(Split(s) for s in splits), Arm(arm))
-        return "ok", json.dumps(
-            [{"split": r.split.value, "n": r.num_examples, "metrics": r.metrics} for r in results]
-        )
+        return "ok", codec.encode_eval_results(results)
     except Exception as e:
         return "error", describe_exception(e)
 
@@ -146,12 +144,7 @@ class PoolTransport(Transport):
             if isinstance(r, SiteFailure):
                 out.append(r)
                 continue
-            out.append(
-                [
-                    EvalResult(site=req.site, split=Split(d["split"]), num_examples=d["n"], metrics=d["metrics"])
-                    for d in json.loads(r[1])
-                ]
-            )
+            out.append(codec.decode_eval_results(req.site, r[1]))
         return out
 
     def _kill(self, i: int, grace: float = 5.0) -> None:

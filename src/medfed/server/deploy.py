@@ -1,0 +1,216 @@
+"""A deployed run (``medfed server``): the same round loop, sites reached over gRPC.
+
+Unlike a simulated run, a deployed run writes straight into its run folder as it goes,
+because it must survive the server being killed: ``state.sqlite`` holds the rounds,
+participants, audit trail and metrics; ``state.safetensors`` the global model and the
+server rule's state after the last completed round. ``--resume`` continues at the round
+after it. ``run.json`` marks a finished run. Only a finished run tells the sites the job is done;
+a server that fails or is killed leaves them retrying, so that ``--resume`` finds them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from medfed import __version__
+from medfed.algorithms import build_algorithm
+from medfed.config import Job
+from medfed.core.errors import DataError, RoundError, RunDirError
+from medfed.core.types import Arm, Params
+from medfed.models import check_input_size, get_params
+from medfed.server.baselines import run_finetuned, run_local
+from medfed.server.checkpoint import atomic_write_text, load_checkpoint
+from medfed.server.loop import RoundCallback, RoundSummary, job_id_of, run_federated
+from medfed.server.runner import RUN_MARKER, RunResult, _BestTracker, check_output, initial_model
+from medfed.server.sampling import SiteSampler
+from medfed.server.store import STORE_NAME, RunStore
+
+log = logging.getLogger("medfed")
+
+STATE_FILE = "state.safetensors"
+
+
+def save_state(run_dir: Path, rnd: int, params: Params, algorithm_state: Params, job_hash: str) -> None:
+    """The global model and the server rule's state after round ``rnd``, in one file
+    replaced atomically, so they always belong to the same round."""
+    tensors = {f"params/{k}": v.contiguous() for k, v in params.items()}
+    tensors |= {f"algorithm/{k}": v.contiguous() for k, v in algorithm_state.items()}
+    tmp = run_dir / (STATE_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"medfed": json.dumps({"round": rnd, "job_hash": job_hash})})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / STATE_FILE)
+
+
+def load_state(run_dir: Path, job_hash: str) -> tuple[int, Params, Params]:
+    """(round, params, algorithm state) of the last completed round."""
+    path = run_dir / STATE_FILE
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["medfed"])
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, KeyError, ValueError) as e:
+        raise RunDirError(f"cannot read the saved state '{path}': {e}") from None
+    if meta.get("job_hash") != job_hash:
+        raise RunDirError(f"'{path}' belongs to job {meta.get('job_hash')}, not to this job ({job_hash})")
+    groups: dict[str, Params] = {"params": {}, "algorithm": {}}
+    for key, t in tensors.items():
+        prefix, _, name = key.partition("/")
+        groups.setdefault(prefix, {})[name] = t
+    return int(meta["round"]), groups["params"], groups["algorithm"]
+
+
+def _prepare_folder(output: Path, resume: bool) -> None:
+    if not resume:
+        check_output(output, overwrite=False)
+        output.mkdir(parents=True, exist_ok=True)
+        return
+    if not (output / STORE_NAME).is_file():
+        raise RunDirError(f"nothing to resume in '{output}': it holds no {STORE_NAME}; start without --resume")
+    if (output / RUN_MARKER).exists():
+        raise RunDirError(f"the run in '{output}' is complete; nothing to resume")
+
+
+def _site_rows(job: Job, summaries: dict[str, Any]) -> list[dict]:
+    return [summaries[s].model_dump() for s in job.site_names if s in summaries]
+
+
+def serve_job(
+    job: Job,
+    kit: Any,
+    resume: bool = False,
+    listen: str | None = None,
+    join_timeout: float | None = None,
+    on_round: RoundCallback | None = None,
+    on_sites: Callable[[list[str], list[str]], None] | None = None,
+) -> RunResult:
+    """Serve ``job`` to the consortium's sites and run it; return the run folder.
+
+    ``kit`` is the server's startup kit (see transport/pki.py); ``listen`` the address
+    to bind (default ``0.0.0.0:<kit port>``). The server waits up to ``join_timeout``
+    seconds (default: the round timeout) for the job's sites to join and report their
+    data, then starts if at least the quorum of training sites is there."""
+    from medfed.tracking.report import write_report
+    from medfed.transport.grpc import wire
+    from medfed.transport.grpc.hub import Hub
+    from medfed.transport.grpc.transport import GrpcTransport, start_server
+
+    output = job.output.resolve()
+    _prepare_folder(output, resume)
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
+    store = RunStore(output / STORE_NAME)
+    handler = logging.FileHandler(output / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    server = None
+    try:
+        store.set_job(job.job_hash(), json.dumps(job.model_dump(mode="json")))
+        atomic_write_text(output / "job.yaml", job.to_yaml())
+        hub = Hub(job, job_id_of(job), store)
+        creds = wire.server_credentials(kit.ca_pem, kit.cert_pem, kit.key_pem)
+        address = listen or f"0.0.0.0:{kit.server_port}"
+        server = start_server(hub, address, creds, len(job.site_names))
+        log.info("server for job '%s' (%s) listening on %s%s", job.name, job_id_of(job), address,
+                 " (resuming)" if resume else "")
+
+        # ---- wait for the sites to join and describe their data
+        ready = hub.wait_ready(list(job.site_names), join_timeout or job.round_timeout,
+                               (lambda r: on_sites(r, list(job.site_names))) if on_sites else None)
+        missing = [s for s in job.site_names if s not in ready]
+        training = [s for s in job.training_sites if s in ready]
+        if len(training) < job.quorum:
+            raise RoundError(
+                f"only {len(training)} training site(s) joined within {join_timeout or job.round_timeout:g} s "
+                f"(missing: {', '.join(missing)}); the quorum is {job.quorum}"
+            )
+        if missing:
+            log.warning("starting without site(s) %s: they may join later", ", ".join(missing))
+        summaries = hub.summaries()
+        shapes = {s: tuple(x.shape) for s, x in summaries.items()}
+        if len(set(shapes.values())) > 1:
+            raise DataError(f"the sites' images differ in shape (C, *spatial): {shapes}; every site must "
+                            "preprocess to one shape (transforms.preprocess)")
+        shape = next(iter(shapes.values()))
+        patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
+        check_input_size(job.model, shape[1:], patch)
+        rows = _site_rows(job, summaries)
+        atomic_write_text(output / "sites.json", json.dumps({"sites": rows}, indent=2) + "\n")
+
+        # ---- the model, the server rule and, when resuming, where the run stopped
+        model = initial_model(job, shape[0], len(shape) - 1)
+        params = get_params(model)
+        algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum)
+        tracker = _BestTracker(output, job)
+        start = 1
+        if resume and (output / STATE_FILE).exists():
+            done, params, algo_state = load_state(output, job.job_hash())
+            algorithm.load_server_state(algo_state)
+            start = done + 1
+            for arm in (Arm.FEDERATED, Arm.PERSONALIZED):  # rounds after the checkpoint are redone
+                store.drop_after(arm.value, done)
+            if (output / "model_best.json").exists():
+                _, best_meta = load_checkpoint(output / "model_best")
+                tracker.best = best_meta.get("value")
+            log.info("resuming job '%s' after round %d of %d", job.name, done, job.rounds)
+        for arm in (Arm.LOCAL, Arm.FINETUNED):  # baselines run whole after the federation: redone from scratch
+            store.drop_after(arm.value, 0)
+
+        def callback(s: RoundSummary, p: Params) -> None:
+            if s.arm is Arm.FEDERATED:
+                tracker(s, p)
+                save_state(output, s.round, p, algorithm.server_state(), job.job_hash())
+                store.round_completed(s.arm.value, s.round, STATE_FILE, time.time())
+            if on_round is not None:
+                on_round(s, p)
+
+        transport = GrpcTransport(hub, algorithm.local_keys)
+        sizes = {r["name"]: r["train"] for r in rows}
+        sampler = SiteSampler(job, sizes if all(sizes.get(s, 0) > 0 for s in job.training_sites) else None)
+        final = params
+        if start <= job.rounds:
+            final = run_federated(job, transport, algorithm, params, store.write_metric, callback, sampler,
+                                  start_round=start)
+        tracker.finish()
+        if "finetuned" in job.compare:
+            run_finetuned(job, transport, final, store.write_metric, callback)
+        if "local" in job.compare:
+            run_local(job, transport, get_params(initial_model(job, shape[0], len(shape) - 1)), store.write_metric,
+                      callback)
+        if "centralized" in job.compare:
+            log.warning("compare: 'centralized' skipped: it needs every site's data in one place, which a "
+                        "deployment never does")
+
+        # ---- the run's files; run.json last
+        store.export_metrics(output / "metrics.jsonl")
+        store.export_audit(output / "audit.json")
+        elapsed = time.perf_counter() - t0
+        marker = {"status": "complete", "mode": "deployment", "medfed_version": __version__,
+                  "job_hash": job.job_hash(), "started": started.isoformat(),
+                  "finished": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
+                  "rounds": job.rounds, "resumed": resume}
+        atomic_write_text(output / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
+        write_report(output)
+        hub.finish(grace=wire.POLL_WAIT + 2.0)  # only a finished job sends the sites home
+        return RunResult(run_dir=output, elapsed_s=elapsed)
+    finally:
+        if server is not None:
+            server.stop(grace=2.0).wait(5.0)
+        store.close()
+        log.removeHandler(handler)
+        handler.close()

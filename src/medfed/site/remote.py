@@ -1,0 +1,139 @@
+"""A site in a deployment (``medfed site``): its own data, the server's tasks.
+
+The job arrives from the server as configuration only, with every file path replaced by
+``<site-local>``; the site reads its data from the paths of its own data file, so paths
+never travel. A job naming a model, algorithm or reader this medfed does not have fails
+validation here and is refused: a site runs only medfed's built-in methods.
+
+The data file (YAML) restates the job's ``data`` section with this site's local paths::
+
+    data:
+      source: pairs
+      mask_values: [0, 255]
+      sites:
+        - name: hospital_a          # must be this site's name (its certificate's)
+          images: /srv/prostate/images
+          masks: /srv/prostate/masks
+
+A job with generated data (``synthetic``, ``synthetic_segmentation``) needs no data file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from medfed.config import DataConfig, Job, _Frozen, format_validation_error, parse_job
+from medfed.core import codec
+from medfed.core.errors import ConfigError, DataError
+from medfed.core.types import Arm, Split
+from medfed.transport.base import describe_exception
+from medfed.transport.grpc.hub import SITE_LOCAL
+
+log = logging.getLogger("medfed")
+
+
+class SiteDataFile(_Frozen):
+    data: DataConfig
+
+
+def load_site_data(path: Path, site: str) -> Any:
+    """The ``data`` section of a site's data file, paths resolved against its folder."""
+    from medfed.config import _resolve_paths
+
+    if not path.is_file():
+        raise ConfigError(f"site data file '{path}' not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        parsed = SiteDataFile.model_validate(raw if raw is not None else {})
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"site data file '{path}' is not valid YAML: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None
+    if site not in parsed.data.site_names:
+        raise ConfigError(
+            f"site data file '{path}': data.sites names {parsed.data.site_names}, but this site is '{site}'"
+        )
+    return _resolve_paths(parsed.data, path.parent.resolve())
+
+
+def _uses_files(job: Job) -> bool:
+    found = []
+    from medfed.config import map_paths
+
+    map_paths(job.data, lambda p: found.append(p) or p)
+    return any(p == SITE_LOCAL for p in found)
+
+
+class RemoteSite:
+    """What ``medfed site`` runs: sets up the job the server names, answers its tasks."""
+
+    def __init__(self, name: str, data_file: Path | None):
+        self.name = name
+        self.data_file = data_file
+        self.app = None
+        self.job: Job | None = None
+        self.job_id = ""
+
+    def setup(self, job_dict: dict[str, Any], job_id: str) -> tuple[dict[str, Any], float]:
+        """Validate the job, read this site's data; return its summary and round timeout."""
+        from medfed.data.sites import build_sites, describe_sites
+        from medfed.models import check_input_size
+        from medfed.site.app import SiteApp
+        from medfed.site.device import resolve_device, set_threads
+
+        job = parse_job(job_dict, source=f"job {job_id} from the server")
+        if self.name not in job.site_names:
+            raise ConfigError(f"job {job_id} has no site '{self.name}' (its sites: {job.site_names})")
+        data_job = job
+        if self.data_file is not None:
+            local = load_site_data(self.data_file, self.name)
+            if local.source != job.data.source:
+                raise ConfigError(
+                    f"site data file '{self.data_file}': data.source is '{local.source}' but the job reads "
+                    f"'{job.data.source}'"
+                )
+            data_job = job.model_copy(update={"data": local})
+        elif _uses_files(job):
+            raise ConfigError(
+                f"job {job_id} reads files (data.source '{job.data.source}'): give this site's paths "
+                "with --data SITE_DATA.yaml"
+            )
+        set_threads(job.num_threads)
+        device = resolve_device(job.device)
+        mine = [s for s in build_sites(data_job, order=job.site_names) if s.name == self.name]
+        if not mine:
+            raise DataError(f"site '{self.name}': the data file defines no data for this site")
+        data = mine[0]
+        patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
+        check_input_size(job.model, tuple(data.train.images.shape[2:]), patch)
+        self.app, self.job, self.job_id = SiteApp(data, job, device), job, job_id
+        summary = describe_sites([data], job.task, job.held_out)[0]
+        if data.skipped:
+            log.warning("site '%s': %d unreadable file(s) skipped: %s", self.name, len(data.skipped),
+                        "; ".join(f"{f} ({why})" for f, why in data.skipped))
+        summary["skipped"] = len(data.skipped)  # file names stay at the site
+        log.info("site '%s': data ready: %d train, %d val, %d test", self.name, summary["train"], summary["val"],
+                 summary["test"])
+        return summary, job.round_timeout
+
+    def answer(self, hdr: dict[str, Any], blob: bytes) -> tuple[str, bytes]:
+        """Run one task; a failure becomes an ``error`` answer naming the cause."""
+        try:
+            params, extras = codec.decode_model(blob)
+            if hdr.get("kind") == "fit":
+                plan = codec.plan_from_dict(hdr.get("plan"), extras)
+                if plan.job_id != self.job_id or plan.round != hdr.get("round"):
+                    raise DataError(f"task plan for job {plan.job_id} round {plan.round} does not match its header")
+                log.info("site '%s': %s round %d: training", self.name, plan.arm.value, plan.round)
+                return "fit", codec.encode_update(self.app.fit(params, plan))
+            splits = tuple(Split(s) for s in hdr.get("splits", []))
+            results = self.app.evaluate(params, splits, Arm(hdr.get("arm")))
+            return "evaluate", codec.encode_eval_results(results)
+        except Exception as e:  # reported to the server with the cause; the site keeps serving
+            log.warning("site '%s': task of round %s failed: %s", self.name, hdr.get("round"), describe_exception(e))
+            return "error", describe_exception(e).encode()

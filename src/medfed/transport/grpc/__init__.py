@@ -1,0 +1,17 @@
+"""The deployment transport: one server process and one process per hospital, talking
+gRPC over mutual TLS.
+
+Sites connect out to the server (hospital firewalls allow outbound connections only), so
+the server never calls a site: each site polls for its next task and submits the answer.
+
+* ``wire.py``   the service's methods, message framing, credentials and limits
+* ``hub.py``    the server side: who is connected, which task waits for whom, the checks on
+                everything a site sends, the audit trail
+* ``transport.py`` :class:`GrpcTransport`, the :class:`~medfed.transport.base.Transport`
+                the round loop talks to
+* ``client.py`` the site side: join, poll, train or evaluate, submit, retry with backoff
+
+No protobuf code generation: every message is bytes. The first message of a call is a
+JSON header; tensors follow as a safetensors blob cut into chunks (models larger than one
+gRPC message stream through).
+"""

@@ -1,0 +1,195 @@
+"""The site side of the deployment transport: one outgoing mutual-TLS connection.
+
+:func:`serve_tasks` joins the server, reports the site's data summary, then polls for
+tasks and answers each with ``answer(header, model_blob) -> (kind, payload)``. Lost
+connections (the server restarting, a network cut) are retried with exponential backoff
+and jitter, up to ``give_up_after`` seconds without contact; a refusal that retrying
+cannot fix (a certificate the server does not accept) stops the site with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from medfed import __version__
+from medfed.core.errors import CodecError, MedfedError
+from medfed.transport.base import describe_exception
+from medfed.transport.grpc import wire
+
+log = logging.getLogger("medfed")
+
+# gRPC codes after which trying again later can succeed
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
+MAX_MODEL = 64 << 30  # bytes: the largest model a site accepts from the server
+
+
+class ConnectionLost(MedfedError):
+    """The server could not be reached for longer than the site waits."""
+
+
+class Refused(MedfedError):
+    """The server refused this site for a reason retrying cannot fix."""
+
+
+class Connection:
+    """The channel to the server and its four calls; every call has a deadline."""
+
+    def __init__(self, target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, site: str):
+        creds = wire.channel_credentials(ca_pem, cert_pem, key_pem)
+        self.site = site
+        self.target = target
+        self.channel = grpc.secure_channel(target, creds, options=wire.CHANNEL_OPTIONS)
+        self._join = self.channel.unary_unary(wire.JOIN)
+        self._ready = self.channel.unary_unary(wire.READY)
+        self._poll = self.channel.unary_stream(wire.POLL)
+        self._submit = self.channel.stream_unary(wire.SUBMIT)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def join(self) -> dict[str, Any]:
+        reply = self._join(wire.encode_header({"site": self.site, "medfed_version": __version__}),
+                           timeout=wire.CALL_DEADLINE)
+        return wire.decode_header(reply, "join reply")
+
+    def ready(self, job_id: str, summary: dict[str, Any]) -> None:
+        self._ready(wire.encode_header({"site": self.site, "job_id": job_id, "summary": summary}),
+                    timeout=wire.CALL_DEADLINE)
+
+    def refuse_job(self, job_id: str, cause: str) -> None:
+        """Tell the server this site cannot take part in the job, and why."""
+        try:
+            self._ready(wire.encode_header({"site": self.site, "job_id": job_id, "error": cause[:2000]}),
+                        timeout=wire.CALL_DEADLINE)
+        except grpc.RpcError:
+            pass  # best effort: the site stops with the cause on its own terminal anyway
+
+    def poll(self, job_id: str, round_timeout: float) -> tuple[dict[str, Any], bytes | None]:
+        """The next task header and its model blob (None for ``wait`` and ``done``)."""
+        stream = self._poll(wire.encode_header({"site": self.site, "job_id": job_id}),
+                            timeout=wire.transfer_deadline(0, round_timeout))
+        try:
+            hdr = wire.decode_header(next(stream), "poll reply")
+            if hdr.get("kind") not in ("fit", "evaluate"):
+                return hdr, None
+            blob = wire.gather(stream, int(hdr.get("size", -1)), MAX_MODEL, f"{hdr['kind']} task")
+            wire.check_payload(blob, hdr.get("sha256"), f"{hdr['kind']} task")
+            return hdr, blob
+        finally:
+            stream.cancel()
+
+    def submit(self, header: dict[str, Any], payload: bytes, round_timeout: float) -> None:
+        header = {**header, "site": self.site, "size": len(payload), "sha256": wire.sha256(payload)}
+
+        def messages():
+            yield wire.encode_header(header)
+            yield from wire.chunks(payload)
+
+        self._submit(messages(), timeout=wire.transfer_deadline(len(payload), round_timeout))
+
+
+class Backoff:
+    """Exponential backoff with full jitter: waits of up to 1, 2, 4 ... ``cap`` seconds."""
+
+    def __init__(self, base: float = 1.0, cap: float = 30.0, rng: random.Random | None = None):
+        self.base, self.cap, self.n = base, cap, 0
+        self.rng = rng or random.Random()
+
+    def reset(self) -> None:
+        self.n = 0
+
+    def next(self) -> float:
+        wait = min(self.cap, self.base * 2**self.n)
+        self.n += 1
+        return self.rng.uniform(0.5 * wait, wait)
+
+
+Answer = Callable[[dict[str, Any], bytes], tuple[str, bytes]]
+
+
+def serve_tasks(
+    conn: Connection,
+    setup: Callable[[dict[str, Any], str], tuple[dict[str, Any], float]],
+    answer: Answer,
+    give_up_after: float = 3600.0,
+    backoff: Backoff | None = None,
+) -> None:
+    """Serve the server's tasks until it says the job is done.
+
+    ``setup(job, job_id)`` is called when the server names a job this site has not set
+    up yet; it returns the data summary to report and the job's round timeout.
+    ``answer(header, blob)`` runs one task and returns ``("fit" | "evaluate", payload)``
+    or ``("error", cause)`` as UTF-8 bytes."""
+    backoff = backoff or Backoff()
+    job_id: str | None = None
+    summary: dict[str, Any] = {}
+    round_timeout = 600.0
+    joined = False
+    last_contact = time.monotonic()
+    while True:
+        try:
+            if not joined:
+                info = conn.join()
+                if info.get("job_id") != job_id:
+                    job_id = str(info.get("job_id"))
+                    try:
+                        summary, round_timeout = setup(info.get("job", {}), job_id)
+                    except Exception as e:  # the server's log must say why this site is missing
+                        conn.refuse_job(job_id, describe_exception(e))
+                        raise
+                conn.ready(job_id, summary)
+                joined = True
+                log.info("site '%s': joined job %s at %s", conn.site, job_id, conn.target)
+            hdr, blob = conn.poll(job_id, round_timeout)
+            last_contact = time.monotonic()
+            backoff.reset()
+            kind = hdr.get("kind")
+            if kind == "done":
+                log.info("site '%s': the server says the job is done", conn.site)
+                return
+            if kind == "wait":
+                continue
+            what, payload = answer(hdr, blob or b"")
+            reply = {"task_id": hdr.get("task_id"), "job_id": job_id, "round": hdr.get("round"), "kind": what}
+            if what == "error":
+                reply["cause"] = payload.decode(errors="replace")
+                payload = b""
+            try:
+                conn.submit(reply, payload, round_timeout)
+            except grpc.RpcError as e:
+                if e.code() in RETRYABLE:
+                    raise
+                log.warning("site '%s': the server refused the %s answer of round %s: %s",
+                            conn.site, kind, hdr.get("round"), e.details())
+        except CodecError as e:  # a garbled task: report it, keep serving
+            log.warning("site '%s': could not read a task from the server: %s", conn.site, e)
+        except grpc.RpcError as e:
+            code = e.code()
+            if code is grpc.StatusCode.FAILED_PRECONDITION:  # the server restarted or moved to a new job
+                joined = False
+            elif code in RETRYABLE:
+                joined = False
+            else:
+                raise Refused(f"site '{conn.site}': the server refused this site: {e.details()} ({code.name})") from None
+            if time.monotonic() - last_contact > give_up_after:
+                raise ConnectionLost(
+                    f"site '{conn.site}': no contact with {conn.target} for {give_up_after:g} s "
+                    f"(last error: {e.details() or code.name})"
+                ) from None
+            wait = backoff.next()
+            log.info("site '%s': %s (%s); retrying in %.1f s", conn.site, code.name, e.details(), wait)
+            time.sleep(wait)

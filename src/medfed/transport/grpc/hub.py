@@ -1,0 +1,459 @@
+"""The server side of the deployment transport: sessions, task queues, incoming checks.
+
+The round loop hands the hub a batch of tasks (one per selected site) and waits for their
+answers until a deadline; gRPC handler threads serve sites' polls and submissions. One
+condition variable guards all of it.
+
+Everything a site sends is checked before it is used, and every refusal is logged with
+the site, its address and the reason: a site must hold a certificate of the consortium CA
+(checked by TLS) whose name is in the job; a submission must carry this job's id and
+answer an open task of that same site and round, exactly once; its payload must have the
+declared size (at most what the task allows) and SHA-256, decode without error, and, for
+an update, fit the model sent (names, shapes, dtypes, finite values) and not repeat an
+update accepted before.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medfed import __version__
+from medfed.config import Job, map_paths
+from medfed.core import codec
+from medfed.core.errors import CodecError
+from medfed.core.types import Params, SiteFailure, Split
+from medfed.server.validate import update_problem
+from medfed.transport.grpc import wire
+
+log = logging.getLogger("medfed")
+
+SITE_LOCAL = Path("<site-local>")
+# seconds after its last poll that a site still counts as connected (a site polls again
+# at once after each answer, and every POLL_WAIT s when idle)
+LIVE_WINDOW = 3 * wire.POLL_WAIT  # stands for every file path when the job travels to sites
+
+
+def site_view(job: Job) -> dict[str, Any]:
+    """The job as sites receive it: every file path replaced by ``<site-local>``."""
+    return map_paths(job, lambda _p: SITE_LOCAL).model_dump(mode="json")
+
+
+class SiteSummary(BaseModel):
+    """What a site tells the server about its data when it is ready: sizes and the image
+    shape, never images or file names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    train: int = Field(ge=0)
+    val: int = Field(ge=0)
+    test: int = Field(ge=0)
+    class_counts: dict[Literal["train", "val", "test"], list[Annotated[int, Field(ge=0)]]] = Field(default_factory=dict)
+    shape: list[int] = Field(min_length=2, max_length=4)
+    held_out: bool = False
+    skipped: int = Field(0, ge=0)
+
+
+@dataclass(eq=False)
+class Task:
+    """One request to one site, waiting for its answer."""
+
+    site: str
+    kind: str  # "fit" | "evaluate"
+    arm: str
+    round: int
+    header: dict[str, Any]  # sent with the payload: the round plan, or the splits
+    blob: bytes  # the model: shared by every task of a batch that sends the same one
+    digest: str
+    limit: int  # the most bytes the answer may have
+    reference: Params | None = None  # fit: the parameters the update must fit
+    local_keys: frozenset[str] = frozenset()
+    splits: tuple[Split, ...] = ()
+    id: str = field(default_factory=lambda: secrets.token_hex(16))
+    state: str = "queued"  # queued -> sent -> answered | expired
+    answer: Any = None  # Update | list[EvalResult] | SiteFailure
+    sent_at: float = 0.0
+    bytes_sent: int = 0
+
+
+@dataclass
+class Session:
+    site: str
+    address: str
+    fingerprint: str
+    joined: float
+    summary: SiteSummary | None = None
+    got_done: bool = False
+    last_seen: float = 0.0  # time.monotonic() of its last poll
+    polling: int = 0  # polls open right now
+
+
+class Refused(Exception):
+    """A request that breaks a rule: answered with ``code`` and logged with the reason."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class Hub:
+    """Shared state of the server process. ``store`` (a RunStore, optional) receives the
+    participants and the audit trail."""
+
+    def __init__(self, job: Job, job_id: str, store: Any = None):
+        self.job_id = job_id
+        self.job_view = site_view(job)
+        self.allowed = frozenset(job.site_names)
+        self.round_timeout = job.round_timeout
+        self.store = store
+        self._cv = threading.Condition()
+        self._queues: dict[str, deque[Task]] = {s: deque() for s in job.site_names}
+        self._open: dict[str, Task] = {}  # queued or sent, by id
+        self._closed: set[str] = set()  # answered or expired task ids
+        self._sessions: dict[str, Session] = {}
+        self._accepted: set[str] = set()  # SHA-256 of every update accepted in this process
+        self._done = False
+
+    # ------------------------------------------------------------------ who is calling
+
+    def _identify(self, context: grpc.ServicerContext) -> tuple[str, str]:
+        """(site name, certificate fingerprint) of the caller, or Refused."""
+        auth = context.auth_context()
+        pem = (auth.get("x509_pem_cert") or [b""])[0]
+        names = auth.get("x509_common_name") or []
+        if not pem or not names:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        site = names[0].decode(errors="replace")
+        cert = x509.load_pem_x509_certificate(pem)
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = []
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"certificate '{site}' is not a site certificate")
+        if site not in self.allowed:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate names site '{site}', which is not part of this job ({', '.join(sorted(self.allowed))})",
+            )
+        return site, cert.fingerprint(hashes.SHA256()).hex()
+
+    @staticmethod
+    def _header(data: Any, what: str) -> dict[str, Any]:
+        try:
+            return wire.decode_header(data, what)
+        except CodecError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+
+    def _check_caller(self, hdr: dict[str, Any], site: str, with_job: bool = True) -> None:
+        if hdr.get("site") != site:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"message says site {hdr.get('site')!r} but the certificate is '{site}'",
+            )
+        if with_job and hdr.get("job_id") != self.job_id:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"message is for job {hdr.get('job_id')!r}, this server runs job {self.job_id}",
+            )
+
+    def _refuse(self, context: grpc.ServicerContext, what: str, site: str | None, e: Refused) -> None:
+        who = f"site '{site}'" if site else "a caller"
+        log.warning("refused %s from %s (%s): %s", what, who, context.peer(), e.reason)
+        context.abort(e.code, e.reason)
+
+    # ------------------------------------------------------------------ gRPC methods
+
+    def join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        site = None
+        try:
+            site, fingerprint = self._identify(context)
+            self._check_caller(self._header(request, "join"), site, with_job=False)
+        except Refused as e:
+            self._refuse(context, "join", site, e)
+        now = time.time()
+        with self._cv:
+            for t in self._open.values():  # a site that rejoins has lost what it was working on
+                if t.site == site and t.state == "sent":
+                    self._close(t, SiteFailure(site, "the site reconnected before answering (restarted?)"))
+            self._sessions[site] = Session(site, context.peer(), fingerprint, now)
+            self._cv.notify_all()
+        if self.store is not None:
+            self.store.site_seen(site, fingerprint, context.peer(), now)
+        log.info("site '%s' joined from %s", site, context.peer())
+        return wire.encode_header({"job": self.job_view, "job_id": self.job_id, "medfed_version": __version__})
+
+    def ready(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        site = None
+        try:
+            site, _ = self._identify(context)
+            hdr = self._header(request, "ready")
+            self._check_caller(hdr, site)
+            if "error" in hdr:
+                log.warning("site '%s' cannot take part in the job: %s", site, str(hdr["error"])[:2000])
+                return wire.encode_header({"ok": True})
+            try:
+                summary = SiteSummary.model_validate(hdr.get("summary"))
+            except ValidationError as e:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad data summary: {e.errors()[0]['msg']}") from None
+            if summary.name != site:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"data summary names site {summary.name!r}")
+            with self._cv:
+                session = self._sessions.get(site)
+                if session is None:
+                    raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "call Join first")
+                session.summary = summary
+                self._cv.notify_all()
+        except Refused as e:
+            self._refuse(context, "ready", site, e)
+        log.info("site '%s' is ready: %d train, %d val, %d test, shape %s",
+                 site, summary.train, summary.val, summary.test, summary.shape)
+        return wire.encode_header({"ok": True})
+
+    def poll(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        site = None
+        try:
+            site, _ = self._identify(context)
+            self._check_caller(self._header(request, "poll"), site)
+            with self._cv:
+                session = self._sessions.get(site)
+                if session is None or session.summary is None:
+                    raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "call Join and Ready first")
+        except Refused as e:
+            self._refuse(context, "poll", site, e)
+        left = context.time_remaining()
+        with self._cv:
+            session.polling += 1
+            session.last_seen = time.monotonic()
+        try:
+            task = self._next_task(site, min(wire.POLL_WAIT, max(0.0, (left or wire.POLL_WAIT) - 1.0)))
+        finally:
+            with self._cv:
+                session.polling -= 1
+                session.last_seen = time.monotonic()
+        if task is None:
+            with self._cv:
+                if self._done:
+                    session.got_done = True
+                    self._cv.notify_all()
+            yield wire.encode_header({"kind": "done" if self._done else "wait"})
+            return
+        yield wire.encode_header(
+            {**task.header, "kind": task.kind, "task_id": task.id, "round": task.round, "arm": task.arm,
+             "size": len(task.blob), "sha256": task.digest}
+        )
+        for piece in wire.chunks(task.blob):
+            yield piece
+            task.bytes_sent += len(piece)
+
+    def submit(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        site, task, t0 = None, None, time.monotonic()
+        try:
+            site, _ = self._identify(context)
+            first = next(messages, None)
+            if first is None:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty submission")
+            hdr = self._header(first, "submission")
+            self._check_caller(hdr, site)
+            task = self._task_for(hdr, site)
+            answer, nbytes, digest = self._read_answer(task, hdr, messages, site)
+        except Refused as e:
+            if task is not None:
+                self._settle(task, SiteFailure(site, f"answer refused: {e.reason}"), "refused", 0, None, t0, e.reason)
+            self._refuse(context, "a submission", site, e)
+        except grpc.RpcError as e:  # the stream broke (e.g. a message over the size limit)
+            reason = f"submission stream failed: {e.code() if hasattr(e, 'code') else e}"
+            if task is not None:
+                self._settle(task, SiteFailure(site, reason), "refused", 0, None, t0, reason)
+            log.warning("refused a submission from site '%s' (%s): %s", site, context.peer(), reason)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+        status = "failed" if isinstance(answer, SiteFailure) else "accepted"
+        if not self._settle(task, answer, status, nbytes, digest, t0):
+            self._refuse(context, "a submission", site, Refused(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"{task.kind} task of round {task.round} expired before the answer arrived"))
+        if status == "failed":
+            log.warning("%s round %d: site '%s' reported an error: %s", task.arm, task.round, site, answer.cause)
+        return wire.encode_header({"accepted": True})
+
+    # ------------------------------------------------------------------ submission checks
+
+    def _task_for(self, hdr: dict[str, Any], site: str) -> Task:
+        tid = hdr.get("task_id")
+        with self._cv:
+            task = self._open.get(tid) if isinstance(tid, str) else None
+            closed = isinstance(tid, str) and tid in self._closed
+        if task is None:
+            if closed:
+                raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"task {tid} was already answered or has expired (replay?)")
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          f"no open task {tid!r}: site '{site}' was not selected for it")
+        if task.site != site:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          f"task {tid} was given to site '{task.site}', not to '{site}'")
+        if task.state != "sent":
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"task {tid} has not been sent yet")
+        if hdr.get("round") != task.round:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"answer is for round {hdr.get('round')!r}, the task is round {task.round}")
+        return task
+
+    def _read_answer(self, task: Task, hdr: dict[str, Any], messages: Iterator[bytes], site: str):
+        kind = hdr.get("kind")
+        if kind == "error":
+            cause = str(hdr.get("cause", "unknown error"))[:2000]
+            return SiteFailure(site, f"site error: {cause}"), 0, None
+        if kind != task.kind:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"answer kind {kind!r}, the task is '{task.kind}'")
+        size = hdr.get("size")
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"size must be an integer, got {size!r}")
+        try:
+            blob = wire.gather(messages, size, task.limit, f"{kind} answer")
+            wire.check_payload(blob, hdr.get("sha256"), f"{kind} answer")
+            digest = wire.sha256(blob)
+            if kind == "evaluate":
+                return codec.decode_eval_results(site, blob, task.splits), size, digest
+            update = codec.decode_update(blob)
+        except CodecError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if update.site != site:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"update says site '{update.site}'")
+        with self._cv:
+            replay = digest in self._accepted
+        if replay or (self.store is not None and self.store.seen_update(digest)):
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"update {digest[:12]} was accepted before (replay)")
+        problem = update_problem(update, task.reference or {}, task.round, task.local_keys)
+        if problem is not None:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return update, size, digest
+
+    def _settle(self, task: Task, answer: Any, status: str, nbytes: int, digest: str | None, t0: float,
+                reason: str | None = None) -> bool:
+        """Record ``answer`` for ``task`` unless it was closed meanwhile; audit it."""
+        with self._cv:
+            session = self._sessions.get(task.site)
+            if session is not None:
+                session.last_seen = time.monotonic()  # it answered: connected, about to poll again
+            if task.state != "sent":
+                return False
+            if status == "accepted" and task.kind == "fit" and digest is not None:
+                self._accepted.add(digest)
+            self._close(task, answer)
+        if self.store is not None:
+            seconds = time.monotonic() - task.sent_at if task.sent_at else time.monotonic() - t0
+            if reason is None and isinstance(answer, SiteFailure):
+                reason = answer.cause
+            self.store.audit(task.arm, task.round, task.site, task.kind, status, task.bytes_sent, nbytes, digest,
+                             seconds, reason)
+        return True
+
+    # ------------------------------------------------------------------ the round loop's side
+
+    def _close(self, task: Task, answer: Any) -> None:  # holds the lock
+        task.answer, task.state = answer, "answered"
+        self._open.pop(task.id, None)
+        self._closed.add(task.id)
+        self._cv.notify_all()
+
+    def _next_task(self, site: str, wait: float) -> Task | None:
+        deadline = time.monotonic() + wait
+        with self._cv:
+            while not self._queues[site] and not self._done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cv.wait(left)
+            if not self._queues[site]:
+                return None
+            task = self._queues[site].popleft()
+            task.state, task.sent_at = "sent", time.monotonic()
+            return task
+
+    def _connected(self, site: str, now: float) -> bool:  # holds the lock
+        """A site is connected while it polls, or polled within ``LIVE_WINDOW`` s."""
+        s = self._sessions.get(site)
+        return s is not None and s.summary is not None and (s.polling > 0 or now - s.last_seen < LIVE_WINDOW)
+
+    def run(self, tasks: list[Task], timeout: float) -> None:
+        """Queue ``tasks`` and wait until each is answered or ``timeout`` seconds pass.
+
+        A task for a site that is not connected (never joined, or stopped polling) fails
+        at once instead of holding the round until the timeout; a task a site took and
+        did not answer fails at the timeout, and a later answer to it is refused."""
+        deadline = time.monotonic() + timeout
+        gone: list[Task] = []
+        with self._cv:
+            for t in tasks:
+                self._queues[t.site].append(t)
+                self._open[t.id] = t
+            self._cv.notify_all()
+            while True:
+                now = time.monotonic()
+                for t in tasks:
+                    if t.state == "queued" and not self._connected(t.site, now):
+                        self._expire(t, "the site is not connected")
+                        gone.append(t)
+                left = deadline - now
+                if left <= 0 or all(t.state in ("answered", "expired") for t in tasks):
+                    break
+                self._cv.wait(min(left, 1.0))
+            late = [t for t in tasks if t.state in ("queued", "sent")]
+            for t in late:
+                self._expire(t, f"no answer within round_timeout={timeout:g}s")
+        if self.store is not None:
+            for t in gone + late:
+                self.store.audit(t.arm, t.round, t.site, t.kind, "timeout", t.bytes_sent, 0, None,
+                                 time.monotonic() - deadline + timeout, t.answer.cause)
+
+    def _expire(self, t: Task, cause: str) -> None:  # holds the lock
+        if t.state == "queued":
+            self._queues[t.site].remove(t)
+        t.state, t.answer = "expired", SiteFailure(t.site, cause)
+        self._open.pop(t.id, None)
+        self._closed.add(t.id)
+
+    def wait_ready(self, sites: list[str], timeout: float, on_change=None) -> list[str]:
+        """Wait until every site in ``sites`` is ready or ``timeout`` s pass; return the
+        ready ones. ``on_change(ready)`` is called whenever the set grows."""
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        with self._cv:
+            while True:
+                ready = [s for s in sites if s in self._sessions and self._sessions[s].summary is not None]
+                if ready != seen and on_change is not None:
+                    on_change(ready)
+                seen = ready
+                left = deadline - time.monotonic()
+                if len(ready) == len(sites) or left <= 0:
+                    return ready
+                self._cv.wait(min(left, 1.0))
+
+    def summaries(self) -> dict[str, SiteSummary]:
+        with self._cv:
+            return {s: x.summary for s, x in self._sessions.items() if x.summary is not None}
+
+    def finish(self, grace: float) -> None:
+        """Tell polling sites the job is done; wait up to ``grace`` s for them to hear it."""
+        deadline = time.monotonic() + grace
+        with self._cv:
+            self._done = True
+            self._cv.notify_all()
+            while any(not s.got_done for s in self._sessions.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+

@@ -1,0 +1,127 @@
+"""What travels between a site and the server, and under which limits.
+
+The service ``medfed.Federation`` has four methods; every message is bytes:
+
+* ``Join``   (unary)  site -> ``{"site", "medfed_version"}``; server -> ``{"job", "job_id"}``
+  (the job with its file paths removed: paths never travel).
+* ``Ready``  (unary)  site -> ``{"site", "job_id", "summary"}`` (sizes and shape of its
+  data, no images); server -> ``{"ok": true}``.
+* ``Poll``   (server streaming) site -> ``{"site", "job_id"}``; server -> a header
+  ``{"kind": "fit" | "evaluate" | "wait" | "done", ...}`` then, for a task, the model as
+  safetensors chunks. A poll with nothing to do returns ``wait`` after ``POLL_WAIT`` s.
+* ``Submit`` (client streaming) site -> a header ``{"task_id", "job_id", "site", "round",
+  "kind": "fit" | "evaluate" | "error", "size", "sha256"}`` then the payload in chunks;
+  server -> ``{"accepted": bool, "reason": str}``.
+
+Every message is at most ``MAX_MESSAGE`` bytes (gRPC refuses larger ones itself), every
+call has a deadline, and a payload larger than the receiver allows is refused before it
+is read in full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import grpc
+
+from medfed.core.errors import CodecError
+
+SERVICE = "medfed.Federation"
+JOIN, READY, POLL, SUBMIT = (f"/{SERVICE}/{m}" for m in ("Join", "Ready", "Poll", "Submit"))
+
+CHUNK = 4 << 20  # bytes of payload per message
+MAX_MESSAGE = CHUNK + (1 << 20)  # the largest single gRPC message either side accepts
+MAX_HEADER = 1 << 20  # a JSON header (the job travels in one)
+POLL_WAIT = 5.0  # seconds the server holds a poll open before answering "wait"
+CALL_DEADLINE = 30.0  # seconds for a unary call (Join, Ready)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    # notice a dead peer on an idle connection within about a minute
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def transfer_deadline(nbytes: int, round_timeout: float) -> float:
+    """Seconds allowed for a call that moves ``nbytes``: the poll wait plus the round
+    timeout, and never less than a transfer at 10 MB/s."""
+    return POLL_WAIT + max(round_timeout, nbytes / 10e6, CALL_DEADLINE)
+
+
+def server_credentials(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> grpc.ServerCredentials:
+    """Mutual TLS: the server presents its certificate and accepts only clients whose
+    certificate the consortium CA signed."""
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True)
+
+
+def channel_credentials(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> grpc.ChannelCredentials:
+    """The site trusts only the consortium CA, checks the server's host name against its
+    certificate (gRPC's default) and presents its own certificate."""
+    return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
+
+
+def encode_header(obj: dict[str, Any]) -> bytes:
+    data = json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
+    if len(data) > MAX_HEADER:
+        raise CodecError(f"header of {len(data)} bytes exceeds the {MAX_HEADER}-byte limit")
+    return data
+
+
+def decode_header(data: Any, what: str) -> dict[str, Any]:
+    """A JSON object from ``data``, or CodecError naming ``what``."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise CodecError(f"{what}: expected bytes")
+    if len(data) > MAX_HEADER:
+        raise CodecError(f"{what}: header of {len(data)} bytes exceeds {MAX_HEADER}")
+    try:
+        obj = json.loads(bytes(data))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CodecError(f"{what}: header is not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CodecError(f"{what}: header must be a JSON object")
+    return obj
+
+
+def sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def chunks(blob: bytes, size: int = CHUNK) -> Iterator[bytes]:
+    """``blob`` in pieces of at most ``size`` bytes (none for an empty blob)."""
+    view = memoryview(blob)
+    for i in range(0, len(blob), size):
+        yield bytes(view[i : i + size])
+
+
+def gather(messages: Iterable[Any], size: int, limit: int, what: str) -> bytes:
+    """Read chunks until ``size`` bytes. Raises CodecError when ``size`` exceeds
+    ``limit``, when more or fewer bytes than ``size`` arrive, or a message is not bytes."""
+    if size < 0 or size > limit:
+        raise CodecError(f"{what}: declared size {size} bytes, the limit is {limit}")
+    buf = bytearray()
+    for m in messages:
+        if not isinstance(m, (bytes, bytearray)):
+            raise CodecError(f"{what}: expected bytes")
+        buf += m
+        if len(buf) > size:
+            raise CodecError(f"{what}: more than the declared {size} bytes")
+    if len(buf) != size:
+        raise CodecError(f"{what}: truncated, {len(buf)} of {size} bytes")
+    return bytes(buf)
+
+
+def check_payload(blob: bytes, digest: Any, what: str) -> None:
+    if not isinstance(digest, str) or sha256(blob) != digest:
+        raise CodecError(f"{what}: SHA-256 does not match the header")
