@@ -138,8 +138,9 @@ def test_drop_after_only_touches_that_arm(store, tmp_path):
     assert store.last_completed_round("finetuned") == (3, "finetuned_3")
     assert [(r["arm"], r["round"]) for r in store.rounds()] == [
         ("federated", 1), ("finetuned", 1), ("finetuned", 2), ("finetuned", 3)]
-    assert [(r["arm"], r["round"]) for r in store.audit_rows()] == [
-        ("federated", 1), ("finetuned", 1), ("finetuned", 2), ("finetuned", 3)]
+    assert [(r["arm"], r["round"], r["status"]) for r in store.audit_rows() if r["arm"] == "federated"] == [
+        ("federated", 1, "accepted"), ("federated", 2, "redone"), ("federated", 3, "redone")]
+    assert {r["status"] for r in store.audit_rows() if r["arm"] == "finetuned"} == {"accepted"}
     assert not store.seen_update("federated2") and store.seen_update("finetuned2")
     store.export_metrics(tmp_path / "m.jsonl")
     assert [(r["arm"], r["round"]) for r in read_metrics(tmp_path / "m.jsonl")] == [

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from medfed import __version__
 from medfed.algorithms import build_algorithm
 from medfed.config import Job
-from medfed.core.errors import DataError, RoundError, RunDirError
+from medfed.core.errors import ConfigError, DataError, RoundError, RunDirError
 from medfed.core.types import Arm, Params
 from medfed.models import check_input_size, get_params
 from medfed.server.baselines import run_finetuned, run_local
@@ -74,6 +74,9 @@ def load_state(run_dir: Path, job_hash: str) -> tuple[int, Params, Params]:
 
 def _prepare_folder(output: Path, resume: bool) -> None:
     if not resume:
+        if (output / STORE_NAME).is_file():
+            raise RunDirError(f"'{output}' holds a deployed run that did not finish; continue it with --resume, "
+                              "or choose another output")
         check_output(output, overwrite=False)
         output.mkdir(parents=True, exist_ok=True)
         return
@@ -160,7 +163,10 @@ def serve_job(
         start = 1
         if resume and (output / STATE_FILE).exists():
             done, params, algo_state = load_state(output, job.job_hash())
-            algorithm.load_server_state(algo_state)
+            try:
+                algorithm.load_server_state(algo_state)
+            except ValueError as e:
+                raise RunDirError(f"'{output / STATE_FILE}' does not fit the job's algorithm: {e}") from None
             start = done + 1
             for arm in (Arm.FEDERATED, Arm.PERSONALIZED):  # rounds after the checkpoint are redone
                 store.drop_after(arm.value, done)
@@ -172,16 +178,20 @@ def serve_job(
             store.drop_after(arm.value, 0)
 
         def callback(s: RoundSummary, p: Params) -> None:
-            if s.arm is Arm.FEDERATED:
-                tracker(s, p)
+            if s.arm is Arm.FEDERATED:  # the resume point first: the best model never runs ahead of it
                 save_state(output, s.round, p, algorithm.server_state(), job.job_hash())
                 store.round_completed(s.arm.value, s.round, STATE_FILE, time.time())
+                tracker(s, p)
             if on_round is not None:
                 on_round(s, p)
 
         transport = GrpcTransport(hub, algorithm.local_keys)
         sizes = {r["name"]: r["train"] for r in rows}
-        sampler = SiteSampler(job, sizes if all(sizes.get(s, 0) > 0 for s in job.training_sites) else None)
+        try:
+            sampler = SiteSampler(job, sizes if all(sizes.get(s, 0) > 0 for s in job.training_sites) else None)
+        except ValueError as e:
+            raise ConfigError(f"sampling.method: {e}; every training site must have joined (missing: "
+                              f"{', '.join(missing) or 'none'})") from None
         final = params
         if start <= job.rounds:
             final = run_federated(job, transport, algorithm, params, store.write_metric, callback, sampler,
@@ -192,6 +202,9 @@ def serve_job(
         if "local" in job.compare:
             run_local(job, transport, get_params(initial_model(job, shape[0], len(shape) - 1)), store.write_metric,
                       callback)
+        if job.task.kind == "segmentation" and job.task.save_predictions > 0:
+            log.warning("task.save_predictions: predicted masks are not written in a deployment (the test "
+                        "images stay at the sites)")
         if "centralized" in job.compare:
             log.warning("compare: 'centralized' skipped: it needs every site's data in one place, which a "
                         "deployment never does")

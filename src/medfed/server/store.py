@@ -35,7 +35,7 @@ from medfed.tracking.metrics import ARMS, FIELDS, SPLITS, _clean
 SCHEMA_VERSION = 1
 STORE_NAME = "state.sqlite"
 KINDS = ("fit", "evaluate")
-STATUSES = ("accepted", "refused", "failed", "timeout")
+STATUSES = ("accepted", "refused", "failed", "timeout", "redone")
 AUDIT_FIELDS = ("arm", "round", "site", "kind", "status", "bytes_sent", "bytes_received", "sha256", "seconds",
                 "reason", "when")
 
@@ -307,11 +307,15 @@ class RunStore:
                 (int(round), arm, site, split, metric, _clean(value)))
 
     def drop_after(self, arm: str, rnd: int) -> None:
-        """Delete the metrics, audit rows and round rows of ``arm`` with round > ``rnd`` (on
-        resume: the rounds after the last checkpoint are redone). Other arms are kept."""
+        """Forget the rounds of ``arm`` after ``rnd`` (on resume they are redone): delete
+        their metrics and round rows. Their audit rows stay, as evidence of what was
+        exchanged, but accepted updates become ``redone`` so that the same update sent
+        again for the redone round is not taken for a replay. Other arms are kept."""
         with self._lock, self._tx() as conn:
-            for table in ("metrics", "audit", "rounds"):
+            for table in ("metrics", "rounds"):
                 conn.execute(f"DELETE FROM {table} WHERE arm = ? AND round > ?", (arm, int(rnd)))
+            conn.execute("UPDATE audit SET status = 'redone' WHERE arm = ? AND round > ? AND status = 'accepted'",
+                         (arm, int(rnd)))
 
     # ----------------------------------------------------------------------- export
 

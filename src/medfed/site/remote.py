@@ -69,6 +69,30 @@ def _uses_files(job: Job) -> bool:
     return any(p == SITE_LOCAL for p in found)
 
 
+def _settings(data: Any, site: str) -> dict[str, Any]:
+    """A data config without its paths (and without the other sites' entries): what a
+    site's data file must agree on with the job."""
+    from medfed.config import map_paths
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            kept = {k: strip(x) for k, x in v.items()}
+            return {k: x for k, x in kept.items() if x is not None and x != {}}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return None if v == str(SITE_LOCAL) else v
+
+    d = map_paths(data, lambda _p: SITE_LOCAL).model_dump(mode="json")
+    if isinstance(d.get("sites"), list):
+        d["sites"] = [x for x in d["sites"] if isinstance(x, dict) and x.get("name") == site]
+    return strip(d)
+
+
+def _differences(job_data: Any, local: Any, site: str) -> list[str]:
+    a, b = _settings(job_data, site), _settings(local, site)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 class RemoteSite:
     """What ``medfed site`` runs: sets up the job the server names, answers its tasks."""
 
@@ -96,6 +120,12 @@ class RemoteSite:
                 raise ConfigError(
                     f"site data file '{self.data_file}': data.source is '{local.source}' but the job reads "
                     f"'{job.data.source}'"
+                )
+            differ = _differences(job.data, local, self.name)
+            if differ:
+                raise ConfigError(
+                    f"site data file '{self.data_file}': data.{differ[0]} differs from the job's; only file paths "
+                    f"may differ (fields that differ: {', '.join(differ)})"
                 )
             data_job = job.model_copy(update={"data": local})
         elif _uses_files(job):

@@ -3,8 +3,14 @@
 :func:`serve_tasks` joins the server, reports the site's data summary, then polls for
 tasks and answers each with ``answer(header, model_blob) -> (kind, payload)``. Lost
 connections (the server restarting, a network cut) are retried with exponential backoff
-and jitter, up to ``give_up_after`` seconds without contact; a refusal that retrying
-cannot fix (a certificate the server does not accept) stops the site with the reason.
+and jitter, up to ``give_up_after`` seconds without contact. A refusal that retrying
+cannot fix stops the site with the reason: the server refusing this site's name (not in
+the job), or ``HANDSHAKE_LIMIT`` TLS handshake failures in a row that the site can see (the
+server's certificate is not from this kit's CA, or does not match the host name). When the
+server refuses this site's certificate in the handshake, the site sees only a closed
+connection, indistinguishable from a server that is down, and retries until
+``give_up_after``; the server's gRPC log names the reason. (``load_kit`` refuses an
+expired or foreign certificate before the site ever connects.)
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ RETRYABLE = {
     grpc.StatusCode.ABORTED,
 }
 MAX_MODEL = 64 << 30  # bytes: the largest model a site accepts from the server
+HANDSHAKE_LIMIT = 5  # TLS handshake failures in a row before the site gives up
 
 
 class ConnectionLost(MedfedError):
@@ -86,7 +93,10 @@ class Connection:
             hdr = wire.decode_header(next(stream), "poll reply")
             if hdr.get("kind") not in ("fit", "evaluate"):
                 return hdr, None
-            blob = wire.gather(stream, int(hdr.get("size", -1)), MAX_MODEL, f"{hdr['kind']} task")
+            size = hdr.get("size")
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise CodecError(f"{hdr['kind']} task: size must be an integer, got {size!r}")
+            blob = wire.gather(stream, size, MAX_MODEL, f"{hdr['kind']} task")
             wire.check_payload(blob, hdr.get("sha256"), f"{hdr['kind']} task")
             return hdr, blob
         finally:
@@ -103,7 +113,8 @@ class Connection:
 
 
 class Backoff:
-    """Exponential backoff with full jitter: waits of up to 1, 2, 4 ... ``cap`` seconds."""
+    """Exponential backoff with jitter: the n-th wait is drawn between half and all of
+    ``base * 2**n`` seconds, capped at ``cap``."""
 
     def __init__(self, base: float = 1.0, cap: float = 30.0, rng: random.Random | None = None):
         self.base, self.cap, self.n = base, cap, 0
@@ -139,11 +150,15 @@ def serve_tasks(
     summary: dict[str, Any] = {}
     round_timeout = 600.0
     joined = False
+    handshakes = 0
     last_contact = time.monotonic()
     while True:
         try:
             if not joined:
                 info = conn.join()
+                if info.get("medfed_version") != __version__:
+                    log.warning("site '%s': the server runs medfed %s, this site %s", conn.site,
+                                info.get("medfed_version"), __version__)
                 if info.get("job_id") != job_id:
                     job_id = str(info.get("job_id"))
                     try:
@@ -155,7 +170,7 @@ def serve_tasks(
                 joined = True
                 log.info("site '%s': joined job %s at %s", conn.site, job_id, conn.target)
             hdr, blob = conn.poll(job_id, round_timeout)
-            last_contact = time.monotonic()
+            last_contact, handshakes = time.monotonic(), 0
             backoff.reset()
             kind = hdr.get("kind")
             if kind == "done":
@@ -179,6 +194,14 @@ def serve_tasks(
             log.warning("site '%s': could not read a task from the server: %s", conn.site, e)
         except grpc.RpcError as e:
             code = e.code()
+            details = e.details() or ""
+            handshakes = handshakes + 1 if "handshake" in details.lower() else 0
+            if handshakes >= HANDSHAKE_LIMIT:
+                raise Refused(
+                    f"site '{conn.site}': TLS handshake with {conn.target} failed {handshakes} times in a row: the "
+                    f"server does not accept this site's certificate (another consortium's, or expired?) or its "
+                    f"own certificate does not match this kit ({details})"
+                ) from None
             if code is grpc.StatusCode.FAILED_PRECONDITION:  # the server restarted or moved to a new job
                 joined = False
             elif code in RETRYABLE:

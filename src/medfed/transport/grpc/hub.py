@@ -104,9 +104,9 @@ class Session:
 class Refused(Exception):
     """A request that breaks a rule: answered with ``code`` and logged with the reason."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str):
+    def __init__(self, code: grpc.StatusCode, reason: str, name: str | None = None):
         super().__init__(reason)
-        self.code, self.reason = code, reason
+        self.code, self.reason, self.name = code, reason, name  # name: the certificate's, when known
 
 
 class Hub:
@@ -143,11 +143,12 @@ class Hub:
         except x509.ExtensionNotFound:
             usage = []
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"certificate '{site}' is not a site certificate")
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"certificate '{site}' is not a site certificate", site)
         if site not in self.allowed:
             raise Refused(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"certificate names site '{site}', which is not part of this job ({', '.join(sorted(self.allowed))})",
+                site,
             )
         return site, cert.fingerprint(hashes.SHA256()).hex()
 
@@ -171,7 +172,8 @@ class Hub:
             )
 
     def _refuse(self, context: grpc.ServicerContext, what: str, site: str | None, e: Refused) -> None:
-        who = f"site '{site}'" if site else "a caller"
+        name = site or e.name
+        who = f"site '{site}'" if site else f"certificate '{name}'" if name else "a caller"
         log.warning("refused %s from %s (%s): %s", what, who, context.peer(), e.reason)
         context.abort(e.code, e.reason)
 
@@ -216,6 +218,7 @@ class Hub:
                 if session is None:
                     raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "call Join first")
                 session.summary = summary
+                session.last_seen = time.monotonic()
                 self._cv.notify_all()
         except Refused as e:
             self._refuse(context, "ready", site, e)
@@ -263,6 +266,9 @@ class Hub:
         site, task, t0 = None, None, time.monotonic()
         try:
             site, _ = self._identify(context)
+            with self._cv:
+                if site in self._sessions:  # a site that answers is connected
+                    self._sessions[site].last_seen = time.monotonic()
             first = next(messages, None)
             if first is None:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty submission")
@@ -305,12 +311,12 @@ class Hub:
                           f"task {tid} was given to site '{task.site}', not to '{site}'")
         if task.state != "sent":
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"task {tid} has not been sent yet")
-        if hdr.get("round") != task.round:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"answer is for round {hdr.get('round')!r}, the task is round {task.round}")
         return task
 
     def _read_answer(self, task: Task, hdr: dict[str, Any], messages: Iterator[bytes], site: str):
+        if hdr.get("round") != task.round:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"answer is for round {hdr.get('round')!r}, the task is round {task.round}")
         kind = hdr.get("kind")
         if kind == "error":
             cause = str(hdr.get("cause", "unknown error"))[:2000]
@@ -335,6 +341,11 @@ class Hub:
             replay = digest in self._accepted
         if replay or (self.store is not None and self.store.seen_update(digest)):
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"update {digest[:12]} was accepted before (replay)")
+        with self._cv:
+            summary = self._sessions[site].summary if site in self._sessions else None
+        if summary is not None and update.num_examples != summary.train:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"update claims {update.num_examples} training examples, the site reported {summary.train}")
         problem = update_problem(update, task.reference or {}, task.round, task.local_keys)
         if problem is not None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)

@@ -4,6 +4,7 @@ poll for over gRPC (see hub.py); answers come back in request order."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,9 +49,12 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
         options=wire.SERVER_OPTIONS,
         maximum_concurrent_rpcs=4 * max_sites + 16,
     )
-    port = server.add_secure_port(address, credentials)
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError as e:  # grpcio raises here when the port is taken (older versions return 0)
+        raise OSError(f"cannot listen on {address}: {e}") from None
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address}: is the port taken?")
     server.start()
     return server
 
@@ -84,6 +88,9 @@ class GrpcTransport(Transport):
                 reference=req.params, local_keys=self.local_keys if req.plan.arm.value == "federated" else frozenset(),
             ))
         self._blobs.clear()
+        if self.hub.store is not None and requests:
+            plan = requests[0].plan
+            self.hub.store.round_started(plan.arm.value, plan.round, [r.site for r in requests], time.time())
         self.hub.run(tasks, timeout)
         return [t.answer for t in tasks]
 
