@@ -63,3 +63,40 @@ def test_missing_header_field_is_a_codec_error():
     blob = codec.encode_params({"w": torch.ones(2)})  # a params blob has no update header
     with pytest.raises(CodecError, match="update: bad header field"):
         codec.decode_update(blob)
+
+
+def _file(blob: bytes):
+    import tempfile
+
+    f = tempfile.TemporaryFile()
+    f.write(blob)
+    f.flush()
+    return f
+
+
+def test_an_update_read_from_a_file_equals_the_decoded_one():
+    u = Update("a", 3, {"w": torch.randn(5, 4), "n": torch.tensor(7), "e": torch.zeros(0), "h": torch.ones(3).half()},
+               12, 4, {"loss": 0.25}, {"dc/w": torch.randn(5, 4)})
+    blob = codec.encode_update(u)
+    with _file(blob) as f:
+        v = codec.read_update_file(f, len(blob))
+        w = codec.decode_update(blob)
+        assert (v.site, v.round, v.num_examples, v.num_steps, v.metrics) == ("a", 3, 12, 4, {"loss": 0.25})
+        assert sorted(v.params) == sorted(w.params) and sorted(v.extras) == ["dc/w"]
+        for k in w.params:
+            assert v.params[k].dtype == w.params[k].dtype and torch.equal(v.params[k], w.params[k])
+        assert torch.equal(v.extras["dc/w"], u.extras["dc/w"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.integers(0, 10_000), junk=st.binary(min_size=1, max_size=64), at=st.integers(0, 10_000))
+def test_a_damaged_update_file_is_a_codec_error(cut, junk, at):
+    """Truncated or overwritten bytes: either the same update or a CodecError, never another exception."""
+    blob = codec.encode_update(Update("a", 1, {"w": torch.arange(100.0), "b": torch.ones(7)}, 5, 1))
+    for bad in (blob[: cut % len(blob)], blob[: at % len(blob)] + junk + blob[at % len(blob) + len(junk):]):
+        with _file(bad) as f:
+            try:
+                u = codec.read_update_file(f, len(bad))
+                _ = [u.params[k] for k in u.params]
+            except CodecError:
+                pass

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -152,6 +153,10 @@ def encode_update(update: Update) -> bytes:
 
 def decode_update(blob: bytes) -> Update:
     groups, meta = _unpack(blob, "update")
+    return _update_from(groups, meta)
+
+
+def _update_from(groups: dict[str, Any], meta: dict[str, Any]) -> Update:
     try:
         metrics = {str(k): float(v) for k, v in dict(meta.get("metrics", {})).items()}
         return Update(
@@ -165,3 +170,83 @@ def decode_update(blob: bytes) -> Update:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"update: bad header field ({e})") from None
+
+
+# --------------------------------------------------------------------------- updates on disk
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_FILE_HEADER = 100 << 20
+
+
+class FileTensors(Mapping):
+    """Tensors of a safetensors file, each read from disk when it is looked up (a
+    positioned read, not a memory map, so tensors not in use cost no memory)."""
+
+    def __init__(self, f: BinaryIO, base: int, entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]):
+        self._f, self._base, self._entries = f, base, entries
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._entries[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(end - begin)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = os.preadv(self._f.fileno(), [view[done:]], self._base + begin + done)
+            if n <= 0:
+                raise CodecError(f"tensor '{name}': file ended early")
+            done += n
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def read_update_file(f: BinaryIO, size: int) -> Update:
+    """An update from a safetensors file of ``size`` bytes whose tensors stay on disk until
+    they are used: a server can hold many sites' updates at the memory cost of one tensor.
+
+    The header is checked as strictly as a full load would: known dtypes, sizes that match
+    the shapes, byte ranges inside the file that cover its data without gaps or overlaps."""
+    try:
+        f.seek(0)
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= min(_MAX_FILE_HEADER, size - 8):
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        meta = json.loads(header.pop("__metadata__", {}).get(_META_KEY, "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError("medfed metadata is not a JSON object")
+        data_len = size - 8 - n
+        spans, groups = [], {}
+        for key, e in header.items():
+            dtype = _DTYPES[e["dtype"]]
+            shape = tuple(int(d) for d in e["shape"])
+            begin, end = (int(x) for x in e["data_offsets"])
+            count = math.prod(shape)
+            if min(shape, default=0) < 0 or end - begin != count * torch.empty(0, dtype=dtype).element_size():
+                raise ValueError(f"tensor '{key}': {e['data_offsets']} do not hold shape {list(shape)} of {e['dtype']}")
+            spans.append((begin, end, key))
+            prefix, sep, name = key.partition("/")
+            if not sep:
+                raise ValueError(f"tensor name {key!r} has no role prefix")
+            groups.setdefault(prefix, {})[name] = (dtype, shape, begin, end)
+        at = 0
+        for begin, end, key in sorted(spans):
+            if begin != at:
+                raise ValueError(f"tensor '{key}' starts at {begin}, expected {at} (gap or overlap)")
+            at = end
+        if at != data_len:
+            raise ValueError(f"tensors hold {at} bytes, the file has {data_len}")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, json.JSONDecodeError) as e:
+        raise CodecError(f"update: malformed payload ({e})") from None
+    return _update_from({k: FileTensors(f, 8 + n, v) for k, v in groups.items()}, meta)

@@ -327,12 +327,21 @@ class Hub:
         if isinstance(size, bool) or not isinstance(size, int):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"size must be an integer, got {size!r}")
         try:
-            blob = wire.gather(messages, size, task.limit, f"{kind} answer")
-            wire.check_payload(blob, hdr.get("sha256"), f"{kind} answer")
-            digest = wire.sha256(blob)
             if kind == "evaluate":
-                return codec.decode_eval_results(site, blob, task.splits), size, digest
-            update = codec.decode_update(blob)
+                blob = wire.gather(messages, size, task.limit, f"{kind} answer")
+                wire.check_payload(blob, hdr.get("sha256"), f"{kind} answer")
+                return codec.decode_eval_results(site, blob, task.splits), size, wire.sha256(blob)
+            # an update goes to disk as it arrives and its tensors are read back one at a time
+            # when used, so the server's memory does not grow with the number of sites
+            f, digest = wire.gather_to_file(messages, size, task.limit, f"{kind} answer")
+            if digest != hdr.get("sha256"):
+                f.close()
+                raise CodecError(f"{kind} answer: SHA-256 does not match the header")
+            try:
+                update = codec.read_update_file(f, size)
+            except CodecError:
+                f.close()
+                raise
         except CodecError as e:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if update.site != site:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 
@@ -120,6 +121,31 @@ def gather(messages: Iterable[Any], size: int, limit: int, what: str) -> bytes:
     if len(buf) != size:
         raise CodecError(f"{what}: truncated, {len(buf)} of {size} bytes")
     return bytes(buf)
+
+
+def gather_to_file(messages: Iterable[Any], size: int, limit: int, what: str) -> tuple[BinaryIO, str]:
+    """Like :func:`gather`, but into an anonymous temporary file (gone when closed, and
+    never left behind by a crash), hashing as it goes: (the file, its SHA-256 hex)."""
+    if size < 0 or size > limit:
+        raise CodecError(f"{what}: declared size {size} bytes, the limit is {limit}")
+    f = tempfile.TemporaryFile()
+    try:
+        h, n = hashlib.sha256(), 0
+        for m in messages:
+            if not isinstance(m, (bytes, bytearray)):
+                raise CodecError(f"{what}: expected bytes")
+            n += len(m)
+            if n > size:
+                raise CodecError(f"{what}: more than the declared {size} bytes")
+            h.update(m)
+            f.write(m)
+        if n != size:
+            raise CodecError(f"{what}: truncated, {n} of {size} bytes")
+        f.flush()
+        return f, h.hexdigest()
+    except BaseException:
+        f.close()
+        raise
 
 
 def check_payload(blob: bytes, digest: Any, what: str) -> None:
