@@ -96,8 +96,8 @@ class Connection:
             size = hdr.get("size")
             if isinstance(size, bool) or not isinstance(size, int):
                 raise CodecError(f"{hdr['kind']} task: size must be an integer, got {size!r}")
-            blob = wire.gather(stream, size, MAX_MODEL, f"{hdr['kind']} task")
-            wire.check_payload(blob, hdr.get("sha256"), f"{hdr['kind']} task")
+            blob, digest = wire.gather(stream, size, MAX_MODEL, f"{hdr['kind']} task")
+            wire.check_payload(digest, hdr.get("sha256"), f"{hdr['kind']} task")
             return hdr, blob
         finally:
             stream.cancel()
@@ -179,6 +179,7 @@ def serve_tasks(
             if kind == "wait":
                 continue
             what, payload = answer(hdr, blob or b"")
+            blob = None  # a site holds at most one model besides its own while it answers
             reply = {"task_id": hdr.get("task_id"), "job_id": job_id, "round": hdr.get("round"), "kind": what}
             if what == "error":
                 reply["cause"] = payload.decode(errors="replace")
@@ -190,6 +191,8 @@ def serve_tasks(
                     raise
                 log.warning("site '%s': the server refused the %s answer of round %s: %s",
                             conn.site, kind, hdr.get("round"), e.details())
+            finally:
+                payload = b""
         except CodecError as e:  # a garbled task: report it, keep serving
             log.warning("site '%s': could not read a task from the server: %s", conn.site, e)
         except grpc.RpcError as e:

@@ -328,15 +328,17 @@ class Hub:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"size must be an integer, got {size!r}")
         try:
             if kind == "evaluate":
-                blob = wire.gather(messages, size, task.limit, f"{kind} answer")
-                wire.check_payload(blob, hdr.get("sha256"), f"{kind} answer")
-                return codec.decode_eval_results(site, blob, task.splits), size, wire.sha256(blob)
+                blob, digest = wire.gather(messages, size, task.limit, f"{kind} answer")
+                wire.check_payload(digest, hdr.get("sha256"), f"{kind} answer")
+                return codec.decode_eval_results(site, blob, task.splits), size, digest
             # an update goes to disk as it arrives and its tensors are read back one at a time
             # when used, so the server's memory does not grow with the number of sites
             f, digest = wire.gather_to_file(messages, size, task.limit, f"{kind} answer")
-            if digest != hdr.get("sha256"):
+            try:
+                wire.check_payload(digest, hdr.get("sha256"), f"{kind} answer")
+            except CodecError:
                 f.close()
-                raise CodecError(f"{kind} answer: SHA-256 does not match the header")
+                raise
             try:
                 update = codec.read_update_file(f, size)
             except CodecError:

@@ -21,6 +21,34 @@ log = logging.getLogger("medfed")
 EVAL_ANSWER_LIMIT = 1 << 20  # bytes: evaluation results are a few metrics per split
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """Cap glibc's per-thread memory arenas. Each gRPC handler thread receives 4 MB chunks;
+    with an arena per thread, freed chunks pile up per thread and the server's memory grows
+    with the number of sites even though it holds no more data."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_ARENA_MAX, n)
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the system (after each batch of a round)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _handler(method, kind: str):
     # every message is bytes: no (de)serializer, the hub parses headers itself
     if kind == "unary":
@@ -42,6 +70,7 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
             "Submit": _handler(hub.submit, "stream_in"),
         },
     )
+    limit_malloc_arenas()
     workers = 2 * max_sites + 8
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medfed-rpc"),
@@ -66,18 +95,34 @@ class GrpcTransport(Transport):
         self.hub = hub
         self.local_keys = local_keys
         self._blobs: dict[tuple, tuple[bytes, str]] = {}
+        # the last batch's blobs, with the objects they encode (holding them keeps their
+        # ids from being reused): the model a round evaluates is the next round's start
+        self._last: dict[tuple, tuple[bytes, str, Params, Params]] = {}
+        self._refs: dict[tuple, tuple[Params, Params]] = {}
 
     def _model(self, params: Params, extras: Params) -> tuple[bytes, str]:
-        """One encoded blob per distinct (params, extras) of a batch: every site of a round
-        gets the same bytes, encoded once."""
-        key = (id(params), tuple(sorted((k, id(v)) for k, v in extras.items())))
+        """One encoded blob per distinct (params, extras): every site of a round gets the
+        same bytes, encoded once, and a model evaluated then trained is encoded once."""
+        key = (id(params), tuple((k, id(v)) for k, v in params.items()),
+               tuple(sorted((k, id(v)) for k, v in extras.items())))
         if key not in self._blobs:
-            blob = codec.encode_model(params, extras)
-            self._blobs[key] = (blob, wire.sha256(blob))
+            if key in self._last:
+                self._blobs[key] = self._last[key][:2]
+            else:
+                blob = codec.encode_model(params, extras)
+                self._blobs[key] = (blob, wire.sha256(blob))
+            self._refs[key] = (params, extras)
         return self._blobs[key]
 
+    def _start_batch(self) -> None:
+        self._blobs, self._refs = {}, {}
+
+    def _end_batch(self) -> None:
+        self._last = {k: (*self._blobs[k], *self._refs[k]) for k in self._blobs}
+        self._blobs, self._refs = {}, {}
+
     def fit(self, requests: Sequence[FitRequest], timeout: float) -> list[Update | SiteFailure]:
-        self._blobs.clear()
+        self._start_batch()
         tasks = []
         for req in requests:
             blob, digest = self._model(req.params, req.plan.extras)
@@ -87,15 +132,16 @@ class GrpcTransport(Transport):
                 limit=2 * len(blob) + (1 << 20),  # the parameters, extras as large, and the header
                 reference=req.params, local_keys=self.local_keys if req.plan.arm.value == "federated" else frozenset(),
             ))
-        self._blobs.clear()
+        self._end_batch()
         if self.hub.store is not None and requests:
             plan = requests[0].plan
             self.hub.store.round_started(plan.arm.value, plan.round, [r.site for r in requests], time.time())
         self.hub.run(tasks, timeout)
+        release_memory()
         return [t.answer for t in tasks]
 
     def evaluate(self, requests: Sequence[EvalRequest], timeout: float) -> list[list[EvalResult] | SiteFailure]:
-        self._blobs.clear()
+        self._start_batch()
         tasks = []
         for req in requests:
             blob, digest = self._model(req.params, {})
@@ -104,6 +150,7 @@ class GrpcTransport(Transport):
                 header={"job_id": req.job_id, "splits": [s.value for s in req.splits]}, blob=blob, digest=digest,
                 limit=EVAL_ANSWER_LIMIT, splits=tuple(req.splits),
             ))
-        self._blobs.clear()
+        self._end_batch()
         self.hub.run(tasks, timeout)
+        release_memory()
         return [t.answer for t in tasks]

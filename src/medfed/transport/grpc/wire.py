@@ -106,21 +106,25 @@ def chunks(blob: bytes, size: int = CHUNK) -> Iterator[bytes]:
         yield bytes(view[i : i + size])
 
 
-def gather(messages: Iterable[Any], size: int, limit: int, what: str) -> bytes:
-    """Read chunks until ``size`` bytes. Raises CodecError when ``size`` exceeds
+def gather(messages: Iterable[Any], size: int, limit: int, what: str) -> tuple[bytes, str]:
+    """Read chunks until ``size`` bytes into one preallocated buffer, hashing as they
+    arrive: (the payload, its SHA-256 hex). Raises CodecError when ``size`` exceeds
     ``limit``, when more or fewer bytes than ``size`` arrive, or a message is not bytes."""
     if size < 0 or size > limit:
         raise CodecError(f"{what}: declared size {size} bytes, the limit is {limit}")
-    buf = bytearray()
+    buf = bytearray(size)
+    view, h, n = memoryview(buf), hashlib.sha256(), 0
     for m in messages:
         if not isinstance(m, (bytes, bytearray)):
             raise CodecError(f"{what}: expected bytes")
-        buf += m
-        if len(buf) > size:
+        if n + len(m) > size:
             raise CodecError(f"{what}: more than the declared {size} bytes")
-    if len(buf) != size:
-        raise CodecError(f"{what}: truncated, {len(buf)} of {size} bytes")
-    return bytes(buf)
+        view[n : n + len(m)] = m
+        h.update(m)
+        n += len(m)
+    if n != size:
+        raise CodecError(f"{what}: truncated, {n} of {size} bytes")
+    return buf, h.hexdigest()
 
 
 def gather_to_file(messages: Iterable[Any], size: int, limit: int, what: str) -> tuple[BinaryIO, str]:
@@ -148,6 +152,6 @@ def gather_to_file(messages: Iterable[Any], size: int, limit: int, what: str) ->
         raise
 
 
-def check_payload(blob: bytes, digest: Any, what: str) -> None:
-    if not isinstance(digest, str) or sha256(blob) != digest:
+def check_payload(digest: str, expected: Any, what: str) -> None:
+    if not isinstance(expected, str) or digest != expected:
         raise CodecError(f"{what}: SHA-256 does not match the header")
