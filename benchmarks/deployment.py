@@ -670,7 +670,7 @@ def report_throughput(res: dict) -> list[str]:
         ("SHA-256 of the model", median([r["sha_alone_s"] for r in rows]), a["sha256"]),
         ("site: last chunk -> end of the poll stream", median([r["down_close_s"] for r in rows]), None),
         ("site: end of stream -> poll returns (join + SHA-256 check)", median([r["down_after_s"] for r in rows]),
-         a["wire.gather (receive + join)"] + a["sha256"]),
+         a["wire.gather (receive + join)"]),  # wire.gather hashes as it joins
         ("site: decode_model", median([r["decode_s"] for r in rows]), a["decode_model (site)"]),
         ("site: encode_update", median([r["encode_s"] for r in rows]), a["encode_update (site)"]),
         ("site: SHA-256 before submitting", median([r["up_sha_s"] for r in rows]), a["sha256"]),
@@ -690,7 +690,8 @@ def report_throughput(res: dict) -> list[str]:
                                                                    if FILE_UPDATES else ")"), None,
          a["update_problem (server checks)"]),
         ("wire.chunks: 4 MB copies of the blob when sending", None, a["wire.chunks (server send copies)"]),
-        ("wire.gather: join of the received chunks (site download)", None, a["wire.gather (receive + join)"]),
+        ("wire.gather: join and SHA-256 of the received chunks (site download)", None,
+         a["wire.gather (receive + join)"]),
         ("server: save_state, the checkpoint a deployed server writes after each round (with fsync)", None,
          a["save_state"]),
         ("site: Submit call, from its start to the server's reply", median([r["up_call_s"] for r in rows]), None),

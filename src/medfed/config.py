@@ -1022,16 +1022,21 @@ def _resolve_paths(value: Any, base_dir: Path) -> Any:
     return map_paths(value, lambda p: p if p.is_absolute() else (base_dir / p).resolve())
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed content of a YAML file; ConfigError naming ``what`` (e.g. "job file")
+    and the file when it is missing or not YAML."""
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
+
+
 def load_job(path: str | Path) -> Job:
     """Read and validate a YAML job file. Raises ConfigError naming the file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"job file '{path}' not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"job file '{path}' is not valid YAML: {e}") from None
-    return parse_job(raw, source=str(path), base_dir=path.parent.resolve())
+    return parse_job(read_yaml(path, "job file"), source=str(path), base_dir=path.parent.resolve())
 
 
 def builtin_job_path(name: str = "quickstart") -> Path:

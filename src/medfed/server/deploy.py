@@ -31,7 +31,15 @@ from medfed.models import check_input_size, get_params
 from medfed.server.baselines import run_finetuned, run_local
 from medfed.server.checkpoint import atomic_write_text, load_checkpoint
 from medfed.server.loop import RoundCallback, RoundSummary, job_id_of, run_federated
-from medfed.server.runner import RUN_MARKER, RunResult, _BestTracker, check_output, initial_model
+from medfed.server.runner import (
+    RUN_MARKER,
+    RunResult,
+    _BestTracker,
+    check_output,
+    close_run_log,
+    initial_model,
+    open_run_log,
+)
 from medfed.server.sampling import SiteSampler
 from medfed.server.store import STORE_NAME, RunStore
 
@@ -115,12 +123,7 @@ def serve_job(
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     store = RunStore(output / STORE_NAME)
-    handler = logging.FileHandler(output / "run.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
-    handler.setLevel(logging.INFO)
-    if log.level == logging.NOTSET or log.level > logging.INFO:
-        log.setLevel(logging.INFO)
-    log.addHandler(handler)
+    handler = open_run_log(output)
     server = None
     try:
         store.set_job(job.job_hash(), json.dumps(job.model_dump(mode="json")))
@@ -225,5 +228,4 @@ def serve_job(
         if server is not None:
             server.stop(grace=2.0).wait(5.0)
         store.close()
-        log.removeHandler(handler)
-        handler.close()
+        close_run_log(handler)

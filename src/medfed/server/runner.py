@@ -78,6 +78,22 @@ def initial_model(job: Job, in_channels: int, spatial_dims: int = 2) -> nn.Modul
 
 
 
+def open_run_log(folder: Path) -> logging.Handler:
+    """Send medfed's INFO log to ``folder/run.log`` (appended to if it exists)."""
+    handler = logging.FileHandler(folder / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    return handler
+
+
+def close_run_log(handler: logging.Handler) -> None:
+    log.removeHandler(handler)
+    handler.close()
+
+
 class _BestTracker:
     """Checkpoints the federated model after every round and keeps the best on val."""
 
@@ -131,12 +147,7 @@ def run_job(
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    handler = logging.FileHandler(staging / "run.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
-    handler.setLevel(logging.INFO)
-    if log.level == logging.NOTSET or log.level > logging.INFO:
-        log.setLevel(logging.INFO)
-    log.addHandler(handler)
+    handler = open_run_log(staging)
     try:
         for site in sites:
             if site.skipped:
@@ -179,12 +190,10 @@ def run_job(
         atomic_write_text(staging / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
         write_report(staging)
     except BaseException:
-        log.removeHandler(handler)
-        handler.close()
+        close_run_log(handler)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.removeHandler(handler)
-    handler.close()
+    close_run_log(handler)
     _move_into_place(staging, output)
     return RunResult(run_dir=output, elapsed_s=time.perf_counter() - t0)
 

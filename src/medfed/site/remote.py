@@ -24,10 +24,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from medfed.config import DataConfig, Job, _Frozen, format_validation_error, parse_job
+from medfed.config import DataConfig, Job, _Frozen, format_validation_error, parse_job, read_yaml
 from medfed.core import codec
 from medfed.core.errors import ConfigError, DataError
 from medfed.core.types import Arm, Split
@@ -45,13 +44,9 @@ def load_site_data(path: Path, site: str) -> Any:
     """The ``data`` section of a site's data file, paths resolved against its folder."""
     from medfed.config import _resolve_paths
 
-    if not path.is_file():
-        raise ConfigError(f"site data file '{path}' not found")
+    raw = read_yaml(path, "site data file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         parsed = SiteDataFile.model_validate(raw if raw is not None else {})
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"site data file '{path}' is not valid YAML: {e}") from None
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, str(path))) from None
     if site not in parsed.data.site_names:

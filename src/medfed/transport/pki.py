@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -45,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import Field, ValidationError, field_validator
 
-from medfed.config import SiteName, _describe, _Frozen, _unique
+from medfed.config import SiteName, _describe, _Frozen, _unique, read_yaml
 from medfed.core.errors import ConfigError
 
 KIT_VERSION = 1
@@ -114,12 +113,7 @@ class Consortium(_Frozen):
 def load_consortium(path: str | Path) -> Consortium:
     """Read and validate a YAML consortium file. Raises ConfigError naming the file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"consortium file '{path}' not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"consortium file '{path}' is not valid YAML: {e}") from None
+    raw = read_yaml(path, "consortium file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a consortium file must be a mapping of fields, got {type(raw).__name__}")
     try:

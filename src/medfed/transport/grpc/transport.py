@@ -94,32 +94,30 @@ class GrpcTransport(Transport):
     def __init__(self, hub: Hub, local_keys: frozenset[str] = frozenset()):
         self.hub = hub
         self.local_keys = local_keys
-        self._blobs: dict[tuple, tuple[bytes, str]] = {}
-        # the last batch's blobs, with the objects they encode (holding them keeps their
-        # ids from being reused): the model a round evaluates is the next round's start
+        # blob, digest and the objects encoded (holding them keeps their ids from being
+        # reused), for this batch and the last one: the model a round evaluates is the
+        # next round's start
+        self._batch: dict[tuple, tuple[bytes, str, Params, Params]] = {}
         self._last: dict[tuple, tuple[bytes, str, Params, Params]] = {}
-        self._refs: dict[tuple, tuple[Params, Params]] = {}
 
     def _model(self, params: Params, extras: Params) -> tuple[bytes, str]:
         """One encoded blob per distinct (params, extras): every site of a round gets the
         same bytes, encoded once, and a model evaluated then trained is encoded once."""
         key = (id(params), tuple((k, id(v)) for k, v in params.items()),
                tuple(sorted((k, id(v)) for k, v in extras.items())))
-        if key not in self._blobs:
+        if key not in self._batch:
             if key in self._last:
-                self._blobs[key] = self._last[key][:2]
+                self._batch[key] = self._last[key]
             else:
                 blob = codec.encode_model(params, extras)
-                self._blobs[key] = (blob, wire.sha256(blob))
-            self._refs[key] = (params, extras)
-        return self._blobs[key]
+                self._batch[key] = (blob, wire.sha256(blob), params, extras)
+        return self._batch[key][:2]
 
     def _start_batch(self) -> None:
-        self._blobs, self._refs = {}, {}
+        self._batch = {}
 
     def _end_batch(self) -> None:
-        self._last = {k: (*self._blobs[k], *self._refs[k]) for k in self._blobs}
-        self._blobs, self._refs = {}, {}
+        self._last, self._batch = self._batch, {}
 
     def fit(self, requests: Sequence[FitRequest], timeout: float) -> list[Update | SiteFailure]:
         self._start_batch()

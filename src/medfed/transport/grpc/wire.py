@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 import grpc
@@ -106,47 +106,47 @@ def chunks(blob: bytes, size: int = CHUNK) -> Iterator[bytes]:
         yield bytes(view[i : i + size])
 
 
-def gather(messages: Iterable[Any], size: int, limit: int, what: str) -> tuple[bytes, str]:
-    """Read chunks until ``size`` bytes into one preallocated buffer, hashing as they
-    arrive: (the payload, its SHA-256 hex). Raises CodecError when ``size`` exceeds
-    ``limit``, when more or fewer bytes than ``size`` arrive, or a message is not bytes."""
+def _receive(messages: Iterable[Any], size: int, limit: int, what: str, write: Callable[[int, bytes], Any]) -> str:
+    """Pass each chunk with its offset to ``write`` until ``size`` bytes; return their
+    SHA-256 hex. Raises CodecError when ``size`` exceeds ``limit``, when more or fewer
+    bytes than ``size`` arrive, or a message is not bytes."""
     if size < 0 or size > limit:
         raise CodecError(f"{what}: declared size {size} bytes, the limit is {limit}")
-    buf = bytearray(size)
-    view, h, n = memoryview(buf), hashlib.sha256(), 0
+    h, n = hashlib.sha256(), 0
     for m in messages:
         if not isinstance(m, (bytes, bytearray)):
             raise CodecError(f"{what}: expected bytes")
         if n + len(m) > size:
             raise CodecError(f"{what}: more than the declared {size} bytes")
-        view[n : n + len(m)] = m
+        write(n, m)
         h.update(m)
         n += len(m)
     if n != size:
         raise CodecError(f"{what}: truncated, {n} of {size} bytes")
-    return buf, h.hexdigest()
+    return h.hexdigest()
+
+
+def gather(messages: Iterable[Any], size: int, limit: int, what: str) -> tuple[bytearray, str]:
+    """The payload in one preallocated buffer, hashed as it arrives: (payload, SHA-256 hex)."""
+    if size < 0 or size > limit:  # before allocating
+        raise CodecError(f"{what}: declared size {size} bytes, the limit is {limit}")
+    buf = bytearray(size)
+    view = memoryview(buf)
+
+    def write(at: int, m: bytes) -> None:
+        view[at : at + len(m)] = m
+
+    return buf, _receive(messages, size, limit, what, write)
 
 
 def gather_to_file(messages: Iterable[Any], size: int, limit: int, what: str) -> tuple[BinaryIO, str]:
-    """Like :func:`gather`, but into an anonymous temporary file (gone when closed, and
-    never left behind by a crash), hashing as it goes: (the file, its SHA-256 hex)."""
-    if size < 0 or size > limit:
-        raise CodecError(f"{what}: declared size {size} bytes, the limit is {limit}")
+    """The payload in an anonymous temporary file (gone when closed, and never left behind
+    by a crash), hashed as it arrives: (the file, its SHA-256 hex)."""
     f = tempfile.TemporaryFile()
     try:
-        h, n = hashlib.sha256(), 0
-        for m in messages:
-            if not isinstance(m, (bytes, bytearray)):
-                raise CodecError(f"{what}: expected bytes")
-            n += len(m)
-            if n > size:
-                raise CodecError(f"{what}: more than the declared {size} bytes")
-            h.update(m)
-            f.write(m)
-        if n != size:
-            raise CodecError(f"{what}: truncated, {n} of {size} bytes")
+        digest = _receive(messages, size, limit, what, lambda _at, m: f.write(m))
         f.flush()
-        return f, h.hexdigest()
+        return f, digest
     except BaseException:
         f.close()
         raise
