@@ -85,3 +85,42 @@ def test_model_and_task_must_agree():
 def test_spatial_dims_must_be_2_or_3():
     with pytest.raises(ModelError, match="spatial dimensions"):
         build_model(ModelConfig(name="small_cnn"), TaskConfig(labels="binary"), 1, spatial_dims=1)
+
+
+# ---- norm: group (sample-level DP-SGD needs per-example normalisation)
+
+
+@pytest.mark.parametrize("dims,size", [(2, 16), (3, 16)])
+def test_small_cnn_with_group_norm_has_no_batch_norm(dims, size):
+    model = build_model(ModelConfig(name="small_cnn", width=4, norm="group"), TaskConfig(labels="binary"), 1, dims)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    groups = [(m.num_groups, m.num_channels) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert groups == [(4, 4), (8, 8), (8, 16)]  # gcd(8, channels)
+    model.train()
+    assert model(torch.rand((3, 1) + (size,) * dims)).shape == (3, 1)
+    keys = [f"features.{i}.{part}" for i in range(3) for part in ("0.weight", "1.weight", "1.bias")]
+    assert list(model.state_dict()) == keys + ["head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize("dims,size", [(2, 32), (3, 16)])
+@pytest.mark.parametrize("task,groups", [(SEG2, 2), (SEG3, 1)])
+def test_unet_with_group_norm_has_no_batch_norm(dims, size, task, groups):
+    # gcd(8, w, K): the last upsampling block normalises the K class channels
+    model = build_model(ModelConfig(name="unet", width=4, norm="group"), task, 1, dims)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {groups}
+    model.train()
+    assert model(torch.rand((2, 1) + (size,) * dims)).shape == (2, task.num_classes) + (size,) * dims
+
+
+@pytest.mark.parametrize("name", ["densenet121", "resnet18", "resnet50"])
+def test_group_norm_is_refused_for_the_monai_classifiers(name):
+    with pytest.raises(ModelError, match=rf"model\.norm.*'{name}'"):
+        build_model(ModelConfig(name=name, norm="group"), TaskConfig(labels="binary"), 1)
+
+
+def test_segresnet_takes_either_norm():
+    for norm in ("batch", "group"):
+        model = build_model(ModelConfig(name="segresnet", width=8, norm=norm), SEG2, 1)
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

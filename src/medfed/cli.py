@@ -100,6 +100,8 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
             val = s.means.get("val", {}).get(job.task.monitor)
             if val is not None:
                 parts.append(f"val {job.task.monitor} {val:.3f}")
+            if s.epsilon is not None:
+                parts.append(f"ε {s.epsilon:.3g}")
             progress.update(tasks[s.arm.value], completed=s.round, info="  ".join(parts))
 
         return run_job(job, overwrite=overwrite, on_round=on_round, on_sites=on_sites)
@@ -232,6 +234,10 @@ def site(
     give_up_after: float = typer.Option(
         3600.0, "--give-up-after", help="Seconds without contact with the server before the site stops."
     ),
+    max_epsilon: Optional[float] = typer.Option(
+        None, "--max-epsilon", min=0.0,
+        help="This site's privacy limit: refuse a job without differential privacy, or one whose epsilon would pass it.",
+    ),
 ) -> None:
     """Take part in the consortium's job: connect out to the server, train and evaluate on local data."""
     from medfed.site.remote import RemoteSite
@@ -241,7 +247,7 @@ def site(
     _setup_logging(logging.INFO)
     try:
         k = load_kit(kit, role="site")
-        remote = RemoteSite(k.name, data)
+        remote = RemoteSite(k.name, data, max_epsilon)
         conn = Connection(f"{k.server_host}:{k.server_port}", k.ca_pem, k.cert_pem, k.key_pem, k.name)
         try:
             serve_tasks(conn, remote.setup, remote.answer, give_up_after=give_up_after)

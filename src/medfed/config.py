@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
@@ -19,7 +20,6 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -29,12 +29,11 @@ from pydantic import (
 )
 
 from medfed.core.errors import ConfigError
+from medfed.core.schema import Frozen
+from medfed.privacy.settings import CompressionConfig, PrivacyConfig
+from medfed.robust.settings import AttackConfig, RobustConfig
 
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 RESERVED_SITE_NAMES = {"all"}  # "all" labels the mean over sites in metrics and reports
@@ -54,7 +53,7 @@ def _unique(names: list[str], what: str) -> list[str]:
 # --------------------------------------------------------------------------- data
 
 
-class ScannerConfig(_Frozen):
+class ScannerConfig(Frozen):
     """A site's acquisition signature, applied to images in [0, 1] before noise.
 
     ``out = intensity_scale * in**contrast + intensity_offset``, then a Gaussian blur of
@@ -72,7 +71,7 @@ class ScannerConfig(_Frozen):
     resolution: float = Field(1.0, gt=0, le=1)
 
 
-class SyntheticSite(_Frozen):
+class SyntheticSite(Frozen):
     """One synthetic hospital: its size, label prevalence and scanner."""
 
     name: SiteName
@@ -83,7 +82,7 @@ class SyntheticSite(_Frozen):
     scanner: ScannerConfig = ScannerConfig()
 
 
-class _SyntheticSites(_Frozen):
+class _SyntheticSites(Frozen):
     """The site list shared by the synthetic sources: names unique, in the job's order."""
 
     sites: list[SyntheticSite] = Field(min_length=1)
@@ -111,7 +110,7 @@ class SyntheticData(_SyntheticSites):
     lesion_contrast: float = Field(0.3, gt=0, le=1)
 
 
-class PartitionConfig(_Frozen):
+class PartitionConfig(Frozen):
     """How one data set is split into sites.
 
     ``iid``: uniformly at random, equal sizes. ``dirichlet``: label skew, each class is
@@ -131,7 +130,7 @@ class PartitionConfig(_Frozen):
         return _unique(v, "site names")
 
 
-class MedMNISTData(_Frozen):
+class MedMNISTData(Frozen):
     """A MedMNIST ``.npz`` file with its official train/val/test split, split into sites.
     ``dims: 2`` for the 2D sets (images (N, H, W) or (N, H, W, 3)), ``dims: 3`` for the 3D
     sets such as OrganMNIST3D (volumes (N, D, H, W))."""
@@ -146,7 +145,7 @@ class MedMNISTData(_Frozen):
         return list(self.partition.sites)
 
 
-class SplitConfig(_Frozen):
+class SplitConfig(Frozen):
     """Fractions of a site's examples held out for ``val`` and ``test`` when its files do
     not say which split they belong to. Drawn with the job seed; the rest trains."""
 
@@ -160,7 +159,7 @@ class SplitConfig(_Frozen):
         return self
 
 
-class FileSet(_Frozen):
+class FileSet(Frozen):
     """Files of one site or one split: an ``images`` folder, and the ``masks`` folder (image
     and mask matched by file name) or the ``csv`` of labels that goes with it."""
 
@@ -169,7 +168,7 @@ class FileSet(_Frozen):
     csv: Path | None = None
 
 
-class FileSite(_Frozen):
+class FileSite(Frozen):
     """One site's files: ``images`` (with ``masks`` or ``csv``) holding all its examples,
     or ``train`` with optional ``val`` and ``test`` sets (missing ones are drawn from
     ``train`` by the data's ``split`` fractions)."""
@@ -210,7 +209,7 @@ def _site_list(v: list[FileSite]) -> list[FileSite]:
     return v
 
 
-class SitesBy(_Frozen):
+class SitesBy(Frozen):
     """A natural split: the value of ``column`` in the CSV names each row's site; ``sites``
     lists the values that are sites (a row with another value is an error)."""
 
@@ -226,7 +225,7 @@ class SitesBy(_Frozen):
 OnBadFile = Literal["error", "skip"]
 
 
-class FolderData(_Frozen):
+class FolderData(Frozen):
     """Image files (PNG, JPEG, TIFF) with a CSV of labels, for classification.
 
     The CSV has a ``file_column`` (path relative to the images folder) and the
@@ -284,7 +283,7 @@ class FolderData(_Frozen):
         return list(self.partition.sites)  # type: ignore[union-attr]
 
 
-class PairsData(_Frozen):
+class PairsData(Frozen):
     """2D segmentation: image and mask files (PNG, JPEG, TIFF, BMP) matched by file name,
     each site with its own folders. Masks store grey levels; ``mask_values`` lists them in
     class order (e.g. ``[0, 255]``, or ``[0, 128, 255]`` for fundus disc and cup) and
@@ -320,7 +319,7 @@ class PairsData(_Frozen):
         return [s.name for s in self.sites]
 
 
-class VolumesData(_Frozen):
+class VolumesData(Frozen):
     """3D segmentation: image volumes and label volumes matched by name. ``format: nifti``
     reads ``.nii``/``.nii.gz`` files; ``format: dicom`` reads each sub-folder of the images
     folder as one series (or each file as a multi-frame volume). Masks are NIfTI label
@@ -381,7 +380,7 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
-class WindowStep(_Frozen):
+class WindowStep(Frozen):
     """Clip intensities to [``min``, ``max``] (or a CT ``preset``) and scale them to [0, 1]."""
 
     name: Literal["window"]
@@ -404,7 +403,7 @@ class WindowStep(_Frozen):
         return WINDOW_PRESETS[self.preset] if self.preset is not None else (self.min, self.max)  # type: ignore[return-value]
 
 
-class NormalizeStep(_Frozen):
+class NormalizeStep(Frozen):
     """``zscore``: zero mean, unit variance per image (over ``nonzero`` voxels only if set);
     ``minmax``: scaled to [0, 1] per image."""
 
@@ -413,7 +412,7 @@ class NormalizeStep(_Frozen):
     nonzero: bool = False
 
 
-class SpacingStep(_Frozen):
+class SpacingStep(Frozen):
     """Resample volumes to ``pixdim`` millimetres per voxel (image trilinear, mask nearest)."""
 
     name: Literal["spacing"]
@@ -427,14 +426,14 @@ class SpacingStep(_Frozen):
         return v
 
 
-class CropOrPadStep(_Frozen):
+class CropOrPadStep(Frozen):
     """Centre-crop or zero-pad every image (and mask) to ``size``."""
 
     name: Literal["crop_or_pad"]
     size: list[int] = Field(min_length=2, max_length=3)
 
 
-class ResizeStep(_Frozen):
+class ResizeStep(Frozen):
     """Resize every image to ``size`` (image bilinear/trilinear, mask nearest)."""
 
     name: Literal["resize"]
@@ -446,7 +445,7 @@ PreprocessStep = Annotated[
 ]
 
 
-class FlipStep(_Frozen):
+class FlipStep(Frozen):
     """Flip along each spatial axis in ``axes`` (0 = first spatial axis) with chance ``prob``."""
 
     name: Literal["flip"]
@@ -454,14 +453,14 @@ class FlipStep(_Frozen):
     prob: float = Field(0.5, ge=0, le=1)
 
 
-class Rotate90Step(_Frozen):
+class Rotate90Step(Frozen):
     """Rotate by a random multiple of 90 degrees in the plane of the last two axes."""
 
     name: Literal["rotate90"]
     prob: float = Field(0.5, ge=0, le=1)
 
 
-class RotateStep(_Frozen):
+class RotateStep(Frozen):
     """Rotate by an angle drawn in [-``degrees``, ``degrees``] (in-plane for 2D, about each
     axis for 3D)."""
 
@@ -470,7 +469,7 @@ class RotateStep(_Frozen):
     prob: float = Field(0.5, ge=0, le=1)
 
 
-class ZoomStep(_Frozen):
+class ZoomStep(Frozen):
     """Zoom by a factor drawn in [``min``, ``max``], keeping the image size."""
 
     name: Literal["zoom"]
@@ -479,7 +478,7 @@ class ZoomStep(_Frozen):
     prob: float = Field(0.5, ge=0, le=1)
 
 
-class IntensityStep(_Frozen):
+class IntensityStep(Frozen):
     """Intensity jitter: multiply by ``1 + u``, u in [-``scale``, ``scale``], then add a
     shift drawn in [-``shift``, ``shift``]."""
 
@@ -489,7 +488,7 @@ class IntensityStep(_Frozen):
     prob: float = Field(0.5, ge=0, le=1)
 
 
-class NoiseStep(_Frozen):
+class NoiseStep(Frozen):
     """Additive Gaussian noise of standard deviation up to ``std``."""
 
     name: Literal["noise"]
@@ -497,7 +496,7 @@ class NoiseStep(_Frozen):
     prob: float = Field(0.3, ge=0, le=1)
 
 
-class ContrastStep(_Frozen):
+class ContrastStep(Frozen):
     """Gamma contrast change with gamma drawn in [``min``, ``max``]."""
 
     name: Literal["contrast"]
@@ -512,7 +511,7 @@ AugmentStep = Annotated[
 ]
 
 
-class TransformsConfig(_Frozen):
+class TransformsConfig(Frozen):
     """Preprocessing (applied once to every image when the data is read, in order) and
     augmentation (applied to every training batch, random, seeded by the round), both
     built from MONAI transforms. ``patch``: train on random crops of this size; evaluation
@@ -537,21 +536,24 @@ CLASSIFIERS = ("small_cnn", "densenet121", "resnet18", "resnet50")
 SEGMENTERS = ("unet", "segresnet")
 
 
-class ModelConfig(_Frozen):
+class ModelConfig(Frozen):
     """A network by name, 2D or 3D as the data is. Classifiers: ``small_cnn`` (for CPU
     runs), MONAI ``densenet121``, ``resnet18``, ``resnet50``. Segmenters: MONAI ``unet``
     and ``segresnet``.
 
     Input channels and output size come from the data and the task; ``width`` sets the
     channel count of the first layer of ``small_cnn``, ``unet`` (then doubled at each of
-    its levels) and ``segresnet``.
+    its levels) and ``segresnet``. ``norm`` picks the normalization layers of ``small_cnn``
+    and ``unet``: ``batch`` (default) or ``group`` (needed by sample-level DP-SGD, whose
+    per-example gradients batch norm would mix; segresnet always uses group norm).
     """
 
     name: Literal["small_cnn", "densenet121", "resnet18", "resnet50", "unet", "segresnet"]
     width: int = Field(16, ge=1, le=512)
+    norm: Literal["batch", "group"] = "batch"
 
 
-class TaskConfig(_Frozen):
+class TaskConfig(Frozen):
     """Classification. ``binary`` uses one logit; ``multiclass`` one logit per class with
     softmax; ``multilabel`` one independent logit per label. ``num_classes`` is the number
     of classes (2 for binary) or of labels. ``monitor`` picks the best model on val."""
@@ -568,7 +570,7 @@ class TaskConfig(_Frozen):
         return self
 
 
-class SegmentationTaskConfig(_Frozen):
+class SegmentationTaskConfig(Frozen):
     """Segmentation, 2D or 3D: one softmax logit per class per pixel, class 0 the
     background. Loss: Dice + cross-entropy. Metrics: Dice per class and their mean over
     the foreground classes (``dice``), and on the test split the 95% Hausdorff distance
@@ -596,7 +598,7 @@ AnyTaskConfig = Annotated[
 ]
 
 
-class TrainConfig(_Frozen):
+class TrainConfig(Frozen):
     """The local training step, the same at every site and for the baselines."""
 
     local_epochs: int = Field(1, ge=1)
@@ -607,14 +609,14 @@ class TrainConfig(_Frozen):
     weight_decay: float = Field(0.0, ge=0)
 
 
-class FedAvgConfig(_Frozen):
+class FedAvgConfig(Frozen):
     """FedAvg (McMahan et al., 2017): the average of site parameters weighted by the number
     of training examples."""
 
     name: Literal["fedavg"] = "fedavg"
 
 
-class FedProxConfig(_Frozen):
+class FedProxConfig(Frozen):
     """FedProx (Li et al., 2020): FedAvg plus a proximal term ``mu/2 ||w - w_global||^2``
     in each site's local loss. ``mu = 0`` is FedAvg."""
 
@@ -622,7 +624,7 @@ class FedProxConfig(_Frozen):
     mu: float = Field(0.01, ge=0)
 
 
-class FedOptConfig(_Frozen):
+class FedOptConfig(Frozen):
     """Server optimizers on the pseudo-gradient (Reddi et al., 2021; Hsu et al., 2019).
 
     The pseudo-gradient is the example-weighted mean of the site parameters minus the
@@ -640,7 +642,7 @@ class FedOptConfig(_Frozen):
     tau: float = Field(1e-3, gt=0)
 
 
-class ScaffoldConfig(_Frozen):
+class ScaffoldConfig(Frozen):
     """SCAFFOLD (Karimireddy et al., 2020), control variates of option II: site gradients
     are corrected by ``c - c_i``; ``server_lr`` scales the averaged model update. Needs
     plain SGD local steps (``train.momentum: 0``): option II estimates the mean gradient as
@@ -650,7 +652,7 @@ class ScaffoldConfig(_Frozen):
     server_lr: float = Field(1.0, gt=0)
 
 
-class FedBNConfig(_Frozen):
+class FedBNConfig(Frozen):
     """FedBN (Li et al., ICLR 2021): batch-norm layers (weights, biases and running
     statistics) stay at each site, are never sent and never overwritten; the other layers
     are averaged as in FedAvg. Each site evaluates with its own batch-norm layers."""
@@ -658,7 +660,7 @@ class FedBNConfig(_Frozen):
     name: Literal["fedbn"]
 
 
-class FedNovaConfig(_Frozen):
+class FedNovaConfig(Frozen):
     """FedNova (Wang et al., 2020): each site's change is divided by its number of local
     steps (corrected for momentum) before averaging, so sites that take more steps do not
     pull the global model further. With equal steps everywhere it is FedAvg."""
@@ -666,7 +668,7 @@ class FedNovaConfig(_Frozen):
     name: Literal["fednova"]
 
 
-class FedDynConfig(_Frozen):
+class FedDynConfig(Frozen):
     """FedDyn (Acar et al., 2021): dynamic regularization. Each site adds
     ``-<g_i, w> + alpha/2 ||w - w_global||^2`` to its loss and updates its ``g_i``; the
     server keeps a correction ``h``. ``alpha`` > 0."""
@@ -675,7 +677,7 @@ class FedDynConfig(_Frozen):
     alpha: float = Field(0.01, gt=0)
 
 
-class DittoConfig(_Frozen):
+class DittoConfig(Frozen):
     """Ditto (Li et al., ICML 2021): FedAvg for the global model plus a personal model at
     each site, trained with a proximal pull of weight ``lam`` towards the global model and
     reported as the ``personalized`` arm."""
@@ -684,7 +686,7 @@ class DittoConfig(_Frozen):
     lam: float = Field(0.1, ge=0)
 
 
-class FedRepConfig(_Frozen):
+class FedRepConfig(Frozen):
     """FedRep (Collins et al., 2021): ``personal_layers`` stay at each site like FedPer;
     each round trains the head alone for ``head_epochs`` epochs, then the body alone for
     ``train.local_epochs`` epochs."""
@@ -694,7 +696,7 @@ class FedRepConfig(_Frozen):
     head_epochs: int = Field(1, ge=1)
 
 
-class MoonConfig(_Frozen):
+class MoonConfig(Frozen):
     """MOON (Li, He and Song, 2021): a model-contrastive term of weight ``mu`` and
     temperature ``tau`` on the representation entering the classifier head."""
 
@@ -703,7 +705,7 @@ class MoonConfig(_Frozen):
     tau: float = Field(0.5, gt=0)
 
 
-class FedPerConfig(_Frozen):
+class FedPerConfig(Frozen):
     """FedPer (Arivazhagan et al., 2019): the layers in ``personal_layers`` (module names
     of the model, e.g. ``head`` for small_cnn, ``fc`` for the MONAI ResNets,
     ``class_layers`` for DenseNet121) stay personal at each site; the rest is averaged."""
@@ -722,7 +724,27 @@ AlgorithmConfig = Annotated[
 ]
 
 
-class SamplingConfig(_Frozen):
+# Algorithms whose server rule uses the updates only through their (weighted) mean: they
+# take a robust rule, site-level DP or secure aggregation in place of that mean.
+MEAN_ALGORITHMS = frozenset(
+    {"fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedbn", "fedper", "fedrep", "ditto", "moon"}
+)
+_BEYOND_MEAN = {
+    "scaffold": "also sends control variates",
+    "feddyn": "keeps a server correction built from each update",
+    "fednova": "rescales each site's update by its own step count",
+}
+# Algorithms that change the local gradients beyond the task loss (DP-SGD cannot bound them).
+EXTRA_LOSS_ALGORITHMS = {
+    "fedprox": "adds a proximal loss term",
+    "moon": "adds a contrastive loss term",
+    "feddyn": "adds a dynamic regularizer",
+    "ditto": "trains a personal model with a proximal term",
+    "scaffold": "corrects the gradients with control variates",
+}
+
+
+class SamplingConfig(Frozen):
     """Which sites train in a round. Give ``fraction`` of the sites (rounded up) or a
     ``count``, never both; at least ``minimum`` are drawn. ``uniform`` draws every site
     with equal chance; ``size`` with chance proportional to its training examples. The
@@ -743,7 +765,7 @@ class SamplingConfig(_Frozen):
 # --------------------------------------------------------------------------- the job
 
 
-class Job(_Frozen):
+class Job(Frozen):
     """A whole federated run: who takes part, on what data, with which model and method.
 
     ``compare`` adds arms trained on the same data: ``local`` (each site alone),
@@ -777,6 +799,10 @@ class Job(_Frozen):
     train: TrainConfig = TrainConfig()
     compare: list[Literal["local", "centralized", "finetuned"]] = Field(default_factory=list)
     finetune_epochs: int = Field(1, ge=1)
+    privacy: PrivacyConfig = PrivacyConfig()
+    compression: CompressionConfig | None = None
+    robust: RobustConfig | None = None
+    attack: AttackConfig | None = None
 
     @field_validator("compare")
     @classmethod
@@ -802,6 +828,7 @@ class Job(_Frozen):
             )
         self._check_task_fits()
         self._check_site_refs()
+        self._check_update_path()
         if self.sampling.count is not None and self.sampling.count > n:
             raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} training sites")
         if self.sampling.minimum > n:
@@ -850,6 +877,80 @@ class Job(_Frozen):
         _unique(self.held_out, "held_out entries")
         if len(self.held_out) >= len(self.site_names):
             raise ValueError(f"held_out: at least one site must train, but all of {self.site_names} are held out")
+
+    def _check_update_path(self) -> None:
+        """Refuse privacy, robustness and compression settings that do not fit together:
+        each would otherwise weaken a guarantee without saying so."""
+        algo, p, k = self.algorithm.name, self.privacy, self.sites_per_round
+        if p.dp is not None:
+            if algo not in MEAN_ALGORITHMS:
+                raise ValueError(
+                    f"algorithm.name: site-level DP bounds each site's share of the mean of the updates; "
+                    f"'{algo}' {_BEYOND_MEAN[algo]}, so its privacy cost is not accounted for. "
+                    f"Use one of {sorted(MEAN_ALGORITHMS)}"
+                )
+            if self.sampling.method != "uniform":
+                raise ValueError("sampling.method: DP accounting assumes every site is equally likely to be drawn; use uniform")
+            if p.dp.noise == "central" and self.robust is not None:
+                raise ValueError("robust: central DP noise and a robust rule both replace the mean; choose one")
+        if p.dp_sgd is not None:
+            if algo in EXTRA_LOSS_ALGORITHMS:
+                raise ValueError(
+                    f"algorithm.name: '{algo}' {EXTRA_LOSS_ALGORITHMS[algo]} outside the per-example gradients that "
+                    "DP-SGD clips and noises, so its privacy cost is not accounted for; use fedavg, a server optimizer, "
+                    "fednova, fedper or fedrep"
+                )
+            if self.task.kind != "classification":
+                raise ValueError(
+                    "task.kind: DP-SGD bounds each example's gradient, but the segmentation loss (Dice over the "
+                    "batch) mixes examples; DP-SGD is for classification tasks"
+                )
+            if not (self.model.name == "small_cnn" and self.model.norm == "group"):
+                raise ValueError(
+                    f"model.norm: DP-SGD needs per-example gradients, which batch norm mixes; use small_cnn with "
+                    f"norm: group (got {self.model.name} with {self.model.norm} norm)"
+                )
+        sa = p.secure_aggregation
+        if sa is not None:
+            if algo not in MEAN_ALGORITHMS:
+                raise ValueError(
+                    f"algorithm.name: secure aggregation reveals only the sum of the updates; '{algo}' "
+                    f"{_BEYOND_MEAN[algo]}. Use one of {sorted(MEAN_ALGORITHMS)}"
+                )
+            if self.robust is not None:
+                raise ValueError("robust: a robust rule needs each site's update, which secure aggregation hides")
+            if self.compression is not None:
+                raise ValueError("compression: secure aggregation sends updates in its own ring encoding; remove compression")
+            if p.dp is not None and p.dp.adaptive is not None:
+                raise ValueError("privacy.dp.adaptive: adaptive clipping needs each site's norm, which secure aggregation hides")
+            if k < 2:
+                raise ValueError(f"privacy.secure_aggregation: needs at least 2 sites per round, the job has {k}")
+            t = self.secagg_threshold
+            if t > k:
+                raise ValueError(f"privacy.secure_aggregation.threshold: is {t} but only {k} sites train in a round")
+            if self.min_sites is not None and self.min_sites < t:
+                raise ValueError(
+                    f"min_sites: is {self.min_sites} but secure aggregation needs at least its threshold ({t}) "
+                    "of survivors; raise min_sites or lower privacy.secure_aggregation.threshold"
+                )
+        r = self.robust
+        if r is not None:
+            if algo not in MEAN_ALGORITHMS:
+                raise ValueError(f"robust: replaces the weighted mean, but '{algo}' {_BEYOND_MEAN[algo]}")
+            if r.f is not None and k < 2 * r.f + 3:
+                raise ValueError(f"robust.f: {r.rule} with f={r.f} needs at least {2 * r.f + 3} sites per round, the job has {k}")
+            if r.select is not None and r.select > k:
+                raise ValueError(f"robust.select: is {r.select} but only {k} sites train in a round")
+        if self.attack is not None and self.attack.kind == "label_flip" and self.task.kind != "classification":
+            raise ValueError("attack.kind: label_flip is for classification tasks")
+
+    @property
+    def secagg_threshold(self) -> int:
+        """Secure aggregation's threshold: as set, or a majority of the round's sites."""
+        sa = self.privacy.secure_aggregation
+        if sa is not None and sa.threshold is not None:
+            return sa.threshold
+        return self.sites_per_round // 2 + 1
 
     @property
     def data_dims(self) -> int | None:
@@ -945,6 +1046,13 @@ def _num(v: Any) -> Any:
     return f"{v:g}" if isinstance(v, float) else v
 
 
+_RELATIVE_PATH = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*: ")
+# fields that nested checks of the update-path sections name at the start of their message
+_NESTED_CHECKED = {
+    f for m in (PrivacyConfig, CompressionConfig, RobustConfig) for f in m.model_fields
+} | {"adaptive"}
+
+
 def _describe(err: dict[str, Any]) -> str:
     path = _field_path(tuple(err["loc"]))
     etype = err["type"]
@@ -964,6 +1072,9 @@ def _describe(err: dict[str, Any]) -> str:
         msg = str(ctx.get("error", err["msg"]))
         if not err["loc"]:  # a check across fields: its message starts with the field path
             return msg
+        head = msg.split(":", 1)[0].split(".")[0]
+        if _RELATIVE_PATH.match(msg) and head in _NESTED_CHECKED:  # a nested check naming its own field
+            return f"{path}.{msg}"
     elif etype in _MESSAGES:
         try:
             msg = _MESSAGES[etype].format(**{k: _num(v) for k, v in ctx.items()})

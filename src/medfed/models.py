@@ -33,26 +33,35 @@ SEGRESNET_BLOCKS_UP = (1, 1, 1)
 
 
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU-maxpool blocks, a global average pool and a linear head; about
+    """Three conv-norm-ReLU-maxpool blocks, a global average pool and a linear head; about
     25k parameters at width 16 in 2D. ``spatial_dims`` 3 uses the 3D layers; the module
     names (``features``, ``pool``, ``head``) and so the state-dict keys are the same.
 
-    Batch norm is there on purpose: federated methods that treat BN layers specially
-    (FedBN) must have something to act on.
+    ``norm`` "batch" (default) uses batch norm, there on purpose: federated methods that
+    treat BN layers specially (FedBN) must have something to act on. "group" uses
+    ``GroupNorm(gcd(8, c), c)`` on c channels instead, which normalises each example on its
+    own (sample-level DP-SGD needs that); its state dict has no running statistics.
     """
 
-    def __init__(self, in_channels: int, out_features: int, width: int = 16, spatial_dims: int = 2):
+    def __init__(
+        self, in_channels: int, out_features: int, width: int = 16, spatial_dims: int = 2,
+        norm: str = "batch",
+    ):
         super().__init__()
+        if norm not in ("batch", "group"):
+            raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
         w = width
         conv, bn, maxpool = _CONV[spatial_dims], _BN[spatial_dims], _MAXPOOL[spatial_dims]
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                conv(cin, cout, 3, padding=1, bias=False),
-                bn(cout),
-                nn.ReLU(inplace=True),
-                maxpool(2),
-            )
+            layers: list[nn.Module] = [conv(cin, cout, 3, padding=1, bias=False)]
+            if norm == "group":
+                # ReLU not in place: Opacus' backward hook on the norm layer (DP-SGD)
+                # forbids modifying its output in place.
+                layers += [nn.GroupNorm(math.gcd(8, cout), cout), nn.ReLU()]
+            else:
+                layers += [bn(cout), nn.ReLU(inplace=True)]
+            return nn.Sequential(*layers, maxpool(2))
 
         self.features = nn.Sequential(block(in_channels, w), block(w, 2 * w), block(2 * w, 4 * w))
         self.pool = _AVGPOOL[spatial_dims](1)
@@ -81,10 +90,17 @@ def build_model(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims:
     Segmenters, with w = ``cfg.width``:
 
     * ``unet``: MONAI ``UNet`` with channels (w, 2w, 4w, 8w), strides (2, 2, 2), one
-      residual unit per level and batch norm (so FedBN has BN layers to keep local);
+      residual unit per level and batch norm (so FedBN has BN layers to keep local), or
+      with ``cfg.norm`` "group" group norm with gcd(8, w, K) groups, K the number of
+      classes: one group count for every norm layer, and the last upsampling block
+      normalises K channels (so 2 groups for a binary task at w 16, 1 for K = 3);
     * ``segresnet``: MONAI ``SegResNet`` with ``init_filters`` w, encoder blocks
       :data:`SEGRESNET_BLOCKS_DOWN` and decoder blocks :data:`SEGRESNET_BLOCKS_UP`, and
       group norm with gcd(8, w) groups (MONAI's 8 groups when w is a multiple of 8).
+
+    ``cfg.norm`` "group" swaps batch norm for group norm in ``small_cnn`` (see
+    :class:`SmallCNN`) and ``unet``; ``segresnet`` always uses group norm. The MONAI
+    classifiers have no such option: asking for it there raises ModelError.
     """
     if in_channels < 1:
         raise ModelError(f"model '{cfg.name}': input must have at least 1 channel, got {in_channels}")
@@ -95,10 +111,15 @@ def build_model(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims:
         raise ModelError(f"model '{cfg.name}' is a classifier; a segmentation task needs one of {list(SEGMENTERS)}")
     if not seg and cfg.name not in CLASSIFIERS:
         raise ModelError(f"model '{cfg.name}' segments; a classification task needs one of {list(CLASSIFIERS)}")
+    if cfg.norm == "group" and cfg.name not in ("small_cnn", "unet", "segresnet"):
+        raise ModelError(
+            f"model.norm: 'group' is not available for model '{cfg.name}': only small_cnn and unet "
+            "can switch to group norm; segresnet always uses it"
+        )
     out = num_outputs(task)
     w = cfg.width
     if cfg.name == "small_cnn":
-        return SmallCNN(in_channels, out, w, spatial_dims)
+        return SmallCNN(in_channels, out, w, spatial_dims, cfg.norm)
     from monai.networks import nets  # imported here: MONAI costs ~1 s to import
 
     if cfg.name == "densenet121":
@@ -117,7 +138,7 @@ def build_model(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims:
             channels=(w, 2 * w, 4 * w, 8 * w),
             strides=(2, 2, 2),
             num_res_units=1,
-            norm=Norm.BATCH,
+            norm=Norm.BATCH if cfg.norm == "batch" else ("GROUP", {"num_groups": math.gcd(8, w, out)}),
         )
     if cfg.name == "segresnet":
         return nets.SegResNet(

@@ -12,7 +12,7 @@ from medfed.data.sites import build_sites
 from medfed.models import get_params
 from medfed.server.loop import make_plan
 from medfed.server.runner import initial_model
-from medfed.server.validate import update_problem
+from medfed.server.validate import full_spec, update_problem
 from medfed.site.app import SiteApp
 
 JOB = parse_job({
@@ -65,9 +65,9 @@ def test_server_averages_shared_layers_and_keeps_its_bn_entries(setup):
     assert out.keys() == init.keys()
     assert torch.allclose(out["head.weight"], init["head.weight"] + 2.5)
     assert all(torch.equal(out[k], init[k]) for k in bn)
-    assert update_problem(ups[0], init, 1, algo.local_keys) is None
+    assert update_problem(ups[0], full_spec(init, algo.local_keys), 1) is None
     leaked = Update("a", 1, init, 1, 1)
-    assert "unexpected" in update_problem(leaked, init, 1, algo.local_keys)
+    assert "unexpected" in update_problem(leaked, full_spec(init, algo.local_keys), 1)
 
 
 def test_fedbn_on_a_model_without_batch_norm_is_an_error():

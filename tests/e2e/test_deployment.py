@@ -58,19 +58,24 @@ def _sites(kits: Path, tmp: Path, names=SITES, tag=""):
     return {s: start(["site", "--kit", str(kits / s), "--give-up-after", "120"], tmp / f"{s}{tag}.log") for s in names}
 
 
-def test_deployed_quickstart_equals_the_simulation(tmp_path):
-    kits, port = make_kits(tmp_path)
-    job = _job(tmp_path, "deployed", rounds=3, compare=["local"])
+def _deploy(tmp: Path, job: Path) -> Path:
+    """Run ``job`` with a server and the three sites to the end; return the run folder."""
+    kits, port = make_kits(tmp)
     server = start(["server", "--kit", str(kits / "server"), "--job", str(job), "--listen", f"127.0.0.1:{port}"],
-                   tmp_path / "server.log")
-    sites = _sites(kits, tmp_path)
+                   tmp / "server.log")
+    sites = _sites(kits, tmp)
     try:
-        assert server.wait(timeout=300) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert server.wait(timeout=300) == 0, (tmp / "server.log").read_text()[-3000:]
         for s, p in sites.items():
-            assert p.wait(timeout=30) == 0, (tmp_path / f"{s}.log").read_text()[-2000:]
+            assert p.wait(timeout=30) == 0, (tmp / f"{s}.log").read_text()[-2000:]
     finally:
         stop(server, *sites.values())
-    run = tmp_path / "deployed"
+    return tmp / "deployed"
+
+
+def test_deployed_quickstart_equals_the_simulation(tmp_path):
+    job = _job(tmp_path, "deployed", rounds=3, compare=["local"])
+    run = _deploy(tmp_path, job)
     deployed = load_file(str(run / "model_final.safetensors"))
     assert _same(deployed, _simulate(job, tmp_path))
     audit = json.loads((run / "audit.json").read_text())["rows"]
@@ -137,3 +142,19 @@ def test_a_site_killed_mid_round_does_not_stall_the_run_and_rejoins(tmp_path):
     assert any(rnd > lost[0] and status == "accepted" for rnd, status in c), c  # ...and it came back
     assert "site 'hospital_c' left out" in _log(run)
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("over", [
+    {"privacy": {"secure_aggregation": {"clip_range": 0.5}}},
+    {"compression": {"method": "topk", "fraction": 0.2}, "robust": {"rule": "trimmed_mean", "trim": 0.34}},
+], ids=["secure-aggregation", "topk-trimmed-mean"])
+def test_deployed_update_path_equals_the_simulation(tmp_path, over):
+    job = _small(tmp_path, "deployed", rounds=2, compare=[], **over)
+    run = _deploy(tmp_path, job)
+    assert _same(load_file(str(run / "model_final.safetensors")), _simulate(job, tmp_path))
+    audit = json.loads((run / "audit.json").read_text())["rows"]
+    fits = [r for r in audit if r["kind"] == "fit" and r["arm"] == "federated"]
+    assert len(fits) == 6 and {r["status"] for r in fits} == {"accepted"}
+    if "privacy" in over:  # key exchange and unmasking travel as their own exchanges
+        assert {r["status"] for r in audit if r["kind"] == "exchange"} == {"accepted"}
+        assert len([r for r in audit if r["kind"] == "exchange"]) == 2 * 3 * 3

@@ -117,7 +117,7 @@ def test_pairs_job_with_a_held_out_site_and_feature_shift(tmp_path):
     })
     run = run_job(job).run_dir
     rec = read_metrics(run / "metrics.jsonl")
-    trained = {r["site"] for r in rec if r["split"] == "train" and r["arm"] == "federated"}
+    trained = {r["site"] for r in rec if r["metric"] == "loss" and r["split"] == "train" and r["arm"] == "federated"}
     assert trained == {"x", "y"}
     assert {r["site"] for r in rec if r["arm"] == "local"} == {"x", "y", "all"}
     assert {r["site"] for r in rec if r["arm"] == "centralized" and r["split"] == "test"} == {"x", "y", "z", "all"}

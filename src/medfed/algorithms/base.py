@@ -57,6 +57,51 @@ class SiteHook:
         """Store the personal model after its training."""
 
 
+class Combiner(ABC):
+    """How a round's updates become one set of parameters, before the algorithm's own
+    server step: FedAvg's example-weighted mean by default; a robust rule, central
+    differential privacy or secure aggregation replace it (robust/, privacy/).
+
+    ``updates`` hold full values (``Encoding.FULL``) except for secure aggregation, which
+    receives the masked ones. The result has the names the sites sent (not ``local_keys``).
+    """
+
+    name: str = "mean"
+
+    @abstractmethod
+    def combine(self, global_params: Params, updates: Sequence[Update], rnd: int) -> Params:
+        """The combined parameters of round ``rnd`` (full values)."""
+
+    def prepare(self, rnd: int, sites: Sequence[str], global_params: Params) -> dict[str, dict]:
+        """Per-site messages (JSON-able) to send with round ``rnd``'s plans, after talking
+        to the ``sites`` if needed (secure aggregation's key exchange). Empty by default."""
+        return {}
+
+    def state(self) -> Params:
+        """State carried across rounds (e.g. an adaptive clipping bound), for checkpoints."""
+        return {}
+
+    def load_state(self, state: Params) -> None:
+        """Restore what :meth:`state` returned."""
+        if state:
+            raise ValueError(f"combiner '{self.name}' keeps no state, got {sorted(state)[:3]}")
+
+    def round_metrics(self) -> dict[str, float]:
+        """Figures of the last :meth:`combine` to record (e.g. the clipping bound used)."""
+        return {}
+
+
+class WeightedMean(Combiner):
+    """The example-weighted mean of the updates' parameters (FedAvg)."""
+
+    name = "mean"
+
+    def combine(self, global_params: Params, updates: Sequence[Update], rnd: int) -> Params:
+        from medfed.algorithms.fedavg import weighted_average
+
+        return weighted_average([u.params for u in updates], [u.num_examples for u in updates])
+
+
 class Algorithm(ABC):
     """Server-side half of an algorithm, and the factory of its site hook.
 
@@ -70,6 +115,10 @@ class Algorithm(ABC):
     local_keys: frozenset[str] = frozenset()
     # True when each site also keeps a personal model, evaluated as the "personalized" arm.
     personal_models: bool = False
+    # True when the server rule uses the updates only through ``self.combiner`` (the FedAvg
+    # family): only such rules take a robust rule, central DP or secure aggregation.
+    uses_combiner: bool = False
+    combiner: Combiner = WeightedMean()
 
     def __init__(self, trainable: frozenset[str] = frozenset()):
         self.trainable = trainable
@@ -93,19 +142,27 @@ class Algorithm(ABC):
     state_fields: tuple[str, ...] = ()
 
     def server_state(self) -> Params:
-        """The server rule's state as one flat tensor dict (``<field>/<param name>``)."""
-        return {f"{f}/{n}": t for f in self.state_fields for n, t in getattr(self, f).items()}
+        """The server rule's state as one flat tensor dict (``<field>/<param name>``), the
+        combiner's under ``combiner/``."""
+        out = {f"{f}/{n}": t for f in self.state_fields for n, t in getattr(self, f).items()}
+        out.update({f"combiner/{n}": t for n, t in self.combiner.state().items()})
+        return out
 
     def load_server_state(self, state: Params) -> None:
         """Restore what :meth:`server_state` returned. Unknown entries are an error."""
         fields: dict[str, Params] = {f: {} for f in self.state_fields}
+        combiner: Params = {}
         for key, t in state.items():
             f, _, n = key.partition("/")
+            if f == "combiner" and n:
+                combiner[n] = t
+                continue
             if f not in fields or not n:
                 raise ValueError(f"{self.name}: unexpected server state entry '{key}'")
             fields[f][n] = t
         for f, values in fields.items():
             setattr(self, f, values)
+        self.combiner.load_state(combiner)
 
     @abstractmethod
     def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:

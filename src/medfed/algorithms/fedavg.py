@@ -34,9 +34,11 @@ def weighted_average(params_list: Sequence[Params], weights: Sequence[float]) ->
 
 class FedAvg(Algorithm):
     name = "fedavg"
+    uses_combiner = True
 
     def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:
-        """The weighted mean of what the sites sent; entries they keep local (``local_keys``)
-        keep the server's value, so the global state dict always has every name."""
-        shared = weighted_average([u.params for u in updates], [u.num_examples for u in updates])
+        """The weighted mean of what the sites sent (or what the job's combiner makes of
+        it); entries they keep local (``local_keys``) keep the server's value, so the global
+        state dict always has every name."""
+        shared = self.combiner.combine(global_params, updates, updates[0].round)
         return {k: shared.get(k, v) for k, v in global_params.items()}

@@ -20,12 +20,12 @@ from collections.abc import Sequence
 import torch
 
 from medfed.algorithms.base import Algorithm
-from medfed.algorithms.fedavg import weighted_average
 from medfed.core.types import Params, Update
 
 
 class FedOpt(Algorithm):
     state_fields = ("m", "v")
+    uses_combiner = True
 
     def __init__(
         self, name: str, server_lr: float, beta1: float, beta2: float, tau: float,
@@ -40,7 +40,7 @@ class FedOpt(Algorithm):
         self.v: Params = {}
 
     def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:
-        mean = weighted_average([u.params for u in updates], [u.num_examples for u in updates])
+        mean = self.combiner.combine(global_params, updates, updates[0].round)
         out: Params = {}
         for name, avg in mean.items():
             if name not in self.trainable or not avg.is_floating_point():

@@ -20,7 +20,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from medfed.core.errors import CodecError
-from medfed.core.types import Arm, EvalResult, FitRequest, Params, RoundPlan, Split, TrainSettings, Update
+from medfed.core.types import Arm, Encoding, EvalResult, FitRequest, Params, RoundPlan, Split, TrainSettings, Update
 
 _META_KEY = "medfed"
 
@@ -67,7 +67,10 @@ def decode_params(blob: bytes) -> Params:
 
 def plan_to_dict(plan: RoundPlan) -> dict[str, Any]:
     """The JSON part of a round plan (its ``extras`` tensors travel with the parameters)."""
-    return {"job_id": plan.job_id, "round": plan.round, "arm": plan.arm.value, "train": asdict(plan.train)}
+    out = {"job_id": plan.job_id, "round": plan.round, "arm": plan.arm.value, "train": asdict(plan.train)}
+    if plan.secagg is not None:
+        out["secagg"] = plan.secagg
+    return out
 
 
 def plan_from_dict(meta: Any, extras: Params, what: str = "round plan") -> RoundPlan:
@@ -78,9 +81,16 @@ def plan_from_dict(meta: Any, extras: Params, what: str = "round plan") -> Round
             arm=Arm(meta["arm"]),
             train=TrainSettings(**meta["train"]),
             extras=extras,
+            secagg=_object(meta.get("secagg"), "secagg"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"{what}: bad header field ({e})") from None
+
+
+def _object(v: Any, what: str) -> dict | None:
+    if v is not None and not isinstance(v, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(v).__name__}")
+    return v
 
 
 def encode_model(params: Params, extras: Params) -> bytes:
@@ -147,6 +157,7 @@ def encode_update(update: Update) -> bytes:
         "num_examples": update.num_examples,
         "num_steps": update.num_steps,
         "metrics": update.metrics,
+        "encoding": update.encoding.value,
     }
     return _pack({"params": update.params, "extras": update.extras}, meta)
 
@@ -167,6 +178,7 @@ def _update_from(groups: dict[str, Any], meta: dict[str, Any]) -> Update:
             num_steps=int(meta["num_steps"]),
             metrics=metrics,
             extras=groups.get("extras", {}),
+            encoding=Encoding(meta.get("encoding", "full")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"update: bad header field ({e})") from None

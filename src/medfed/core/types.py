@@ -50,6 +50,23 @@ class TrainSettings:
     seed: int
 
 
+class Encoding(str, enum.Enum):
+    """How an update's ``params`` hold the site's model (see privacy/compression.py and
+    privacy/secagg/). Every encoding but ``full`` carries the change to the global model the
+    site received (the *delta*) rather than the values; integer buffers always travel whole."""
+
+    FULL = "full"  # the parameters after training, in the model's dtypes
+    FP16 = "fp16"  # the delta in float16
+    INT8 = "int8"  # the delta quantized to int8 with one float32 scale per tensor
+    TOPK = "topk"  # the k largest delta entries of each tensor: values and flat indices
+    MASKED = "masked"  # secure aggregation: the weighted delta in a finite ring, masked
+
+
+# What a payload must hold: tensor name -> (shape, dtype). The server checks every update
+# against the spec of its round before it reads any value.
+Spec = dict[str, tuple[tuple[int, ...], "torch.dtype"]]
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """The server's instructions to one site for one round."""
@@ -61,6 +78,11 @@ class RoundPlan:
     # Algorithm-specific tensors sent along with the global parameters (e.g. a server
     # control variate). Empty for FedAvg.
     extras: Params = field(default_factory=dict)
+    # The site-level DP clipping bound of this round, or None: sites clip to their
+    # configured bound.
+    clip: float | None = None
+    # Secure aggregation's messages for this site this round (JSON-able), or None.
+    secagg: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,8 @@ class Update:
     ``params`` are the site's parameters after training (full values, not deltas);
     ``num_examples`` the size of the training split used (the FedAvg weight);
     ``num_steps`` the optimizer steps taken; ``metrics`` training metrics (e.g. loss).
+    ``encoding`` says how ``params`` hold them: anything but ``full`` is decoded by the
+    server's incoming filters before aggregation.
     """
 
     site: str
@@ -86,6 +110,7 @@ class Update:
     num_steps: int
     metrics: dict[str, float] = field(default_factory=dict)
     extras: Params = field(default_factory=dict)
+    encoding: Encoding = Encoding.FULL
 
 
 @dataclass(frozen=True)
@@ -96,6 +121,18 @@ class EvalRequest:
     job_id: str
     round: int
     arm: Arm = Arm.FEDERATED
+
+
+@dataclass(frozen=True)
+class Message:
+    """A small protocol message of the update path to one site (secure aggregation's key
+    exchange and unmasking): ``topic`` names it, ``body`` is JSON-able."""
+
+    site: str
+    job_id: str
+    round: int
+    topic: str
+    body: dict
 
 
 @dataclass(frozen=True)

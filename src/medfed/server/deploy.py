@@ -31,6 +31,7 @@ from medfed.models import check_input_size, get_params
 from medfed.server.baselines import run_finetuned, run_local
 from medfed.server.checkpoint import atomic_write_text, load_checkpoint
 from medfed.server.loop import RoundCallback, RoundSummary, job_id_of, run_federated
+from medfed.server.update_path import combiner_for, incoming_for, ledger_for
 from medfed.server.runner import (
     RUN_MARKER,
     RunResult,
@@ -118,6 +119,9 @@ def serve_job(
     from medfed.transport.grpc.hub import Hub
     from medfed.transport.grpc.transport import GrpcTransport, start_server
 
+    if job.attack is not None:
+        raise ConfigError("attack: simulated attacks are for simulation studies (medfed run); remove the "
+                          "attack section from a deployment job")
     output = job.output.resolve()
     _prepare_folder(output, resume)
     t0 = time.perf_counter()
@@ -162,6 +166,11 @@ def serve_job(
         model = initial_model(job, shape[0], len(shape) - 1)
         params = get_params(model)
         algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum)
+        incoming = incoming_for(job)
+        transport = GrpcTransport(hub, algorithm.local_keys, incoming)
+        # DP noise from the OS: in a deployment nobody may know it in advance
+        sizes = {r["name"]: r["train"] for r in rows}
+        algorithm.combiner = combiner_for(job, None, transport, sizes, algorithm.local_keys)
         tracker = _BestTracker(output, job)
         start = 1
         if resume and (output / STATE_FILE).exists():
@@ -188,8 +197,7 @@ def serve_job(
             if on_round is not None:
                 on_round(s, p)
 
-        transport = GrpcTransport(hub, algorithm.local_keys)
-        sizes = {r["name"]: r["train"] for r in rows}
+        ledger = ledger_for(job, sizes)
         try:
             sampler = SiteSampler(job, sizes if all(sizes.get(s, 0) > 0 for s in job.training_sites) else None)
         except ValueError as e:
@@ -198,7 +206,7 @@ def serve_job(
         final = params
         if start <= job.rounds:
             final = run_federated(job, transport, algorithm, params, store.write_metric, callback, sampler,
-                                  start_round=start)
+                                  start_round=start, incoming=incoming, ledger=ledger)
         tracker.finish()
         if "finetuned" in job.compare:
             run_finetuned(job, transport, final, store.write_metric, callback)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medfed.algorithms.base import Algorithm
 from medfed.config import Job
-from medfed.core.errors import RoundError
+from medfed.core.errors import CodecError, RoundError
+from medfed.core.params import nbytes
 from medfed.core.types import (
     Arm,
     EvalRequest,
@@ -28,8 +30,12 @@ from medfed.core.types import (
     Update,
 )
 from medfed.server.sampling import SiteSampler
+from medfed.server.update_path import Incoming
 from medfed.server.validate import update_problem
 from medfed.transport.base import Transport
+
+if TYPE_CHECKING:
+    from medfed.privacy.accounting import PrivacyLedger
 
 log = logging.getLogger("medfed")
 
@@ -45,7 +51,8 @@ def round_seed(job_seed: int, arm: Arm, rnd: int, site_index: int) -> int:
 
 
 def make_plan(
-    job: Job, job_id: str, arm: Arm, rnd: int, site_index: int, extras: Params | None = None
+    job: Job, job_id: str, arm: Arm, rnd: int, site_index: int, extras: Params | None = None,
+    secagg: dict | None = None,
 ) -> RoundPlan:
     t = job.train
     return RoundPlan(
@@ -62,6 +69,7 @@ def make_plan(
             seed=round_seed(job.seed, arm, rnd, site_index),
         ),
         extras=extras or {},
+        secagg=secagg,
     )
 
 
@@ -79,6 +87,7 @@ class RoundSummary:
     train_loss: float | None
     means: dict[str, dict[str, float | None]] = field(default_factory=dict)  # split -> metric -> mean
     failed: list[str] = field(default_factory=list)
+    epsilon: float | None = None  # privacy spent so far (with DP)
 
 
 Recorder = Callable[[int, str, str, str, str, "float | None"], None]
@@ -92,18 +101,27 @@ def collect_updates(
     quorum: int,
     arm: Arm,
     algorithm: Algorithm | None = None,
+    incoming: Incoming = Incoming(),
 ) -> tuple[list[Update], list[str]]:
-    """Valid updates in request order, and the names of sites that failed (logged).
+    """Valid updates in request order, decoded to full values (masked ones stay masked),
+    and the names of sites that failed (logged).
 
-    An update passes the generic checks (server/validate.py) and, when given, the
-    algorithm's own (e.g. its control variates)."""
+    An update passes the generic checks against the round's spec (server/validate.py),
+    decodes, and passes the algorithm's own checks when given (e.g. its control
+    variates)."""
     updates, failed = [], []
+    local = algorithm.local_keys if algorithm is not None else frozenset()
+    spec = incoming.spec(global_params, local)
     for a in answers:
         if isinstance(a, SiteFailure):
             problem = a.cause
         else:
-            local = algorithm.local_keys if algorithm is not None else frozenset()
-            problem = update_problem(a, global_params, rnd, local)
+            problem = update_problem(a, spec, rnd, incoming.encoding)
+            if problem is None:
+                try:
+                    a = incoming.decode(a, global_params, local)
+                except CodecError as e:
+                    problem = str(e)
             if problem is None and algorithm is not None:
                 problem = algorithm.update_problem(a, global_params)
         if problem is None:
@@ -165,44 +183,62 @@ def run_federated(
     on_round: RoundCallback | None = None,
     sampler: SiteSampler | None = None,
     start_round: int = 1,
+    incoming: Incoming = Incoming(),
+    ledger: PrivacyLedger | None = None,
 ) -> Params:
     """Run rounds ``start_round`` .. ``job.rounds`` of federated training from
     ``init_params``; return the final global params.
 
     ``sampler`` picks each round's sites (default: all training sites, every round).
     Every site, held-out ones included, evaluates the global model. A resumed run passes
-    the checkpointed params and the round after the checkpoint."""
+    the checkpointed params and the round after the checkpoint. ``incoming`` says how the
+    sites encode their updates; ``algorithm.combiner`` how they are combined; ``ledger``
+    (with DP) gives each round's epsilon and stops training before the budget is passed."""
     sites = list(job.site_names)
     sampler = sampler or SiteSampler(job)
     job_id = job_id_of(job)
     global_params = init_params
     # sites that have trained (and so hold a personal model, for algorithms that keep one)
     personal: set[str] = {s for r in range(1, start_round) for _, s in sampler.select(r)}
-    for rnd in range(start_round, job.rounds + 1):
+    last = job.rounds if ledger is None else min(job.rounds, ledger.last_round)
+    for rnd in range(start_round, last + 1):
         # ---- 1. select the sites of this round
         selected = sampler.select(rnd)
         log.info("federated round %d/%d started: %s", rnd, job.rounds, ", ".join(s for _, s in selected))
 
         # ---- 2. send the global parameters and the round plan; sites train locally
         extras = algorithm.round_extras(global_params)
+        prepared = algorithm.combiner.prepare(rnd, [s for _, s in selected], global_params)  # secure aggregation's keys
         requests = [
-            FitRequest(site=s, params=global_params, plan=make_plan(job, job_id, Arm.FEDERATED, rnd, i, extras))
+            FitRequest(site=s, params=global_params,
+                       plan=make_plan(job, job_id, Arm.FEDERATED, rnd, i, extras, prepared.get(s)))
             for i, s in selected
         ]
         answers = transport.fit(requests, timeout=job.round_timeout)
 
-        # ---- 3. collect the updates that pass the incoming checks; enforce the quorum
-        updates, failed = collect_updates(answers, global_params, rnd, job.quorum, Arm.FEDERATED, algorithm)
+        # ---- 3. collect the updates that pass the incoming checks and decode; enforce the quorum
+        # tensor bytes each site sent, as encoded (what compression saves), against the model's
+        record(rnd, Arm.FEDERATED.value, "all", "train", "model_bytes", nbytes(global_params))
+        for a in answers:
+            if isinstance(a, Update):
+                record(rnd, Arm.FEDERATED.value, a.site, "train", "bytes_sent", nbytes(a.params) + nbytes(a.extras))
+        updates, failed = collect_updates(
+            answers, global_params, rnd, job.quorum, Arm.FEDERATED, algorithm, incoming
+        )
         for u in updates:
             record(rnd, Arm.FEDERATED.value, u.site, "train", "loss", u.metrics.get("loss"))
             personal.add(u.site)  # has trained once: holds a personal model if the algorithm keeps one
 
-        # ---- 4. aggregate with the algorithm's server rule
+        # ---- 4. aggregate with the algorithm's server rule (its combiner: mean, robust rule, DP, secure sum)
         global_params = algorithm.aggregate(global_params, updates)
+        for name, value in algorithm.combiner.round_metrics().items():
+            record(rnd, Arm.FEDERATED.value, "all", "train", name, value)
+        if ledger is not None:
+            record(rnd, Arm.FEDERATED.value, "all", "train", "epsilon", ledger.epsilon(rnd))
 
         # ---- 5. evaluate the new global model at every site
         means: dict[str, dict[str, float | None]] = {}
-        if rnd % job.eval_every == 0 or rnd == job.rounds:
+        if rnd % job.eval_every == 0 or rnd == last:
             means = evaluate_round(transport, {s: global_params for s in sites}, job, Arm.FEDERATED, rnd, record)
             if algorithm.personal_models:  # each site's personal model, on its own data
                 have = {s: global_params for s in sites if s in personal}
@@ -210,9 +246,17 @@ def run_federated(
 
         # ---- 6. report the round (the caller checkpoints and tracks the best model)
         loss = mean_loss(updates)
-        log.info("federated round %d/%d done (%d sites, %d failed)", rnd, job.rounds, len(updates), len(failed))
+        eps = ledger.epsilon(rnd) if ledger is not None else None
+        spent = f", epsilon {eps:.3g} at delta {ledger.delta:g}" if ledger is not None else ""
+        log.info("federated round %d/%d done (%d sites, %d failed%s)", rnd, job.rounds, len(updates), len(failed), spent)
         if on_round is not None:
-            on_round(RoundSummary(Arm.FEDERATED, rnd, loss, means, failed), global_params)
+            on_round(RoundSummary(Arm.FEDERATED, rnd, loss, means, failed, eps), global_params)
+    if last < job.rounds:
+        log.warning(
+            "federated training stopped after round %d of %d: round %d would pass the privacy budget "
+            "(epsilon %.3g > max_epsilon %g, %s)", last, job.rounds, last + 1, ledger.epsilon(last + 1),
+            ledger.max_epsilon, ledger.what,
+        )
     return global_params
 
 

@@ -30,6 +30,7 @@ from medfed.models import build_model, check_input_size, get_params
 from medfed.server.baselines import run_centralized, run_finetuned, run_local
 from medfed.server.checkpoint import atomic_write_text, save_checkpoint
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
+from medfed.server.update_path import combiner_for, incoming_for, ledger_for
 from medfed.server.sampling import SiteSampler
 from medfed.site.device import resolve_device, set_threads
 from medfed.tasks import build_task
@@ -167,9 +168,14 @@ def run_job(
             if on_round is not None:
                 on_round(s, params)
 
+        sizes = {row["name"]: row["train"] for row in summary}
+        ledger = ledger_for(job, sizes)
         with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
-            sampler = SiteSampler(job, {row["name"]: row["train"] for row in summary})
-            final = run_federated(job, transport, algorithm, init, metrics.write, callback, sampler)
+            sampler = SiteSampler(job, sizes)
+            # DP noise drawn from the job seed: a simulation is repeatable run after run
+            algorithm.combiner = combiner_for(job, job.seed, transport, sizes, algorithm.local_keys)
+            final = run_federated(job, transport, algorithm, init, metrics.write, callback, sampler,
+                                  incoming=incoming_for(job), ledger=ledger)
             tracker.finish()
             if "finetuned" in job.compare:
                 run_finetuned(job, transport, final, metrics.write, callback)

@@ -1,34 +1,41 @@
-"""The server's incoming check: an update must fit the global model before it is used."""
+"""The server's incoming check: an update must fit the round's spec before it is used."""
 
 from __future__ import annotations
 
 import torch
 
-from medfed.core.types import Params, Update
+from medfed.core.types import Encoding, Params, Spec, Update
+
+
+def full_spec(global_params: Params, local_keys: frozenset[str] = frozenset()) -> Spec:
+    """The spec of full-value updates: the global model's names (less ``local_keys``, which
+    stay at the sites), shapes and dtypes."""
+    return {k: (tuple(t.shape), t.dtype) for k, t in global_params.items() if k not in local_keys}
 
 
 def update_problem(
-    update: Update, global_params: Params, expected_round: int, local_keys: frozenset[str] = frozenset()
+    update: Update, spec: Spec, expected_round: int, encoding: Encoding = Encoding.FULL
 ) -> str | None:
-    """Why ``update`` cannot be aggregated, or None when it is fine.
+    """Why ``update`` cannot be used, or None when it is fine.
 
-    Checks the round number, the example count, and that the tensors have exactly the
-    global model's names (less ``local_keys``, which stay at the sites), shapes and
-    dtypes, and hold only finite values.
-    """
+    Checks the round number, the example count, the encoding, that the tensors have
+    exactly the names, shapes and dtypes of ``spec``, and that floating-point ones hold
+    only finite values. What an encoding's values mean (indices in range...) is checked
+    when it is decoded (privacy/compression.py, privacy/secagg/)."""
     if update.round != expected_round:
         return f"update is for round {update.round}, expected {expected_round}"
     if update.num_examples <= 0:
         return f"num_examples must be > 0, got {update.num_examples}"
-    expected = global_params.keys() - local_keys
-    missing = expected - update.params.keys()
-    extra = update.params.keys() - expected
+    if update.encoding is not encoding:
+        return f"update is encoded as '{update.encoding.value}', the job expects '{encoding.value}'"
+    missing = spec.keys() - update.params.keys()
+    extra = update.params.keys() - spec.keys()
     if missing or extra:
         return f"tensor names differ from the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
-    for name in expected:
-        ref, t = global_params[name], update.params[name]
-        if t.shape != ref.shape or t.dtype != ref.dtype:
-            return f"tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+    for name, (shape, dtype) in spec.items():
+        t = update.params[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            return f"tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return f"tensor '{name}' holds NaN or Inf"
     return None

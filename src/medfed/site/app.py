@@ -17,8 +17,10 @@ from medfed.core.errors import SiteError
 from medfed.core.types import Arm, EvalResult, Params, RoundPlan, Split, Update
 from medfed.data.base import SiteData
 from medfed.models import build_model, get_params
+from medfed.privacy.base import Conversation
 from medfed.site.evaluate import evaluate_split
 from medfed.site.train import TrainStats, train_local
+from medfed.site.update_path import poisoned_data, sample_dp_for, site_filters
 from medfed.tasks import build_task
 
 
@@ -32,9 +34,11 @@ class SiteApp:
     batch-norm layers), which are never sent and replace the server's on every load.
     """
 
-    def __init__(self, data: SiteData, job: Job, device: torch.device, model: nn.Module | None = None):
+    def __init__(
+        self, data: SiteData, job: Job, device: torch.device, model: nn.Module | None = None, secure: bool = False
+    ):
         self.name = data.name
-        self.data = data
+        self.data = poisoned_data(job, data)  # unchanged unless the job simulates a label-flipping attack here
         self.device = device
         self.task = build_task(job)
         self.augment = build_site_augment(job, data.train.spatial_dims)
@@ -46,6 +50,9 @@ class SiteApp:
         self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
         self._local_keys = algorithm.local_keys
         self._kept: Params = {}  # this site's values of the local keys, after its first fit
+        # the update path of federated rounds (secure: noise seeds from the OS, in a deployment)
+        self.filters = site_filters(job, self.name, secure)
+        self.private = sample_dp_for(job, secure)
 
     def _load(self, params: Params, with_kept: bool) -> None:
         if with_kept and self._kept:
@@ -61,9 +68,10 @@ class SiteApp:
         hook = self._hooks.get(plan.arm) or SiteHook()  # baselines train plainly
         hook.on_train_start(self.model, plan)
         steps, loss_sum = 0, 0.0
+        private = self.private if plan.arm is Arm.FEDERATED else None  # baselines train without DP-SGD
         for settings, frozen in hook.phases(plan.train):
             stats = train_local(
-                self.model, self.data.train, self.task, settings, hook, self.device, frozen, self.augment
+                self.model, self.data.train, self.task, settings, hook, self.device, frozen, self.augment, private=private
             )
             steps, loss_sum = steps + stats.num_steps, loss_sum + stats.mean_loss * stats.num_steps
         stats = TrainStats(num_steps=steps, mean_loss=loss_sum / max(steps, 1))
@@ -74,7 +82,7 @@ class SiteApp:
         if plan.arm is Arm.FEDERATED:
             self._train_personal(hook, params, plan)
 
-        return Update(
+        update = Update(
             site=self.name,
             round=plan.round,
             params=trained,
@@ -83,6 +91,19 @@ class SiteApp:
             metrics={"loss": stats.mean_loss},
             extras=extras,
         )
+        if plan.arm is Arm.FEDERATED:  # what leaves the site: DP, compression, masking
+            sent = {k: v for k, v in params.items() if k not in self._local_keys}
+            for f in self.filters:
+                update = f.apply(update, sent, plan)
+        return update
+
+    def exchange(self, topic: str, rnd: int, body: dict) -> dict:
+        """Answer a protocol message of the update path (secure aggregation's key exchange
+        and unmasking) for round ``rnd``."""
+        for f in self.filters:
+            if isinstance(f, Conversation) and topic in f.topics:
+                return f.answer(topic, rnd, body)
+        raise SiteError(self.name, f"no part of this site's update path answers '{topic}'")
 
     def _train_personal(self, hook: SiteHook, global_params: Params, plan: RoundPlan) -> None:
         """Ditto's second local training: the personal model, pulled towards the global

@@ -20,23 +20,26 @@ A job with generated data (``synthetic``, ``synthetic_segmentation``) needs no d
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from medfed.config import DataConfig, Job, _Frozen, format_validation_error, parse_job, read_yaml
+from medfed.config import DataConfig, Job, format_validation_error, parse_job, read_yaml
 from medfed.core import codec
 from medfed.core.errors import ConfigError, DataError
 from medfed.core.types import Arm, Split
+from medfed.core.schema import Frozen
 from medfed.transport.base import describe_exception
+from medfed.transport.grpc import wire
 from medfed.transport.grpc.hub import SITE_LOCAL
 
 log = logging.getLogger("medfed")
 
 
-class SiteDataFile(_Frozen):
+class SiteDataFile(Frozen):
     data: DataConfig
 
 
@@ -91,9 +94,10 @@ def _differences(job_data: Any, local: Any, site: str) -> list[str]:
 class RemoteSite:
     """What ``medfed site`` runs: sets up the job the server names, answers its tasks."""
 
-    def __init__(self, name: str, data_file: Path | None):
+    def __init__(self, name: str, data_file: Path | None, max_epsilon: float | None = None):
         self.name = name
         self.data_file = data_file
+        self.max_epsilon = max_epsilon  # this site's own privacy limit, whatever the job says
         self.app = None
         self.job: Job | None = None
         self.job_id = ""
@@ -134,9 +138,10 @@ class RemoteSite:
         if not mine:
             raise DataError(f"site '{self.name}': the data file defines no data for this site")
         data = mine[0]
+        self._check_privacy(job, len(data.train))
         patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
         check_input_size(job.model, tuple(data.train.images.shape[2:]), patch)
-        self.app, self.job, self.job_id = SiteApp(data, job, device), job, job_id
+        self.app, self.job, self.job_id = SiteApp(data, job, device, secure=True), job, job_id
         summary = describe_sites([data], job.task, job.held_out)[0]
         if data.skipped:
             log.warning("site '%s': %d unreadable file(s) skipped: %s", self.name, len(data.skipped),
@@ -146,9 +151,33 @@ class RemoteSite:
                  summary["test"])
         return summary, job.round_timeout
 
+    def _check_privacy(self, job: Job, train_size: int) -> None:
+        """Refuse a job that would spend more privacy than this site allows."""
+        if self.max_epsilon is None:
+            return
+        from medfed.server.update_path import ledger_for
+
+        ledger = ledger_for(job, {self.name: train_size})
+        if ledger is None:
+            raise ConfigError(
+                f"site '{self.name}' allows epsilon <= {self.max_epsilon:g}, but the job has no differential "
+                "privacy (privacy.dp or privacy.dp_sgd); refused"
+            )
+        eps = ledger.epsilon(ledger.last_round)
+        if eps > self.max_epsilon:
+            raise ConfigError(
+                f"site '{self.name}' allows epsilon <= {self.max_epsilon:g}, but the job reaches {eps:.3g} at delta "
+                f"{ledger.delta:g} after round {ledger.last_round} ({ledger.what}); refused"
+            )
+        log.info("site '%s': the job spends epsilon %.3g of this site's %g", self.name, eps, self.max_epsilon)
+
     def answer(self, hdr: dict[str, Any], blob: bytes) -> tuple[str, bytes]:
         """Run one task; a failure becomes an ``error`` answer naming the cause."""
         try:
+            if hdr.get("kind") == "exchange":  # a protocol message of the update path (JSON both ways)
+                body = wire.decode_json_object(blob, "exchange task")
+                reply = self.app.exchange(str(hdr.get("topic")), int(hdr.get("round")), body)
+                return "exchange", json.dumps(reply).encode()
             params, extras = codec.decode_model(blob)
             if hdr.get("kind") == "fit":
                 plan = codec.plan_from_dict(hdr.get("plan"), extras)

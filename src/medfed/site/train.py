@@ -7,6 +7,7 @@ this file knows which algorithm runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ from torch import nn
 from medfed.algorithms.base import SiteHook
 from medfed.core.types import TrainSettings
 from medfed.data.base import ArraySplit
+from medfed.privacy import dpsgd
+from medfed.privacy.dpsgd import SampleDP
 
 if TYPE_CHECKING:
     from medfed.tasks import Task
@@ -62,6 +65,7 @@ def train_local(
     device: torch.device,
     frozen: frozenset[str] = frozenset(),
     augment: Augment | None = None,
+    private: SampleDP | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``settings.local_epochs`` passes over ``data``.
 
@@ -70,13 +74,24 @@ def train_local(
     ``frozen`` are not trained (FedRep's phases); batch-norm statistics still update.
     ``augment`` (the job's augmentation and patch cropping) transforms every batch on the
     CPU before it moves to the device, seeded from ``settings.seed``.
+
+    ``private`` (default None) trains with sample-level DP-SGD (privacy/dpsgd.py): each
+    epoch is :func:`~medfed.privacy.dpsgd.steps_per_epoch` Poisson-sampled batches (from
+    the same seeded generator), the optimizer clips each example's gradient and adds
+    noise, and mixed precision is off (Opacus clips unscaled per-example gradients). A
+    model with batch norm is a ModelError (``model.norm: group`` avoids it). The hook's
+    ``on_after_backward`` then sees the clipped, noised gradient. A hook whose
+    ``extra_loss`` returns a term (FedProx, MOON, FedDyn, Ditto's proximal pull) is a
+    ValueError: that term's gradient would bypass the clipping. An empty Poisson batch
+    (probability (1 - q)^n) skips the forward pass but still takes a noise-only step; it
+    counts in ``num_steps`` but not in ``mean_loss``.
     """
     params = dict(model.named_parameters())
     was = {n: params[n].requires_grad for n in frozen if n in params}
     for n in was:
         params[n].requires_grad_(False)
     try:
-        return _train(model, data, task, settings, hook, device, augment)
+        return _train(model, data, task, settings, hook, device, augment, private)
     finally:
         for n, flag in was.items():
             params[n].requires_grad_(flag)
@@ -84,37 +99,61 @@ def train_local(
 
 def _train(
     model: nn.Module, data: ArraySplit, task: "Task", settings: TrainSettings, hook: SiteHook,
-    device: torch.device, augment: Augment | None,
+    device: torch.device, augment: Augment | None, private: SampleDP | None,
 ) -> TrainStats:
     torch.manual_seed(settings.seed)  # dropout and any other randomness in the model
     gen = torch.Generator().manual_seed(settings.seed)
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" and private is None  # Opacus clips unscaled gradients
     scaler = torch.amp.GradScaler("cuda") if amp else None
     optimizer = make_optimizer(model, settings)
     model.train()
-    steps, loss_sum = 0, 0.0
-    for _ in range(settings.local_epochs):
-        for idx in batches(len(data), settings.batch_size, gen):
-            x, y = data.images[idx], data.labels[idx]
-            if augment is not None:
-                x, y = augment(x, y, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                loss = task.loss(model(x), y)
-                extra = hook.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                hook.on_after_backward(model)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                hook.on_after_backward(model)
-                optimizer.step()
-            steps += 1
-            loss_sum += float(loss.detach())
-    return TrainStats(num_steps=steps, mean_loss=loss_sum / max(steps, 1))
+    if private is None:
+        draw, training = batches, nullcontext(optimizer)
+    else:
+        draw = dpsgd.poisson_batches
+        training = dpsgd.dp_sgd(
+            model, optimizer, private,
+            expected_batch_size=dpsgd.expected_batch_size(len(data), settings.batch_size),
+            generator=private.noise_generator(settings.seed, device),
+            after_noise=lambda: hook.on_after_backward(model),
+        )
+    steps, losses, loss_sum = 0, 0, 0.0
+    with training as optimizer:
+        for _ in range(settings.local_epochs):
+            for idx in draw(len(data), settings.batch_size, gen):
+                if len(idx) == 0:  # only Poisson sampling (private) draws an empty batch
+                    dpsgd.noise_step(optimizer)
+                    steps += 1
+                    continue
+                x, y = data.images[idx], data.labels[idx]
+                if augment is not None:
+                    x, y = augment(x, y, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                    loss = task.loss(model(x), y)
+                    extra = hook.extra_loss(model)
+                    if extra is not None:
+                        if private is not None:
+                            raise ValueError(
+                                "sample-level DP-SGD (dp_sgd) cannot add the algorithm's extra loss "
+                                "term (FedProx, MOON, FedDyn, Ditto's proximal pull): its gradient is "
+                                "not per example and would bypass the clipping; use FedAvg or another "
+                                "algorithm without one"
+                            )
+                        loss = loss + extra
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    hook.on_after_backward(model)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if private is None:  # under DP-SGD it runs after the noise (after_noise)
+                        hook.on_after_backward(model)
+                    optimizer.step()
+                steps += 1
+                losses += 1
+                loss_sum += float(loss.detach())
+    return TrainStats(num_steps=steps, mean_loss=loss_sum / max(losses, 1))

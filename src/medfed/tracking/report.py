@@ -363,6 +363,87 @@ def _audit_section(run_dir: Path) -> str:
     return "\n".join(parts)
 
 
+MAX_ROUND_ROWS = 30
+
+
+def _per_round(records: list[dict], metric: str, site: str | None = POOLED_SITE) -> dict[int, float]:
+    """Federated records of ``metric`` by round: the value of ``site``, or the sum over the
+    sites (``site=None``)."""
+    out: dict[int, float] = {}
+    for r in records:
+        if r["arm"] != "federated" or r["metric"] != metric or r["value"] is None:
+            continue
+        if site is None and r["site"] != POOLED_SITE:
+            out[r["round"]] = out.get(r["round"], 0.0) + r["value"]
+        elif site is not None and r["site"] == site:
+            out[r["round"]] = r["value"]
+    return out
+
+
+def _update_path_section(job: Any, records: list[dict]) -> str:
+    """What protected the updates (DP with its epsilon per round, secure aggregation, a
+    robust rule, simulated attackers) and the bytes sites sent per round."""
+    p = job.privacy
+    notes, header, cols = [], ["round"], []
+    dp = p.dp or p.dp_sgd
+    eps = _per_round(records, "epsilon")
+    if dp is not None:
+        unit = "site-level DP-FedAvg, " + p.dp.noise + " noise" if p.dp is not None else "sample-level DP-SGD (worst site)"
+        last = max(eps) if eps else None
+        budget = f"; budget max_epsilon {dp.max_epsilon:g}" if dp.max_epsilon is not None else ""
+        spent = f"ε = {eps[last]:.3g} at δ = {dp.delta:g} after round {last}" if last else "no round completed"
+        stopped = ""
+        if last is not None and last < job.rounds:
+            stopped = f" Training stopped after round {last} of {job.rounds}: the next round would pass the budget."
+        notes.append(f"<p><b>Differential privacy</b> ({escape(unit)}, noise multiplier {dp.noise_multiplier:g}, "
+                     f"Opacus {escape(dp.accountant.upper())} accountant): {escape(spent)}{escape(budget)}.{escape(stopped)}</p>")
+        header.append("ε")
+        cols.append(lambda r: fmt(eps.get(r)))
+        clip = _per_round(records, "clip")
+        if clip:
+            unclipped = _per_round(records, "unclipped_fraction")
+            header.append("clipping bound")
+            cols.append(lambda r: fmt(clip.get(r)))
+            if unclipped:
+                header.append("unclipped share (noisy)")
+                cols.append(lambda r: fmt(unclipped.get(r)))
+    if p.secure_aggregation is not None:
+        notes.append(f"<p><b>Secure aggregation</b>: the server saw only the sum of each round's updates "
+                     f"(threshold {job.secagg_threshold} of {job.sites_per_round} sites, coordinates clipped to "
+                     f"±{p.secure_aggregation.clip_range:g}).</p>")
+    if job.robust is not None:
+        notes.append(f"<p><b>Robust aggregation</b>: {escape(job.robust.rule)} in place of the weighted mean.</p>")
+    if job.attack is not None:
+        from medfed.robust.attacks import choose_attackers
+
+        who = choose_attackers(job.training_sites, job.attack.fraction, job.seed)
+        notes.append(f"<p><b>Simulated attack</b>: {escape(job.attack.kind)} (scale {job.attack.scale:g}) by "
+                     f"{escape(', '.join(who) or 'no site')}.</p>")
+    sent = _per_round(records, "bytes_sent", site=None)
+    if not sent and not notes:
+        return ""
+    model = _per_round(records, "model_bytes")
+    counts: dict[int, int] = {}
+    for r in records:
+        if r["arm"] == "federated" and r["metric"] == "bytes_sent" and r["site"] != POOLED_SITE:
+            counts[r["round"]] = counts.get(r["round"], 0) + 1
+    if sent:
+        header += ["bytes sent by sites", "per site / model"]
+        cols.append(lambda r: fmt_bytes(sent.get(r)))
+        cols.append(lambda r: fmt(sent[r] / counts[r] / model[r]) if r in sent and model.get(r) else MISSING)
+        total = sum(sent.values())
+        method = f"compression: {job.compression.method}" if job.compression is not None else "no compression"
+        notes.append(f"<p><b>Communication</b> ({escape(method)}): sites sent {escape(fmt_bytes(total))} of tensors "
+                     "over the run; “per site / model” is one site's upload against the full model.</p>")
+    rounds = sorted(set(eps) | set(sent))
+    if len(rounds) > MAX_ROUND_ROWS:  # evenly spaced rounds and the last; metrics.jsonl has them all
+        step = math.ceil(len(rounds) / MAX_ROUND_ROWS)
+        rounds = rounds[::step] + ([rounds[-1]] if (len(rounds) - 1) % step else [])
+    rows = [[str(r)] + [c(r) for c in cols] for r in rounds]
+    table = _table(header, rows) if len(header) > 1 else ""
+    return "<h2>Privacy, robustness and communication</h2>\n" + "\n".join(notes) + table
+
+
 def _header(job_name: str, job_hash: str, run: dict | None) -> str:
     meta = [("job hash", job_hash)]
     if run is None:
@@ -401,6 +482,7 @@ def render_report(run_dir: Path) -> str:
         f"<h2>Learning curves: test {escape(monitor)}</h2>", curves_img or no_data,
         _many_sites_note(records),
         "<h2>Training loss (federated)</h2>", loss_img or no_data,
+        _update_path_section(job, records),
         _audit_section(run_dir),
         "<h2>Job</h2>", f"<pre>{escape(job_text)}</pre>",
     ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from medfed.core.types import EvalRequest, EvalResult, FitRequest, SiteFailure, Update
+from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, SiteFailure, Update
 
 # Reserved name of the pseudo-site that holds all sites' training data pooled (the
 # centralized baseline). Site names cannot contain '*', so it never clashes.
@@ -28,6 +28,11 @@ class Transport(ABC):
         self, requests: Sequence[EvalRequest], timeout: float
     ) -> list[list[EvalResult] | SiteFailure]:
         """Evaluate the given parameters on the requested splits of each site."""
+
+    def exchange(self, messages: Sequence[Message], timeout: float) -> list[dict | SiteFailure]:
+        """Deliver protocol messages of the update path (JSON-able bodies) and return each
+        site's reply. Transports that cannot carry them refuse."""
+        raise NotImplementedError(f"{type(self).__name__} cannot carry update-path messages")
 
     def close(self) -> None:
         """Release workers or connections. Idempotent."""

@@ -6,10 +6,11 @@ Deterministic and the default for simulation. There is nothing to wait on, so
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from medfed.core.errors import MedfedError
-from medfed.core.types import EvalRequest, EvalResult, FitRequest, SiteFailure, Update
+from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, SiteFailure, Update
 from medfed.site.app import SiteApp
 from medfed.transport.base import Transport, describe_exception
 
@@ -41,4 +42,15 @@ class InProcessTransport(Transport):
                 out.append(self._app(req.site).evaluate(req.params, req.splits, req.arm))
             except Exception as e:
                 out.append(SiteFailure(req.site, describe_exception(e)))
+        return out
+
+    def exchange(self, messages: Sequence[Message], timeout: float) -> list[dict | SiteFailure]:
+        out: list[dict | SiteFailure] = []
+        for m in messages:
+            try:
+                # a JSON round trip: the site sees exactly what a network would carry
+                reply = self._app(m.site).exchange(m.topic, m.round, json.loads(json.dumps(m.body)))
+                out.append(json.loads(json.dumps(reply)))
+            except Exception as e:
+                out.append(SiteFailure(m.site, describe_exception(e)))
         return out

@@ -44,8 +44,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import Field, ValidationError, field_validator
 
-from medfed.config import SiteName, _describe, _Frozen, _unique, read_yaml
+from medfed.config import SiteName, _describe, _unique, read_yaml
 from medfed.core.errors import ConfigError
+from medfed.core.schema import Frozen
 
 KIT_VERSION = 1
 SERVER_NAME = "server"  # the server kit's name and folder
@@ -66,7 +67,7 @@ _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # --------------------------------------------------------------------------- consortium file
 
 
-class ServerAddress(_Frozen):
+class ServerAddress(Frozen):
     """Where the sites reach the server: a DNS name or an IP address, and a TCP port."""
 
     host: str
@@ -83,7 +84,7 @@ class ServerAddress(_Frozen):
         return v
 
 
-class Consortium(_Frozen):
+class Consortium(Frozen):
     """A consortium file: its name, the server's address, the sites, and how long kits last.
 
     ``validity_days`` (default 365, 1..3650) is the lifetime of the kits' certificates.
@@ -616,7 +617,7 @@ class Kit:
     key_pem: bytes
 
 
-class _KitInfo(_Frozen):
+class _KitInfo(Frozen):
     consortium: str
     name: str
     role: Role

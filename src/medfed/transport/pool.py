@@ -19,7 +19,7 @@ from typing import Any
 
 from medfed.config import Job
 from medfed.core import codec
-from medfed.core.types import Arm, EvalRequest, EvalResult, FitRequest, SiteFailure, Split, Update
+from medfed.core.types import Arm, EvalRequest, EvalResult, FitRequest, Message, SiteFailure, Split, Update
 from medfed.transport.base import Transport, describe_exception
 
 # --------------------------------------------------------------------------- worker side
@@ -57,6 +57,13 @@ def _worker_evaluate(site: str, params_blob: bytes, splits: list[str], arm: str)
     try:
         results = _APPS[site].evaluate(codec.decode_params(params_blob), tuple(Split(s) for s in splits), Arm(arm))
         return "ok", codec.encode_eval_results(results)
+    except Exception as e:
+        return "error", describe_exception(e)
+
+
+def _worker_exchange(site: str, topic: str, rnd: int, body_json: str) -> tuple[str, str]:
+    try:
+        return "ok", json.dumps(_APPS[site].exchange(topic, rnd, json.loads(body_json)))
     except Exception as e:
         return "error", describe_exception(e)
 
@@ -146,6 +153,15 @@ class PoolTransport(Transport):
                 continue
             out.append(codec.decode_eval_results(req.site, r[1]))
         return out
+
+    def exchange(self, messages: Sequence[Message], timeout: float) -> list[dict | SiteFailure]:
+        bodies = [json.dumps(m.body) for m in messages]
+        raw = self._run(
+            [m.site for m in messages],
+            lambda ex, k: ex.submit(_worker_exchange, messages[k].site, messages[k].topic, messages[k].round, bodies[k]),
+            timeout,
+        )
+        return [r if isinstance(r, SiteFailure) else json.loads(r[1]) for r in raw]
 
     def _kill(self, i: int, grace: float = 5.0) -> None:
         """Stop worker ``i`` without waiting on it for more than ``grace`` seconds."""

@@ -91,7 +91,7 @@ class Connection:
                             timeout=wire.transfer_deadline(0, round_timeout))
         try:
             hdr = wire.decode_header(next(stream), "poll reply")
-            if hdr.get("kind") not in ("fit", "evaluate"):
+            if hdr.get("kind") not in ("fit", "evaluate", "exchange"):
                 return hdr, None
             size = hdr.get("size")
             if isinstance(size, bool) or not isinstance(size, int):

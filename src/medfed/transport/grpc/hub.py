@@ -35,7 +35,7 @@ from medfed import __version__
 from medfed.config import Job, map_paths
 from medfed.core import codec
 from medfed.core.errors import CodecError
-from medfed.core.types import Params, SiteFailure, Split
+from medfed.core.types import Encoding, SiteFailure, Spec, Split
 from medfed.server.validate import update_problem
 from medfed.transport.grpc import wire
 
@@ -72,15 +72,15 @@ class Task:
     """One request to one site, waiting for its answer."""
 
     site: str
-    kind: str  # "fit" | "evaluate"
+    kind: str  # "fit" | "evaluate" | "exchange" (a protocol message of the update path, JSON)
     arm: str
     round: int
     header: dict[str, Any]  # sent with the payload: the round plan, or the splits
     blob: bytes  # the model: shared by every task of a batch that sends the same one
     digest: str
     limit: int  # the most bytes the answer may have
-    reference: Params | None = None  # fit: the parameters the update must fit
-    local_keys: frozenset[str] = frozenset()
+    spec: Spec | None = None  # fit: the names, shapes and dtypes the update must have
+    encoding: Encoding = Encoding.FULL  # fit: how the update must be encoded
     splits: tuple[Split, ...] = ()
     id: str = field(default_factory=lambda: secrets.token_hex(16))
     state: str = "queued"  # queued -> sent -> answered | expired
@@ -327,9 +327,11 @@ class Hub:
         if isinstance(size, bool) or not isinstance(size, int):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"size must be an integer, got {size!r}")
         try:
-            if kind == "evaluate":
+            if kind in ("evaluate", "exchange"):
                 blob, digest = wire.gather(messages, size, task.limit, f"{kind} answer")
                 wire.check_payload(digest, hdr.get("sha256"), f"{kind} answer")
+                if kind == "exchange":
+                    return wire.decode_json_object(blob, "exchange answer"), size, digest
                 return codec.decode_eval_results(site, blob, task.splits), size, digest
             # an update goes to disk as it arrives and its tensors are read back one at a time
             # when used, so the server's memory does not grow with the number of sites
@@ -357,7 +359,7 @@ class Hub:
         if summary is not None and update.num_examples != summary.train:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"update claims {update.num_examples} training examples, the site reported {summary.train}")
-        problem = update_problem(update, task.reference or {}, task.round, task.local_keys)
+        problem = update_problem(update, task.spec or {}, task.round, task.encoding)
         if problem is not None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return update, size, digest

@@ -3,6 +3,7 @@ poll for over gRPC (see hub.py); answers come back in request order."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -11,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from medfed.core import codec
-from medfed.core.types import EvalRequest, EvalResult, FitRequest, Params, SiteFailure, Update
+from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, Params, SiteFailure, Update
+from medfed.server.update_path import Incoming
 from medfed.transport.base import Transport
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.hub import Hub, Task
@@ -19,6 +21,7 @@ from medfed.transport.grpc.hub import Hub, Task
 log = logging.getLogger("medfed")
 
 EVAL_ANSWER_LIMIT = 1 << 20  # bytes: evaluation results are a few metrics per split
+EXCHANGE_ANSWER_LIMIT = 16 << 20  # bytes: key shares for every other site of a round
 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
@@ -91,9 +94,10 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
 class GrpcTransport(Transport):
     """Sends each round's requests through ``hub`` to the sites that poll it."""
 
-    def __init__(self, hub: Hub, local_keys: frozenset[str] = frozenset()):
+    def __init__(self, hub: Hub, local_keys: frozenset[str] = frozenset(), incoming: Incoming = Incoming()):
         self.hub = hub
         self.local_keys = local_keys
+        self.incoming = incoming  # how federated updates are encoded
         # blob, digest and the objects encoded (holding them keeps their ids from being
         # reused), for this batch and the last one: the model a round evaluates is the
         # next round's start
@@ -122,13 +126,20 @@ class GrpcTransport(Transport):
     def fit(self, requests: Sequence[FitRequest], timeout: float) -> list[Update | SiteFailure]:
         self._start_batch()
         tasks = []
+        specs: dict[tuple, tuple] = {}  # one spec per distinct (params, arm): sites of a round share it
         for req in requests:
             blob, digest = self._model(req.params, req.plan.extras)
+            federated = req.plan.arm.value == "federated"
+            key = (id(req.params), federated)
+            if key not in specs:
+                incoming = self.incoming if federated else Incoming()
+                specs[key] = (incoming.spec(req.params, self.local_keys if federated else frozenset()), incoming.encoding)
+            spec, encoding = specs[key]
             tasks.append(Task(
                 site=req.site, kind="fit", arm=req.plan.arm.value, round=req.plan.round,
                 header={"plan": codec.plan_to_dict(req.plan)}, blob=blob, digest=digest,
                 limit=2 * len(blob) + (1 << 20),  # the parameters, extras as large, and the header
-                reference=req.params, local_keys=self.local_keys if req.plan.arm.value == "federated" else frozenset(),
+                spec=spec, encoding=encoding,
             ))
         self._end_batch()
         if self.hub.store is not None and requests:
@@ -151,4 +162,16 @@ class GrpcTransport(Transport):
         self._end_batch()
         self.hub.run(tasks, timeout)
         release_memory()
+        return [t.answer for t in tasks]
+
+    def exchange(self, messages: Sequence[Message], timeout: float) -> list[dict | SiteFailure]:
+        tasks = []
+        for m in messages:
+            blob = json.dumps(m.body).encode()
+            tasks.append(Task(
+                site=m.site, kind="exchange", arm="federated", round=m.round,
+                header={"job_id": m.job_id, "topic": m.topic}, blob=blob, digest=wire.sha256(blob),
+                limit=EXCHANGE_ANSWER_LIMIT,
+            ))
+        self.hub.run(tasks, timeout)
         return [t.answer for t in tasks]

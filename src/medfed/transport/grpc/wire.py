@@ -86,12 +86,17 @@ def decode_header(data: Any, what: str) -> dict[str, Any]:
         raise CodecError(f"{what}: expected bytes")
     if len(data) > MAX_HEADER:
         raise CodecError(f"{what}: header of {len(data)} bytes exceeds {MAX_HEADER}")
+    return decode_json_object(data, what)
+
+
+def decode_json_object(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from ``data`` (whose size the caller has bounded), or CodecError."""
     try:
         obj = json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CodecError(f"{what}: header is not JSON ({e})") from None
+        raise CodecError(f"{what}: not JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise CodecError(f"{what}: header must be a JSON object")
+        raise CodecError(f"{what}: must be a JSON object")
     return obj
 
 

@@ -1,0 +1,72 @@
+"""Arithmetic on state dicts (:data:`~medfed.core.types.Params`) shared by the update path:
+deltas to the global model, their L2 norm and clipping.
+
+A *delta* holds the floating-point entries only: integer buffers (batch-norm
+``num_batches_tracked``) are counters, not parameters, and travel as full values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from medfed.core.types import Params
+
+
+def float_names(params: Params, names: Iterable[str] | None = None) -> list[str]:
+    """The names of ``params`` (or of ``names``, in their order) that hold floating-point
+    tensors."""
+    keys = params.keys() if names is None else names
+    return [k for k in keys if params[k].is_floating_point()]
+
+
+def delta(params: Params, reference: Params) -> Params:
+    """``params - reference`` over the floating-point entries of ``params``, in float32
+    (float64 entries stay float64)."""
+    out: Params = {}
+    for k in float_names(params):
+        dt = torch.float64 if params[k].dtype == torch.float64 else torch.float32
+        out[k] = params[k].to(dt) - reference[k].to(dt)
+    return out
+
+
+def apply_delta(reference: Params, d: Params, full: Params | None = None) -> Params:
+    """``reference + d`` cast to ``reference``'s dtypes, for the names of ``d``; plus the
+    entries of ``full`` (values that travel whole, e.g. integer buffers) as they are."""
+    out: Params = {k: (reference[k].to(v.dtype) + v).to(reference[k].dtype) for k, v in d.items()}
+    if full:
+        out.update(full)
+    return out
+
+
+def l2_norm(d: Params) -> float:
+    """The global L2 norm of all entries of ``d`` taken as one vector (float64 sum)."""
+    sq = 0.0
+    for t in d.values():
+        sq += float(t.to(torch.float64).square().sum())
+    return math.sqrt(sq)
+
+
+def clip_to_norm(d: Params, bound: float) -> tuple[Params, float]:
+    """``d`` scaled so that its global L2 norm is at most ``bound`` (unchanged when it
+    already is), and the norm before clipping. ``bound`` must be > 0."""
+    if not bound > 0:
+        raise ValueError(f"clipping bound must be > 0, got {bound}")
+    norm = l2_norm(d)
+    if norm <= bound:
+        return dict(d), norm
+    # the product is rounded to each tensor's dtype, which can push the norm a hair over the
+    # bound: shrink by a margin far above float32's relative error, and check
+    scale = bound / norm * (1 - 1e-6)
+    out = {k: t * scale for k, t in d.items()}
+    while l2_norm(out) > bound:
+        scale *= 1 - 1e-6
+        out = {k: t * scale for k, t in d.items()}
+    return out, norm
+
+
+def nbytes(params: Params) -> int:
+    """Bytes of tensor data in ``params`` (what a payload carries, less its header)."""
+    return sum(t.numel() * t.element_size() for t in params.values())

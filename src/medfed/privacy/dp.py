@@ -1,0 +1,279 @@
+"""Site-level differential privacy: DP-FedAvg with fixed or adaptive clipping.
+
+Each site's change to the global model (its *delta*, float entries only) is clipped to L2
+norm ``C`` and Gaussian noise is added, so that the presence of a whole site (all of a
+hospital's patients) is protected (McMahan et al., "Learning differentially private
+recurrent language models", ICLR 2018).
+
+* :class:`CentralDP` (a :class:`~medfed.algorithms.base.Combiner`): the server clips,
+  takes the uniform mean and adds noise of std ``z * C / m``; optionally the bound adapts
+  to a quantile of the update norms (Andrew et al., "Differentially private learning
+  with adaptive clipping", NeurIPS 2021).
+* :class:`ClipFilter` (a site filter): sites clip, the server (``CentralDP`` with
+  ``clip_at_server=False``) adds the noise, e.g. under secure aggregation.
+* :class:`LocalDP` (a site filter): each site clips and adds noise of std ``z * C``
+  itself, trusting nobody.
+
+Epsilon is computed in accounting.py with the same ``z``. Noise comes from
+``torch.Generator`` (Mersenne Twister) seeded from the OS, or from a fixed seed in
+simulations: not a cryptographic sampler, and floating-point Gaussian sampling has known
+side channels (Mironov, CCS 2012); state that when reporting guarantees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medfed.algorithms.base import Combiner
+from medfed.algorithms.fedavg import weighted_average
+from medfed.core.params import apply_delta, clip_to_norm, delta, l2_norm
+from medfed.core.types import Encoding, Params, RoundPlan, Update
+from medfed.privacy.accounting import adaptive_noise_multiplier
+from medfed.privacy.base import UpdateFilter
+
+
+def central_noise_std(noise_multiplier: float, clip: float, num_updates: int) -> float:
+    """``z * C / m``: the std of the Gaussian noise added to each coordinate of the
+    uniform mean of ``m`` deltas clipped to L2 norm ``C`` (one site moves that mean by at
+    most ``C / m``)."""
+    if num_updates < 1:
+        raise ValueError(f"num_updates: must be >= 1, got {num_updates}")
+    return noise_multiplier * clip / num_updates
+
+
+def _positive(name: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}: must be a finite number > 0, got {value}")
+
+
+def seeded_generator(seed: int | None, *words: int) -> torch.Generator:
+    """A generator seeded from the OS (``seed`` None) or reproducibly from ``(seed, *words)``."""
+    g = torch.Generator()
+    if seed is None:
+        g.manual_seed(secrets.randbits(63))
+    else:
+        state = np.random.SeedSequence([seed, *words]).generate_state(2, dtype=np.uint32)
+        g.manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    return g
+
+
+def _add_noise(d: Params, std: float, g: torch.Generator) -> Params:
+    """``d`` plus i.i.d. N(0, std^2) in every coordinate, in each entry's dtype."""
+    return {k: t + torch.randn(t.shape, generator=g, dtype=t.dtype) * std for k, t in d.items()}
+
+
+def _split(update: Update, global_params: Params) -> tuple[Params, Params]:
+    """(delta of the float entries, the other entries as they are) of a full update."""
+    d = delta(update.params, global_params)
+    full = {k: v for k, v in update.params.items() if k not in d}
+    return d, full
+
+
+# --------------------------------------------------------------------------- server side
+
+
+@dataclass(frozen=True)
+class AdaptiveClipping:
+    """Adaptive clipping (Andrew et al., NeurIPS 2021): after each round the bound moves
+    towards the ``target_quantile`` (in (0, 1)) of the sites' update norms by the
+    geometric step ``C *= exp(-lr * (b - target_quantile))``, with ``b`` the share of
+    unclipped updates, noised with std ``count_noise_multiplier`` (sigma_b, in updates;
+    must exceed ``noise_multiplier / 2``)."""
+
+    target_quantile: float
+    lr: float
+    count_noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_quantile < 1:
+            raise ValueError(f"target_quantile: must be in (0, 1), got {self.target_quantile}")
+        _positive("lr", self.lr)
+        _positive("count_noise_multiplier", self.count_noise_multiplier)
+
+
+class CentralDP(Combiner):
+    """Central DP-FedAvg: clip each site's delta to ``C``, take the uniform mean over the
+    ``m`` updates and add N(0, (z_delta * C / m)^2) to every coordinate.
+
+    ``clip``: the initial L2 bound ``C`` (> 0; in parameter units). ``noise_multiplier``:
+    ``z`` (> 0), the multiplier the accountant uses. ``adaptive``: move ``C`` each round
+    (then the updates get ``z_delta = adaptive_noise_multiplier(z, sigma_b) > z`` so the
+    total stays ``z``); None keeps ``C`` fixed. ``seed``: None draws each round's noise
+    seed from the OS (deployments); an int makes round ``r``'s noise a function of
+    ``(seed, r)`` (reproducible simulations). ``clip_at_server``: False when sites clip
+    (:class:`ClipFilter`) and the server cannot see single updates; the mean is then
+    taken as it comes (fixed clipping only).
+
+    The mean is uniform, not example-weighted, so that one site moves it by at most
+    ``C / m``; ``m`` is assumed public (fixed-size site sampling). Non-float entries
+    (integer buffers) get FedAvg's example-weighted mean and no noise.
+    """
+
+    name = "dp_central"
+
+    def __init__(
+        self,
+        clip: float,
+        noise_multiplier: float,
+        adaptive: AdaptiveClipping | None = None,
+        seed: int | None = None,
+        clip_at_server: bool = True,
+    ):
+        _positive("clip", clip)
+        _positive("noise_multiplier", noise_multiplier)
+        if adaptive is not None and not clip_at_server:
+            raise ValueError("adaptive: adaptive clipping needs each site's norm, so it needs clip_at_server=True")
+        self.clip = float(clip)  # the bound of the next round
+        self.noise_multiplier = float(noise_multiplier)
+        self.adaptive = adaptive
+        # fail at construction, not in round 1, when the count's noise leaves no budget
+        self.update_noise_multiplier = (
+            adaptive_noise_multiplier(noise_multiplier, adaptive.count_noise_multiplier)
+            if adaptive is not None
+            else self.noise_multiplier
+        )
+        self.seed = seed
+        self.clip_at_server = clip_at_server
+        self._metrics: dict[str, float] = {}
+
+    def combine(self, global_params: Params, updates: Sequence[Update], rnd: int) -> Params:
+        if not updates:
+            raise ValueError("dp_central: no updates to combine")
+        m, bound = len(updates), self.clip
+        g = seeded_generator(self.seed, rnd)
+
+        # ---- clip each site's delta, note whether it was within the bound
+        deltas, fulls, unclipped = [], [], 0
+        for u in updates:
+            if u.encoding is not Encoding.FULL:
+                raise ValueError(f"dp_central: site '{u.site}' sent a {u.encoding.value} update; decode it first")
+            d, full = _split(u, global_params)
+            if self.clip_at_server:
+                d, norm = clip_to_norm(d, bound)
+                if not math.isfinite(norm):
+                    raise ValueError(f"dp_central: site '{u.site}' sent an update whose delta norm is {norm}")
+                unclipped += norm <= bound
+            deltas.append(d)
+            fulls.append(full)
+
+        # ---- uniform mean plus Gaussian noise calibrated to one site's share C / m
+        mean = {
+            k: (sum(d[k].to(torch.float64) for d in deltas) / m).to(t.dtype) for k, t in deltas[0].items()
+        }
+        noisy = _add_noise(mean, central_noise_std(self.update_noise_multiplier, bound, m), g)
+        full = weighted_average(fulls, [u.num_examples for u in updates]) if fulls[0] else {}
+
+        # ---- adaptive clipping: the noisy share of unclipped updates moves the next bound
+        self._metrics = {"clip": bound}
+        if self.adaptive is not None:
+            a = self.adaptive
+            noise_b = float(torch.randn((), generator=g, dtype=torch.float64)) * a.count_noise_multiplier
+            b_bar = (unclipped + noise_b) / m
+            self.clip = bound * math.exp(-a.lr * (b_bar - a.target_quantile))
+            # only the noisy share is released: the exact count would leak
+            self._metrics["unclipped_fraction"] = b_bar
+        return apply_delta(global_params, noisy, full=full)
+
+    def state(self) -> Params:
+        return {"clip": torch.tensor(self.clip, dtype=torch.float64)}
+
+    def load_state(self, state: Params) -> None:
+        """Restore the bound of :meth:`state`; ``{}`` keeps the current one."""
+        extra = sorted(set(state) - {"clip"})
+        if extra:
+            raise ValueError(f"combiner '{self.name}': unexpected state entries {extra[:3]}")
+        if "clip" in state:
+            value = float(state["clip"])
+            _positive("combiner state 'clip'", value)
+            self.clip = value
+
+    def round_metrics(self) -> dict[str, float]:
+        """``clip``: the bound of the last round; ``unclipped_fraction`` (adaptive only):
+        the noisy share of its updates within the bound."""
+        return dict(self._metrics)
+
+
+# --------------------------------------------------------------------------- site side
+
+
+def _clip_and_noise(update: Update, global_params: Params, bound: float, std: float, g: torch.Generator | None) -> Update:
+    """The update with its float delta clipped to L2 norm ``bound`` and, if ``std`` > 0,
+    N(0, std^2) added to every coordinate; non-float entries pass whole."""
+    if update.encoding is not Encoding.FULL:
+        raise ValueError(
+            f"site '{update.site}': DP clipping needs the full update, got {update.encoding.value}; "
+            "put the DP filter before compression or secure aggregation"
+        )
+    d, full = _split(update, global_params)
+    d, norm = clip_to_norm(d, bound)
+    if not math.isfinite(norm):
+        raise ValueError(f"site '{update.site}': the update's delta norm is {norm}")
+    if std > 0:
+        assert g is not None
+        return dataclasses.replace(update, params=apply_delta(global_params, _add_noise(d, std, g), full=full))
+    return dataclasses.replace(update, params=_within_bound(global_params, d, full, bound))
+
+
+def _within_bound(global_params: Params, d: Params, full: Params, bound: float) -> Params:
+    """``global + d``, shrunk until the delta the receiver recomputes (after rounding to the
+    model's dtypes) is within ``bound``: without noise that delta is what is protected."""
+    params = apply_delta(global_params, d, full=full)
+    norm = l2_norm(delta(params, global_params))
+    if norm <= bound:
+        return params
+    # rounding adds up to one ulp of the global value per coordinate: shrink once by the
+    # excess, then halve; d = 0 always fits, so this ends
+    scale = bound / norm * (1 - 1e-6)
+    while True:
+        params = apply_delta(global_params, {k: t * scale for k, t in d.items()}, full=full)
+        if l2_norm(delta(params, global_params)) <= bound:
+            return params
+        scale /= 2
+
+
+class ClipFilter(UpdateFilter):
+    """Site-side clipping without noise: the site's delta is clipped to ``plan.clip``
+    (``clip``, > 0, when the plan sets none) and the server adds the noise to the mean
+    (``CentralDP(clip_at_server=False)``). The receiver's recomputed delta is within the
+    bound even after rounding to the model's dtypes."""
+
+    def __init__(self, clip: float):
+        _positive("clip", clip)
+        self.clip = float(clip)
+
+    def apply(self, update: Update, global_params: Params, plan: RoundPlan) -> Update:
+        bound = plan.clip if plan.clip is not None else self.clip
+        return _clip_and_noise(update, global_params, bound, 0.0, None)
+
+
+class LocalDP(UpdateFilter):
+    """Local DP at the site: clip the delta to ``plan.clip`` (``clip``, > 0, when the plan
+    sets none) and add N(0, (z * bound)^2) to every coordinate before it leaves.
+
+    ``secure``: True draws the noise seed from the OS (deployments); False seeds it from
+    ``plan.train.seed`` (reproducible simulations).
+
+    Accounting note: the server sees each site's noisy update. Where an absent site
+    counts as a zero delta, one site's sensitivity is ``bound`` (multiplier ``z``); for
+    any two datasets of the same site it is ``2 * bound`` (multiplier ``z / 2``).
+    """
+
+    def __init__(self, clip: float, noise_multiplier: float, secure: bool):
+        _positive("clip", clip)
+        _positive("noise_multiplier", noise_multiplier)
+        self.clip = float(clip)
+        self.noise_multiplier = float(noise_multiplier)
+        self.secure = secure
+
+    def apply(self, update: Update, global_params: Params, plan: RoundPlan) -> Update:
+        bound = plan.clip if plan.clip is not None else self.clip
+        # a word of its own keeps this stream apart from training's use of the same seed
+        g = seeded_generator(None) if self.secure else seeded_generator(plan.train.seed, 0x4C445031)
+        return _clip_and_noise(update, global_params, bound, self.noise_multiplier * bound, g)

@@ -1,0 +1,43 @@
+"""Secure aggregation: the server learns the sum of the sites' updates, not any one of them.
+
+Bonawitz et al. (CCS 2017), semi-honest server, as pure transport-free code:
+
+- :mod:`.shamir`   -- Shamir secret sharing over GF(2**521 - 1)
+- :mod:`.masking`  -- fixed-point ring encoding in Z_{2^32}, ChaCha20 PRG, mask helpers
+- :mod:`.protocol` -- per-site and server sessions, their JSON-able messages, and an
+  in-memory :func:`run_round` (see the module docstring for the threat model)
+"""
+
+from __future__ import annotations
+
+from medfed.privacy.secagg.masking import (
+    RING,
+    FixedPoint,
+    add_masks,
+    check_ring,
+    prg,
+    remove_masks,
+)
+from medfed.privacy.secagg.protocol import (
+    SecAggError,
+    ServerSession,
+    SiteSession,
+    check_threshold,
+    default_threshold,
+    run_round,
+)
+
+__all__ = [
+    "RING",
+    "FixedPoint",
+    "SecAggError",
+    "ServerSession",
+    "SiteSession",
+    "add_masks",
+    "check_ring",
+    "check_threshold",
+    "default_threshold",
+    "prg",
+    "remove_masks",
+    "run_round",
+]
