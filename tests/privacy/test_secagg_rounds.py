@@ -11,7 +11,7 @@ from medfed.algorithms.fedavg import FedAvg
 from medfed.config import parse_job
 from medfed.core.errors import RoundError
 from medfed.core.types import EvalResult, SiteFailure, Update
-from medfed.privacy.secagg.integration import MASKED, SecAggClient, SecureSum
+from medfed.privacy.secagg.integration import MASKED, SecAggClient, SecureSum, from_wire, to_wire
 from medfed.server.loop import run_federated
 from medfed.server.update_path import incoming_for
 from medfed.transport.base import Transport
@@ -90,14 +90,14 @@ def test_the_server_gets_the_survivors_weighted_mean(fail_fit, fail_unmask):
         assert torch.allclose(out[k], INIT[k] + mean_shift, atol=len(alive) * step / 0.1 + 1e-6)
     assert out["n"].item() == 7 and out["n"].dtype == torch.int64  # counters are not summed: the server keeps its own
     # what reached the server: one ring vector per site, never the change itself
-    assert all(u.params.keys() == {MASKED} and u.params[MASKED].dtype == torch.int64 for u in sites.seen)
+    assert all(u.params.keys() == {MASKED} and u.params[MASKED].dtype == torch.int32 for u in sites.seen)
 
 
 def test_a_masked_update_does_not_reveal_the_change():
     job = _job()
     sites = SecAggSites(job)
     _run(sites, job, INIT)
-    y = sites.seen[0].params[MASKED].double()
+    y = from_wire(sites.seen[0].params[MASKED]).double()
     # the change is a constant 0.1 per entry; the masked vector is spread over the ring
     assert y.std() > 2**30 and abs(float(torch.corrcoef(torch.stack([y[:5000], INIT["w"].double()]))[0, 1])) < 0.1
 
@@ -120,3 +120,22 @@ def test_central_dp_noise_is_added_to_the_secure_mean():
     out = run_federated(job, sites, algo, init, lambda *r: None, incoming=incoming_for(job))
     noise = out["w"] - sum(SHIFT.values()) / 5  # equal weights under DP
     assert float(noise.std()) == pytest.approx(1.0 * 0.5 / 5, rel=0.03)
+
+
+def test_a_server_optimizer_takes_the_secure_mean_and_keeps_every_entry():
+    from medfed.algorithms.fedopt import FedOpt
+
+    job = _job(algorithm={"name": "fedavgm", "server_lr": 1.0, "beta1": 0.0})
+    sites = SecAggSites(job)
+    algo = FedOpt("fedavgm", 1.0, 0.0, 0.99, 1e-3, trainable=frozenset({"w", "b"}))
+    algo.combiner = SecureSum(job, sites, SIZES, noise_seed=0)
+    out = run_federated(job, sites, algo, INIT, lambda *r: None, incoming=incoming_for(job))
+    assert out.keys() == INIT.keys() and out["n"].item() == 7
+    mean_shift = sum(SIZES[s] * SHIFT[s] for s in SIZES) / sum(SIZES.values())
+    assert torch.allclose(out["w"], INIT["w"] + mean_shift, atol=1e-6)  # FedAvgM with beta1 0, lr 1 is FedAvg
+
+
+def test_ring_values_travel_in_32_bits():
+    ring = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=torch.int64)
+    assert to_wire(ring).dtype == torch.int32
+    assert torch.equal(from_wire(to_wire(ring)), ring)

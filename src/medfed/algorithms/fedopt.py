@@ -48,7 +48,9 @@ class FedOpt(Algorithm):
                 continue
             x = global_params[name].to(torch.float64)
             out[name] = (x + self.server_lr * self._step(name, avg.to(torch.float64) - x)).to(avg.dtype)
-        return out
+        # entries the combiner did not produce (kept at the sites, or not summed under
+        # secure aggregation) keep the server's value
+        return {k: out.get(k, v) for k, v in global_params.items()}
 
     def _step(self, name: str, delta: torch.Tensor) -> torch.Tensor:
         """The update direction for one tensor, advancing the optimizer state."""

@@ -35,9 +35,9 @@ def _check_updates(rule: str, updates: Sequence[Update]) -> None:
     """Every update must carry the names of the first one (the combiner's contract)."""
     if not updates:
         raise RoundError(f"{rule}: no updates to combine")
-    names = list(updates[0].params)
+    names = set(updates[0].params)
     for u in updates[1:]:
-        if list(u.params) != names:
+        if set(u.params) != names:  # the order may differ: a payload's is not the model's
             missing = sorted(set(names) - set(u.params))[:3]
             extra = sorted(set(u.params) - set(names))[:3]
             raise RoundError(

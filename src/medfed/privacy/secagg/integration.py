@@ -9,9 +9,9 @@ Round r, for the sites drawn S (server: :class:`SecureSum`, site: :class:`SecAgg
    addressed to it and its weight ``w_i`` (its share of the roster's training examples,
    or ``1/|roster|`` under DP, which weighs sites equally).
 2. ``fit``: the site trains, computes its change ``w_i * (params - global)`` over every
-   entry it sends, flattened in the model's order, encodes it in the ring (coordinates
-   clipped to ``clip_range``) and masks it. The update holds one int64 tensor,
-   ``secagg#masked``; the server never sees a site's change.
+   floating-point entry it sends, flattened by name, encodes it in the ring (coordinates
+   clipped to ``clip_range``) and masks it. The update holds one int32 tensor,
+   ``secagg#masked`` (the ring's 32 bits); the server never sees a site's change.
 3. ``combine``: the server adds the masked vectors, asks the survivors for the shares
    of the dropped sites' keys and of the survivors' self-masks (``secagg/unmask``),
    removes the masks and divides by the survivors' total weight: the weighted mean of
@@ -53,8 +53,20 @@ def summed(sent: Params) -> list[str]:
 
 
 def masked_spec(sent: Params) -> Spec:
-    """A masked update: one flat int64 vector as long as every summed entry together."""
-    return {MASKED: ((sum(sent[k].numel() for k in summed(sent)),), torch.int64)}
+    """A masked update: one flat vector as long as every summed entry together, its ring
+    values (in [0, 2^32)) carried in int32 (two's complement) so that it weighs what the
+    float32 change would."""
+    return {MASKED: ((sum(sent[k].numel() for k in summed(sent)),), torch.int32)}
+
+
+def to_wire(ring: torch.Tensor) -> torch.Tensor:
+    """Ring values (int64 in [0, 2^32)) as int32 with the same 32 bits."""
+    return torch.where(ring >= 2**31, ring - 2**32, ring).to(torch.int32)
+
+
+def from_wire(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_wire`: int64 in [0, 2^32)."""
+    return packed.to(torch.int64) & 0xFFFFFFFF
 
 
 def flat_change(params: Params, reference: Params) -> torch.Tensor:
@@ -129,7 +141,7 @@ class SecAggClient(UpdateFilter, Conversation):
         change = flat_change(update.params, reference) * float(weight)
         x = self.codec.encode(change, _rounding_generator(plan.train.seed))
         masked = self._current(plan.round).mask(x, info.get("ciphertexts", {}))
-        return replace(update, params={MASKED: masked}, encoding=Encoding.MASKED)
+        return replace(update, params={MASKED: to_wire(masked)}, encoding=Encoding.MASKED)
 
 
 # --------------------------------------------------------------------------- server side
@@ -209,7 +221,7 @@ class SecureSum(Combiner):
             if u.encoding is not Encoding.MASKED:
                 raise SecAggError(f"site '{u.site}': sent an unmasked update under secure aggregation", u.site)
             try:
-                session.receive_masked(u.site, u.params[MASKED])
+                session.receive_masked(u.site, from_wire(u.params[MASKED]))
             except SecAggError as e:
                 log.warning("federated round %d: site '%s' left secure aggregation: %s", rnd, u.site, e)
         request = session.unmask_request()  # fewer survivors than the threshold: the round is aborted
