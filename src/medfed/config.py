@@ -893,6 +893,13 @@ class Job(Frozen):
                 raise ValueError("sampling.method: DP accounting assumes every site is equally likely to be drawn; use uniform")
             if p.dp.noise == "central" and self.robust is not None:
                 raise ValueError("robust: central DP noise and a robust rule both replace the mean; choose one")
+            if self.has_batch_norm and algo != "fedbn":
+                raise ValueError(
+                    f"model.norm: site-level DP adds noise to every entry the sites share, batch-norm running "
+                    f"variances included, which it can drive below zero; use small_cnn or unet with norm: group, "
+                    f"segresnet, or algorithm fedbn (batch-norm layers stay at each site); got {self.model.name} "
+                    f"with batch norm"
+                )
         if p.dp_sgd is not None:
             if algo in EXTRA_LOSS_ALGORITHMS:
                 raise ValueError(
@@ -943,6 +950,12 @@ class Job(Frozen):
                 raise ValueError(f"robust.select: is {r.select} but only {k} sites train in a round")
         if self.attack is not None and self.attack.kind == "label_flip" and self.task.kind != "classification":
             raise ValueError("attack.kind: label_flip is for classification tasks")
+
+    @property
+    def has_batch_norm(self) -> bool:
+        """True when the job's network has batch-norm layers."""
+        m = self.model
+        return m.name in ("densenet121", "resnet18", "resnet50") or (m.name in ("small_cnn", "unet") and m.norm == "batch")
 
     @property
     def secagg_threshold(self) -> int:

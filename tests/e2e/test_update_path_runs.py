@@ -24,7 +24,7 @@ TINY = {
             {"name": n, "n_train": 24, "n_val": 8, "n_test": 8, "prevalence": 0.4} for n in ("a", "b", "c", "d", "e")
         ],
     },
-    "model": {"name": "small_cnn", "width": 4},
+    "model": {"name": "small_cnn", "width": 4, "norm": "group"},  # site-level DP refuses batch norm
     "task": {"labels": "binary"},
     "train": {"batch_size": 8, "lr": 0.05},
 }
@@ -137,8 +137,7 @@ def test_dp_sgd_run_records_the_worst_sites_epsilon(tmp_path):
     sgd = {"noise_multiplier": 1.2, "max_grad_norm": 1.0, "delta": 1e-5}
     data = copy.deepcopy(TINY["data"])
     data["sites"][0]["n_train"] = 12  # the smallest site samples at the highest rate
-    job, run_dir, recs = _run(tmp_path, rounds=2, data=data, privacy={"dp_sgd": sgd},
-                              model={"name": "small_cnn", "width": 4, "norm": "group"})
+    job, run_dir, recs = _run(tmp_path, rounds=2, data=data, privacy={"dp_sgd": sgd})
     eps = _values(recs, "epsilon")
     worst = epsilon_schedule(1.2, sample_rate(12, 8), steps_per_round(12, 8, 1), 2, 1e-5)
     assert eps == {1: worst[0], 2: worst[1]}

@@ -457,3 +457,20 @@ def test_packed_tensors_survive_the_update_codec(encoding, fraction):
         for params in (in_memory, on_disk):
             got = decode(params, g, encoding, fraction)
             assert all(torch.equal(got[k], expected[k]) for k in g)
+
+
+@pytest.mark.parametrize("encoding,fraction", ENCODINGS)
+def test_buffers_named_whole_travel_exactly_and_carry_no_residual(encoding, fraction):
+    # batch-norm statistics are values, not steps: a compressed change fed back round
+    # after round drifts them (a running variance can go negative)
+    g0 = _model()
+    whole = frozenset({"bn.running_mean"})
+    filt = CompressionFilter(encoding, fraction, error_feedback=True, whole=whole)
+    for rnd in range(3):
+        sent = _trained(g0, seed=rnd, scale=0.5)
+        packed = filt.apply(_update(sent), g0, PLAN).params
+        assert torch.equal(packed["bn.running_mean"], sent["bn.running_mean"])
+        assert wire_spec(g0, encoding, fraction, whole)["bn.running_mean"] == ((4,), torch.float32)
+        out = decode(packed, g0, encoding, fraction, whole)
+        assert torch.equal(out["bn.running_mean"], sent["bn.running_mean"])
+        assert "bn.running_mean" not in filt.residual

@@ -14,7 +14,7 @@ BASE = {
     "output": "out",
     "rounds": 2,
     "data": {"source": "synthetic", "sites": SITES},
-    "model": {"name": "small_cnn"},
+    "model": {"name": "small_cnn", "norm": "group"},
     "task": {"labels": "binary"},
 }
 DP = {"noise_multiplier": 1.0, "clip": 1.0, "delta": 1e-5}
@@ -59,7 +59,9 @@ def _error(**over) -> str:
         ({"privacy": {"dp": DP}, "robust": {"rule": "median"}}, "robust: central DP noise and a robust rule"),
         ({"privacy": {"dp_sgd": SGD}, "model": {"name": "small_cnn", "norm": "group"}, "algorithm": {"name": "fedprox"}},
          "algorithm.name: 'fedprox' adds a proximal loss term outside the per-example gradients"),
-        ({"privacy": {"dp_sgd": SGD}}, "model.norm: DP-SGD needs per-example gradients"),
+        ({"privacy": {"dp_sgd": SGD}, "model": {"name": "small_cnn"}}, "model.norm: DP-SGD needs per-example gradients"),
+        ({"privacy": {"dp": DP}, "model": {"name": "small_cnn"}}, "model.norm: site-level DP adds noise to every entry"),
+        ({"privacy": {"dp": {**DP, "noise": "local"}}, "model": {"name": "resnet18"}}, "got resnet18 with batch norm"),
         ({"privacy": {"dp_sgd": SGD}, "model": {"name": "densenet121", "norm": "group"}}, "model.norm"),
         ({"privacy": {"secure_aggregation": {"threshold": 6}}}, "privacy.secure_aggregation.threshold: is 6 but only 5"),
         ({"privacy": {"secure_aggregation": {"threshold": 1}}}, "privacy.secure_aggregation.threshold: must be >= 2"),
@@ -99,6 +101,8 @@ def test_valid_settings_load():
     assert job.privacy.dp_sgd.noise_multiplier == 1.0
     job = _job(robust={"rule": "krum", "f": 1}, attack={"kind": "sign_flip", "fraction": 0.2})
     assert job.robust.f == 1 and job.attack.scale == 1.0
+    job = _job(privacy={"dp": DP}, model={"name": "small_cnn"}, algorithm={"name": "fedbn"})  # BN stays at the sites
+    assert job.has_batch_norm
 
 
 def test_label_flip_needs_classification():

@@ -104,18 +104,19 @@ def test_a_matching_data_file_reads_local_files(tmp_path):
 
 
 DP = {"noise_multiplier": 1.0, "clip": 1.0, "delta": 1e-5}
+GROUP = {"name": "small_cnn", "width": 16, "norm": "group"}  # site-level DP refuses batch norm
 
 
 def test_a_site_refuses_a_job_that_would_pass_its_own_privacy_limit(tmp_path):
     # quickstart: 20 rounds, every site every round; epsilon after 20 rounds of z=1 is far above 1
     with pytest.raises(ConfigError, match=r"site 'hospital_a' allows epsilon <= 1, but the job reaches 30.1 at delta 1e-05 after round 20 .*; refused"):
-        RemoteSite("hospital_a", None, max_epsilon=1.0).setup(_view(tmp_path, privacy={"dp": DP}), "job1")
+        RemoteSite("hospital_a", None, max_epsilon=1.0).setup(_view(tmp_path, privacy={"dp": DP}, model=GROUP), "job1")
     with pytest.raises(ConfigError, match="the job has no differential privacy"):
         RemoteSite("hospital_a", None, max_epsilon=1.0).setup(_view(tmp_path), "job1")
 
 
 def test_a_site_takes_a_job_within_its_privacy_limit(tmp_path):
     # the job's own budget stops training early enough for the site's limit
-    view = _view(tmp_path, privacy={"dp": {**DP, "noise_multiplier": 2.0, "max_epsilon": 5.0}})
+    view = _view(tmp_path, privacy={"dp": {**DP, "noise_multiplier": 2.0, "max_epsilon": 5.0}}, model=GROUP)
     summary, _ = RemoteSite("hospital_a", None, max_epsilon=5.0).setup(view, "job1")
     assert summary["name"] == "hospital_a"

@@ -178,6 +178,13 @@ def trainable_keys(model: nn.Module) -> frozenset[str]:
     return frozenset(n for n, p in model.named_parameters() if p.requires_grad)
 
 
+def buffer_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict names that are not parameters: buffers such as batch-norm running
+    statistics and step counters (values a forward pass sets, not steps of an optimizer)."""
+    params = {n for n, _ in model.named_parameters()}
+    return frozenset(k for k in model.state_dict() if k not in params)
+
+
 def norm_keys(model: nn.Module) -> frozenset[str]:
     """State-dict names of every batch-norm layer: affine parameters and statistics."""
     keys = set()

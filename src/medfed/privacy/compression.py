@@ -82,18 +82,27 @@ def _delta_dtype(reference: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------- spec
 
 
-def wire_spec(reference: Params, encoding: Encoding, fraction: float | None = None) -> Spec:
+def _sent_whole(enc: Encoding, name: str, t: torch.Tensor, whole: frozenset[str]) -> bool:
+    return enc is Encoding.FULL or not t.is_floating_point() or name in whole
+
+
+def wire_spec(
+    reference: Params, encoding: Encoding, fraction: float | None = None, whole: frozenset[str] = frozenset()
+) -> Spec:
     """Names, shapes and dtypes an update of ``encoding`` must hold, given ``reference``:
     the global params restricted to the names sites send. ``Encoding.FULL``: the
-    reference's own shapes and dtypes. Raises ValueError on a bad encoding or fraction,
-    or a reference name holding ``#``."""
+    reference's own shapes and dtypes. Entries named in ``whole`` (the model's buffers,
+    e.g. batch-norm running statistics: values, not steps, so compressing their change
+    and feeding the error back would drift them, even below zero) and non-float entries
+    travel as they are. Raises ValueError on a bad encoding or fraction, or a reference
+    name holding ``#``."""
     enc = _check_args(encoding, fraction, allow_full=True)
     spec: Spec = {}
     for name, t in reference.items():
         shape = tuple(t.shape)
         if enc is not Encoding.FULL and "#" in name:
             raise ValueError(f"tensor name {name!r} holds '#', which compressed updates reserve")
-        if enc is Encoding.FULL or not t.is_floating_point():
+        if _sent_whole(enc, name, t, whole):
             spec[name] = (shape, t.dtype)
             continue
         if enc is Encoding.FP16:
@@ -141,14 +150,16 @@ def _pack_topk(name: str, v: torch.Tensor, fraction: float | None) -> Params:
 _PACKERS = {Encoding.FP16: _pack_fp16, Encoding.INT8: _pack_int8, Encoding.TOPK: _pack_topk}
 
 
-def encode(d: Params, full: Params, encoding: Encoding, fraction: float | None = None) -> Params:
+def encode(
+    d: Params, full: Params, encoding: Encoding, fraction: float | None = None, whole: frozenset[str] = frozenset()
+) -> Params:
     """The payload of a compressed update: the float deltas ``d`` packed as ``encoding``
-    says (see the module docstring), plus the entries of ``full`` (non-float values that
-    travel whole) unchanged.
+    says (see the module docstring), plus the entries of ``full`` (non-float values, and
+    float ones named in ``whole``, that travel whole) unchanged.
 
     Raises ValueError on FULL or a bad fraction, a non-float delta, a float entry in
-    ``full``, a name in both, or a delta holding NaN or Inf (better said at the site than
-    rejected at the server)."""
+    ``full`` not named in ``whole``, a name in both, or a delta holding NaN or Inf (better
+    said at the site than rejected at the server)."""
     enc = _check_args(encoding, fraction, allow_full=False)
     out: Params = {}
     for name, v in d.items():
@@ -158,7 +169,7 @@ def encode(d: Params, full: Params, encoding: Encoding, fraction: float | None =
             raise ValueError(f"delta of tensor '{name}' holds NaN or Inf")
         out.update(_PACKERS[enc](name, v, fraction))
     for name, t in full.items():
-        if t.is_floating_point():
+        if t.is_floating_point() and name not in whole:
             raise ValueError(f"tensor '{name}' is {t.dtype}: float entries travel as deltas, not whole")
         if name in d:
             raise ValueError(f"tensor '{name}' is both a delta and a whole entry")
@@ -228,15 +239,18 @@ def _unpack_topk(packed, name: str, ref: torch.Tensor, spec: Spec) -> torch.Tens
 _UNPACKERS = {Encoding.FP16: _unpack_fp16, Encoding.INT8: _unpack_int8, Encoding.TOPK: _unpack_topk}
 
 
-def _decode(packed: Mapping[str, torch.Tensor], reference: Params, enc: Encoding, fraction: float | None):
+def _decode(
+    packed: Mapping[str, torch.Tensor], reference: Params, enc: Encoding, fraction: float | None,
+    whole_names: frozenset[str] = frozenset(),
+):
     """(float deltas, entries sent whole), checking everything on the way. Each tensor of
     ``packed`` is read once (an update read from a file loads a tensor per lookup)."""
-    spec = wire_spec(reference, enc, fraction)
+    spec = wire_spec(reference, enc, fraction, whole_names)
     _check_names(packed, spec, enc)
     deltas: Params = {}
     whole: Params = {}
     for name, ref in reference.items():
-        if enc is Encoding.FULL or not ref.is_floating_point():
+        if _sent_whole(enc, name, ref, whole_names):
             whole[name] = _read(packed, name, spec, enc)
         else:
             deltas[name] = _UNPACKERS[enc](packed, name, ref, spec)
@@ -244,21 +258,23 @@ def _decode(packed: Mapping[str, torch.Tensor], reference: Params, enc: Encoding
 
 
 def decode_delta(
-    packed: Mapping[str, torch.Tensor], reference: Params, encoding: Encoding, fraction: float | None = None
+    packed: Mapping[str, torch.Tensor], reference: Params, encoding: Encoding, fraction: float | None = None,
+    whole: frozenset[str] = frozenset(),
 ) -> Params:
     """The float deltas an update carries, one per float name of ``reference``, in float32
     (float64 for float64 entries); entries not sent are 0 (top-k). ``Encoding.FULL``: the
     values less ``reference``. Raises CodecError naming the tensor when ``packed`` does not
     match :func:`wire_spec` or holds bad values (see :func:`decode`)."""
     enc = _check_args(encoding, fraction, allow_full=True)
-    deltas, whole = _decode(packed, reference, enc, fraction)
+    deltas, sent_whole = _decode(packed, reference, enc, fraction, whole)
     if enc is Encoding.FULL:
-        return delta(whole, reference)
+        return delta(sent_whole, reference)
     return deltas
 
 
 def decode(
-    packed: Mapping[str, torch.Tensor], reference: Params, encoding: Encoding, fraction: float | None = None
+    packed: Mapping[str, torch.Tensor], reference: Params, encoding: Encoding, fraction: float | None = None,
+    whole: frozenset[str] = frozenset(),
 ) -> Params:
     """The full parameter values an update carries, in ``reference``'s names, order and
     dtypes: ``reference + delta`` for float entries, non-float entries as sent.
@@ -269,12 +285,12 @@ def decode(
     finite, an int8 scale >= 0 and its values in [-127, 127], top-k indices in
     [0, numel) without duplicates, and the decoded values finite in their dtype."""
     enc = _check_args(encoding, fraction, allow_full=True)
-    deltas, whole = _decode(packed, reference, enc, fraction)
+    deltas, sent_whole = _decode(packed, reference, enc, fraction, whole)
     values = apply_delta(reference, deltas)
     for name, t in values.items():
         if not bool(torch.isfinite(t).all()):
             raise CodecError(f"{enc.value} update: tensor '{name}' overflows {t.dtype} once decoded")
-    return {name: values[name] if name in values else whole[name] for name in reference}
+    return {name: values[name] if name in values else sent_whole[name] for name in reference}
 
 
 def payload_bytes(params: Params) -> int:
@@ -293,14 +309,19 @@ class CompressionFilter(UpdateFilter):
 
     ``encoding``: FP16, INT8 or TOPK; ``fraction``: the share of entries top-k keeps, in
     (0, 1], required for TOPK and None otherwise; ``error_feedback`` (default True): carry
-    the residual into the next round. A residual whose name is no longer sent or whose
+    the residual into the next round; ``whole``: names sent as they are (the model's
+    buffers, see :func:`wire_spec`). A residual whose name is no longer sent or whose
     shape changed is dropped (reset to 0).
     """
 
-    def __init__(self, encoding: Encoding, fraction: float | None = None, error_feedback: bool = True):
+    def __init__(
+        self, encoding: Encoding, fraction: float | None = None, error_feedback: bool = True,
+        whole: frozenset[str] = frozenset(),
+    ):
         self.encoding = _check_args(encoding, fraction, allow_full=False)
         self.fraction = fraction
         self.error_feedback = error_feedback
+        self.whole = frozenset(whole)
         self._residual: Params = {}
 
     @property
@@ -323,11 +344,12 @@ class CompressionFilter(UpdateFilter):
         if unknown:
             raise ValueError(f"site '{update.site}': update tensor '{unknown[0]}' is not in the global params")
         reference = {k: global_params[k] for k in update.params}
-        v = {k: t + self._carried(k, t) for k, t in delta(update.params, reference).items()}
-        whole = {k: t for k, t in update.params.items() if not t.is_floating_point()}
-        packed = encode(v, whole, self.encoding, self.fraction)
+        changes = delta({k: t for k, t in update.params.items() if k not in self.whole}, reference)
+        v = {k: t + self._carried(k, t) for k, t in changes.items()}
+        whole = {k: t for k, t in update.params.items() if k not in v}
+        packed = encode(v, whole, self.encoding, self.fraction, self.whole)
         if self.error_feedback:
-            sent = decode_delta(packed, reference, self.encoding, self.fraction)
+            sent = decode_delta(packed, reference, self.encoding, self.fraction, self.whole)
             self._residual = {k: v[k] - sent[k] for k in v}
         return dataclasses.replace(update, params=packed, encoding=self.encoding)
 

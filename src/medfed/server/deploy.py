@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from medfed import __version__
 from medfed.algorithms import build_algorithm
+from medfed.algorithms.base import buffer_keys
 from medfed.config import Job
 from medfed.core.errors import ConfigError, DataError, RoundError, RunDirError
 from medfed.core.types import Arm, Params
@@ -166,7 +167,7 @@ def serve_job(
         model = initial_model(job, shape[0], len(shape) - 1)
         params = get_params(model)
         algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum)
-        incoming = incoming_for(job)
+        incoming = incoming_for(job, buffer_keys(model))
         transport = GrpcTransport(hub, algorithm.local_keys, incoming)
         # DP noise from the OS: in a deployment nobody may know it in advance
         sizes = {r["name"]: r["train"] for r in rows}

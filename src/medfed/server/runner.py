@@ -22,6 +22,7 @@ from torch import nn
 
 from medfed import __version__
 from medfed.algorithms import build_algorithm
+from medfed.algorithms.base import buffer_keys
 from medfed.config import Job
 from medfed.core.errors import RunDirError
 from medfed.core.types import Arm, Params
@@ -175,7 +176,7 @@ def run_job(
             # DP noise drawn from the job seed: a simulation is repeatable run after run
             algorithm.combiner = combiner_for(job, job.seed, transport, sizes, algorithm.local_keys)
             final = run_federated(job, transport, algorithm, init, metrics.write, callback, sampler,
-                                  incoming=incoming_for(job), ledger=ledger)
+                                  incoming=incoming_for(job, buffer_keys(model)), ledger=ledger)
             tracker.finish()
             if "finetuned" in job.compare:
                 run_finetuned(job, transport, final, metrics.write, callback)

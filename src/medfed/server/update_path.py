@@ -27,6 +27,7 @@ class Incoming:
 
     encoding: Encoding = Encoding.FULL
     fraction: float | None = None  # top-k's share of entries
+    buffers: frozenset[str] = frozenset()  # the model's buffers: compression sends them whole
 
     def spec(self, global_params: Params, local_keys: frozenset[str] = frozenset()) -> Spec:
         """Names, shapes and dtypes every update of the round must have."""
@@ -39,7 +40,7 @@ class Incoming:
             return masked_spec(sent)
         from medfed.privacy.compression import wire_spec
 
-        return wire_spec(sent, self.encoding, self.fraction)
+        return wire_spec(sent, self.encoding, self.fraction, self.buffers)
 
     def decode(self, update: Update, global_params: Params, local_keys: frozenset[str] = frozenset()) -> Update:
         """``update`` with full values (unchanged when full, or masked: only the secure
@@ -49,15 +50,18 @@ class Incoming:
         from medfed.privacy.compression import decode
 
         sent = {k: v for k, v in global_params.items() if k not in local_keys}
-        return replace(update, params=decode(update.params, sent, self.encoding, self.fraction), encoding=Encoding.FULL)
+        full = decode(update.params, sent, self.encoding, self.fraction, self.buffers)
+        return replace(update, params=full, encoding=Encoding.FULL)
 
 
-def incoming_for(job: Job) -> Incoming:
+def incoming_for(job: Job, buffers: frozenset[str] = frozenset()) -> Incoming:
+    """How the job's sites send their federated updates; ``buffers``: the model's buffer
+    names (compression sends them whole)."""
     if job.privacy.secure_aggregation is not None:
         return Incoming(Encoding.MASKED)
     c = job.compression
     if c is not None:
-        return Incoming(Encoding(c.method), c.fraction)
+        return Incoming(Encoding(c.method), c.fraction, frozenset(buffers))
     return Incoming()
 
 

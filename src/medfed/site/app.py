@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from medfed.algorithms import build_algorithm
-from medfed.algorithms.base import SiteHook
+from medfed.algorithms.base import SiteHook, buffer_keys
 from medfed.algorithms.fedprox import ProximalHook
 from medfed.config import Job
 from medfed.core.errors import SiteError
@@ -51,7 +51,7 @@ class SiteApp:
         self._local_keys = algorithm.local_keys
         self._kept: Params = {}  # this site's values of the local keys, after its first fit
         # the update path of federated rounds (secure: noise seeds from the OS, in a deployment)
-        self.filters = site_filters(job, self.name, secure)
+        self.filters = site_filters(job, self.name, secure, buffer_keys(self.model))
         self.private = sample_dp_for(job, secure)
 
     def _load(self, params: Params, with_kept: bool) -> None:
@@ -132,7 +132,8 @@ class SiteApp:
         for split in splits:
             data = self.data.split(split.value)
             # surface distances (HD95) on test only: val picks the best model by its Dice
-            metrics = evaluate_split(self.model, data, self.task, self.device, distances=split is Split.TEST)
+            metrics = evaluate_split(self.model, data, self.task, self.device, distances=split is Split.TEST,
+                                     where=f"site '{self.name}', {arm.value} model, {split.value} split")
             out.append(EvalResult(site=self.name, split=split, num_examples=len(data), metrics=metrics))
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,8 @@ from medfed.data.base import ArraySplit
 
 if TYPE_CHECKING:
     from medfed.tasks import Task
+
+log = logging.getLogger("medfed")
 
 EVAL_BATCH = 256
 VOXELS_PER_BATCH = 2**22  # bounds a batch's memory for large images and volumes
@@ -25,12 +28,18 @@ def eval_batch_size(data: ArraySplit) -> int:
 
 @torch.no_grad()
 def evaluate_split(
-    model: nn.Module, data: ArraySplit, task: "Task", device: torch.device, distances: bool = True
+    model: nn.Module, data: ArraySplit, task: "Task", device: torch.device, distances: bool = True,
+    where: str = "",
 ) -> dict[str, float | None]:
     """Task metrics plus the mean ``loss`` of ``model`` (eval mode) on ``data``.
-    ``distances: False`` leaves out segmentation's surface distances (HD95)."""
+    ``distances: False`` leaves out segmentation's surface distances (HD95).
+
+    A model whose outputs hold NaN or Inf (e.g. a batch-norm variance driven below zero
+    by an attack) gets every metric undefined (None) rather than figures computed from
+    them, and a warning naming ``where`` (e.g. the site and split)."""
     model.eval()
     evaluator = task.evaluator(spacing=data.spacing, distances=distances)
+    broken = 0  # examples whose outputs are not finite
     loss_sum = 0.0
     amp = device.type == "cuda"
     step = eval_batch_size(data)
@@ -40,8 +49,13 @@ def evaluate_split(
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             logits = task.infer(model, x)
         logits = logits.float()
+        broken += int((~torch.isfinite(logits.reshape(len(x), -1))).any(1).sum())
         loss_sum += float(task.loss(logits, y)) * len(x)
         evaluator.add(logits, y)
     metrics = evaluator.result()
     metrics["loss"] = loss_sum / max(len(data), 1)
+    if broken:
+        log.warning("%s: the model's outputs hold NaN or Inf for %d of %d examples; its metrics are left "
+                    "undefined", where or "evaluation", broken, len(data))
+        return {name: None for name in metrics}
     return metrics

@@ -38,10 +38,11 @@ def poisoned_data(job: Job, data: SiteData) -> SiteData:
     return replace(data, train=replace(data.train, labels=labels))
 
 
-def site_filters(job: Job, site: str, secure: bool) -> list[UpdateFilter]:
+def site_filters(job: Job, site: str, secure: bool, buffers: frozenset[str] = frozenset()) -> list[UpdateFilter]:
     """The outgoing filters of ``site`` (one object each for the whole run). ``secure``:
     draw noise seeds from the OS (a deployment) instead of the round's seed (a
-    simulation, repeatable)."""
+    simulation, repeatable); ``buffers``: the model's buffer names (compression sends them
+    whole)."""
     out: list[UpdateFilter] = []
     if job.attack is not None and job.attack.kind != "label_flip" and attacking(job, site):
         from medfed.robust.attacks import PoisonFilter
@@ -60,7 +61,7 @@ def site_filters(job: Job, site: str, secure: bool) -> list[UpdateFilter]:
         from medfed.privacy.compression import CompressionFilter
 
         c = job.compression
-        out.append(CompressionFilter(Encoding(c.method), c.fraction, c.error_feedback))
+        out.append(CompressionFilter(Encoding(c.method), c.fraction, c.error_feedback, buffers))
     if sa is not None:
         from medfed.privacy.secagg.integration import SecAggClient
 
