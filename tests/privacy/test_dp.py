@@ -16,9 +16,9 @@ from medfed.privacy.dp import (
 )
 
 
-def plan(seed: int = 7, clip: float | None = None) -> RoundPlan:
+def plan(seed: int = 7) -> RoundPlan:
     train = TrainSettings(local_epochs=1, batch_size=4, lr=0.1, optimizer="sgd", momentum=0.0, weight_decay=0.0, seed=seed)
-    return RoundPlan(job_id="job", round=1, arm=Arm.FEDERATED, train=train, clip=clip)
+    return RoundPlan(job_id="job", round=1, arm=Arm.FEDERATED, train=train)
 
 
 def update(params, site="a", n=10, rnd=1) -> Update:
@@ -42,15 +42,12 @@ def big_zero_round(m: int, coords: int = 200_000):
     values=st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=40),
     base=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=40, max_size=40),
     bound=st.floats(1e-3, 1e3),
-    from_plan=st.booleans(),
 )
-def test_clipped_delta_never_exceeds_the_bound(values, base, bound, from_plan):
+def test_clipped_delta_never_exceeds_the_bound(values, base, bound):
     n = len(values)
     g = {"w": torch.tensor(base[:n]), "n": torch.tensor(3)}
     sent = {"w": g["w"] + torch.tensor(values), "n": torch.tensor(5)}
-    f = ClipFilter(clip=1e9 if from_plan else bound)
-
-    out = f.apply(update(sent), g, plan(clip=bound if from_plan else None))
+    out = ClipFilter(clip=bound).apply(update(sent), g, plan())
 
     # what the server recomputes after rounding to float32 is what must stay within the bound
     assert l2_norm(delta(out.params, g)) <= bound
@@ -112,14 +109,6 @@ def test_local_noise_has_std_z_c():
     out = LocalDP(clip=c, noise_multiplier=z, secure=False).apply(u, g, plan())
 
     assert out.params["w"].std().item() == pytest.approx(z * c, rel=0.02)
-
-
-def test_local_dp_uses_the_plan_bound():
-    g, (u, *_) = big_zero_round(1)
-
-    out = LocalDP(clip=100.0, noise_multiplier=1.0, secure=False).apply(u, g, plan(clip=0.2))
-
-    assert out.params["w"].std().item() == pytest.approx(0.2, rel=0.02)
 
 
 # ---------------------------------------------------------------- adaptive clipping
@@ -239,15 +228,13 @@ def test_mean_is_uniform_not_example_weighted():
     assert torch.allclose(out["w"], torch.tensor([0.5, 1.5]), atol=1e-6)
 
 
-def test_server_clips_each_update_unless_told_sites_did():
+def test_server_clips_each_update():
     g = {"w": torch.zeros(2)}
     ups = [update({"w": torch.tensor([30.0, 40.0])})]  # norm 50
 
     clipped = CentralDP(clip=1.0, noise_multiplier=1e-9, seed=0).combine(g, ups, rnd=1)
-    passed = CentralDP(clip=1.0, noise_multiplier=1e-9, seed=0, clip_at_server=False).combine(g, ups, rnd=1)
 
     assert torch.allclose(clipped["w"], torch.tensor([0.6, 0.8]), atol=1e-5)
-    assert torch.allclose(passed["w"], torch.tensor([30.0, 40.0]), atol=1e-5)
 
 
 def test_integer_buffers_survive_with_their_dtype():
@@ -284,7 +271,6 @@ def test_integer_buffers_survive_with_their_dtype():
         (lambda: AdaptiveClipping(target_quantile=0.5, lr=0.2, count_noise_multiplier=0.0), "count_noise_multiplier"),
         # the count's noise would spend the whole budget
         (lambda: CentralDP(clip=1.0, noise_multiplier=2.0, adaptive=AdaptiveClipping(0.5, 0.2, 1.0)), "count_noise_multiplier"),
-        (lambda: CentralDP(clip=1.0, noise_multiplier=1.0, adaptive=AdaptiveClipping(0.5, 0.2, 5.0), clip_at_server=False), "adaptive"),
     ],
 )
 def test_bad_settings_raise_naming_the_field(make, field):

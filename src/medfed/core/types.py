@@ -78,9 +78,6 @@ class RoundPlan:
     # Algorithm-specific tensors sent along with the global parameters (e.g. a server
     # control variate). Empty for FedAvg.
     extras: Params = field(default_factory=dict)
-    # The site-level DP clipping bound of this round, or None: sites clip to their
-    # configured bound.
-    clip: float | None = None
     # Secure aggregation's messages for this site this round (JSON-able), or None.
     secagg: dict | None = None
 

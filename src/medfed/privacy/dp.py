@@ -9,8 +9,8 @@ recurrent language models", ICLR 2018).
   takes the uniform mean and adds noise of std ``z * C / m``; optionally the bound adapts
   to a quantile of the update norms (Andrew et al., "Differentially private learning
   with adaptive clipping", NeurIPS 2021).
-* :class:`ClipFilter` (a site filter): sites clip, the server (``CentralDP`` with
-  ``clip_at_server=False``) adds the noise, e.g. under secure aggregation.
+* :class:`ClipFilter` (a site filter): sites clip and the server adds the noise to a mean
+  it cannot take apart (secure aggregation, privacy/secagg/integration.py).
 * :class:`LocalDP` (a site filter): each site clips and adds noise of std ``z * C``
   itself, trusting nobody.
 
@@ -107,9 +107,7 @@ class CentralDP(Combiner):
     (then the updates get ``z_delta = adaptive_noise_multiplier(z, sigma_b) > z`` so the
     total stays ``z``); None keeps ``C`` fixed. ``seed``: None draws each round's noise
     seed from the OS (deployments); an int makes round ``r``'s noise a function of
-    ``(seed, r)`` (reproducible simulations). ``clip_at_server``: False when sites clip
-    (:class:`ClipFilter`) and the server cannot see single updates; the mean is then
-    taken as it comes (fixed clipping only).
+    ``(seed, r)`` (reproducible simulations).
 
     The mean is uniform, not example-weighted, so that one site moves it by at most
     ``C / m``; ``m`` is assumed public (fixed-size site sampling). Non-float entries
@@ -124,12 +122,9 @@ class CentralDP(Combiner):
         noise_multiplier: float,
         adaptive: AdaptiveClipping | None = None,
         seed: int | None = None,
-        clip_at_server: bool = True,
     ):
         _positive("clip", clip)
         _positive("noise_multiplier", noise_multiplier)
-        if adaptive is not None and not clip_at_server:
-            raise ValueError("adaptive: adaptive clipping needs each site's norm, so it needs clip_at_server=True")
         self.clip = float(clip)  # the bound of the next round
         self.noise_multiplier = float(noise_multiplier)
         self.adaptive = adaptive
@@ -140,7 +135,6 @@ class CentralDP(Combiner):
             else self.noise_multiplier
         )
         self.seed = seed
-        self.clip_at_server = clip_at_server
         self._metrics: dict[str, float] = {}
 
     def combine(self, global_params: Params, updates: Sequence[Update], rnd: int) -> Params:
@@ -155,11 +149,10 @@ class CentralDP(Combiner):
             if u.encoding is not Encoding.FULL:
                 raise ValueError(f"dp_central: site '{u.site}' sent a {u.encoding.value} update; decode it first")
             d, full = _split(u, global_params)
-            if self.clip_at_server:
-                d, norm = clip_to_norm(d, bound)
-                if not math.isfinite(norm):
-                    raise ValueError(f"dp_central: site '{u.site}' sent an update whose delta norm is {norm}")
-                unclipped += norm <= bound
+            d, norm = clip_to_norm(d, bound)
+            if not math.isfinite(norm):
+                raise ValueError(f"dp_central: site '{u.site}' sent an update whose delta norm is {norm}")
+            unclipped += norm <= bound
             deltas.append(d)
             fulls.append(full)
 
@@ -239,9 +232,8 @@ def _within_bound(global_params: Params, d: Params, full: Params, bound: float) 
 
 
 class ClipFilter(UpdateFilter):
-    """Site-side clipping without noise: the site's delta is clipped to ``plan.clip``
-    (``clip``, > 0, when the plan sets none) and the server adds the noise to the mean
-    (``CentralDP(clip_at_server=False)``). The receiver's recomputed delta is within the
+    """Site-side clipping without noise: the site's delta is clipped to ``clip`` (> 0) and
+    the server adds the noise to the secure mean. The receiver's recomputed delta is within the
     bound even after rounding to the model's dtypes."""
 
     def __init__(self, clip: float):
@@ -249,20 +241,19 @@ class ClipFilter(UpdateFilter):
         self.clip = float(clip)
 
     def apply(self, update: Update, global_params: Params, plan: RoundPlan) -> Update:
-        bound = plan.clip if plan.clip is not None else self.clip
-        return _clip_and_noise(update, global_params, bound, 0.0, None)
+        return _clip_and_noise(update, global_params, self.clip, 0.0, None)
 
 
 class LocalDP(UpdateFilter):
-    """Local DP at the site: clip the delta to ``plan.clip`` (``clip``, > 0, when the plan
-    sets none) and add N(0, (z * bound)^2) to every coordinate before it leaves.
+    """Local DP at the site: clip the delta to ``clip`` (> 0) and add N(0, (z * clip)^2)
+    to every coordinate before it leaves.
 
     ``secure``: True draws the noise seed from the OS (deployments); False seeds it from
     ``plan.train.seed`` (reproducible simulations).
 
-    Accounting note: the server sees each site's noisy update. Where an absent site
-    counts as a zero delta, one site's sensitivity is ``bound`` (multiplier ``z``); for
-    any two datasets of the same site it is ``2 * bound`` (multiplier ``z / 2``).
+    Accounting (server/update_path.py): the server sees each site's noisy update and who
+    sent it, so neighbouring data sets of a site swap one clipped delta for another:
+    sensitivity ``2 * clip``, accounted as multiplier ``z / 2``.
     """
 
     def __init__(self, clip: float, noise_multiplier: float, secure: bool):
@@ -273,7 +264,7 @@ class LocalDP(UpdateFilter):
         self.secure = secure
 
     def apply(self, update: Update, global_params: Params, plan: RoundPlan) -> Update:
-        bound = plan.clip if plan.clip is not None else self.clip
+        bound = self.clip
         # a word of its own keeps this stream apart from training's use of the same seed
         g = seeded_generator(None) if self.secure else seeded_generator(plan.train.seed, 0x4C445031)
         return _clip_and_noise(update, global_params, bound, self.noise_multiplier * bound, g)
