@@ -184,7 +184,7 @@ def main() -> None:
                   f"{diff(c['auc'], ref.get('auc'))} | {f3(c['acc'])} | {diff(c['acc'], ref.get('acc'))} |")
         if any(c.get("nan_outputs") for c in cells.values()):
             print("\n† the final model outputs NaN for some or all test images (negative batch-norm running "
-                  "variance); the AUC / accuracy shown are what medfed recorded for those outputs")
+                  "variance); medfed leaves its metrics undefined (–)")
         for label, c in cells.items():
             if "error" in c:
                 print(f"\nerror in {dname} {label}: {c['error']}")

@@ -274,7 +274,7 @@ def main() -> None:
                 print(f"| {label} | " + " | ".join(row) + " |")
             if any(c.get("nan_outputs") for k, c in cells.items() if k.startswith(("none|", f"{attack}|"))):
                 print("\n† the final model outputs NaN for some or all test images (negative batch-norm running "
-                      "variance); the AUC / accuracy shown are what medfed recorded for those outputs")
+                      "variance); medfed leaves its metrics undefined (–)")
         errors = {k: c["error"] for k, c in cells.items() if "error" in c}
         for k, e in errors.items():
             print(f"\nerror in {dname} {k}: {e}")
