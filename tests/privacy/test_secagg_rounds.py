@@ -20,7 +20,7 @@ SIZES = {"a": 10, "b": 30, "c": 60, "d": 20, "e": 40}
 JOB = {
     "name": "t", "output": "o", "rounds": 1, "min_sites": 3,
     "data": {"source": "synthetic", "sites": [{"name": s, "n_train": n, "n_test": 5} for s, n in SIZES.items()]},
-    "model": {"name": "small_cnn"}, "task": {"labels": "binary"},
+    "model": {"name": "small_cnn", "norm": "group"}, "task": {"labels": "binary"},
     "privacy": {"secure_aggregation": {"threshold": 3, "clip_range": 1.0}},
 }
 SHIFT = {"a": 0.1, "b": -0.2, "c": 0.3, "d": 0.05, "e": -0.15}
