@@ -53,7 +53,9 @@ class TrainSettings:
 class Encoding(str, enum.Enum):
     """How an update's ``params`` hold the site's model (see privacy/compression.py and
     privacy/secagg/). Every encoding but ``full`` carries the change to the global model the
-    site received (the *delta*) rather than the values; integer buffers always travel whole."""
+    site received (the *delta*) rather than the values; compression sends the model's
+    buffers (batch-norm statistics, counters) whole, secure aggregation leaves the integer
+    ones out."""
 
     FULL = "full"  # the parameters after training, in the model's dtypes
     FP16 = "fp16"  # the delta in float16
