@@ -158,3 +158,16 @@ def test_deployed_update_path_equals_the_simulation(tmp_path, over):
     if "privacy" in over:  # key exchange and unmasking travel as their own exchanges
         assert {r["status"] for r in audit if r["kind"] == "exchange"} == {"accepted"}
         assert len([r for r in audit if r["kind"] == "exchange"]) == 2 * 3 * 3
+
+
+def test_deployed_central_dp_spends_the_budget_it_reports(tmp_path):
+    dp = {"noise_multiplier": 2.0, "clip": 1.0, "delta": 1e-5, "max_epsilon": 3.5}
+    job = _small(tmp_path, "deployed", rounds=4, compare=[], privacy={"dp": dp},
+                 model={"name": "small_cnn", "width": 16, "norm": "group"})
+    run = _deploy(tmp_path, job)
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    eps = {m["round"]: m["value"] for m in metrics if m["metric"] == "epsilon"}
+    assert list(eps) == [1, 2] and all(v <= 3.5 for v in eps.values())  # round 3 would pass the budget
+    assert "stopped after round 2 of 4" in _log(run)
+    final = load_file(str(run / "model_final.safetensors"))
+    assert all(torch.isfinite(t).all() for t in final.values())
