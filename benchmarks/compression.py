@@ -23,23 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-import torch
 
+from final_model import BREAST, data_sets, nan_outputs, final_test_means
 from medfed.config import parse_job
 from medfed.data.sites import build_sites
-from medfed.server.checkpoint import load_checkpoint
-from medfed.server.runner import initial_model, run_job
+from medfed.server.runner import run_job
 from medfed.site.device import set_threads
 from medfed.tracking.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-BREAST = ROOT.parent / "shared" / "data" / "medmnist" / "breastmnist.npz"
 N_SITES = 4
 SEED = 0
 THREADS = 1
@@ -85,26 +81,8 @@ def summarize(run_dir: Path) -> dict:
     fed = [r for r in recs if r["arm"] == "federated"]
     sent = [r["value"] for r in fed if r["metric"] == "bytes_sent" and r["site"] != "all"]
     model = [r["value"] for r in fed if r["metric"] == "model_bytes"]
-    test = [r for r in fed if r["split"] == "test" and r["site"] != "all"]
-    last = max(r["round"] for r in test)
-    auc = [r["value"] for r in test if r["round"] == last and r["metric"] == "auc" and r["value"] is not None]
-    acc = [r["value"] for r in test if r["round"] == last and r["metric"] == "accuracy" and r["value"] is not None]
     return {"bytes_sent": sum(sent), "updates": len(sent), "model_bytes": model[0] if model else None,
-            "auc": statistics.mean(auc) if auc else None, "acc": statistics.mean(acc) if acc else None,
-            "round": last}
-
-
-def nan_outputs(job, run_dir: Path, sites) -> tuple[int, int, int]:
-    """Test images (over all sites) for which the final federated model outputs NaN, how
-    many there are, and the number of negative batch-norm running variances in it."""
-    params = load_checkpoint(run_dir / "model_final")[0]
-    negative = sum(int((v < 0).sum()) for k, v in params.items() if k.endswith("running_var"))
-    model = initial_model(job, sites[0].test.images.shape[1])
-    model.load_state_dict(params)
-    model.eval()
-    with torch.no_grad():
-        nan = sum(int(torch.isnan(model(s.test.images)).any(dim=1).sum()) for s in sites)
-    return nan, sum(len(s.test.images) for s in sites), negative
+            **final_test_means(recs)}
 
 
 def f3(x: float | None) -> str:
@@ -127,12 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.out) if args.out else Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
-        for dname in [d for d in args.data.split(",") if d]:
-            if dname not in ("synthetic", "breastmnist"):
-                ap.error(f"--data: unknown data set {dname!r}; choose from synthetic, breastmnist")
-            if dname == "breastmnist" and not BREAST.is_file():
-                print(f"skipping breastmnist: {BREAST} not found", flush=True)
-                continue
+        for dname in data_sets(args.data, ap.error):
             data, rounds, epochs = data_settings(dname, args.quick)
             cells: dict[str, dict] = {}
             site_data: list = []  # the sites' data, built once per data set for the NaN check

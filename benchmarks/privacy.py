@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from final_model import final_test_means
 from medfed.config import parse_job
 from medfed.server.runner import run_job
 from medfed.tracking.metrics import read_metrics
@@ -62,12 +62,8 @@ def make_job(name: str, privacy: dict, rounds: int, quick: bool, out: Path):
 
 def summarize(run_dir: Path, rounds: int) -> dict:
     recs = read_metrics(run_dir / "metrics.jsonl")
-    fed = [r for r in recs if r["arm"] == "federated" and r["round"] == rounds and r["site"] in SITES]
-    auc = [r["value"] for r in fed if r["split"] == "test" and r["metric"] == "auc" and r["value"] is not None]
-    acc = [r["value"] for r in fed if r["split"] == "test" and r["metric"] == "accuracy" and r["value"] is not None]
     eps = [r["value"] for r in recs if r["metric"] == "epsilon" and r["round"] == rounds]
-    return {"auc": statistics.mean(auc) if auc else None, "accuracy": statistics.mean(acc) if acc else None,
-            "epsilon": eps[0] if eps else None}
+    return {**final_test_means(recs), "epsilon": eps[0] if eps else None}
 
 
 def main() -> None:
@@ -97,7 +93,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         eps = "no DP" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
-        print(f"| {name} | {eps} | {r['auc']:.3f} | {r['auc'] - base['auc']:+.3f} | {r['accuracy']:.3f} | "
+        print(f"| {name} | {eps} | {r['auc']:.3f} | {r['auc'] - base['auc']:+.3f} | {r['acc']:.3f} | "
               f"{r['s_per_round']:.1f} | {r['s_per_round'] / base['s_per_round']:.1f}x |")
 
 

@@ -39,20 +39,18 @@ from pathlib import Path
 
 import torch
 
+from final_model import BREAST, data_sets, nan_outputs, final_test_means
 from medfed.config import parse_job
 from medfed.core.params import delta, l2_norm
 from medfed.core.types import Arm
 from medfed.data.sites import build_sites
 from medfed.models import get_params
-from medfed.server.checkpoint import load_checkpoint
 from medfed.server.loop import job_id_of, make_plan
 from medfed.server.runner import initial_model, run_job
 from medfed.site.app import build_site_apps
 from medfed.site.device import set_threads
 from medfed.tracking.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-BREAST = ROOT.parent / "shared" / "data" / "medmnist" / "breastmnist.npz"
 N_SITES = 10
 SEED = 0
 THREADS = 1
@@ -105,27 +103,8 @@ def make_job(name: str, data: dict, rounds: int, epochs: int, out: Path,
 def summarize(run_dir: Path) -> dict:
     """Mean over the sites of the final federated model's test AUC and accuracy."""
     recs = read_metrics(run_dir / "metrics.jsonl")
-    test = [r for r in recs if r["arm"] == "federated" and r["split"] == "test" and r["site"] != "all"]
-    last = max(r["round"] for r in test)
-    auc = [r["value"] for r in test if r["round"] == last and r["metric"] == "auc" and r["value"] is not None]
-    acc = [r["value"] for r in test if r["round"] == last and r["metric"] == "accuracy" and r["value"] is not None]
     clipped = [r["value"] for r in recs if r["metric"] == "clipped_fraction" and r["value"] is not None]
-    return {"auc": statistics.mean(auc) if auc else None, "acc": statistics.mean(acc) if acc else None,
-            "auc_sites": len(auc), "round": last,
-            "clipped_fraction": statistics.mean(clipped) if clipped else None}
-
-
-def nan_outputs(job, run_dir: Path, sites) -> tuple[int, int, int]:
-    """Test images (over all sites) for which the final federated model outputs NaN, how
-    many there are, and the number of negative batch-norm running variances in it."""
-    params = load_checkpoint(run_dir / "model_final")[0]
-    negative = sum(int((v < 0).sum()) for k, v in params.items() if k.endswith("running_var"))
-    model = initial_model(job, sites[0].test.images.shape[1])
-    model.load_state_dict(params)
-    model.eval()
-    with torch.no_grad():
-        nan = sum(int(torch.isnan(model(s.test.images)).any(dim=1).sum()) for s in sites)
-    return nan, sum(len(s.test.images) for s in sites), negative
+    return {**final_test_means(recs), "clipped_fraction": statistics.mean(clipped) if clipped else None}
 
 
 def honest_norms(job, globals_before: dict[int, dict], globals_after: dict[int, dict]) -> tuple[list[float], float]:
@@ -181,12 +160,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.out) if args.out else Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
-        for dname in [d for d in args.data.split(",") if d]:
-            if dname not in ("synthetic", "breastmnist"):
-                ap.error(f"--data: unknown data set {dname!r}; choose from synthetic, breastmnist")
-            if dname == "breastmnist" and not BREAST.is_file():
-                print(f"skipping breastmnist: {BREAST} not found", flush=True)
-                continue
+        for dname in data_sets(args.data, ap.error):
             data, rounds, epochs = data_settings(dname, args.quick)
             cells: dict[str, dict] = {}  # "attack|fraction|rule" -> summary
             site_data: list = []  # the sites' data, built once per data set for the NaN check
