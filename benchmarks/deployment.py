@@ -5,8 +5,9 @@ Usage: python benchmarks/deployment.py [--quick] [--repeats N] [--sites 3,10,20,
                                        [--params 25000000] [--only throughput,overhead,memory]
 
 Every site here is an *echo* site: it decodes the model it receives and answers at once
-with an update holding the same parameters (no training), or with one dummy metric per
-requested split for an evaluation. Everything else is medfed's own code: ``Hub``,
+with an update holding the same parameters but one value per tensor (no training; each
+round's model is new, as after training), or with one dummy metric per requested split
+for an evaluation. Everything else is medfed's own code: ``Hub``,
 ``GrpcTransport`` and ``start_server`` on 127.0.0.1 with a server certificate of a
 consortium CA made by ``medfed.transport.pki``; ``Connection`` and ``serve_tasks`` in
 separate processes (multiprocessing, spawn), each site presenting its own certificate.
@@ -246,6 +247,8 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
                 t1 = time.perf_counter()
                 if hdr.get("kind") == "fit":
                     plan = codec.plan_from_dict(hdr.get("plan"), extras)
+                    for t in params.values():  # change the model, as training would: each round's is new
+                        t.view(-1)[0] += 1.0
                     payload = codec.encode_update(Update(name, plan.round, params, 100, 1))
                     what = "fit"
                 else:

@@ -81,7 +81,10 @@ def test_deployed_quickstart_equals_the_simulation(tmp_path):
     audit = json.loads((run / "audit.json").read_text())["rows"]
     fits = [r for r in audit if r["kind"] == "fit" and r["arm"] == "federated"]
     assert len(fits) == 9 and {r["status"] for r in fits} == {"accepted"}
-    assert all(len(r["sha256"]) == 64 and r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in fits)
+    assert all(len(r["sha256"]) == 64 and r["bytes_received"] > 0 for r in fits)
+    # the model is sent for round 1; later rounds train the model each site evaluated at the
+    # end of the round before, which it still holds: the audit shows nothing sent
+    assert {(r["round"], r["bytes_sent"] > 0) for r in fits} == {(1, True), (2, False), (3, False)}
     assert "Audit" in (run / "report.html").read_text()
     assert json.loads((run / "run.json").read_text())["mode"] == "deployment"
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -96,7 +96,7 @@ def _update(site="hospital_a", rnd=1, n=N_TRAIN, **params) -> bytes:
     """An update's bytes; without ``params``, new values each call (the same bytes twice are a replay)."""
     if not params:
         params = {k: v + next(_fresh) for k, v in PARAMS.items()}
-    return codec.encode_update(Update(site, rnd, params, n, 3))
+    return bytes(codec.encode_update(Update(site, rnd, params, n, 3)))
 
 
 def _reply(hdr: dict, payload: bytes, **over) -> dict:
@@ -323,7 +323,7 @@ def test_a_model_larger_than_a_message_streams_both_ways(cons):
     params, _ = codec.decode_model(blob)
     del blob
     params["w"][0, 0] = -1.0
-    payload = codec.encode_update(Update("hospital_b", 7, params, N_TRAIN, 1))
+    payload = bytes(codec.encode_update(Update("hospital_b", 7, params, N_TRAIN, 1)))
     del params
     conn.submit({"task_id": hdr["task_id"], "job_id": cons.job_id, "round": 7, "kind": "fit"}, payload, 120)
     del payload

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from medfed.algorithms.base import Algorithm
+from medfed.core.codec import PIECE, describe, piece
 from medfed.core.types import Params, Update
 
 
@@ -24,11 +26,24 @@ def weighted_average(params_list: Sequence[Params], weights: Sequence[float]) ->
     if not total > 0:
         raise ValueError(f"weights must sum to a positive number, got {total}")
     out: Params = {}
-    for name, first in params_list[0].items():
-        acc = torch.zeros(first.shape, dtype=torch.float64)
-        for params, w in zip(params_list, weights):
-            acc += params[name].to(torch.float64) * (float(w) / total)
-        out[name] = acc.round().to(first.dtype) if not first.is_floating_point() else acc.to(first.dtype)
+    for name in params_list[0]:
+        shape, dtype = describe(params_list[0], name)
+        count = math.prod(shape)
+        result = torch.empty(count, dtype=dtype)
+        # part by part (updates spooled to disk are read a part at a time): memory stays
+        # at a few parts whatever the number of sites; same arithmetic as a whole tensor
+        acc = torch.empty(min(PIECE, count), dtype=torch.float64)
+        tmp, buf = torch.empty_like(acc), torch.empty(min(PIECE, count), dtype=dtype)
+        for start in range(0, count, PIECE):
+            stop = min(start + PIECE, count)
+            a, t = acc[: stop - start], tmp[: stop - start]
+            a.zero_()
+            for params, w in zip(params_list, weights):
+                t.copy_(piece(params, name, start, stop, buf[: stop - start]))
+                t.mul_(float(w) / total)
+                a.add_(t)
+            result[start:stop] = a if dtype.is_floating_point else a.round()
+        out[name] = result.reshape(shape)
     return out
 
 

@@ -1,8 +1,10 @@
 """The one place where typed payloads become bytes and back.
 
-Tensors travel as safetensors; everything else as JSON in the safetensors header
-metadata. No pickle: a payload from another process or another hospital is parsed, never
-executed. Tensor names are prefixed by their role (``params/``, ``extras/``).
+Tensors travel in the safetensors format; everything else as JSON in its header metadata.
+No pickle: a payload from another process or another hospital is parsed, never executed.
+Tensor names are prefixed by their role (``params/``, ``extras/``). Payloads are written
+and read here in one pass over the tensors' bytes (a ``bytearray``), with the same strict
+checks of the header as safetensors' own loader; its library reads them too.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
 from medfed.core.errors import CodecError
 from medfed.core.types import Arm, Encoding, EvalResult, FitRequest, Params, RoundPlan, Split, TrainSettings, Update
@@ -25,37 +25,74 @@ from medfed.core.types import Arm, Encoding, EvalResult, FitRequest, Params, Rou
 _META_KEY = "medfed"
 
 
-def _pack(groups: dict[str, Params], meta: dict[str, Any]) -> bytes:
-    tensors: dict[str, torch.Tensor] = {}
+def _pack(groups: dict[str, Params], meta: dict[str, Any]) -> bytearray:
+    """The safetensors bytes of ``groups`` (names prefixed by their role) with ``meta`` as
+    JSON in the header's metadata, written once into one buffer (no intermediate copies)."""
+    entries = []
     for prefix, params in groups.items():
         for name, t in params.items():
-            tensors[f"{prefix}/{name}"] = t.detach().to("cpu").contiguous()
-    return _st_save(tensors, metadata={_META_KEY: json.dumps(meta)})
+            entries.append((f"{prefix}/{name}", t.detach().to("cpu").contiguous()))
+    entries.sort(key=lambda e: e[0])
+    header: dict[str, Any] = {"__metadata__": {_META_KEY: json.dumps(meta)}}
+    at = 0
+    for key, t in entries:
+        if t.dtype not in _DTYPE_NAMES:
+            raise CodecError(f"tensor '{key}': dtype {t.dtype} cannot be sent")
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensors start 8-byte aligned
+    base = 8 + len(raw)
+    buf = bytearray(base + at)
+    buf[:8] = len(raw).to_bytes(8, "little")
+    buf[8:base] = raw
+    out = np.frombuffer(buf, dtype=np.uint8)
+    for key, t in entries:
+        begin, end = header[key]["data_offsets"]
+        if end > begin:
+            out[base + begin : base + end] = t.reshape(-1).view(torch.uint8).numpy()
+    return buf
 
 
-def _unpack(blob: bytes, what: str) -> tuple[dict[str, Params], dict[str, Any]]:
+def _layout(view: memoryview, what: str) -> tuple[int, dict[str, Any], dict[str, dict[str, tuple]]]:
+    """(where the data starts, metadata, tensors by prefix) of a payload, or CodecError."""
+    try:
+        if len(view) < 8:
+            raise ValueError(f"{len(view)} bytes cannot hold a header")
+        n = int.from_bytes(view[:8], "little")
+        if not 0 < n <= min(_MAX_FILE_HEADER, len(view) - 8):
+            raise ValueError(f"header length {n} does not fit a {len(view)}-byte payload")
+        meta, entries = _parse_header(bytes(view[8 : 8 + n]), len(view) - 8 - n)
+    except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise CodecError(f"{what}: malformed payload ({e})") from None
+    return 8 + n, meta, entries
+
+
+def _bytes_view(blob: Any, what: str) -> memoryview:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise CodecError(f"{what}: expected bytes, got {type(blob).__name__}")
-    blob = bytes(blob)
-    try:
-        tensors = _st_load(blob)
-        header_len = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8 : 8 + header_len])
-        meta = json.loads(header["__metadata__"][_META_KEY])
-    except (SafetensorError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise CodecError(f"{what}: malformed payload ({e})") from None
-    if not isinstance(meta, dict):
-        raise CodecError(f"{what}: header metadata must be a JSON object")
+    return memoryview(blob).cast("B")
+
+
+def _unpack(blob: bytes | bytearray | memoryview, what: str) -> tuple[dict[str, Params], dict[str, Any]]:
+    """Tensors (copied out of ``blob``) and metadata of a payload made by :func:`_pack`,
+    checked as strictly as a file (see :func:`_parse_header`)."""
+    view = _bytes_view(blob, what)
+    base, meta, entries = _layout(view, what)
+    data = np.frombuffer(view, dtype=np.uint8, offset=base)
     groups: dict[str, Params] = {}
-    for key, t in tensors.items():
-        prefix, sep, name = key.partition("/")
-        if not sep:
-            raise CodecError(f"{what}: tensor name {key!r} has no role prefix")
-        groups.setdefault(prefix, {})[name] = t
+    for prefix, named in entries.items():
+        out = groups[prefix] = {}
+        for name, (dtype, shape, begin, end) in named.items():
+            t = torch.empty(shape, dtype=dtype)
+            if end > begin:
+                t.reshape(-1).view(torch.uint8).numpy()[:] = data[begin:end]
+            out[name] = t
     return groups, meta
 
 
-def encode_params(params: Params) -> bytes:
+def encode_params(params: Params) -> bytearray:
     """Serialize a state dict (names to tensors) to safetensors bytes."""
     return _pack({"params": params}, {})
 
@@ -93,7 +130,7 @@ def _object(v: Any, what: str) -> dict | None:
     return v
 
 
-def encode_model(params: Params, extras: Params) -> bytes:
+def encode_model(params: Params, extras: Params) -> bytearray:
     """The tensors a site receives for one round: the global parameters and the
     algorithm's extras. One blob serves every site of the round."""
     return _pack({"params": params, "extras": extras}, {})
@@ -107,7 +144,7 @@ def decode_model(blob: bytes) -> tuple[Params, Params]:
     return groups.get("params", {}), groups.get("extras", {})
 
 
-def encode_fit_request(req: FitRequest) -> bytes:
+def encode_fit_request(req: FitRequest) -> bytearray:
     meta = {"site": req.site, **plan_to_dict(req.plan)}
     return _pack({"params": req.params, "extras": req.plan.extras}, meta)
 
@@ -150,7 +187,7 @@ def decode_eval_results(site: str, blob: bytes, splits: Sequence[Split] | None =
     return out
 
 
-def encode_update(update: Update) -> bytes:
+def encode_update(update: Update) -> bytearray:
     meta = {
         "site": update.site,
         "round": update.round,
@@ -164,6 +201,30 @@ def encode_update(update: Update) -> bytes:
 
 def decode_update(blob: bytes) -> Update:
     groups, meta = _unpack(blob, "update")
+    return _update_from(groups, meta)
+
+
+def view_update(buf: bytearray) -> Update:
+    """An update whose tensors are views of ``buf`` (no copy): ``buf`` must not be changed
+    or reused while the update is in use. Checked like :func:`decode_update`."""
+    if not isinstance(buf, bytearray):
+        raise CodecError(f"update: expected a bytearray, got {type(buf).__name__}")
+    view = memoryview(buf)
+    base, meta, entries = _layout(view, "update")
+    groups: dict[str, Params] = {}
+    for prefix, named in entries.items():
+        out = groups[prefix] = {}
+        for name, (dtype, shape, begin, end) in named.items():
+            size = torch.empty(0, dtype=dtype).element_size()
+            if end == begin:
+                out[name] = torch.empty(shape, dtype=dtype)
+            elif (base + begin) % size == 0:  # aligned (always, for payloads made by _pack)
+                out[name] = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // size,
+                                             offset=base + begin).reshape(shape)
+            else:
+                t = torch.empty(shape, dtype=dtype)
+                t.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(view, np.uint8, end - begin, base + begin)
+                out[name] = t
     return _update_from(groups, meta)
 
 
@@ -191,28 +252,47 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_FILE_HEADER = 100 << 20
 
 
 class FileTensors(Mapping):
     """Tensors of a safetensors file, each read from disk when it is looked up (a
-    positioned read, not a memory map, so tensors not in use cost no memory)."""
+    positioned read, not a memory map, so tensors not in use cost no memory).
+
+    :meth:`piece` reads part of a tensor, so a caller can go through a large tensor with
+    a buffer of bounded size (the server's checks and its weighted mean do)."""
 
     def __init__(self, f: BinaryIO, base: int, entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]):
         self._f, self._base, self._entries = f, base, entries
+        self.finite: dict[str, bool] = {}  # what a check found, per name (the file cannot change)
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        dtype, shape, begin, end = self._entries[name]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(end - begin)
-        view, done = memoryview(buf), 0
-        while done < len(buf):
-            n = os.preadv(self._f.fileno(), [view[done:]], self._base + begin + done)
+    def describe(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a tensor, without reading it."""
+        dtype, shape, _, _ = self._entries[name]
+        return shape, dtype
+
+    def _read(self, name: str, offset: int, out: torch.Tensor) -> torch.Tensor:
+        view, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
+        while done < len(view):
+            n = os.preadv(self._f.fileno(), [view[done:]], self._base + offset + done)
             if n <= 0:
                 raise CodecError(f"tensor '{name}': file ended early")
             done += n
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        return out
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, _ = self._entries[name]
+        return self._read(name, begin, torch.empty(shape, dtype=dtype))
+
+    def piece(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``start:stop`` of the flattened tensor ``name`` (into ``out`` when given,
+        a 1-D tensor of the right dtype and length)."""
+        dtype, _, begin, _ = self._entries[name]
+        size = torch.empty(0, dtype=dtype).element_size()
+        if out is None or out.dtype != dtype or out.numel() != stop - start:
+            out = torch.empty(stop - start, dtype=dtype)
+        return self._read(name, begin + start * size, out) if stop > start else out
 
     def __iter__(self):
         return iter(self._entries)
@@ -221,44 +301,89 @@ class FileTensors(Mapping):
         return len(self._entries)
 
 
+PIECE = 1 << 20  # elements per piece when a large tensor is gone through in parts
+
+
+def describe(params: Mapping[str, torch.Tensor], name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of ``params[name]``; read from the header for a file."""
+    if isinstance(params, FileTensors):
+        return params.describe(name)
+    t = params[name]
+    return tuple(t.shape), t.dtype
+
+
+def piece(params: Mapping[str, torch.Tensor], name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """Elements ``start:stop`` of the flattened ``params[name]``: a view of an in-memory
+    tensor, or read into ``out`` (1-D, of that length and dtype) from a file."""
+    if isinstance(params, FileTensors):
+        return params.piece(name, start, stop, out)
+    return params[name].reshape(-1)[start:stop]
+
+
+def pieces(params: Mapping[str, torch.Tensor], name: str, size: int = PIECE):
+    """The flattened tensor ``params[name]`` in consecutive parts of at most ``size``
+    elements: views of an in-memory tensor, or reads into one reused buffer for a file
+    (each part is valid until the next one is produced)."""
+    if isinstance(params, FileTensors):
+        shape, dtype = params.describe(name)
+        count = math.prod(shape)
+        buf = torch.empty(min(size, count), dtype=dtype)
+        for start in range(0, count, size):
+            stop = min(start + size, count)
+            yield params.piece(name, start, stop, buf[: stop - start])
+        return
+    flat = params[name].reshape(-1)
+    for start in range(0, flat.numel(), size):
+        yield flat[start : start + size]
+
+
+def _parse_header(raw: bytes, data_len: int) -> tuple[dict[str, Any], dict[str, dict[str, tuple]]]:
+    """The medfed metadata and the tensors ``{prefix: {name: (dtype, shape, begin, end)}}``
+    of a safetensors header followed by ``data_len`` bytes of data.
+
+    As strict as safetensors' own loader: known dtypes, sizes that match the shapes, byte
+    ranges that cover the data without gaps or overlaps, names with a role prefix. Raises
+    ValueError (or KeyError, TypeError, JSONDecodeError) naming the problem."""
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    meta = json.loads(header.pop("__metadata__", {}).get(_META_KEY, "{}"))
+    if not isinstance(meta, dict):
+        raise ValueError("medfed metadata is not a JSON object")
+    spans, groups = [], {}
+    for key, e in header.items():
+        dtype = _DTYPES[e["dtype"]]
+        shape = tuple(int(d) for d in e["shape"])
+        begin, end = (int(x) for x in e["data_offsets"])
+        count = math.prod(shape)
+        if min(shape, default=0) < 0 or end - begin != count * torch.empty(0, dtype=dtype).element_size():
+            raise ValueError(f"tensor '{key}': {e['data_offsets']} do not hold shape {list(shape)} of {e['dtype']}")
+        spans.append((begin, end, key))
+        prefix, sep, name = key.partition("/")
+        if not sep:
+            raise ValueError(f"tensor name {key!r} has no role prefix")
+        groups.setdefault(prefix, {})[name] = (dtype, shape, begin, end)
+    at = 0
+    for begin, end, key in sorted(spans):
+        if begin != at:
+            raise ValueError(f"tensor '{key}' starts at {begin}, expected {at} (gap or overlap)")
+        at = end
+    if at != data_len:
+        raise ValueError(f"tensors hold {at} bytes, the payload has {data_len}")
+    return meta, groups
+
+
 def read_update_file(f: BinaryIO, size: int) -> Update:
     """An update from a safetensors file of ``size`` bytes whose tensors stay on disk until
     they are used: a server can hold many sites' updates at the memory cost of one tensor.
 
-    The header is checked as strictly as a full load would: known dtypes, sizes that match
-    the shapes, byte ranges inside the file that cover its data without gaps or overlaps."""
+    The header is checked as strictly as a full load would (:func:`_parse_header`)."""
     try:
         f.seek(0)
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n <= min(_MAX_FILE_HEADER, size - 8):
             raise ValueError(f"header length {n} does not fit a {size}-byte file")
-        header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        meta = json.loads(header.pop("__metadata__", {}).get(_META_KEY, "{}"))
-        if not isinstance(meta, dict):
-            raise ValueError("medfed metadata is not a JSON object")
-        data_len = size - 8 - n
-        spans, groups = [], {}
-        for key, e in header.items():
-            dtype = _DTYPES[e["dtype"]]
-            shape = tuple(int(d) for d in e["shape"])
-            begin, end = (int(x) for x in e["data_offsets"])
-            count = math.prod(shape)
-            if min(shape, default=0) < 0 or end - begin != count * torch.empty(0, dtype=dtype).element_size():
-                raise ValueError(f"tensor '{key}': {e['data_offsets']} do not hold shape {list(shape)} of {e['dtype']}")
-            spans.append((begin, end, key))
-            prefix, sep, name = key.partition("/")
-            if not sep:
-                raise ValueError(f"tensor name {key!r} has no role prefix")
-            groups.setdefault(prefix, {})[name] = (dtype, shape, begin, end)
-        at = 0
-        for begin, end, key in sorted(spans):
-            if begin != at:
-                raise ValueError(f"tensor '{key}' starts at {begin}, expected {at} (gap or overlap)")
-            at = end
-        if at != data_len:
-            raise ValueError(f"tensors hold {at} bytes, the file has {data_len}")
+        meta, groups = _parse_header(f.read(n), size - 8 - n)
     except (ValueError, KeyError, TypeError, AttributeError, OSError, json.JSONDecodeError) as e:
         raise CodecError(f"update: malformed payload ({e})") from None
     return _update_from({k: FileTensors(f, 8 + n, v) for k, v in groups.items()}, meta)

@@ -15,6 +15,16 @@ import torch
 from medfed.core.types import Params
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf: one sum, which is finite only if every value is
+    (Inf and NaN propagate through a sum); only when the sum itself overflows are the
+    values tested one by one. Many times faster than ``isfinite(t).all()`` on large
+    tensors, which the server runs on every update."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def float_names(params: Params, names: Iterable[str] | None = None) -> list[str]:
     """The names of ``params`` (or of ``names``, in their order) that hold floating-point
     tensors."""

@@ -231,6 +231,8 @@ def run_federated(
 
         # ---- 4. aggregate with the algorithm's server rule (its combiner: mean, robust rule, DP, secure sum)
         global_params = algorithm.aggregate(global_params, updates)
+        loss, n_updates = mean_loss(updates), len(updates)
+        del answers, updates  # let go of the updates (and their buffers) before the next round
         for name, value in algorithm.combiner.round_metrics().items():
             record(rnd, Arm.FEDERATED.value, "all", "train", name, value)
         if ledger is not None:
@@ -245,10 +247,9 @@ def run_federated(
                 evaluate_round(transport, have, job, Arm.PERSONALIZED, rnd, record)
 
         # ---- 6. report the round (the caller checkpoints and tracks the best model)
-        loss = mean_loss(updates)
         eps = ledger.epsilon(rnd) if ledger is not None else None
         spent = f", epsilon {eps:.3g} at delta {ledger.delta:g}" if ledger is not None else ""
-        log.info("federated round %d/%d done (%d sites, %d failed%s)", rnd, job.rounds, len(updates), len(failed), spent)
+        log.info("federated round %d/%d done (%d sites, %d failed%s)", rnd, job.rounds, n_updates, len(failed), spent)
         if on_round is not None:
             on_round(RoundSummary(Arm.FEDERATED, rnd, loss, means, failed, eps), global_params)
     if last < job.rounds:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 
+from medfed.core.codec import FileTensors, describe, pieces
+from medfed.core.params import all_finite
 from medfed.core.types import Encoding, Params, Spec, Update
 
 
@@ -33,9 +34,20 @@ def update_problem(
     if missing or extra:
         return f"tensor names differ from the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
     for name, (shape, dtype) in spec.items():
-        t = update.params[name]
-        if tuple(t.shape) != shape or t.dtype != dtype:
-            return f"tensor '{name}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        got_shape, got_dtype = describe(update.params, name)
+        if got_shape != shape or got_dtype != dtype:
+            return f"tensor '{name}' is {got_dtype} {got_shape}, expected {dtype} {shape}"
+        if got_dtype.is_floating_point and not _finite(update.params, name):
             return f"tensor '{name}' holds NaN or Inf"
     return None
+
+
+def _finite(params: Params, name: str) -> bool:
+    """Whether a floating-point tensor holds only finite values. A tensor still on disk is
+    read in parts, and the answer kept: the server checks an update when it arrives and
+    again in the round loop, and reads it only once."""
+    if isinstance(params, FileTensors):
+        if name not in params.finite:
+            params.finite[name] = all(all_finite(p) for p in pieces(params, name))
+        return params.finite[name]
+    return all_finite(params[name])

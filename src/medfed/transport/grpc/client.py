@@ -64,6 +64,7 @@ class Connection:
         self._ready = self.channel.unary_unary(wire.READY)
         self._poll = self.channel.unary_stream(wire.POLL)
         self._submit = self.channel.stream_unary(wire.SUBMIT)
+        self._model: tuple[str, bytearray] | None = None  # (SHA-256, payload) of the last model received
 
     def close(self) -> None:
         self.channel.close()
@@ -86,24 +87,38 @@ class Connection:
             pass  # best effort: the site stops with the cause on its own terminal anyway
 
     def poll(self, job_id: str, round_timeout: float) -> tuple[dict[str, Any], bytes | None]:
-        """The next task header and its model blob (None for ``wait`` and ``done``)."""
-        stream = self._poll(wire.encode_header({"site": self.site, "job_id": job_id}),
+        """The next task header and its payload (None for ``wait`` and ``done``).
+
+        The poll names the model this site received last (its SHA-256); a task that sends
+        that same model again (a model evaluated, then trained in the next round) comes
+        with ``"cached": true`` and no payload, and the site uses its copy."""
+        have = self._model[0] if self._model is not None else None
+        stream = self._poll(wire.encode_header({"site": self.site, "job_id": job_id, "have": have}),
                             timeout=wire.transfer_deadline(0, round_timeout))
         try:
             hdr = wire.decode_header(next(stream), "poll reply")
-            if hdr.get("kind") not in ("fit", "evaluate", "exchange"):
+            kind = hdr.get("kind")
+            if kind not in ("fit", "evaluate", "exchange"):
                 return hdr, None
+            if hdr.get("cached") is True and kind != "exchange":
+                if have is None or hdr.get("sha256") != have:
+                    raise CodecError(f"{kind} task: the server refers to a model this site does not hold")
+                return hdr, self._model[1]
             size = hdr.get("size")
             if isinstance(size, bool) or not isinstance(size, int):
-                raise CodecError(f"{hdr['kind']} task: size must be an integer, got {size!r}")
-            blob, digest = wire.gather(stream, size, MAX_MODEL, f"{hdr['kind']} task")
-            wire.check_payload(digest, hdr.get("sha256"), f"{hdr['kind']} task")
+                raise CodecError(f"{kind} task: size must be an integer, got {size!r}")
+            # not hashed here: TLS guarantees the bytes; the server's hash names the model
+            blob, _ = wire.gather(stream, size, MAX_MODEL, f"{kind} task", hashed=False)
+            digest = hdr.get("sha256")
+            if kind != "exchange":
+                self._model = (digest, blob) if isinstance(digest, str) else None
             return hdr, blob
         finally:
             stream.cancel()
 
     def submit(self, header: dict[str, Any], payload: bytes, round_timeout: float) -> None:
-        header = {**header, "site": self.site, "size": len(payload), "sha256": wire.sha256(payload)}
+        """Send an answer: its header, then the payload in chunks (the server hashes it)."""
+        header = {**header, "site": self.site, "size": len(payload)}
 
         def messages():
             yield wire.encode_header(header)

@@ -8,7 +8,8 @@ Everything a site sends is checked before it is used, and every refusal is logge
 the site, its address and the reason: a site must hold a certificate of the consortium CA
 (checked by TLS) whose name is in the job; a submission must carry this job's id and
 answer an open task of that same site and round, exactly once; its payload must have the
-declared size (at most what the task allows) and SHA-256, decode without error, and, for
+declared size (at most what the task allows) and SHA-256 (when it declares one; the server
+hashes every payload itself for its audit trail), decode without error, and, for
 an update, fit the model sent (names, shapes, dtypes, finite values) and not repeat an
 update accepted before.
 """
@@ -42,6 +43,9 @@ from medfed.transport.grpc import wire
 log = logging.getLogger("medfed")
 
 SITE_LOCAL = Path("<site-local>")
+# updates of one round kept in memory as they arrive (in model sizes); the others are
+# spooled to temporary files, so the server's memory does not grow with the number of sites
+UPDATES_IN_MEMORY = 3
 # seconds after its last poll that a site still counts as connected (a site polls again
 # at once after each answer, and every POLL_WAIT s when idle)
 LIVE_WINDOW = 3 * wire.POLL_WAIT  # stands for every file path when the job travels to sites
@@ -125,6 +129,7 @@ class Hub:
         self._closed: set[str] = set()  # answered or expired task ids
         self._sessions: dict[str, Session] = {}
         self._accepted: set[str] = set()  # SHA-256 of every update accepted in this process
+        self._held = 0  # bytes of this batch's updates held in memory
         self._done = False
 
     # ------------------------------------------------------------------ who is calling
@@ -230,7 +235,9 @@ class Hub:
         site = None
         try:
             site, _ = self._identify(context)
-            self._check_caller(self._header(request, "poll"), site)
+            hdr = self._header(request, "poll")
+            self._check_caller(hdr, site)
+            have = hdr.get("have")  # the SHA-256 of the model the site holds, if any
             with self._cv:
                 session = self._sessions.get(site)
                 if session is None or session.summary is None:
@@ -254,10 +261,13 @@ class Hub:
                     self._cv.notify_all()
             yield wire.encode_header({"kind": "done" if self._done else "wait"})
             return
+        cached = task.kind != "exchange" and isinstance(have, str) and have == task.digest
         yield wire.encode_header(
             {**task.header, "kind": task.kind, "task_id": task.id, "round": task.round, "arm": task.arm,
-             "size": len(task.blob), "sha256": task.digest}
+             "size": len(task.blob), "sha256": task.digest, **({"cached": True} if cached else {})}
         )
+        if cached:  # the site has this very model already (it evaluated it): not sent again
+            return
         for piece in wire.chunks(task.blob):
             yield piece
             task.bytes_sent += len(piece)
@@ -333,19 +343,18 @@ class Hub:
                 if kind == "exchange":
                     return wire.decode_json_object(blob, "exchange answer"), size, digest
                 return codec.decode_eval_results(site, blob, task.splits), size, digest
-            # an update goes to disk as it arrives and its tensors are read back one at a time
-            # when used, so the server's memory does not grow with the number of sites
-            f, digest = wire.gather_to_file(messages, size, task.limit, f"{kind} answer")
-            try:
+            if self._hold(size, task):  # in memory: the update's tensors are views of the payload
+                blob, digest = wire.gather(messages, size, task.limit, f"{kind} answer")
                 wire.check_payload(digest, hdr.get("sha256"), f"{kind} answer")
-            except CodecError:
-                f.close()
-                raise
-            try:
-                update = codec.read_update_file(f, size)
-            except CodecError:
-                f.close()
-                raise
+                update = codec.view_update(blob)
+            else:  # to disk as it arrives; its tensors are read back, in parts, when used
+                f, digest = wire.gather_to_file(messages, size, task.limit, f"{kind} answer")
+                try:
+                    wire.check_payload(digest, hdr.get("sha256"), f"{kind} answer")
+                    update = codec.read_update_file(f, size)
+                except CodecError:
+                    f.close()
+                    raise
         except CodecError as e:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         if update.site != site:
@@ -363,6 +372,15 @@ class Hub:
         if problem is not None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return update, size, digest
+
+    def _hold(self, size: int, task: Task) -> bool:
+        """Whether an update of ``size`` bytes fits in this batch's memory budget (then it
+        is counted against it): ``UPDATES_IN_MEMORY`` times the model sent (and a header)."""
+        with self._cv:
+            if 0 <= size <= task.limit and self._held + size <= UPDATES_IN_MEMORY * (len(task.blob) + wire.MAX_HEADER):
+                self._held += size
+                return True
+            return False
 
     def _settle(self, task: Task, answer: Any, status: str, nbytes: int, digest: str | None, t0: float,
                 reason: str | None = None) -> bool:
@@ -420,6 +438,8 @@ class Hub:
         deadline = time.monotonic() + timeout
         gone: list[Task] = []
         with self._cv:
+            if any(t.kind == "fit" for t in tasks):  # the round loop has let go of the last round's updates
+                self._held = 0
             for t in tasks:
                 self._queues[t.site].append(t)
                 self._open[t.id] = t

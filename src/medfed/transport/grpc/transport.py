@@ -3,6 +3,7 @@ poll for over gRPC (see hub.py); answers come back in request order."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -24,7 +25,8 @@ EVAL_ANSWER_LIMIT = 1 << 20  # bytes: evaluation results are a few metrics per s
 EXCHANGE_ANSWER_LIMIT = 16 << 20  # bytes: key shares for every other site of a round
 
 
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+_M_ARENA_MAX = -8  # glibc's mallopt parameter numbers
+_M_MMAP_THRESHOLD = -3
 
 
 def _libc():
@@ -37,12 +39,15 @@ def _libc():
 
 
 def limit_malloc_arenas(n: int = 2) -> None:
-    """Cap glibc's per-thread memory arenas. Each gRPC handler thread receives 4 MB chunks;
-    with an arena per thread, freed chunks pile up per thread and the server's memory grows
-    with the number of sites even though it holds no more data."""
+    """Cap glibc's per-thread memory arenas, and give every block of 1 MiB or more its own
+    mapping. Each gRPC handler thread handles chunks of a megabyte; with an arena per
+    thread, and with glibc's threshold for mapped blocks rising as large blocks are freed,
+    freed chunks stayed in the heap and the server's memory grew with the number of sites
+    even though it held no more data."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_ARENA_MAX, n)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 def release_memory() -> None:
@@ -74,6 +79,9 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
         },
     )
     limit_malloc_arenas()
+    # the objects alive now (modules, the model...) stay for good: keep them out of the
+    # garbage collector's full passes, which gRPC's many small objects set off often
+    gc.freeze()
     workers = 2 * max_sites + 8
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medfed-rpc"),

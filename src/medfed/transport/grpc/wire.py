@@ -6,11 +6,16 @@ The service ``medfed.Federation`` has four methods; every message is bytes:
   (the job with its file paths removed: paths never travel).
 * ``Ready``  (unary)  site -> ``{"site", "job_id", "summary"}`` (sizes and shape of its
   data, no images); server -> ``{"ok": true}``.
-* ``Poll``   (server streaming) site -> ``{"site", "job_id"}``; server -> a header
-  ``{"kind": "fit" | "evaluate" | "wait" | "done", ...}`` then, for a task, the model as
-  safetensors chunks. A poll with nothing to do returns ``wait`` after ``POLL_WAIT`` s.
+* ``Poll``   (server streaming) site -> ``{"site", "job_id", "have"}`` (``have``: the
+  SHA-256 of the last model it received, or null); server -> a header ``{"kind": "fit" |
+  "evaluate" | "exchange" | "wait" | "done", ...}`` then, for a task, the model as
+  safetensors chunks, unless the task's model is the one the site has (``"cached": true``,
+  no chunks: a model evaluated at the end of a round is not sent again to train in the
+  next). A poll with nothing to do returns ``wait`` after ``POLL_WAIT`` s.
 * ``Submit`` (client streaming) site -> a header ``{"task_id", "job_id", "site", "round",
-  "kind": "fit" | "evaluate" | "error", "size", "sha256"}`` then the payload in chunks;
+  "kind": "fit" | "evaluate" | "exchange" | "error", "size"}`` (and optionally ``"sha256"``,
+  checked when given) then the payload in chunks; the server hashes what it receives (the
+  audit trail and replay check use its own hash);
   server -> ``{"accepted": bool, "reason": str}``.
 
 Every message is at most ``MAX_MESSAGE`` bytes (gRPC refuses larger ones itself), every
@@ -33,7 +38,11 @@ from medfed.core.errors import CodecError
 SERVICE = "medfed.Federation"
 JOIN, READY, POLL, SUBMIT = (f"/{SERVICE}/{m}" for m in ("Join", "Ready", "Poll", "Submit"))
 
-CHUNK = 4 << 20  # bytes of payload per message
+# bytes of payload per message: large enough that per-message costs vanish, small enough
+# that the copies each open stream holds (the server streams to every site at once) stay
+# small; 1 MiB moved data as fast as 4 MiB on loopback and halved the server's memory
+# growth per site (benchmarks/deployment.py, RESULTS.md)
+CHUNK = 1 << 20
 MAX_MESSAGE = CHUNK + (1 << 20)  # the largest single gRPC message either side accepts
 MAX_HEADER = 1 << 20  # a JSON header (the job travels in one)
 POLL_WAIT = 5.0  # seconds the server holds a poll open before answering "wait"
@@ -52,6 +61,9 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # the most a connection reads from its socket at once (gRPC's default is 4 MiB per
+    # connection, so per site)
+    ("grpc.experimental.tcp_max_read_chunk_size", 1 << 20),
 ]
 
 
@@ -111,28 +123,32 @@ def chunks(blob: bytes, size: int = CHUNK) -> Iterator[bytes]:
         yield bytes(view[i : i + size])
 
 
-def _receive(messages: Iterable[Any], size: int, limit: int, what: str, write: Callable[[int, bytes], Any]) -> str:
+def _receive(
+    messages: Iterable[Any], size: int, limit: int, what: str, write: Callable[[int, bytes], Any], hashed: bool = True
+) -> str | None:
     """Pass each chunk with its offset to ``write`` until ``size`` bytes; return their
-    SHA-256 hex. Raises CodecError when ``size`` exceeds ``limit``, when more or fewer
-    bytes than ``size`` arrive, or a message is not bytes."""
+    SHA-256 hex (None when not ``hashed``). Raises CodecError when ``size`` exceeds
+    ``limit``, when more or fewer bytes than ``size`` arrive, or a message is not bytes."""
     if size < 0 or size > limit:
         raise CodecError(f"{what}: declared size {size} bytes, the limit is {limit}")
-    h, n = hashlib.sha256(), 0
+    h, n = hashlib.sha256() if hashed else None, 0
     for m in messages:
         if not isinstance(m, (bytes, bytearray)):
             raise CodecError(f"{what}: expected bytes")
         if n + len(m) > size:
             raise CodecError(f"{what}: more than the declared {size} bytes")
         write(n, m)
-        h.update(m)
+        if h is not None:
+            h.update(m)
         n += len(m)
     if n != size:
         raise CodecError(f"{what}: truncated, {n} of {size} bytes")
-    return h.hexdigest()
+    return h.hexdigest() if h is not None else None
 
 
-def gather(messages: Iterable[Any], size: int, limit: int, what: str) -> tuple[bytearray, str]:
-    """The payload in one preallocated buffer, hashed as it arrives: (payload, SHA-256 hex)."""
+def gather(messages: Iterable[Any], size: int, limit: int, what: str, hashed: bool = True) -> tuple[bytearray, str | None]:
+    """The payload in one preallocated buffer, hashed as it arrives unless not ``hashed``:
+    (payload, SHA-256 hex or None)."""
     if size < 0 or size > limit:  # before allocating
         raise CodecError(f"{what}: declared size {size} bytes, the limit is {limit}")
     buf = bytearray(size)
@@ -141,7 +157,7 @@ def gather(messages: Iterable[Any], size: int, limit: int, what: str) -> tuple[b
     def write(at: int, m: bytes) -> None:
         view[at : at + len(m)] = m
 
-    return buf, _receive(messages, size, limit, what, write)
+    return buf, _receive(messages, size, limit, what, write, hashed)
 
 
 def gather_to_file(messages: Iterable[Any], size: int, limit: int, what: str) -> tuple[BinaryIO, str]:
@@ -158,5 +174,8 @@ def gather_to_file(messages: Iterable[Any], size: int, limit: int, what: str) ->
 
 
 def check_payload(digest: str, expected: Any, what: str) -> None:
-    if not isinstance(expected, str) or digest != expected:
+    """A SHA-256 the sender declared must match what arrived; a sender may leave it out
+    (``null`` or absent): TLS already guarantees that the bytes arrive unchanged, and the
+    receiver hashes for its own records what it receives."""
+    if expected is not None and (not isinstance(expected, str) or digest != expected):
         raise CodecError(f"{what}: SHA-256 does not match the header")
