@@ -96,6 +96,14 @@ def make_params(n: int) -> dict:
     return {f"layer{i}.weight": torch.rand(s, generator=g, dtype=torch.float32) for i, s in enumerate(sizes)}
 
 
+def new_model(params: dict) -> dict:
+    """A copy of ``params`` with one value per tensor changed (new tensors, new bytes)."""
+    out = {k: v.clone() for k, v in params.items()}
+    for t in out.values():
+        t.view(-1)[0] += 1.0
+    return out
+
+
 def nbytes(params: dict) -> int:
     return sum(t.numel() * t.element_size() for t in params.values())
 
@@ -194,6 +202,7 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
     import hashlib
 
     from medfed.core import codec
+    from medfed.core.buffers import BufferPool
     from medfed.core.types import EvalResult, Split, Update
     from medfed.transport.grpc.client import Backoff, Connection, serve_tasks
 
@@ -204,6 +213,7 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
     errors: list[str] = []
 
     def run_site(name: str) -> None:
+        encoded = BufferPool(keep=1)  # as RemoteSite: the update being sent
         conn = Connection(target, ca, (folder / f"{name}.crt").read_bytes(), (folder / f"{name}.key").read_bytes(), name)
         rec: dict = {}
         poll_call, submit_call = conn._poll, conn._submit
@@ -249,7 +259,7 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
                     plan = codec.plan_from_dict(hdr.get("plan"), extras)
                     for t in params.values():  # change the model, as training would: each round's is new
                         t.view(-1)[0] += 1.0
-                    payload = codec.encode_update(Update(name, plan.round, params, 100, 1))
+                    payload = codec.encode_update(Update(name, plan.round, params, 100, 1), encoded)
                     what = "fit"
                 else:
                     payload = codec.encode_eval_results(
@@ -593,6 +603,7 @@ def bench_throughput(args, ctx, tmp: Path) -> dict:
         for rep in range(args.repeats + 1):  # repeat 0 warms the connection up, not counted
             transport.encode_s = 0.0
             hub.uploads.clear()
+            params = new_model(params)  # a model the site does not hold yet: it is sent in full
             t0 = time.perf_counter()
             answers = transport.fit(fit_requests(job, params, rep + 1, names), ROUND_TIMEOUT)
             fit_s = time.perf_counter() - t0

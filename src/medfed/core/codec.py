@@ -19,15 +19,17 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError
 from medfed.core.types import Arm, Encoding, EvalResult, FitRequest, Params, RoundPlan, Split, TrainSettings, Update
 
 _META_KEY = "medfed"
 
 
-def _pack(groups: dict[str, Params], meta: dict[str, Any]) -> bytearray:
+def _pack(groups: dict[str, Params], meta: dict[str, Any], pool: BufferPool | None = None) -> bytearray | memoryview:
     """The safetensors bytes of ``groups`` (names prefixed by their role) with ``meta`` as
-    JSON in the header's metadata, written once into one buffer (no intermediate copies)."""
+    JSON in the header's metadata, written once into one buffer (from ``pool`` when given;
+    no intermediate copies)."""
     entries = []
     for prefix, params in groups.items():
         for name, t in params.items():
@@ -44,7 +46,7 @@ def _pack(groups: dict[str, Params], meta: dict[str, Any]) -> bytearray:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # tensors start 8-byte aligned
     base = 8 + len(raw)
-    buf = bytearray(base + at)
+    buf = pool.take(base + at) if pool is not None else bytearray(base + at)
     buf[:8] = len(raw).to_bytes(8, "little")
     buf[8:base] = raw
     out = np.frombuffer(buf, dtype=np.uint8)
@@ -130,10 +132,10 @@ def _object(v: Any, what: str) -> dict | None:
     return v
 
 
-def encode_model(params: Params, extras: Params) -> bytearray:
+def encode_model(params: Params, extras: Params, pool: BufferPool | None = None) -> bytearray | memoryview:
     """The tensors a site receives for one round: the global parameters and the
     algorithm's extras. One blob serves every site of the round."""
-    return _pack({"params": params, "extras": extras}, {})
+    return _pack({"params": params, "extras": extras}, {}, pool)
 
 
 def decode_model(blob: bytes) -> tuple[Params, Params]:
@@ -187,7 +189,7 @@ def decode_eval_results(site: str, blob: bytes, splits: Sequence[Split] | None =
     return out
 
 
-def encode_update(update: Update) -> bytearray:
+def encode_update(update: Update, pool: BufferPool | None = None) -> bytearray | memoryview:
     meta = {
         "site": update.site,
         "round": update.round,
@@ -196,7 +198,7 @@ def encode_update(update: Update) -> bytearray:
         "metrics": update.metrics,
         "encoding": update.encoding.value,
     }
-    return _pack({"params": update.params, "extras": update.extras}, meta)
+    return _pack({"params": update.params, "extras": update.extras}, meta, pool)
 
 
 def decode_update(blob: bytes) -> Update:
@@ -204,12 +206,13 @@ def decode_update(blob: bytes) -> Update:
     return _update_from(groups, meta)
 
 
-def view_update(buf: bytearray) -> Update:
-    """An update whose tensors are views of ``buf`` (no copy): ``buf`` must not be changed
-    or reused while the update is in use. Checked like :func:`decode_update`."""
-    if not isinstance(buf, bytearray):
-        raise CodecError(f"update: expected a bytearray, got {type(buf).__name__}")
-    view = memoryview(buf)
+def view_update(buf: bytearray | memoryview) -> Update:
+    """An update whose tensors are views of ``buf`` (no copy; the tensors keep ``buf``
+    alive): ``buf`` must not be changed while the update is in use. Checked like
+    :func:`decode_update`."""
+    if not isinstance(buf, (bytearray, memoryview)) or memoryview(buf).readonly:
+        raise CodecError(f"update: expected a writable buffer, got {type(buf).__name__}")
+    view = memoryview(buf).cast("B")
     base, meta, entries = _layout(view, "update")
     groups: dict[str, Params] = {}
     for prefix, named in entries.items():
@@ -219,7 +222,7 @@ def view_update(buf: bytearray) -> Update:
             if end == begin:
                 out[name] = torch.empty(shape, dtype=dtype)
             elif (base + begin) % size == 0:  # aligned (always, for payloads made by _pack)
-                out[name] = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // size,
+                out[name] = torch.frombuffer(view, dtype=dtype, count=(end - begin) // size,
                                              offset=base + begin).reshape(shape)
             else:
                 t = torch.empty(shape, dtype=dtype)

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from medfed.config import DataConfig, Job, format_validation_error, parse_job, read_yaml
 from medfed.core import codec
+from medfed.core.buffers import BufferPool
 from medfed.core.errors import ConfigError, DataError
 from medfed.core.types import Arm, Split
 from medfed.core.schema import Frozen
@@ -101,6 +102,7 @@ class RemoteSite:
         self.app = None
         self.job: Job | None = None
         self.job_id = ""
+        self._encoded = BufferPool(keep=1)  # the update being sent
 
     def setup(self, job_dict: dict[str, Any], job_id: str) -> tuple[dict[str, Any], float]:
         """Validate the job, read this site's data; return its summary and round timeout."""
@@ -184,7 +186,7 @@ class RemoteSite:
                 if plan.job_id != self.job_id or plan.round != hdr.get("round"):
                     raise DataError(f"task plan for job {plan.job_id} round {plan.round} does not match its header")
                 log.info("site '%s': %s round %d: training", self.name, plan.arm.value, plan.round)
-                return "fit", codec.encode_update(self.app.fit(params, plan))
+                return "fit", codec.encode_update(self.app.fit(params, plan), self._encoded)
             splits = tuple(Split(s) for s in hdr.get("splits", []))
             results = self.app.evaluate(params, splits, Arm(hdr.get("arm")))
             return "evaluate", codec.encode_eval_results(results)

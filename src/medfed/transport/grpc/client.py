@@ -15,6 +15,7 @@ expired or foreign certificate before the site ever connects.)
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
@@ -64,7 +65,8 @@ class Connection:
         self._ready = self.channel.unary_unary(wire.READY)
         self._poll = self.channel.unary_stream(wire.POLL)
         self._submit = self.channel.stream_unary(wire.SUBMIT)
-        self._model: tuple[str, bytearray] | None = None  # (SHA-256, payload) of the last model received
+        self._model: tuple[str, memoryview] | None = None  # (id, payload) of the last model received
+        self._buffers = wire.BufferPool(keep=2)  # the model held and the one arriving
 
     def close(self) -> None:
         self.channel.close()
@@ -89,9 +91,10 @@ class Connection:
     def poll(self, job_id: str, round_timeout: float) -> tuple[dict[str, Any], bytes | None]:
         """The next task header and its payload (None for ``wait`` and ``done``).
 
-        The poll names the model this site received last (its SHA-256); a task that sends
-        that same model again (a model evaluated, then trained in the next round) comes
-        with ``"cached": true`` and no payload, and the site uses its copy."""
+        The poll names the model this site received last (the id the server gave it); a
+        task that sends that same model again (a model evaluated, then trained in the next
+        round) comes with ``"cached": true`` and no payload, and the site uses its copy.
+        The payload is valid until the poll after next (its buffer is then reused)."""
         have = self._model[0] if self._model is not None else None
         stream = self._poll(wire.encode_header({"site": self.site, "job_id": job_id, "have": have}),
                             timeout=wire.transfer_deadline(0, round_timeout))
@@ -101,17 +104,18 @@ class Connection:
             if kind not in ("fit", "evaluate", "exchange"):
                 return hdr, None
             if hdr.get("cached") is True and kind != "exchange":
-                if have is None or hdr.get("sha256") != have:
+                if have is None or hdr.get("model_id") != have:
                     raise CodecError(f"{kind} task: the server refers to a model this site does not hold")
                 return hdr, self._model[1]
             size = hdr.get("size")
             if isinstance(size, bool) or not isinstance(size, int):
                 raise CodecError(f"{kind} task: size must be an integer, got {size!r}")
-            # not hashed here: TLS guarantees the bytes; the server's hash names the model
-            blob, _ = wire.gather(stream, size, MAX_MODEL, f"{kind} task", hashed=False)
-            digest = hdr.get("sha256")
+            # not hashed: TLS guarantees that the bytes arrive as the server sent them
+            pool = self._buffers if kind != "exchange" else None
+            blob, _ = wire.gather(stream, size, MAX_MODEL, f"{kind} task", hashed=False, pool=pool)
             if kind != "exchange":
-                self._model = (digest, blob) if isinstance(digest, str) else None
+                model_id = hdr.get("model_id")
+                self._model = (model_id, blob) if isinstance(model_id, str) else None
             return hdr, blob
         finally:
             stream.cancel()
@@ -181,6 +185,9 @@ def serve_tasks(
                     except Exception as e:  # the server's log must say why this site is missing
                         conn.refuse_job(job_id, describe_exception(e))
                         raise
+                    # the data and model loaded stay for good: keep them out of the garbage
+                    # collector's full passes, which gRPC's many small objects set off often
+                    gc.freeze()
                 conn.ready(job_id, summary)
                 joined = True
                 log.info("site '%s': joined job %s at %s", conn.site, job_id, conn.target)

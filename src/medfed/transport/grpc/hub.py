@@ -46,6 +46,9 @@ SITE_LOCAL = Path("<site-local>")
 # updates of one round kept in memory as they arrive (in model sizes); the others are
 # spooled to temporary files, so the server's memory does not grow with the number of sites
 UPDATES_IN_MEMORY = 3
+# model-sized transfers the server makes at once in each direction (more sites wait their
+# turn): the memory a transfer in flight holds does not add up with the number of sites
+TRANSFERS = 4
 # seconds after its last poll that a site still counts as connected (a site polls again
 # at once after each answer, and every POLL_WAIT s when idle)
 LIVE_WINDOW = 3 * wire.POLL_WAIT  # stands for every file path when the job travels to sites
@@ -81,7 +84,7 @@ class Task:
     round: int
     header: dict[str, Any]  # sent with the payload: the round plan, or the splits
     blob: bytes  # the model: shared by every task of a batch that sends the same one
-    digest: str
+    model_id: str  # the blob's name, the same for every task that sends it (a site names the one it holds)
     limit: int  # the most bytes the answer may have
     spec: Spec | None = None  # fit: the names, shapes and dtypes the update must have
     encoding: Encoding = Encoding.FULL  # fit: how the update must be encoded
@@ -130,6 +133,9 @@ class Hub:
         self._sessions: dict[str, Session] = {}
         self._accepted: set[str] = set()  # SHA-256 of every update accepted in this process
         self._held = 0  # bytes of this batch's updates held in memory
+        self._buffers = wire.BufferPool(keep=UPDATES_IN_MEMORY)  # where they are received
+        self._sending = threading.BoundedSemaphore(TRANSFERS)  # held while a model chunk is sent
+        self._receiving = threading.BoundedSemaphore(TRANSFERS)  # held while an update is received
         self._done = False
 
     # ------------------------------------------------------------------ who is calling
@@ -237,7 +243,7 @@ class Hub:
             site, _ = self._identify(context)
             hdr = self._header(request, "poll")
             self._check_caller(hdr, site)
-            have = hdr.get("have")  # the SHA-256 of the model the site holds, if any
+            have = hdr.get("have")  # the id of the model the site holds, if any
             with self._cv:
                 session = self._sessions.get(site)
                 if session is None or session.summary is None:
@@ -261,15 +267,16 @@ class Hub:
                     self._cv.notify_all()
             yield wire.encode_header({"kind": "done" if self._done else "wait"})
             return
-        cached = task.kind != "exchange" and isinstance(have, str) and have == task.digest
+        cached = task.kind != "exchange" and isinstance(have, str) and have == task.model_id
         yield wire.encode_header(
             {**task.header, "kind": task.kind, "task_id": task.id, "round": task.round, "arm": task.arm,
-             "size": len(task.blob), "sha256": task.digest, **({"cached": True} if cached else {})}
+             "size": len(task.blob), "model_id": task.model_id, **({"cached": True} if cached else {})}
         )
         if cached:  # the site has this very model already (it evaluated it): not sent again
             return
         for piece in wire.chunks(task.blob):
-            yield piece
+            with self._sending:  # until gRPC has sent it: at most TRANSFERS chunks in flight
+                yield piece
             task.bytes_sent += len(piece)
 
     def submit(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -285,7 +292,13 @@ class Hub:
             hdr = self._header(first, "submission")
             self._check_caller(hdr, site)
             task = self._task_for(hdr, site)
-            answer, nbytes, digest = self._read_answer(task, hdr, messages, site)
+            if task.kind == "fit" and not self._receiving.acquire(timeout=max(0.0, context.time_remaining() or 0.0)):
+                raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed while other updates arrived")
+            try:
+                answer, nbytes, digest = self._read_answer(task, hdr, messages, site)
+            finally:
+                if task.kind == "fit":
+                    self._receiving.release()
         except Refused as e:
             if task is not None:
                 self._settle(task, SiteFailure(site, f"answer refused: {e.reason}"), "refused", 0, None, t0, e.reason)
@@ -344,7 +357,8 @@ class Hub:
                     return wire.decode_json_object(blob, "exchange answer"), size, digest
                 return codec.decode_eval_results(site, blob, task.splits), size, digest
             if self._hold(size, task):  # in memory: the update's tensors are views of the payload
-                blob, digest = wire.gather(messages, size, task.limit, f"{kind} answer")
+                blob, _ = wire.gather(messages, size, task.limit, f"{kind} answer", hashed=False, pool=self._buffers)
+                digest = wire.sha256(blob)  # at once, after the last chunk: the stream is not held up
                 wire.check_payload(digest, hdr.get("sha256"), f"{kind} answer")
                 update = codec.view_update(blob)
             else:  # to disk as it arrives; its tensors are read back, in parts, when used

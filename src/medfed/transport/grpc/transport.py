@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from medfed.core import codec
+from medfed.core.buffers import BufferPool
 from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, Params, SiteFailure, Update
 from medfed.server.update_path import Incoming
 from medfed.transport.base import Transport
@@ -106,11 +108,12 @@ class GrpcTransport(Transport):
         self.hub = hub
         self.local_keys = local_keys
         self.incoming = incoming  # how federated updates are encoded
-        # blob, digest and the objects encoded (holding them keeps their ids from being
+        # blob, model id and the objects encoded (holding them keeps their ids from being
         # reused), for this batch and the last one: the model a round evaluates is the
         # next round's start
         self._batch: dict[tuple, tuple[bytes, str, Params, Params]] = {}
         self._last: dict[tuple, tuple[bytes, str, Params, Params]] = {}
+        self._encoded = BufferPool(keep=2)  # this batch's model and the last one's
 
     def _model(self, params: Params, extras: Params) -> tuple[bytes, str]:
         """One encoded blob per distinct (params, extras): every site of a round gets the
@@ -121,8 +124,10 @@ class GrpcTransport(Transport):
             if key in self._last:
                 self._batch[key] = self._last[key]
             else:
-                blob = codec.encode_model(params, extras)
-                self._batch[key] = (blob, wire.sha256(blob), params, extras)
+                blob = codec.encode_model(params, extras, self._encoded)
+                # an opaque name for this blob, by which a site says it holds it (a content
+                # hash would cost a pass over the model before the first byte is sent)
+                self._batch[key] = (blob, secrets.token_hex(16), params, extras)
         return self._batch[key][:2]
 
     def _start_batch(self) -> None:
@@ -136,7 +141,7 @@ class GrpcTransport(Transport):
         tasks = []
         specs: dict[tuple, tuple] = {}  # one spec per distinct (params, arm): sites of a round share it
         for req in requests:
-            blob, digest = self._model(req.params, req.plan.extras)
+            blob, model_id = self._model(req.params, req.plan.extras)
             federated = req.plan.arm.value == "federated"
             key = (id(req.params), federated)
             if key not in specs:
@@ -145,7 +150,7 @@ class GrpcTransport(Transport):
             spec, encoding = specs[key]
             tasks.append(Task(
                 site=req.site, kind="fit", arm=req.plan.arm.value, round=req.plan.round,
-                header={"plan": codec.plan_to_dict(req.plan)}, blob=blob, digest=digest,
+                header={"plan": codec.plan_to_dict(req.plan)}, blob=blob, model_id=model_id,
                 limit=2 * len(blob) + (1 << 20),  # the parameters, extras as large, and the header
                 spec=spec, encoding=encoding,
             ))
@@ -161,10 +166,10 @@ class GrpcTransport(Transport):
         self._start_batch()
         tasks = []
         for req in requests:
-            blob, digest = self._model(req.params, {})
+            blob, model_id = self._model(req.params, {})
             tasks.append(Task(
                 site=req.site, kind="evaluate", arm=req.arm.value, round=req.round,
-                header={"job_id": req.job_id, "splits": [s.value for s in req.splits]}, blob=blob, digest=digest,
+                header={"job_id": req.job_id, "splits": [s.value for s in req.splits]}, blob=blob, model_id=model_id,
                 limit=EVAL_ANSWER_LIMIT, splits=tuple(req.splits),
             ))
         self._end_batch()
@@ -178,7 +183,7 @@ class GrpcTransport(Transport):
             blob = json.dumps(m.body).encode()
             tasks.append(Task(
                 site=m.site, kind="exchange", arm="federated", round=m.round,
-                header={"job_id": m.job_id, "topic": m.topic}, blob=blob, digest=wire.sha256(blob),
+                header={"job_id": m.job_id, "topic": m.topic}, blob=blob, model_id=secrets.token_hex(16),
                 limit=EXCHANGE_ANSWER_LIMIT,
             ))
         self.hub.run(tasks, timeout)

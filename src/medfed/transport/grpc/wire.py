@@ -6,12 +6,13 @@ The service ``medfed.Federation`` has four methods; every message is bytes:
   (the job with its file paths removed: paths never travel).
 * ``Ready``  (unary)  site -> ``{"site", "job_id", "summary"}`` (sizes and shape of its
   data, no images); server -> ``{"ok": true}``.
-* ``Poll``   (server streaming) site -> ``{"site", "job_id", "have"}`` (``have``: the
-  SHA-256 of the last model it received, or null); server -> a header ``{"kind": "fit" |
-  "evaluate" | "exchange" | "wait" | "done", ...}`` then, for a task, the model as
-  safetensors chunks, unless the task's model is the one the site has (``"cached": true``,
-  no chunks: a model evaluated at the end of a round is not sent again to train in the
-  next). A poll with nothing to do returns ``wait`` after ``POLL_WAIT`` s.
+* ``Poll``   (server streaming) site -> ``{"site", "job_id", "have"}`` (``have``: the id
+  of the last model it received, or null); server -> a header ``{"kind": "fit" |
+  "evaluate" | "exchange" | "wait" | "done", ...}`` then, for a task, its payload (the
+  model as safetensors) in chunks, unless the task's model is the one the site has
+  (``"cached": true``, no chunks: a model evaluated at the end of a round is not sent again
+  to train in the next). Every distinct model has an opaque ``"model_id"``. A poll with
+  nothing to do returns ``wait`` after ``POLL_WAIT`` s.
 * ``Submit`` (client streaming) site -> a header ``{"task_id", "job_id", "site", "round",
   "kind": "fit" | "evaluate" | "exchange" | "error", "size"}`` (and optionally ``"sha256"``,
   checked when given) then the payload in chunks; the server hashes what it receives (the
@@ -33,6 +34,7 @@ from typing import Any, BinaryIO
 
 import grpc
 
+from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError
 
 SERVICE = "medfed.Federation"
@@ -64,6 +66,11 @@ SERVER_OPTIONS = [
     # the most a connection reads from its socket at once (gRPC's default is 4 MiB per
     # connection, so per site)
     ("grpc.experimental.tcp_max_read_chunk_size", 1 << 20),
+    # a fixed receive window per stream instead of one grown by bandwidth probing: with
+    # probing, every site's upload stream could buffer many megabytes in the server at
+    # once (its memory grew by 0.4 model copies per site); 4 MiB moves data as fast
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 4 << 20),
 ]
 
 
@@ -146,12 +153,14 @@ def _receive(
     return h.hexdigest() if h is not None else None
 
 
-def gather(messages: Iterable[Any], size: int, limit: int, what: str, hashed: bool = True) -> tuple[bytearray, str | None]:
-    """The payload in one preallocated buffer, hashed as it arrives unless not ``hashed``:
-    (payload, SHA-256 hex or None)."""
+def gather(
+    messages: Iterable[Any], size: int, limit: int, what: str, hashed: bool = True, pool: BufferPool | None = None
+) -> tuple[bytearray | memoryview, str | None]:
+    """The payload in one buffer (from ``pool`` when given), hashed as it arrives unless
+    not ``hashed``: (payload, SHA-256 hex or None)."""
     if size < 0 or size > limit:  # before allocating
         raise CodecError(f"{what}: declared size {size} bytes, the limit is {limit}")
-    buf = bytearray(size)
+    buf = pool.take(size) if pool is not None else bytearray(size)
     view = memoryview(buf)
 
     def write(at: int, m: bytes) -> None:
