@@ -18,8 +18,8 @@ MB = 10^6 bytes.
    new round. Download (server -> site) is timed on the site, from the arrival of the
    task's header to the arrival of the last chunk of the model (the figure comes back
    through a multiprocessing queue); upload (site -> server) on the server, from the
-   submission's header to its last chunk. SHA-256, safetensors encoding/decoding and the
-   server's checks of an update are timed apart (in the same runs, and alone). After each
+   submission's header to its last chunk. Encoding/decoding, hashing and the server's
+   checks of an update are timed apart (in the same runs, and alone). After each
    repeat, plain grpcio moves the same bytes with the same credentials and options (see
    ``RawReference``): the ceiling medfed's figures are compared with.
 2. overhead: 3 site processes (one site each). One round = ``transport.fit`` to the 3
@@ -78,6 +78,16 @@ def peak_rss_mb() -> float:
     was started (measured here: a server child of a 2.2 GB parent "peaked" at 2.2 GB).
     VmHWM belongs to the process's own address space."""
     return _status_mb("VmHWM")
+
+
+def processes_cpu_s(procs) -> float:
+    """User + system CPU seconds used so far by the processes ``procs`` (all threads)."""
+    total = 0
+    for p in procs:
+        with open(f"/proc/{p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -199,7 +209,6 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
     """Serve ``names`` as echo sites, one thread and one Connection each, until the server
     says the job is done. With ``measure``, every answered task puts one record of
     timings on ``results``."""
-    import hashlib
 
     from medfed.core import codec
     from medfed.core.buffers import BufferPool
@@ -224,7 +233,7 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
 
         def timed_submit(messages, timeout=None):
             t0 = time.perf_counter()
-            rec["up_sha_s"] = t0 - rec.pop("t_answer_end", t0)  # Connection.submit hashes before the call
+            rec["up_gap_s"] = t0 - rec.pop("t_answer_end", t0)  # from the answer to the Submit call
             try:
                 return submit_call(messages, timeout=timeout)
             finally:
@@ -246,12 +255,8 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
             rec.update(site=name, kind=hdr.get("kind"), round=hdr.get("round"), down_bytes=s.n_bytes,
                        down_wire_s=(s.t_last - s.t_first) if s.t_last else 0.0,
                        down_close_s=(s.t_end or t_in) - (s.t_last or s.t_first),  # until the stream ends
-                       down_after_s=t_in - (s.t_end or s.t_last or s.t_first))  # gather's copy + SHA-256 check
+                       down_after_s=t_in - (s.t_end or s.t_last or s.t_first))  # until poll returns the payload
             with slots:
-                if measure:
-                    t = time.perf_counter()
-                    hashlib.sha256(blob).hexdigest()
-                    rec["sha_alone_s"] = time.perf_counter() - t
                 t0 = time.perf_counter()
                 params, extras = codec.decode_model(blob)
                 t1 = time.perf_counter()
@@ -522,33 +527,24 @@ class RawReference:
 # --------------------------------------------------------------------------- 1. throughput
 
 
-def _file_updates() -> bool:
-    """Whether the hub spools updates to temporary files (wire.gather_to_file and
-    codec.read_update_file, since 2026-11-23) rather than decoding them in memory."""
-    from medfed.core import codec
-    from medfed.transport.grpc import wire
-
-    return hasattr(wire, "gather_to_file") and hasattr(codec, "read_update_file")
-
-
-FILE_UPDATES = False  # set in main()
-
-
 def codec_alone(params: dict, repeats: int) -> dict:
     """Median seconds of each CPU piece of one transfer, alone in this process."""
     import hashlib
 
     from medfed.core import codec
+    from medfed.core.buffers import BufferPool
     from medfed.core.types import Update
     from medfed.server.deploy import save_state
-    from medfed.server.validate import update_problem
+    from medfed.server.validate import full_spec, update_problem
     from medfed.transport.grpc import wire
 
     t: dict[str, list[float]] = {}
+    spec = full_spec(params)
+    pool = BufferPool(keep=2)
 
-    def clock(key, fn, *args):
+    def clock(key, fn, *args, **kwargs):
         s = time.perf_counter()
-        out = fn(*args)
+        out = fn(*args, **kwargs)
         t.setdefault(key, []).append(time.perf_counter() - s)
         return out
 
@@ -558,31 +554,35 @@ def codec_alone(params: dict, repeats: int) -> dict:
     def sha(blob):
         return hashlib.sha256(blob).hexdigest()
 
-    for _ in range(repeats):
-        blob = clock("encode_model (server)", codec.encode_model, params, {})
+    for _ in range(repeats + 1):  # the first pass fills the pool; its figures are dropped below
+        clock("encode_model, fresh buffer", codec.encode_model, params, {})
+        blob = clock("encode_model, reused buffer", codec.encode_model, params, {}, pool)
         clock("sha256", sha, blob)
-        clock("wire.chunks (server send copies)", send_copies, blob)
+        clock("wire.chunks", send_copies, blob)
         pieces = list(wire.chunks(blob))
-        clock("wire.gather (receive + join)", wire.gather, iter(pieces), len(blob), 1 << 40, "x")
-        del pieces
-        received, _ = clock("decode_model (site)", codec.decode_model, blob)
-        up = clock("encode_update (site)", codec.encode_update, Update("s", 1, received, 100, 1))
+        clock("gather, fresh buffer", wire.gather, iter(pieces), len(blob), 1 << 40, "x", hashed=False)
+        got, _ = clock("gather, reused buffer", wire.gather, iter(pieces), len(blob), 1 << 40, "x", hashed=False,
+                       pool=pool)
+        del pieces, blob
+        received, _ = clock("decode_model", codec.decode_model, got)
+        del got
+        up = clock("encode_update, reused buffer", codec.encode_update, Update("s", 1, received, 100, 1), pool)
         del received
-        if FILE_UPDATES:  # the hub's path for an update: to a temporary file, tensors read back when used
-            pieces = list(wire.chunks(up))
-            f, _ = clock("receive update (server)", wire.gather_to_file, iter(pieces), len(up), 1 << 40, "x")
-            del pieces
-            upd = clock("decode update (server)", codec.read_update_file, f, len(up))
-        else:  # in memory
-            clock("receive update (server)", wire.gather, iter(list(wire.chunks(up))), len(up), 1 << 40, "x")
-            upd = clock("decode update (server)", codec.decode_update, up)
-        clock("update_problem (server checks)", update_problem, upd, params, 1)
-        if FILE_UPDATES:
-            f.close()
-        del blob, up, upd
+        up_bytes = bytes(up)
+        del up
+        pieces = list(wire.chunks(up_bytes))
+        buf, _ = wire.gather(iter(pieces), len(up_bytes), 1 << 40, "x", hashed=False, pool=pool)
+        upd = clock("view_update", codec.view_update, buf)
+        clock("update_problem, in memory", update_problem, upd, spec, 1)
+        del upd, buf
+        f, _ = clock("gather_to_file", wire.gather_to_file, iter(pieces), len(up_bytes), 1 << 40, "x")
+        upd = clock("read_update_file", codec.read_update_file, f, len(up_bytes))
+        clock("update_problem, file", update_problem, upd, spec, 1)
+        f.close()
+        del upd, pieces, up_bytes
         with tempfile.TemporaryDirectory() as d:
             clock("save_state", save_state, Path(d), 1, params, {}, "bench")
-    return {k: median(v) for k, v in t.items()}
+    return {k: median(v[1:]) for k, v in t.items()}
 
 
 def bench_throughput(args, ctx, tmp: Path) -> dict:
@@ -641,7 +641,7 @@ def report_throughput(res: dict) -> list[str]:
     down = mbps("down_wire_s")
     down_all = [size / MB / (r["down_wire_s"] + r["down_close_s"] + r["down_after_s"]) for r in rows]
     up = mbps("up_wire_s", "up_bytes")
-    up_all = [r["up_bytes"] / MB / (r["up_sha_s"] + r["up_wire_s"] + r["up_close_s"] + r["up_check_s"]) for r in rows]
+    up_all = [r["up_bytes"] / MB / (r["up_gap_s"] + r["up_wire_s"] + r["up_close_s"] + r["up_check_s"]) for r in rows]
     lines = [
         f"Model: {size / MB:.1f} MB (float32, 4 tensors); {len(rows)} repeats (+1 warm-up), 1 site process.",
         "",
@@ -657,55 +657,50 @@ def report_throughput(res: dict) -> list[str]:
     for mode in ("count", "gather"):
         for label, key in (("server -> site", "down_wire_s"), ("site -> server", "up_wire_s")):
             xs = [size / MB / r[key] for r in res["raw"][mode]]
-            lines.append(f"| reference: plain grpcio, receiver {'only counts' if mode == 'count' else 'uses wire.gather'}, "
+            lines.append(f"| reference: plain grpcio, receiver {'only counts' if mode == 'count' else 'joins into a fresh buffer'}, "
                          f"{label} | {median(xs):.0f} ({min(xs):.0f}-{max(xs):.0f}) | "
                          f"{median([r[key] for r in res['raw'][mode]]):.3f} | - | |")
     lines += [
         "",
         "Reference: plain grpcio, run right after each medfed repeat with the same TLS credentials, channel and",
-        "server options and 4 MB chunks, no hub and no checks; its receiver only counts the bytes (the ceiling of",
-        "gRPC streaming from Python on this machine at that moment) or joins them with `wire.gather` as medfed does.",
+        "server options and chunks, no hub and no checks; its receiver only counts the bytes (the ceiling of gRPC",
+        "streaming from Python on this machine at that moment) or joins and hashes them in a fresh buffer",
+        "(`wire.gather` without a buffer pool, as medfed did before 2026-11-24).",
         "Wire: from the arrival of the header to the arrival of the last chunk, timed by the receiver. End to end:",
-        "download until `Connection.poll` returns the checked blob (+ end of stream, join, SHA-256); upload from the",
-        "site hashing its payload until the server has received, decoded and checked the update and answered the",
+        "download until `Connection.poll` returns the payload (+ end of stream); upload from the site's answer",
+        "until the server has received, hashed (SHA-256, for its audit) and checked the update and answered the",
         "call. Encoding the model and the update, and the site decoding the model, are in neither figure.",
+        "Every repeat sends a new model (one value changed), so the site's copy of the last model does not apply.",
         "",
         "CPU pieces around one transfer, seconds (median; 'in run' = measured during the repeats above, 'alone' =",
-        "the same call alone in the benchmark process):",
+        "the same call alone in the benchmark process; 'reused buffer' = from a `BufferPool`, as medfed does):",
         "",
         "| piece | in run | alone |",
         "| --- | --- | --- |",
     ]
     a = res["alone"]
     pieces = [
-        ("server: encode_model + SHA-256 (GrpcTransport._model)", median([r["server_encode_sha_s"] for r in rows]),
-         a["encode_model (server)"] + a["sha256"]),
-        ("server: encode_model (safetensors)", None, a["encode_model (server)"]),
-        ("SHA-256 of the model", median([r["sha_alone_s"] for r in rows]), a["sha256"]),
+        ("server: encode_model, reused buffer (GrpcTransport._model)", median([r["server_encode_sha_s"] for r in rows]),
+         a["encode_model, reused buffer"]),
+        ("server: encode_model, fresh buffer", None, a["encode_model, fresh buffer"]),
+        ("wire.chunks: copies of the payload when sending", None, a["wire.chunks"]),
         ("site: last chunk -> end of the poll stream", median([r["down_close_s"] for r in rows]), None),
-        ("site: end of stream -> poll returns (join + SHA-256 check)", median([r["down_after_s"] for r in rows]),
-         a["wire.gather (receive + join)"]),  # wire.gather hashes as it joins
-        ("site: decode_model", median([r["decode_s"] for r in rows]), a["decode_model (site)"]),
-        ("site: encode_update", median([r["encode_s"] for r in rows]), a["encode_update (site)"]),
-        ("site: SHA-256 before submitting", median([r["up_sha_s"] for r in rows]), a["sha256"]),
+        ("site: end of stream -> poll returns", median([r["down_after_s"] for r in rows]), None),
+        ("receive and join the chunks (wire.gather), reused buffer", None, a["gather, reused buffer"]),
+        ("receive and join the chunks (wire.gather), fresh buffer", None, a["gather, fresh buffer"]),
+        ("site: decode_model", median([r["decode_s"] for r in rows]), a["decode_model"]),
+        ("site: encode_update, reused buffer", median([r["encode_s"] for r in rows]), a["encode_update, reused buffer"]),
+        ("site: answer returned -> Submit call starts", median([r["up_gap_s"] for r in rows]), None),
         ("server: last chunk -> end of the submit stream", median([r["up_close_s"] for r in rows]), None),
-        ("server: end of stream -> submission answered (" + (
-            "flush, header of the file, checks reading the tensors back" if FILE_UPDATES else
-            "join, 2x SHA-256, decode_update, checks") + ")",
+        ("server: end of stream -> submission answered (SHA-256, view_update, checks)",
          median([r["up_check_s"] for r in rows]),
-         None if FILE_UPDATES else a["receive update (server)"] + 2 * a["sha256"] + a["decode update (server)"]
-         + a["update_problem (server checks)"]),
-        ("server: receive the update " + ("into a temporary file, hashing as it goes (wire.gather_to_file)"
-                                          if FILE_UPDATES else "in memory (wire.gather)"), None,
-         a["receive update (server)"]),
-        ("server: decode the update " + ("(codec.read_update_file: header only)" if FILE_UPDATES else
-                                         "(codec.decode_update)"), None, a["decode update (server)"]),
-        ("server: update_problem (names, shapes, finite values" + (", each tensor read back from the file)"
-                                                                   if FILE_UPDATES else ")"), None,
-         a["update_problem (server checks)"]),
-        ("wire.chunks: 4 MB copies of the blob when sending", None, a["wire.chunks (server send copies)"]),
-        ("wire.gather: join and SHA-256 of the received chunks (site download)", None,
-         a["wire.gather (receive + join)"]),
+         a["sha256"] + a["view_update"] + a["update_problem, in memory"]),
+        ("server: SHA-256 of an update (its audit row, replay check)", None, a["sha256"]),
+        ("server: update_problem, update in memory (names, shapes, finite values)", None, a["update_problem, in memory"]),
+        ("server, beyond the updates held in memory: receive into a temporary file, hashing (wire.gather_to_file)",
+         None, a["gather_to_file"]),
+        ("server: read_update_file (header) + update_problem reading the file in parts", None,
+         a["read_update_file"] + a["update_problem, file"]),
         ("server: save_state, the checkpoint a deployed server writes after each round (with fsync)", None,
          a["save_state"]),
         ("site: Submit call, from its start to the server's reply", median([r["up_call_s"] for r in rows]), None),
@@ -743,10 +738,11 @@ def bench_overhead(args, ctx, tmp: Path) -> dict:
             def phase(name, encoded=encoded):
                 encoded[name] = transport.encode_s  # GrpcTransport._model time before each part
 
-            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu0, sites0 = resource.getrusage(resource.RUSAGE_SELF), processes_cpu_s(procs)
             params, t = full_round(job, transport, algorithm, params, rnd + 1, names, phase)
-            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu1, sites1 = resource.getrusage(resource.RUSAGE_SELF), processes_cpu_s(procs)
             t["server_cpu"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+            t["sites_cpu"] = sites1 - sites0
             fits = [u for u in hub.uploads if u["kind"] == "fit"]
             t["encode_fit"] = encoded["aggregate"]
             t["encode_eval"] = encoded["between rounds"] - encoded["evaluate"]
@@ -773,16 +769,20 @@ def report_overhead(res: dict) -> list[str]:
         "| --- | --- | --- |",
     ]
     for key, label in [("fit", "fit over the transport (send, 3 echo updates back, checks)"),
-                       ("encode_fit", "  of which: server encode_model + SHA-256 of the global model"),
+                       ("encode_fit", "  of which: server encode_model of the global model"),
                        ("up_check_max", "  of which: slowest update's checks after its upload"),
                        ("aggregate", "FedAvg aggregate"),
                        ("evaluate", "evaluate over the transport (new model sent, trivial answers)"),
-                       ("encode_eval", "  of which: server encode_model + SHA-256 of the new model"),
+                       ("encode_eval", "  of which: server encode_model of the new model"),
                        ("total", "**whole round**"),
-                       ("server_cpu", "server process CPU time in the round (user + system, all threads), s")]:
+                       ("server_cpu", "server process CPU time in the round (user + system, all threads), s"),
+                       ("sites_cpu", "site processes' CPU time in the round (the same, all sites together), s")]:
         xs = [r[key] for r in rows]
         lines.append(f"| {label} | {median(xs):.3f} | {min(xs):.3f}-{max(xs):.3f} |")
-    lines += ["", f"Target < 1.5 s per round: {'met' if median(tot) < 1.5 else 'NOT met'} (median {median(tot):.2f} s)."]
+    cpu = [r["server_cpu"] + r["sites_cpu"] for r in rows]
+    lines += ["", f"Target < 1.5 s per round: {'met' if median(tot) < 1.5 else 'NOT met'} (median {median(tot):.2f} s). "
+              f"Server and sites together used {median(cpu):.2f} CPU-seconds per round (median) of the "
+              f"{os.cpu_count()} cores they share: at least {median(cpu) / os.cpu_count():.2f} s of wall time."]
     return lines
 
 
@@ -869,14 +869,16 @@ def bench_memory(args, ctx, tmp: Path) -> list[dict]:
 
 
 def report_memory(res: list[dict], rounds: int) -> list[str]:
+    from medfed.transport.grpc.hub import UPDATES_IN_MEMORY
+
     lines = [
         f"Model: {res[0]['model_mb']:.1f} MB; {rounds} full rounds (fit + FedAvg + evaluate) per site count; a fresh "
         "server process per site count; all sites as threads of one site process (at most 2 of them decode or "
         "encode at a time). Peak = VmHWM of the server process (exact; not ru_maxrss, which a spawned process inherits from its parent); the per-part figures are RSS sampled every 10 ms by a thread "
-        "of the server and can miss short spikes. " + (
-            "The hub spools each update to a temporary file (page cache, not in RSS) and reads its tensors back "
-            "when they are used." if FILE_UPDATES else "The hub keeps every decoded update in memory until "
-            "aggregation."),
+        "of the server and can miss short spikes. The hub keeps the first "
+        f"{UPDATES_IN_MEMORY} updates of a round in reused buffers and spools the others to temporary files (page "
+        "cache, not in RSS), read back in parts when they are used; the site processes hold each site's last model "
+        "and the buffers of the next one and of its update.",
         "",
         "| sites | server RSS before round 1, MB | server peak RSS, MB | peak - baseline, MB | in model copies | "
         "highest RSS - baseline during fit / aggregate / evaluate, MB | RSS after the rounds / after malloc_trim, MB | "
@@ -935,8 +937,6 @@ def main() -> None:
     args.params = args.params or (2_500_000 if quick else 25_000_000)
     args.rounds = args.rounds or (2 if quick else 3)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
-    global FILE_UPDATES
-    FILE_UPDATES = _file_updates()
     unknown = only - {"throughput", "overhead", "memory"}
     if unknown:
         ap.error(f"--only: unknown part(s) {sorted(unknown)}")

@@ -100,3 +100,354 @@ def test_a_damaged_update_file_is_a_codec_error(cut, junk, at):
                 _ = [u.params[k] for k in u.params]
             except CodecError:
                 pass
+
+
+# --------------------------------------------------------------------------- safetensors interop
+
+import json  # noqa: E402
+import struct  # noqa: E402
+
+import safetensors.torch  # noqa: E402
+
+MIXED = {
+    "f32": torch.randn(3, 4, generator=torch.Generator().manual_seed(1)),
+    "f64": torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(2)),
+    "f16": (torch.randn(2, 3, generator=torch.Generator().manual_seed(3)) * 100).half(),
+    "bf16": (torch.randn(4, 2, generator=torch.Generator().manual_seed(4)) * 1e20).bfloat16(),
+    "i64": torch.tensor([-(2**62), -1, 0, 1, 2**62 + 3]),
+    "i32": torch.tensor([[-7, 8], [2**31 - 1, -(2**31)]], dtype=torch.int32),
+    "i16": torch.tensor([-300, 300], dtype=torch.int16),
+    "i8": torch.tensor([-128, 127, 0], dtype=torch.int8),
+    "u8": torch.tensor([0, 255, 17], dtype=torch.uint8),
+    "bool": torch.tensor([[True, False, True], [False, False, True]]),
+    "scalar": torch.tensor(2.5),
+    "scalar_i": torch.tensor(-9),
+    "empty": torch.zeros(0),
+    "empty2": torch.zeros(3, 0, dtype=torch.int64),
+}
+MIXED_EXTRAS = {"c/f32": torch.arange(6.0).reshape(2, 3), "c/bool": torch.tensor([False, True]), "c/e": torch.ones(0, 2)}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(_bits(a[k]), _bits(b[k])), k  # bit for bit (NaN payloads included)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def test_medfed_payloads_are_read_by_safetensors():
+    for blob in (codec.encode_model(MIXED, MIXED_EXTRAS),
+                 codec.encode_update(Update("a", 2, MIXED, 3, 1, {"loss": 1.5}, MIXED_EXTRAS))):
+        loaded = safetensors.torch.load(bytes(blob))
+        _same(loaded, {**{f"params/{k}": v for k, v in MIXED.items()},
+                       **{f"extras/{k}": v for k, v in MIXED_EXTRAS.items()}})
+
+
+def test_medfed_payloads_from_a_pool_are_read_by_safetensors():
+    from medfed.core.buffers import BufferPool
+
+    pool = BufferPool(keep=1)
+    blob = codec.encode_model(MIXED, {}, pool)
+    assert isinstance(blob, memoryview)
+    _same(safetensors.torch.load(bytes(blob)), {f"params/{k}": v for k, v in MIXED.items()})
+    params, extras = codec.decode_model(blob)
+    _same(params, MIXED)
+    assert extras == {}
+
+
+def test_safetensors_payloads_are_decoded_by_medfed():
+    blob = safetensors.torch.save({**{f"params/{k}": v for k, v in MIXED.items()},
+                                   **{f"extras/{k}": v for k, v in MIXED_EXTRAS.items()}})
+    params, extras = codec.decode_model(blob)
+    _same(params, MIXED)
+    _same(extras, MIXED_EXTRAS)
+    # the same through decode_params, and a payload with only one group
+    _same(codec.decode_params(safetensors.torch.save({f"params/{k}": v for k, v in MIXED.items()})), MIXED)
+    params, extras = codec.decode_model(safetensors.torch.save({"params/w": torch.ones(2), "extras/e": torch.zeros(1)}))
+    _same(params, {"w": torch.ones(2)})
+    _same(extras, {"e": torch.zeros(1)})
+
+
+# --------------------------------------------------------------------------- view_update
+
+UPD = Update("hospital_a", 4, MIXED, 12, 3, {"loss": 0.125, "acc": 0.5}, MIXED_EXTRAS)
+
+
+def _check_update(v: Update, u: Update) -> None:
+    assert (v.site, v.round, v.num_examples, v.num_steps, v.metrics, v.encoding) == (
+        u.site, u.round, u.num_examples, u.num_steps, u.metrics, u.encoding)
+    _same(dict(v.params), dict(u.params))
+    _same(dict(v.extras), dict(u.extras))
+
+
+def test_view_update_equals_decode_update():
+    blob = codec.encode_update(UPD)
+    assert isinstance(blob, bytearray)
+    v, d = codec.view_update(blob), codec.decode_update(blob)
+    _check_update(v, d)
+    _check_update(v, UPD)
+    # a memoryview (a pool's buffer) works as well
+    _check_update(codec.view_update(memoryview(bytearray(blob))), UPD)
+
+
+def _data_span(blob, key: str) -> tuple[int, int]:
+    n = int.from_bytes(blob[:8], "little")
+    begin, end = json.loads(bytes(blob[8 : 8 + n]))[key]["data_offsets"]
+    return 8 + n + begin, 8 + n + end
+
+
+def _address(buf) -> int:
+    return torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+
+
+def _is_view_of(t: torch.Tensor, buf) -> bool:
+    start = _address(buf)
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + len(buf)
+
+
+# names and sizes that keep every tensor aligned: float32 and int64 entries, each of a
+# length that keeps the next one 8-byte aligned
+ALIGNED = Update("a", 2, {"w": torch.randn(3, 4), "x": torch.randn(5, dtype=torch.float64), "y": torch.arange(3),
+                          "z": torch.tensor(1.5, dtype=torch.float64)}, 7, 1, {}, {"c": torch.tensor([1.0, 2.0])})
+
+
+def test_view_update_tensors_share_memory_with_the_buffer():
+    blob = codec.encode_update(ALIGNED)
+    v = codec.view_update(blob)
+    for group in (v.params, v.extras):
+        for k, t in group.items():
+            assert _is_view_of(t, blob), k
+    begin, end = _data_span(blob, "params/w")
+    assert end - begin == 12 * 4
+    blob[begin + 4 : begin + 8] = struct.pack("<f", 1234.5)  # the second element of params/w
+    assert v.params["w"][0, 1].item() == 1234.5
+    begin, _ = _data_span(blob, "extras/c")
+    blob[begin + 4 : begin + 8] = struct.pack("<f", -7.0)
+    assert v.extras["c"].tolist() == [1.0, -7.0]
+    begin, _ = _data_span(blob, "params/y")
+    blob[begin + 16 : begin + 24] = struct.pack("<q", 42)
+    assert v.params["y"].tolist() == [0, 1, 42]
+    begin, _ = _data_span(blob, "params/z")
+    blob[begin : begin + 8] = struct.pack("<d", -0.25)
+    assert v.params["z"].item() == -0.25
+    # and the other way round: the tensor writes into the buffer
+    v.params["x"][4] = 3.0
+    begin, _ = _data_span(blob, "params/x")
+    assert struct.unpack("<d", bytes(blob[begin + 32 : begin + 40]))[0] == 3.0
+    # a decoded update is a copy
+    d = codec.decode_update(blob)
+    blob[begin + 32 : begin + 40] = struct.pack("<d", 5.0)
+    assert d.params["x"][4].item() == 3.0 and v.params["x"][4].item() == 5.0
+    # a view of a memoryview (a pool's buffer) shares it too
+    view = memoryview(bytearray(codec.encode_update(ALIGNED)))
+    assert all(_is_view_of(t, view) for t in codec.view_update(view).params.values())
+
+
+def test_view_update_shares_every_tensor_of_a_medfed_payload():
+    """_pack puts larger elements first, so every tensor is aligned and used in place."""
+    blob = codec.encode_update(UPD)
+    v = codec.view_update(blob)
+    copied = [k for group in (v.params, v.extras) for k, t in group.items() if t.numel() and not _is_view_of(t, blob)]
+    assert copied == []
+
+
+@pytest.mark.parametrize("blob", [lambda b: bytes(b), lambda b: memoryview(bytes(b)),
+                                  lambda b: memoryview(bytearray(b)).toreadonly()], ids=["bytes", "view", "readonly"])
+def test_view_update_refuses_a_read_only_buffer(blob):
+    with pytest.raises(CodecError, match="writable buffer"):
+        codec.view_update(blob(codec.encode_update(UPD)))
+
+
+def test_view_update_refuses_what_is_not_a_buffer():
+    with pytest.raises(CodecError):
+        codec.view_update("not bytes")  # type: ignore[arg-type]
+
+
+def _unaligned_payload(u: Update) -> bytearray:
+    """A safetensors payload made by hand whose header is not padded: its length is odd,
+    so every tensor of more than one byte per element starts at a misaligned offset."""
+    meta = {"site": u.site, "round": u.round, "num_examples": u.num_examples, "num_steps": u.num_steps,
+            "metrics": u.metrics, "encoding": u.encoding.value}
+    header: dict = {"__metadata__": {"medfed": json.dumps(meta)}}
+    data = bytearray()
+    for prefix, group in (("params", u.params), ("extras", u.extras)):
+        for name, t in group.items():
+            raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            header[f"{prefix}/{name}"] = {"dtype": codec._DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                                          "data_offsets": [len(data), len(data) + len(raw)]}
+            data += raw
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    if len(raw) % 2 == 0:
+        raw += b" "
+    assert len(raw) % 2 == 1 and len(raw) % 8 != 0
+    return bytearray(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_a_payload_with_an_unpadded_header_is_decoded():
+    blob = _unaligned_payload(UPD)
+    _check_update(codec.view_update(blob), UPD)
+    _check_update(codec.decode_update(blob), UPD)
+    _check_update(codec.view_update(memoryview(bytearray(blob))), UPD)
+    with _file(bytes(blob)) as f:
+        v = codec.read_update_file(f, len(blob))
+        _check_update(Update(v.site, v.round, {k: v.params[k] for k in v.params}, v.num_examples, v.num_steps,
+                             v.metrics, {k: v.extras[k] for k in v.extras}, v.encoding), UPD)
+
+
+def test_view_update_of_an_update_without_extras():
+    u = Update("b", 1, {"w": torch.randn(7, 3), "n": torch.tensor(5)}, 9, 2)
+    v = codec.view_update(codec.encode_update(u))
+    _check_update(v, u)
+    assert v.extras == {} and v.metrics == {}
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=params(), extras=params(), n=st.integers(1, 10**6))
+def test_view_update_round_trip_is_exact(p, extras, n):
+    u = Update("hospital_b", 9, p, n, 2, {"m": 1.0}, extras)
+    _check_update(codec.view_update(codec.encode_update(u)), u)
+
+
+@settings(max_examples=80, deadline=None)
+@given(cut=st.integers(0, 10_000), junk=st.binary(min_size=1, max_size=64), at=st.integers(0, 10_000))
+def test_a_damaged_payload_is_a_codec_error_for_view_update(cut, junk, at):
+    """Truncated or overwritten bytes: view_update gives the update decode_update gives, or
+    a CodecError (as decode_update does), never another exception."""
+    blob = bytes(codec.encode_update(Update("a", 1, {"w": torch.arange(100.0), "b": torch.ones(7)}, 5, 1,
+                                            extras={"i": torch.arange(3)})))
+    truncated = blob[: cut % len(blob)]
+    with pytest.raises(CodecError):
+        codec.view_update(bytearray(truncated))
+    bad = blob[: at % len(blob)] + junk + blob[at % len(blob) + len(junk):]
+    try:
+        v = codec.view_update(bytearray(bad))
+    except CodecError:
+        with pytest.raises(CodecError):
+            codec.decode_update(bad)
+        return
+    _check_update(v, codec.decode_update(bad))
+
+
+# --------------------------------------------------------------------------- tensors on disk, in parts
+
+FLAT = {"w": torch.randn(5, 7, generator=torch.Generator().manual_seed(5)),  # 35 elements
+        "h": (torch.randn(3, 3, generator=torch.Generator().manual_seed(6)) * 10).half(),
+        "i": torch.arange(-10, 13).reshape(23, 1),
+        "s": torch.tensor(3.25),
+        "e": torch.zeros(2, 0),
+        "bf": torch.linspace(-3, 3, 16).bfloat16()}
+
+
+def _from_file(f, p=FLAT):
+    blob = codec.encode_update(Update("a", 1, p, 4, 1, extras={"x": torch.arange(20.0)}))
+    f.write(blob)
+    f.flush()
+    return codec.read_update_file(f, len(blob))
+
+
+def test_describe_reads_the_header():
+    with _file(b"") as f:
+        u = _from_file(f)
+        assert isinstance(u.params, codec.FileTensors)
+        for k, t in FLAT.items():
+            assert codec.describe(u.params, k) == (tuple(t.shape), t.dtype) == u.params.describe(k)
+            assert codec.describe(FLAT, k) == (tuple(t.shape), t.dtype)
+        assert codec.describe(u.extras, "x") == ((20,), torch.float32)
+
+
+def test_pieces_of_a_file_are_the_slices_of_the_flattened_tensor():
+    with _file(b"") as f:
+        u = _from_file(f)
+        for k, t in FLAT.items():
+            flat = t.reshape(-1)
+            count = flat.numel()
+            spans = [(0, count), (0, 0), (count, count)] + [(a, b) for a in range(0, count + 1, 3)
+                                                            for b in (a, min(a + 1, count), min(a + 5, count), count)]
+            for a, b in spans:
+                got = u.params.piece(k, a, b)
+                assert got.dtype == t.dtype and got.shape == (b - a,), (k, a, b)
+                assert torch.equal(got, flat[a:b]), (k, a, b)
+                out = torch.full((b - a,), 1, dtype=t.dtype)
+                got = codec.piece(u.params, k, a, b, out)
+                assert torch.equal(got, flat[a:b]), (k, a, b)
+                if b > a:
+                    assert got.data_ptr() == out.data_ptr()  # read into the buffer given
+                assert torch.equal(codec.piece(FLAT, k, a, b, out), flat[a:b])
+
+
+def test_a_piece_into_a_buffer_that_does_not_fit_is_still_right():
+    with _file(b"") as f:
+        u = _from_file(f)
+        flat = FLAT["w"].reshape(-1)
+        for out in (torch.zeros(3, dtype=torch.float64), torch.zeros(2), torch.zeros(10)):
+            assert torch.equal(u.params.piece("w", 4, 7, out), flat[4:7])
+        assert torch.equal(codec.piece(u.params, "w", 30, 35, torch.zeros(1, dtype=torch.int64)), flat[30:35])
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 8, 34, 35, 36, 1000])
+def test_pieces_go_through_a_tensor_in_parts(size):
+    with _file(b"") as f:
+        u = _from_file(f)
+        for k, t in FLAT.items():
+            flat = t.reshape(-1)
+            count = flat.numel()
+            expected = [flat[a : a + size] for a in range(0, count, size)]
+            assert [len(p) for p in expected] == [min(size, count - a) for a in range(0, count, size)]
+            from_file = [p.clone() for p in codec.pieces(u.params, k, size=size)]  # each valid until the next
+            in_memory = list(codec.pieces(FLAT, k, size=size))
+            for parts in (from_file, in_memory):
+                assert len(parts) == len(expected), (k, size)
+                for got, exp in zip(parts, expected):
+                    assert got.dtype == t.dtype and torch.equal(got, exp), (k, size)
+            if count:
+                assert torch.equal(torch.cat(from_file), flat)
+
+
+def test_pieces_default_to_the_piece_size():
+    assert codec.PIECE > 35
+    with _file(b"") as f:
+        u = _from_file(f)
+        (only,) = list(codec.pieces(u.params, "w"))
+        assert torch.equal(only, FLAT["w"].reshape(-1))
+        assert list(codec.pieces(u.params, "e")) == []
+        (s,) = list(codec.pieces(u.params, "s"))
+        assert s.shape == (1,) and s.item() == 3.25
+
+
+def test_pieces_of_a_file_longer_than_the_piece_size():
+    t = torch.arange(2 * 37 + 5, dtype=torch.float32)
+    with _file(b"") as f:
+        u = _from_file(f, {"t": t})
+        parts = [p.clone() for p in codec.pieces(u.params, "t", size=37)]
+        assert [len(p) for p in parts] == [37, 37, 5]
+        assert torch.equal(torch.cat(parts), t)
+
+
+META = {"site": "a", "round": 1, "num_examples": 5, "num_steps": 1, "metrics": {}, "encoding": "full"}
+
+
+def _crafted(header: dict, data: bytes = b"") -> bytearray:
+    raw = json.dumps({"__metadata__": {"medfed": json.dumps(META)}, **header}).encode()
+    return bytearray(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("shape", [[0, 10**30], [0, 2**62, 2**62], [0] * 40, [-1, 0]])
+def test_absurd_shapes_are_a_codec_error(shape):
+    blob = _crafted({"params/w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    for decode in (codec.decode_update, codec.view_update):
+        with pytest.raises(CodecError, match="shape"):
+            decode(blob)
+
+
+def test_deeply_nested_json_is_a_codec_error():
+    raw = b"[" * 100_000
+    blob = bytearray(len(raw).to_bytes(8, "little") + raw)
+    for decode in (codec.decode_update, codec.view_update):
+        with pytest.raises(CodecError):
+            decode(blob)
+    with pytest.raises(CodecError):
+        codec.decode_eval_results("a", raw)

@@ -330,3 +330,196 @@ def test_a_model_larger_than_a_message_streams_both_ways(cons):
     (answer,) = fut.result(timeout=120)
     assert isinstance(answer, Update)
     assert answer.params["w"][0, 0] == -1.0 and torch.equal(answer.params["w"][1:], big["w"][1:])
+
+
+# ---------------------------------------------------------------------- updates held in memory or spooled to files
+
+from medfed.transport.grpc import hub as hub_module  # noqa: E402
+
+
+def _distinct_params(seed: int, shapes=None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(tuple(v.shape), generator=g) for k, v in (shapes or PARAMS).items()}
+
+
+@pytest.mark.parametrize("in_memory", [None, 0], ids=["default", "all-spooled"])
+def test_an_accepted_update_has_the_params_the_site_sent(cons, monkeypatch, in_memory):
+    if in_memory is not None:  # read by Hub._hold at each submission: the module's hub sees it
+        monkeypatch.setattr(hub_module, "UPDATES_IN_MEMORY", in_memory)
+    conn = cons.ready("hospital_a")
+    kept = []
+    for i in range(3):  # rounds in a row, each answer kept while the next arrives
+        fut, hdr, _ = cons.open_fit(conn)
+        sent = _distinct_params(1000 + 10 * i + (1 if in_memory is None else 5))
+        payload = _update(**sent)
+        conn.submit(_reply(hdr, payload), payload, 60)
+        (answer,) = fut.result(timeout=20)
+        assert isinstance(answer, Update), answer
+        assert isinstance(answer.params, codec.FileTensors) == (in_memory == 0)
+        assert sorted(answer.params) == sorted(sent)
+        for k, t in sent.items():
+            assert answer.params[k].dtype == t.dtype and torch.equal(answer.params[k], t), k
+        assert (answer.site, answer.round, answer.num_examples) == ("hospital_a", 1, N_TRAIN)
+        row = cons.store.audit_rows()[-1]
+        assert (row["status"], row["bytes_received"], row["sha256"]) == ("accepted", len(payload), wire.sha256(payload))
+        kept.append((answer, sent))
+    for answer, sent in kept:  # an update in use is never overwritten by a later one
+        assert all(torch.equal(answer.params[k], t) for k, t in sent.items())
+
+
+def test_updates_beyond_the_memory_budget_are_spooled(cons, monkeypatch):
+    """One update in memory per batch: of two sites' updates of a model of a few MiB, the
+    first is held in memory, the second goes to a file; both arrive intact."""
+    monkeypatch.setattr(hub_module, "UPDATES_IN_MEMORY", 1)
+    model = {"w": torch.zeros(600_000)}  # 2.4 MB: two updates exceed one model plus a header
+    a, b = cons.ready("hospital_a"), cons.ready("hospital_b")
+    reqs = [FitRequest(c.site, model, _plan(cons.job_id, 3)) for c in (a, b)]
+    fut = cons.pool.submit(cons.transport.fit, reqs, 30)
+    hdrs = [c.poll(cons.job_id, 30)[0] for c in (a, b)]
+    sent = [{"w": torch.randn(600_000, generator=torch.Generator().manual_seed(s))} for s in (1, 2)]
+    for c, hdr, p in zip((a, b), hdrs, sent):
+        payload = bytes(codec.encode_update(Update(c.site, 3, p, N_TRAIN, 1)))
+        c.submit(_reply(hdr, payload), payload, 60)
+        del payload
+    answers = fut.result(timeout=30)
+    assert [type(u.params) is codec.FileTensors for u in answers] == [False, True]
+    for u, p in zip(answers, sent):
+        assert torch.equal(u.params["w"], p["w"])
+
+
+# ---------------------------------------------------------------------- the sha256 a site may declare
+
+
+@pytest.mark.parametrize("in_memory", [None, 0], ids=["default", "all-spooled"])
+def test_a_submission_without_a_sha256_is_accepted(cons, monkeypatch, in_memory):
+    if in_memory is not None:
+        monkeypatch.setattr(hub_module, "UPDATES_IN_MEMORY", in_memory)
+    conn = cons.ready("hospital_a")
+    for extra in ({}, {"sha256": None}, "right"):
+        fut, hdr, _ = cons.open_fit(conn)
+        payload = _update()
+        over = {"sha256": wire.sha256(payload)} if extra == "right" else extra
+        header = _reply(hdr, payload, size=len(payload), **over)
+        assert ("sha256" in header) == bool(over)
+        reply = wire.decode_header(_raw_submit(conn, header, list(wire.chunks(payload, 100))), "reply")
+        assert reply == {"accepted": True}
+        (answer,) = fut.result(timeout=20)
+        assert isinstance(answer, Update) and torch.equal(answer.params["w"], codec.decode_update(payload).params["w"])
+        row = cons.store.audit_rows()[-1]
+        # the server's own hash is recorded whether or not the site declared one
+        assert (row["status"], row["sha256"]) == ("accepted", wire.sha256(payload))
+
+
+@pytest.mark.parametrize("in_memory", [None, 0], ids=["default", "all-spooled"])
+def test_a_submission_with_a_wrong_sha256_is_refused(cons, monkeypatch, in_memory):
+    if in_memory is not None:
+        monkeypatch.setattr(hub_module, "UPDATES_IN_MEMORY", in_memory)
+    conn = cons.ready("hospital_a")
+    payload = _update()
+    for bad in ("0" * 64, wire.sha256(payload).upper(), wire.sha256(payload + b"x"), 12345, ""):
+        fut, hdr, _ = cons.open_fit(conn)
+        header = _reply(hdr, payload, size=len(payload), sha256=bad)
+        _refused(lambda: _raw_submit(conn, header, [payload]), grpc.StatusCode.INVALID_ARGUMENT, "SHA-256")
+        (answer,) = fut.result(timeout=20)
+        assert isinstance(answer, SiteFailure) and "SHA-256" in answer.cause
+        assert cons.store.audit_rows()[-1]["status"] == "refused"
+    # the payload itself was fine: not counted as accepted (no replay), it goes through now
+    fut, hdr, _ = cons.open_fit(conn)
+    conn.submit(_reply(hdr, payload), payload, 60)
+    assert isinstance(fut.result(timeout=20)[0], Update)
+
+
+# ---------------------------------------------------------------------- the model a site already holds
+
+
+def _raw_poll(conn: Connection, job_id: str, have) -> tuple[dict, list[bytes]]:
+    """One poll naming ``have``: (header, payload chunks), the stream read to its end."""
+    stream = conn._poll(wire.encode_header({"site": conn.site, "job_id": job_id, "have": have}), timeout=30)
+    messages = list(stream)
+    return wire.decode_header(messages[0], "poll reply"), messages[1:]
+
+
+def _answer_fit(conn: Connection, hdr: dict, fut, params: dict) -> Update:
+    payload = _update(**params)
+    conn.submit(_reply(hdr, payload), payload, 60)
+    (answer,) = fut.result(timeout=20)
+    assert isinstance(answer, Update), answer
+    return answer
+
+
+def test_a_model_the_site_holds_is_not_sent_again(cons):
+    conn = cons.ready("hospital_a")
+    model = _distinct_params(7)  # one object, sent in three rounds: one model id
+    step = iter(range(1, 100))
+
+    def open_task():
+        return cons.pool.submit(cons.transport.fit, [FitRequest(conn.site, model, _plan(cons.job_id, 1))], 20)
+
+    # a site that holds no model gets the payload
+    fut = open_task()
+    hdr, chunks = _raw_poll(conn, cons.job_id, None)
+    assert hdr["kind"] == "fit" and "cached" not in hdr and isinstance(hdr["model_id"], str)
+    model_id, blob = hdr["model_id"], b"".join(chunks)
+    assert len(blob) == hdr["size"] > 0
+    params, _ = codec.decode_model(blob)
+    assert all(torch.equal(params[k], model[k]) for k in model)
+    _answer_fit(conn, hdr, fut, {k: v + next(step) for k, v in model.items()})
+    assert cons.store.audit_rows()[-1]["bytes_sent"] == len(blob)
+
+    # a site that names it gets a header only
+    fut = open_task()
+    hdr, chunks = _raw_poll(conn, cons.job_id, model_id)
+    assert hdr["kind"] == "fit" and hdr["cached"] is True and hdr["model_id"] == model_id
+    assert chunks == [] and hdr["size"] == len(blob)
+    _answer_fit(conn, hdr, fut, {k: v + next(step) for k, v in model.items()})
+    row = cons.store.audit_rows()[-1]
+    assert (row["kind"], row["status"], row["bytes_sent"]) == ("fit", "accepted", 0)
+
+    # a site that names another model gets the payload again
+    for other in ("f" * 32, "", 12, ["x"]):
+        fut = open_task()
+        hdr, chunks = _raw_poll(conn, cons.job_id, other)
+        assert "cached" not in hdr and hdr["model_id"] == model_id
+        assert b"".join(chunks) == blob
+        _answer_fit(conn, hdr, fut, {k: v + next(step) for k, v in model.items()})
+        assert cons.store.audit_rows()[-1]["bytes_sent"] == len(blob)
+
+
+def test_a_model_evaluated_then_trained_is_sent_once(cons):
+    """Connection.poll names the model it received last; the fit task of the model it just
+    evaluated comes without a payload and the site uses its own copy."""
+    conn = cons.ready("hospital_b")
+    model = _distinct_params(8)
+    fut = cons.pool.submit(cons.transport.evaluate, [EvalRequest(conn.site, model, (Split.VAL,), cons.job_id, 2)], 20)
+    hdr, blob = conn.poll(cons.job_id, 30)
+    assert hdr["kind"] == "evaluate" and "cached" not in hdr
+    evaluated = bytes(blob)
+    conn.submit({"task_id": hdr["task_id"], "job_id": cons.job_id, "round": 2, "kind": "evaluate"},
+                b'[{"split": "val", "n": 2, "metrics": {"auc": 0.5}}]', 60)
+    assert fut.result(timeout=20)[0][0].metrics == {"auc": 0.5}
+    assert cons.store.audit_rows()[-1]["bytes_sent"] == len(evaluated)
+
+    fut = cons.pool.submit(cons.transport.fit, [FitRequest(conn.site, model, _plan(cons.job_id, 3))], 20)
+    fit_hdr, fit_blob = conn.poll(cons.job_id, 30)
+    assert fit_hdr["kind"] == "fit" and fit_hdr["cached"] is True and fit_hdr["model_id"] == hdr["model_id"]
+    assert bytes(fit_blob) == evaluated
+    params, _ = codec.decode_model(fit_blob)
+    assert all(torch.equal(params[k], model[k]) for k in model)
+    payload = bytes(codec.encode_update(Update(conn.site, 3, {k: v + 1 for k, v in model.items()}, N_TRAIN, 1)))
+    conn.submit(_reply(fit_hdr, payload), payload, 60)
+    assert isinstance(fut.result(timeout=20)[0], Update)
+    row = cons.store.audit_rows()[-1]
+    assert (row["kind"], row["status"], row["bytes_sent"]) == ("fit", "accepted", 0)
+
+    # a new model: sent in full, and the site holds that one from now on
+    new = _distinct_params(9)
+    fut = cons.pool.submit(cons.transport.fit, [FitRequest(conn.site, new, _plan(cons.job_id, 4))], 20)
+    hdr2, blob2 = conn.poll(cons.job_id, 30)
+    assert "cached" not in hdr2 and hdr2["model_id"] != hdr["model_id"]
+    params, _ = codec.decode_model(blob2)
+    assert all(torch.equal(params[k], new[k]) for k in new)
+    payload = bytes(codec.encode_update(Update(conn.site, 4, {k: v + 1 for k, v in new.items()}, N_TRAIN, 1)))
+    conn.submit(_reply(hdr2, payload), payload, 60)
+    assert isinstance(fut.result(timeout=20)[0], Update)
+    assert cons.store.audit_rows()[-1]["bytes_sent"] == len(blob2)
+    assert conn._model is not None and conn._model[0] == hdr2["model_id"]

@@ -12,9 +12,9 @@ class BufferPool:
     """Large buffers reused from one payload to the next (models and updates received or
     encoded every round).
 
-    Fresh memory costs the kernel a page fault and a zeroed page for every 4 KiB: writing
-    a 100 MB payload into it took a quarter to a third off a transfer's speed on loopback
-    (benchmarks/deployment.py); a buffer used before is already in place. A buffer is
+    Fresh memory costs the kernel a page fault and a zeroed page for every 4 KiB, which
+    slows a transfer into it markedly (benchmarks/deployment.py: ``wire.gather`` into a
+    fresh buffer against a reused one); a buffer used before is already in place. A buffer is
     handed out as a memoryview of the payload's length and handed out again only once
     nothing else refers to it (no memoryview, tensor or array made from it is alive), so
     reuse never overwrites data in use. At most ``keep`` buffers are kept."""

@@ -34,7 +34,9 @@ def _pack(groups: dict[str, Params], meta: dict[str, Any], pool: BufferPool | No
     for prefix, params in groups.items():
         for name, t in params.items():
             entries.append((f"{prefix}/{name}", t.detach().to("cpu").contiguous()))
-    entries.sort(key=lambda e: e[0])
+    # largest elements first: every tensor then starts at a multiple of its element size
+    # (the header is padded to 8 bytes), so a receiver can use the tensors in place
+    entries.sort(key=lambda e: (-e[1].element_size(), e[0]))
     header: dict[str, Any] = {"__metadata__": {_META_KEY: json.dumps(meta)}}
     at = 0
     for key, t in entries:
@@ -66,7 +68,7 @@ def _layout(view: memoryview, what: str) -> tuple[int, dict[str, Any], dict[str,
         if not 0 < n <= min(_MAX_FILE_HEADER, len(view) - 8):
             raise ValueError(f"header length {n} does not fit a {len(view)}-byte payload")
         meta, entries = _parse_header(bytes(view[8 : 8 + n]), len(view) - 8 - n)
-    except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise CodecError(f"{what}: malformed payload ({e})") from None
     return 8 + n, meta, entries
 
@@ -182,7 +184,7 @@ def decode_eval_results(site: str, blob: bytes, splits: Sequence[Split] | None =
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"n is {n!r}")
             out.append(EvalResult(site=site, split=Split(d["split"]), num_examples=n, metrics=metrics))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (UnicodeDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
         raise CodecError(f"evaluation results: malformed ({e})") from None
     if splits is not None and [r.split for r in out] != list(splits):
         raise CodecError(f"evaluation results: splits {[r.split.value for r in out]}, expected {[s.value for s in splits]}")
@@ -257,6 +259,7 @@ _DTYPES = {
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_FILE_HEADER = 100 << 20
+_MAX_DIMS, _MAX_DIM = 16, 1 << 40  # beyond these a shape is garbage (torch could not even allocate it)
 
 
 class FileTensors(Mapping):
@@ -346,7 +349,8 @@ def _parse_header(raw: bytes, data_len: int) -> tuple[dict[str, Any], dict[str, 
 
     As strict as safetensors' own loader: known dtypes, sizes that match the shapes, byte
     ranges that cover the data without gaps or overlaps, names with a role prefix. Raises
-    ValueError (or KeyError, TypeError, JSONDecodeError) naming the problem."""
+    ValueError (or KeyError, TypeError, RecursionError for absurdly nested JSON) naming the
+    problem."""
     header = json.loads(raw)
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
@@ -359,7 +363,9 @@ def _parse_header(raw: bytes, data_len: int) -> tuple[dict[str, Any], dict[str, 
         shape = tuple(int(d) for d in e["shape"])
         begin, end = (int(x) for x in e["data_offsets"])
         count = math.prod(shape)
-        if min(shape, default=0) < 0 or end - begin != count * torch.empty(0, dtype=dtype).element_size():
+        if len(shape) > _MAX_DIMS or any(not 0 <= d <= _MAX_DIM for d in shape):
+            raise ValueError(f"tensor '{key}': shape {list(shape)[:_MAX_DIMS + 1]} is not a tensor shape")
+        if end - begin != count * torch.empty(0, dtype=dtype).element_size():
             raise ValueError(f"tensor '{key}': {e['data_offsets']} do not hold shape {list(shape)} of {e['dtype']}")
         spans.append((begin, end, key))
         prefix, sep, name = key.partition("/")
@@ -387,6 +393,6 @@ def read_update_file(f: BinaryIO, size: int) -> Update:
         if not 0 < n <= min(_MAX_FILE_HEADER, size - 8):
             raise ValueError(f"header length {n} does not fit a {size}-byte file")
         meta, groups = _parse_header(f.read(n), size - 8 - n)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError, json.JSONDecodeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError) as e:
         raise CodecError(f"update: malformed payload ({e})") from None
     return _update_from({k: FileTensors(f, 8 + n, v) for k, v in groups.items()}, meta)

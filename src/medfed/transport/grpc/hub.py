@@ -292,10 +292,17 @@ class Hub:
             hdr = self._header(first, "submission")
             self._check_caller(hdr, site)
             task = self._task_for(hdr, site)
-            if task.kind == "fit" and not self._receiving.acquire(timeout=max(0.0, context.time_remaining() or 0.0)):
+            left = context.time_remaining()
+            wait = self.round_timeout if left is None else max(0.0, left)
+            if task.kind == "fit" and not self._receiving.acquire(timeout=wait):  # wait for a free slot
                 raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed while other updates arrived")
             try:
                 answer, nbytes, digest = self._read_answer(task, hdr, messages, site)
+            except (Refused, grpc.RpcError):
+                raise
+            except Exception as e:  # a payload that breaks a decoder in a way its checks did not foresee
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"unreadable answer ({type(e).__name__}: {str(e)[:200]})") from None
             finally:
                 if task.kind == "fit":
                     self._receiving.release()
@@ -366,7 +373,7 @@ class Hub:
                 try:
                     wire.check_payload(digest, hdr.get("sha256"), f"{kind} answer")
                     update = codec.read_update_file(f, size)
-                except CodecError:
+                except BaseException:
                     f.close()
                     raise
         except CodecError as e:

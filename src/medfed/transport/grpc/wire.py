@@ -40,10 +40,9 @@ from medfed.core.errors import CodecError
 SERVICE = "medfed.Federation"
 JOIN, READY, POLL, SUBMIT = (f"/{SERVICE}/{m}" for m in ("Join", "Ready", "Poll", "Submit"))
 
-# bytes of payload per message: large enough that per-message costs vanish, small enough
-# that the copies each open stream holds (the server streams to every site at once) stay
-# small; 1 MiB moved data as fast as 4 MiB on loopback and halved the server's memory
-# growth per site (benchmarks/deployment.py, RESULTS.md)
+# bytes of payload per message: large enough that per-message costs stay small, small
+# enough that the copies each open stream holds (the server streams to many sites at once)
+# stay small
 CHUNK = 1 << 20
 MAX_MESSAGE = CHUNK + (1 << 20)  # the largest single gRPC message either side accepts
 MAX_HEADER = 1 << 20  # a JSON header (the job travels in one)
@@ -68,7 +67,7 @@ SERVER_OPTIONS = [
     ("grpc.experimental.tcp_max_read_chunk_size", 1 << 20),
     # a fixed receive window per stream instead of one grown by bandwidth probing: with
     # probing, every site's upload stream could buffer many megabytes in the server at
-    # once (its memory grew by 0.4 model copies per site); 4 MiB moves data as fast
+    # once, and its memory grew with the number of sites
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 4 << 20),
 ]
@@ -112,7 +111,7 @@ def decode_json_object(data: bytes, what: str) -> dict[str, Any]:
     """A JSON object from ``data`` (whose size the caller has bounded), or CodecError."""
     try:
         obj = json.loads(bytes(data))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CodecError(f"{what}: not JSON ({e})") from None
     if not isinstance(obj, dict):
         raise CodecError(f"{what}: must be a JSON object")
