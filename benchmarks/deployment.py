@@ -222,7 +222,7 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
     errors: list[str] = []
 
     def run_site(name: str) -> None:
-        encoded = BufferPool(keep=1)  # as RemoteSite: the update being sent
+        encoded, decoded = BufferPool(keep=1), BufferPool(keep=1)  # as RemoteSite: the update sent, the model received
         conn = Connection(target, ca, (folder / f"{name}.crt").read_bytes(), (folder / f"{name}.key").read_bytes(), name)
         rec: dict = {}
         poll_call, submit_call = conn._poll, conn._submit
@@ -258,7 +258,7 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
                        down_after_s=t_in - (s.t_end or s.t_last or s.t_first))  # until poll returns the payload
             with slots:
                 t0 = time.perf_counter()
-                params, extras = codec.decode_model(blob)
+                params, extras = codec.decode_model(blob, decoded)
                 t1 = time.perf_counter()
                 if hdr.get("kind") == "fit":
                     plan = codec.plan_from_dict(hdr.get("plan"), extras)
@@ -540,7 +540,8 @@ def codec_alone(params: dict, repeats: int) -> dict:
 
     t: dict[str, list[float]] = {}
     spec = full_spec(params)
-    pool = BufferPool(keep=2)
+    # one pool per use, as the server and the site have
+    encoded, received_at_site, decoded, update_buf, received_at_server = (BufferPool(keep=1) for _ in range(5))
 
     def clock(key, fn, *args, **kwargs):
         s = time.perf_counter()
@@ -556,22 +557,23 @@ def codec_alone(params: dict, repeats: int) -> dict:
 
     for _ in range(repeats + 1):  # the first pass fills the pool; its figures are dropped below
         clock("encode_model, fresh buffer", codec.encode_model, params, {})
-        blob = clock("encode_model, reused buffer", codec.encode_model, params, {}, pool)
+        blob = clock("encode_model, reused buffer", codec.encode_model, params, {}, encoded)
         clock("sha256", sha, blob)
         clock("wire.chunks", send_copies, blob)
         pieces = list(wire.chunks(blob))
         clock("gather, fresh buffer", wire.gather, iter(pieces), len(blob), 1 << 40, "x", hashed=False)
         got, _ = clock("gather, reused buffer", wire.gather, iter(pieces), len(blob), 1 << 40, "x", hashed=False,
-                       pool=pool)
+                       pool=received_at_site)
         del pieces, blob
-        received, _ = clock("decode_model", codec.decode_model, got)
+        clock("decode_model, fresh tensors", codec.decode_model, got)
+        received, _ = clock("decode_model", codec.decode_model, got, decoded)
         del got
-        up = clock("encode_update, reused buffer", codec.encode_update, Update("s", 1, received, 100, 1), pool)
+        up = clock("encode_update, reused buffer", codec.encode_update, Update("s", 1, received, 100, 1), update_buf)
         del received
         up_bytes = bytes(up)
         del up
         pieces = list(wire.chunks(up_bytes))
-        buf, _ = wire.gather(iter(pieces), len(up_bytes), 1 << 40, "x", hashed=False, pool=pool)
+        buf, _ = wire.gather(iter(pieces), len(up_bytes), 1 << 40, "x", hashed=False, pool=received_at_server)
         upd = clock("view_update", codec.view_update, buf)
         clock("update_problem, in memory", update_problem, upd, spec, 1)
         del upd, buf
@@ -688,7 +690,8 @@ def report_throughput(res: dict) -> list[str]:
         ("site: end of stream -> poll returns", median([r["down_after_s"] for r in rows]), None),
         ("receive and join the chunks (wire.gather), reused buffer", None, a["gather, reused buffer"]),
         ("receive and join the chunks (wire.gather), fresh buffer", None, a["gather, fresh buffer"]),
-        ("site: decode_model", median([r["decode_s"] for r in rows]), a["decode_model"]),
+        ("site: decode_model, into a reused buffer (RemoteSite)", median([r["decode_s"] for r in rows]), a["decode_model"]),
+        ("site: decode_model, fresh tensors", None, a["decode_model, fresh tensors"]),
         ("site: encode_update, reused buffer", median([r["encode_s"] for r in rows]), a["encode_update, reused buffer"]),
         ("site: answer returned -> Submit call starts", median([r["up_gap_s"] for r in rows]), None),
         ("server: last chunk -> end of the submit stream", median([r["up_close_s"] for r in rows]), None),

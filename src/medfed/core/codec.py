@@ -140,8 +140,18 @@ def encode_model(params: Params, extras: Params, pool: BufferPool | None = None)
     return _pack({"params": params, "extras": extras}, {}, pool)
 
 
-def decode_model(blob: bytes) -> tuple[Params, Params]:
-    groups, _ = _unpack(blob, "model")
+def decode_model(blob: bytes, pool: BufferPool | None = None) -> tuple[Params, Params]:
+    """(params, extras) of a model payload: tensors of their own, or, with ``pool``, views
+    of a copy of ``blob`` in a reused buffer (one copy into memory already in place; the
+    tensors may be changed without changing ``blob``)."""
+    if pool is None:
+        groups, _ = _unpack(blob, "model")
+    else:
+        view = _bytes_view(blob, "model")
+        base, _, entries = _layout(view, "model")
+        copy = pool.take(len(view))
+        copy[:] = view
+        groups = _views(copy, base, entries)
     unknown = groups.keys() - {"params", "extras"}
     if unknown:
         raise CodecError(f"model: unexpected tensor group(s) {sorted(unknown)}")
@@ -216,6 +226,11 @@ def view_update(buf: bytearray | memoryview) -> Update:
         raise CodecError(f"update: expected a writable buffer, got {type(buf).__name__}")
     view = memoryview(buf).cast("B")
     base, meta, entries = _layout(view, "update")
+    return _update_from(_views(view, base, entries), meta)
+
+
+def _views(view: memoryview, base: int, entries: dict[str, dict[str, tuple]]) -> dict[str, Params]:
+    """The tensors of a payload as views of ``view`` (copied only where misaligned)."""
     groups: dict[str, Params] = {}
     for prefix, named in entries.items():
         out = groups[prefix] = {}
@@ -230,7 +245,7 @@ def view_update(buf: bytearray | memoryview) -> Update:
                 t = torch.empty(shape, dtype=dtype)
                 t.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(view, np.uint8, end - begin, base + begin)
                 out[name] = t
-    return _update_from(groups, meta)
+    return groups
 
 
 def _update_from(groups: dict[str, Any], meta: dict[str, Any]) -> Update:
@@ -307,7 +322,7 @@ class FileTensors(Mapping):
         return len(self._entries)
 
 
-PIECE = 1 << 20  # elements per piece when a large tensor is gone through in parts
+PIECE = 1 << 18  # elements per part when a large tensor is gone through in parts (a float64 part fits in cache)
 
 
 def describe(params: Mapping[str, torch.Tensor], name: str) -> tuple[tuple[int, ...], torch.dtype]:

@@ -103,6 +103,7 @@ class RemoteSite:
         self.job: Job | None = None
         self.job_id = ""
         self._encoded = BufferPool(keep=1)  # the update being sent
+        self._decoded = BufferPool(keep=1)  # the model received, as tensors
 
     def setup(self, job_dict: dict[str, Any], job_id: str) -> tuple[dict[str, Any], float]:
         """Validate the job, read this site's data; return its summary and round timeout."""
@@ -180,7 +181,7 @@ class RemoteSite:
                 body = wire.decode_json_object(blob, "exchange task")
                 reply = self.app.exchange(str(hdr.get("topic")), int(hdr.get("round")), body)
                 return "exchange", json.dumps(reply).encode()
-            params, extras = codec.decode_model(blob)
+            params, extras = codec.decode_model(blob, self._decoded)
             if hdr.get("kind") == "fit":
                 plan = codec.plan_from_dict(hdr.get("plan"), extras)
                 if plan.job_id != self.job_id or plan.round != hdr.get("round"):
