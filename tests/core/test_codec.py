@@ -451,3 +451,24 @@ def test_deeply_nested_json_is_a_codec_error():
             decode(blob)
     with pytest.raises(CodecError):
         codec.decode_eval_results("a", raw)
+
+
+def test_decode_model_into_a_reused_buffer():
+    """With a pool the tensors are views of a copy: changing them leaves the payload alone,
+    and a second decode while the first tensors live does not overwrite them."""
+    from medfed.core.buffers import BufferPool
+
+    params, extras = {"w": torch.randn(5, 4), "b": torch.arange(3), "h": torch.ones(2).half()}, {"c": torch.randn(3)}
+    blob = codec.encode_model(params, extras)
+    kept = bytes(blob)
+    pool = BufferPool(keep=1)
+    p1, e1 = codec.decode_model(blob, pool)
+    assert all(torch.equal(p1[k], params[k]) for k in params) and torch.equal(e1["c"], extras["c"])
+    p1["w"].zero_()
+    assert bytes(blob) == kept  # the payload is untouched
+    other = codec.encode_model({k: v + 1 for k, v in params.items()}, extras)
+    p2, _ = codec.decode_model(other, pool)
+    assert torch.equal(p2["w"], params["w"] + 1) and bool((p1["w"] == 0).all())
+    del p1, e1, p2, _
+    p3, _ = codec.decode_model(blob, pool)  # the buffer is free again: reused, right values
+    assert all(torch.equal(p3[k], params[k]) for k in params)
