@@ -94,7 +94,8 @@ class Connection:
         The poll names the model this site received last (the id the server gave it); a
         task that sends that same model again (a model evaluated, then trained in the next
         round) comes with ``"cached": true`` and no payload, and the site uses its copy.
-        The payload is valid until the poll after next (its buffer is then reused)."""
+        Payloads arrive in reused buffers (a buffer is reused only once nothing refers to
+        what it holds)."""
         have = self._model[0] if self._model is not None else None
         stream = self._poll(wire.encode_header({"site": self.site, "job_id": job_id, "have": have}),
                             timeout=wire.transfer_deadline(0, round_timeout))

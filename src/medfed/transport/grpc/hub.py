@@ -42,7 +42,7 @@ from medfed.transport.grpc import wire
 
 log = logging.getLogger("medfed")
 
-SITE_LOCAL = Path("<site-local>")
+SITE_LOCAL = Path("<site-local>")  # stands for every file path when the job travels to sites
 # updates of one round kept in memory as they arrive (in model sizes); the others are
 # spooled to temporary files, so the server's memory does not grow with the number of sites
 UPDATES_IN_MEMORY = 3
@@ -51,7 +51,7 @@ UPDATES_IN_MEMORY = 3
 TRANSFERS = 4
 # seconds after its last poll that a site still counts as connected (a site polls again
 # at once after each answer, and every POLL_WAIT s when idle)
-LIVE_WINDOW = 3 * wire.POLL_WAIT  # stands for every file path when the job travels to sites
+LIVE_WINDOW = 3 * wire.POLL_WAIT
 
 
 def site_view(job: Job) -> dict[str, Any]:
@@ -83,7 +83,7 @@ class Task:
     arm: str
     round: int
     header: dict[str, Any]  # sent with the payload: the round plan, or the splits
-    blob: bytes  # the model: shared by every task of a batch that sends the same one
+    blob: bytes | bytearray | memoryview  # the payload: shared by every task of a batch that sends the same one
     model_id: str  # the blob's name, the same for every task that sends it (a site names the one it holds)
     limit: int  # the most bytes the answer may have
     spec: Spec | None = None  # fit: the names, shapes and dtypes the update must have
