@@ -387,6 +387,28 @@ def test_updates_beyond_the_memory_budget_are_spooled(cons, monkeypatch):
         assert torch.equal(u.params["w"], p["w"])
 
 
+def test_a_refused_update_gives_its_memory_back(cons, monkeypatch):
+    """One update in memory per batch: the first site's update is refused (NaN) after it
+    was received in memory; the second site's update still gets the memory."""
+    monkeypatch.setattr(hub_module, "UPDATES_IN_MEMORY", 1)
+    model = {"w": torch.zeros(600_000)}
+    a, b = cons.ready("hospital_a"), cons.ready("hospital_b")
+    reqs = [FitRequest(c.site, model, _plan(cons.job_id, 3)) for c in (a, b)]
+    fut = cons.pool.submit(cons.transport.fit, reqs, 30)
+    hdrs = [c.poll(cons.job_id, 30)[0] for c in (a, b)]
+    bad = torch.zeros(600_000)
+    bad[7] = float("nan")
+    for c, hdr, p in zip((a, b), hdrs, (bad, torch.ones(600_000))):
+        payload = bytes(codec.encode_update(Update(c.site, 3, {"w": p}, N_TRAIN, 1)))
+        if c is a:
+            _refused(lambda: c.submit(_reply(hdr, payload), payload, 60), grpc.StatusCode.INVALID_ARGUMENT, "NaN")
+        else:
+            c.submit(_reply(hdr, payload), payload, 60)
+    refused, accepted = fut.result(timeout=30)
+    assert isinstance(refused, SiteFailure) and "NaN" in refused.cause
+    assert type(accepted.params) is not codec.FileTensors and torch.equal(accepted.params["w"], torch.ones(600_000))
+
+
 # ---------------------------------------------------------------------- the sha256 a site may declare
 
 

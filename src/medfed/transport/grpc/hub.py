@@ -356,6 +356,17 @@ class Hub:
         size = hdr.get("size")
         if isinstance(size, bool) or not isinstance(size, int):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"size must be an integer, got {size!r}")
+        held = kind == "fit" and self._hold(size, task)
+        try:
+            return self._read_payload(task, hdr, messages, site, kind, size, held)
+        except BaseException:
+            if held:  # refused: the memory it was given is free again
+                with self._cv:
+                    self._held = max(0, self._held - size)
+            raise
+
+    def _read_payload(self, task: Task, hdr: dict[str, Any], messages: Iterator[bytes], site: str, kind: str,
+                      size: int, in_memory: bool):
         try:
             if kind in ("evaluate", "exchange"):
                 blob, digest = wire.gather(messages, size, task.limit, f"{kind} answer")
@@ -363,7 +374,7 @@ class Hub:
                 if kind == "exchange":
                     return wire.decode_json_object(blob, "exchange answer"), size, digest
                 return codec.decode_eval_results(site, blob, task.splits), size, digest
-            if self._hold(size, task):  # in memory: the update's tensors are views of the payload
+            if in_memory:  # the update's tensors are views of the payload
                 blob, _ = wire.gather(messages, size, task.limit, f"{kind} answer", hashed=False, pool=self._buffers)
                 digest = wire.sha256(blob)  # at once, after the last chunk: the stream is not held up
                 wire.check_payload(digest, hdr.get("sha256"), f"{kind} answer")
