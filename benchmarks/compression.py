@@ -29,8 +29,7 @@ import traceback
 from pathlib import Path
 
 
-from final_model import BREAST, data_sets, nan_outputs, final_test_means
-from medfed.config import parse_job
+from final_model import data_section, data_sets, final_test_means, nan_outputs, small_cnn_job
 from medfed.data.sites import build_sites
 from medfed.server.runner import run_job
 from medfed.site.device import set_threads
@@ -52,28 +51,14 @@ SETTINGS: dict[str, dict | None] = {
 
 def data_settings(name: str, quick: bool) -> tuple[dict, int, int]:
     """The job's ``data`` section, the number of rounds and of local epochs."""
-    sites = [f"site{i}" for i in range(N_SITES)]
+    data = data_section(name, N_SITES, 60 if quick else 200, 100)
     if name == "synthetic":
-        n_train = 60 if quick else 200
-        data = {"source": "synthetic", "image_size": 28,
-                "sites": [{"name": s, "n_train": n_train, "n_val": 20, "n_test": 100, "prevalence": 0.4}
-                          for s in sites]}
         return data, 3 if quick else 20, 1
-    data = {"source": "medmnist", "path": str(BREAST), "partition": {"method": "iid", "sites": sites}}
     return data, 3 if quick else 20, 1 if quick else 2
 
 
 def make_job(name: str, data: dict, rounds: int, epochs: int, out: Path, compression: dict | None):
-    raw = {
-        "name": name, "seed": SEED, "output": str(out), "rounds": rounds, "threads": THREADS, "device": "cpu",
-        "eval_every": rounds,  # evaluate the final model only
-        "data": data, "model": {"name": "small_cnn", "width": 16},
-        "task": {"labels": "binary", "monitor": "auc"},
-        "train": {"local_epochs": epochs, "batch_size": 32, "lr": 0.02, "momentum": 0.9},
-    }
-    if compression is not None:
-        raw["compression"] = compression
-    return parse_job(raw)
+    return small_cnn_job(name, data, rounds, epochs, out, SEED, THREADS, compression=compression)
 
 
 def summarize(run_dir: Path) -> dict:

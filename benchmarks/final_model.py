@@ -1,7 +1,7 @@
-"""What the update-path benchmarks (robustness.py, compression.py, privacy.py) read of a
-finished run: the final federated model's test figures, and whether it outputs NaN.
-Imported by those scripts (run as ``python benchmarks/<name>.py``, this folder is on the
-path)."""
+"""What the update-path benchmarks (robustness.py, compression.py, privacy.py) share: the
+jobs robustness.py and compression.py run, and what they read of a finished run (the final
+federated model's test figures, and whether it outputs NaN). Imported by those scripts
+(run as ``python benchmarks/<name>.py``, this folder is on the path)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,39 @@ from pathlib import Path
 
 import torch
 
+from medfed.config import parse_job
 from medfed.server.checkpoint import load_checkpoint
 from medfed.server.runner import initial_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BREAST = ROOT.parent / "shared" / "data" / "medmnist" / "breastmnist.npz"
+
+
+def data_section(name: str, n_sites: int, n_train: int, n_test: int) -> dict:
+    """A job's ``data`` section: ``n_sites`` synthetic sites of ``n_train`` / 20 / ``n_test``
+    images (``name`` "synthetic"), or BreastMNIST split i.i.d. over ``n_sites`` sites."""
+    sites = [f"site{i}" for i in range(n_sites)]
+    if name == "synthetic":
+        return {"source": "synthetic", "image_size": 28,
+                "sites": [{"name": s, "n_train": n_train, "n_val": 20, "n_test": n_test, "prevalence": 0.4}
+                          for s in sites]}
+    return {"source": "medmnist", "path": str(BREAST), "partition": {"method": "iid", "sites": sites}}
+
+
+def small_cnn_job(name: str, data: dict, rounds: int, epochs: int, out: Path, seed: int, threads: int,
+                  **sections: dict | None):
+    """A binary small_cnn job that evaluates its final model only (the benchmarks read
+    nothing else), with the update-path ``sections`` that are not None (robust, attack,
+    compression...)."""
+    raw = {
+        "name": name, "seed": seed, "output": str(out), "rounds": rounds, "threads": threads, "device": "cpu",
+        "eval_every": rounds,
+        "data": data, "model": {"name": "small_cnn", "width": 16},
+        "task": {"labels": "binary", "monitor": "auc"},
+        "train": {"local_epochs": epochs, "batch_size": 32, "lr": 0.02, "momentum": 0.9},
+    }
+    raw.update({k: v for k, v in sections.items() if v is not None})
+    return parse_job(raw)
 
 
 def final_test_means(recs: list[dict]) -> dict:

@@ -39,8 +39,7 @@ from pathlib import Path
 
 import torch
 
-from final_model import BREAST, data_sets, nan_outputs, final_test_means
-from medfed.config import parse_job
+from final_model import data_section, data_sets, final_test_means, nan_outputs, small_cnn_job
 from medfed.core.params import delta, l2_norm
 from medfed.core.types import Arm
 from medfed.data.sites import build_sites
@@ -73,31 +72,15 @@ RULES: dict[str, dict | None] = {
 
 def data_settings(name: str, quick: bool) -> tuple[dict, int, int]:
     """The job's ``data`` section, the number of rounds and of local epochs."""
-    sites = [f"site{i}" for i in range(N_SITES)]
+    data = data_section(name, N_SITES, 40 if quick else 100, 50)
     if name == "synthetic":
-        n_train = 40 if quick else 100
-        data = {"source": "synthetic", "image_size": 28,
-                "sites": [{"name": s, "n_train": n_train, "n_val": 20, "n_test": 50, "prevalence": 0.4}
-                          for s in sites]}
         return data, 3 if quick else 12, 1
-    data = {"source": "medmnist", "path": str(BREAST), "partition": {"method": "iid", "sites": sites}}
     return data, 3 if quick else 15, 1 if quick else 3
 
 
 def make_job(name: str, data: dict, rounds: int, epochs: int, out: Path,
              robust: dict | None = None, attack: dict | None = None):
-    raw = {
-        "name": name, "seed": SEED, "output": str(out), "rounds": rounds, "threads": THREADS, "device": "cpu",
-        "eval_every": rounds,  # evaluate the final model only: the benchmark reads nothing else
-        "data": data, "model": {"name": "small_cnn", "width": 16},
-        "task": {"labels": "binary", "monitor": "auc"},
-        "train": {"local_epochs": epochs, "batch_size": 32, "lr": 0.02, "momentum": 0.9},
-    }
-    if robust is not None:
-        raw["robust"] = robust
-    if attack is not None:
-        raw["attack"] = attack
-    return parse_job(raw)
+    return small_cnn_job(name, data, rounds, epochs, out, SEED, THREADS, robust=robust, attack=attack)
 
 
 def summarize(run_dir: Path) -> dict:

@@ -84,16 +84,18 @@ def _unpack(blob: bytes | bytearray | memoryview, what: str) -> tuple[dict[str, 
     checked as strictly as a file (see :func:`_parse_header`)."""
     view = _bytes_view(blob, what)
     base, meta, entries = _layout(view, what)
-    data = np.frombuffer(view, dtype=np.uint8, offset=base)
-    groups: dict[str, Params] = {}
-    for prefix, named in entries.items():
-        out = groups[prefix] = {}
-        for name, (dtype, shape, begin, end) in named.items():
-            t = torch.empty(shape, dtype=dtype)
-            if end > begin:
-                t.reshape(-1).view(torch.uint8).numpy()[:] = data[begin:end]
-            out[name] = t
+    groups = {prefix: {name: _copied(view, dtype, shape, base + begin, base + end)
+                       for name, (dtype, shape, begin, end) in named.items()}
+              for prefix, named in entries.items()}
     return groups, meta
+
+
+def _copied(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
+    """A tensor of its own holding bytes ``begin:end`` of ``view``."""
+    t = torch.empty(shape, dtype=dtype)
+    if end > begin:
+        t.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(view, np.uint8, end - begin, begin)
+    return t
 
 
 def encode_params(params: Params) -> bytearray:
@@ -236,15 +238,11 @@ def _views(view: memoryview, base: int, entries: dict[str, dict[str, tuple]]) ->
         out = groups[prefix] = {}
         for name, (dtype, shape, begin, end) in named.items():
             size = torch.empty(0, dtype=dtype).element_size()
-            if end == begin:
-                out[name] = torch.empty(shape, dtype=dtype)
-            elif (base + begin) % size == 0:  # aligned (always, for payloads made by _pack)
+            if end > begin and (base + begin) % size == 0:  # aligned (always, for payloads made by _pack)
                 out[name] = torch.frombuffer(view, dtype=dtype, count=(end - begin) // size,
                                              offset=base + begin).reshape(shape)
-            else:
-                t = torch.empty(shape, dtype=dtype)
-                t.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(view, np.uint8, end - begin, base + begin)
-                out[name] = t
+            else:  # empty, or misaligned
+                out[name] = _copied(view, dtype, shape, base + begin, base + end)
     return groups
 
 
@@ -333,9 +331,10 @@ def describe(params: Mapping[str, torch.Tensor], name: str) -> tuple[tuple[int, 
     return tuple(t.shape), t.dtype
 
 
-def piece(params: Mapping[str, torch.Tensor], name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+def piece(params: Mapping[str, torch.Tensor], name: str, start: int, stop: int,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """Elements ``start:stop`` of the flattened ``params[name]``: a view of an in-memory
-    tensor, or read into ``out`` (1-D, of that length and dtype) from a file."""
+    tensor, or read from a file (into ``out`` when given: 1-D, of that length and dtype)."""
     if isinstance(params, FileTensors):
         return params.piece(name, start, stop, out)
     return params[name].reshape(-1)[start:stop]
@@ -345,17 +344,12 @@ def pieces(params: Mapping[str, torch.Tensor], name: str, size: int = PIECE):
     """The flattened tensor ``params[name]`` in consecutive parts of at most ``size``
     elements: views of an in-memory tensor, or reads into one reused buffer for a file
     (each part is valid until the next one is produced)."""
-    if isinstance(params, FileTensors):
-        shape, dtype = params.describe(name)
-        count = math.prod(shape)
-        buf = torch.empty(min(size, count), dtype=dtype)
-        for start in range(0, count, size):
-            stop = min(start + size, count)
-            yield params.piece(name, start, stop, buf[: stop - start])
-        return
-    flat = params[name].reshape(-1)
-    for start in range(0, flat.numel(), size):
-        yield flat[start : start + size]
+    shape, dtype = describe(params, name)
+    count = math.prod(shape)
+    buf = torch.empty(min(size, count), dtype=dtype) if isinstance(params, FileTensors) else None
+    for start in range(0, count, size):
+        stop = min(start + size, count)
+        yield piece(params, name, start, stop, None if buf is None else buf[: stop - start])
 
 
 def _parse_header(raw: bytes, data_len: int) -> tuple[dict[str, Any], dict[str, dict[str, tuple]]]:

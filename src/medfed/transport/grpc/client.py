@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from medfed import __version__
+from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError, MedfedError
 from medfed.transport.base import describe_exception
 from medfed.transport.grpc import wire
@@ -66,7 +67,7 @@ class Connection:
         self._poll = self.channel.unary_stream(wire.POLL)
         self._submit = self.channel.stream_unary(wire.SUBMIT)
         self._model: tuple[str, memoryview] | None = None  # (id, payload) of the last model received
-        self._buffers = wire.BufferPool(keep=2)  # the model held and the one arriving
+        self._buffers = BufferPool(keep=2)  # the model held and the one arriving
 
     def close(self) -> None:
         self.channel.close()

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from medfed import __version__
 from medfed.config import Job, map_paths
 from medfed.core import codec
+from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError
 from medfed.core.types import Encoding, SiteFailure, Spec, Split
 from medfed.server.validate import update_problem
@@ -133,7 +134,7 @@ class Hub:
         self._sessions: dict[str, Session] = {}
         self._accepted: set[str] = set()  # SHA-256 of every update accepted in this process
         self._held = 0  # bytes of this batch's updates held in memory
-        self._buffers = wire.BufferPool(keep=UPDATES_IN_MEMORY)  # where they are received
+        self._buffers = BufferPool(keep=UPDATES_IN_MEMORY)  # where they are received
         self._sending = threading.BoundedSemaphore(TRANSFERS)  # held while a model chunk is sent
         self._receiving = threading.BoundedSemaphore(TRANSFERS)  # held while an update is received
         self._done = False

@@ -40,7 +40,7 @@ def _libc():
         return None
 
 
-def limit_malloc_arenas(n: int = 2) -> None:
+def tune_malloc(arenas: int = 2) -> None:
     """Cap glibc's per-thread memory arenas, and fix the size from which a block gets its
     own mapping at 4 MiB. The 1 MiB chunks that gRPC handler threads receive and send are
     then reused from the heap, while glibc's default threshold, which rises as large blocks
@@ -48,7 +48,7 @@ def limit_malloc_arenas(n: int = 2) -> None:
     server's memory grew with the number of sites although it held no more data."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(_M_ARENA_MAX, n)
+        libc.mallopt(_M_ARENA_MAX, arenas)
         libc.mallopt(_M_MMAP_THRESHOLD, 4 << 20)
 
 
@@ -80,7 +80,7 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
             "Submit": _handler(hub.submit, "stream_in"),
         },
     )
-    limit_malloc_arenas()
+    tune_malloc()
     # the objects alive now (modules, the model...) stay for good: keep them out of the
     # garbage collector's full passes, which gRPC's many small objects set off often
     gc.freeze()
