@@ -49,13 +49,35 @@ class RunResult:
 
 
 def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse an output folder that already holds something, unless ``overwrite``."""
+    """Refuse an output folder that already holds something, unless ``overwrite`` and it
+    holds a run medfed wrote (its ``run.json`` marker): medfed never replaces a folder of
+    the user's own files."""
     if output.exists() and not output.is_dir():
         raise RunDirError(f"output '{output}' exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        what = "a run" if (output / RUN_MARKER).exists() else "files"
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not (output / RUN_MARKER).is_file():
+        hint = ("--overwrite replaces only a run folder medfed wrote (one with run.json); choose a new output "
+                "folder" if overwrite else "choose another output")
+        raise RunDirError(f"output folder '{output}' already holds files that are not a medfed run; {hint}")
+    if not overwrite:
         raise RunDirError(
-            f"output folder '{output}' already holds {what}; choose another output or pass --overwrite"
+            f"output folder '{output}' already holds a run; choose another output or pass --overwrite"
+        )
+
+
+def check_replaceable(output: Path) -> None:
+    """Refuse to replace the current folder, the home folder, or a folder above either: a
+    run's output is moved into place over the old folder, so it must be a folder of its own
+    (``-o .`` or ``-o ~`` would otherwise take everything in it)."""
+    output = output.resolve()
+    protected = {Path.cwd().resolve(), Path.home().resolve()}
+    for p in list(protected):
+        protected.update(p.parents)
+    if output in protected or output == Path(output.anchor):
+        raise RunDirError(
+            f"output '{output}' is the current folder, the home folder or a folder above them; a run replaces "
+            "its output folder, so name a new folder for it (e.g. -o runs/my-run)"
         )
 
 
@@ -133,6 +155,7 @@ def run_job(
     from medfed.tracking.report import write_report
 
     output = job.output.resolve()
+    check_replaceable(output)
     check_output(output, overwrite)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -206,7 +229,13 @@ def run_job(
 
 
 def _move_into_place(staging: Path, output: Path) -> None:
-    if output.exists():  # only reached with overwrite=True; check_output refused otherwise
+    """Put the finished run at ``output``, replacing what is there only if it is a run
+    (checked again: the folder may have changed while the job ran)."""
+    if output.exists():  # check_output let it through: empty, or a run with overwrite=True
+        check_replaceable(output)
+        if output.is_dir() and any(output.iterdir()) and not (output / RUN_MARKER).is_file():
+            raise RunDirError(f"output folder '{output}' received files that are not a medfed run while the job "
+                              f"ran; nothing was replaced, and the finished run is left in '{staging}'")
         old = output.parent / f".{output.name}.old-{os.getpid()}"
         os.replace(output, old)
         os.replace(staging, output)
