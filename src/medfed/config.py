@@ -36,7 +36,7 @@ from medfed.robust.settings import AttackConfig, RobustConfig
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
-RESERVED_SITE_NAMES = {"all"}  # "all" labels the mean over sites in metrics and reports
+RESERVED_SITE_NAMES = {"all", "median"}  # the mean and the median over sites in metrics and reports
 
 
 def _unique(names: list[str], what: str) -> list[str]:

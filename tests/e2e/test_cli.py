@@ -133,7 +133,7 @@ def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
     assert "left out" not in (tmp_path / "run" / "run.log").read_text()
     if algorithm["name"] == "ditto":
         personal = [r for r in _records(tmp_path / "run") if r["arm"] == "personalized" and r["split"] == "test"]
-        assert {r["round"] for r in personal} == {1, 2} and {r["site"] for r in personal} == {"a", "b", "c", "all"}
+        assert {r["round"] for r in personal} == {1, 2} and {r["site"] for r in personal} == {"a", "b", "c", "all", "median"}
 
 
 def test_pool_transport_runs_scaffold_and_centralized(tmp_path):
@@ -144,7 +144,7 @@ def test_pool_transport_runs_scaffold_and_centralized(tmp_path):
     assert res.exit_code == 0, res.output
     recs = _records(tmp_path / "run")
     assert {r["arm"] for r in recs} == {"federated", "centralized"}
-    assert {r["site"] for r in recs if r["split"] == "test"} == {"a", "b", "c", "all"}
+    assert {r["site"] for r in recs if r["split"] == "test"} == {"a", "b", "c", "all", "median"}
 
 
 def test_finetuned_arm_is_reported_next_to_the_global_model(tmp_path):
@@ -155,7 +155,7 @@ def test_finetuned_arm_is_reported_next_to_the_global_model(tmp_path):
     recs = _records(tmp_path / "run")
     tuned = [r for r in recs if r["arm"] == "finetuned"]
     assert {r["round"] for r in tuned} == {2}
-    assert {r["site"] for r in tuned if r["split"] == "test" and r["metric"] == "auc"} == {"a", "b", "c", "all"}
+    assert {r["site"] for r in tuned if r["split"] == "test" and r["metric"] == "auc"} == {"a", "b", "c", "all", "median"}
     assert "finetuned" in res.output
     html = (tmp_path / "run" / "report.html").read_text()
     assert "finetuned" in html

@@ -119,8 +119,8 @@ def test_pairs_job_with_a_held_out_site_and_feature_shift(tmp_path):
     rec = read_metrics(run / "metrics.jsonl")
     trained = {r["site"] for r in rec if r["metric"] == "loss" and r["split"] == "train" and r["arm"] == "federated"}
     assert trained == {"x", "y"}
-    assert {r["site"] for r in rec if r["arm"] == "local"} == {"x", "y", "all"}
-    assert {r["site"] for r in rec if r["arm"] == "centralized" and r["split"] == "test"} == {"x", "y", "z", "all"}
+    assert {r["site"] for r in rec if r["arm"] == "local"} == {"x", "y", "all", "median"}
+    assert {r["site"] for r in rec if r["arm"] == "centralized" and r["split"] == "test"} == {"x", "y", "z", "all", "median"}
     assert not any(r["metric"].startswith("hd95") for r in rec)
     described = json.loads((run / "sites.json").read_text())["sites"]
     assert [s["held_out"] for s in described] == [False, False, True]

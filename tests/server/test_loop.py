@@ -113,7 +113,7 @@ def test_only_sampled_sites_train_but_all_evaluate():
     run_federated(job, t, FedAvg(), {"w": torch.zeros(3)}, lambda *r: records.append(r), None, sampler)
     trained = [(site, rnd) for site, rnd, _ in t.fit_calls]
     assert trained == [(sampler.select(r)[0][1], r) for r in (1, 2, 3)]
-    assert {r[2] for r in records if r[3] == "test"} == {"a", "b", "c", "all"}
+    assert {r[2] for r in records if r[3] == "test"} == {"a", "b", "c", "all", "median"}
 
 
 def test_held_out_site_never_trains_but_is_evaluated_outside_the_mean():
@@ -123,7 +123,7 @@ def test_held_out_site_never_trains_but_is_evaluated_outside_the_mean():
     # FedAvg of a and b only: (10*1 + 30*2) / 40 = 1.75 per round
     assert torch.allclose(final["w"], torch.full((3,), 3.5))
     test_sites = {r[2] for r in records if r[3] == "test"}
-    assert test_sites == {"a", "b", "c", "all"}
+    assert test_sites == {"a", "b", "c", "all", "median"}
     # every site evaluates the same global model here, so "all" equals each site's value
     last = {r[2]: r[5] for r in records if r[0] == 2 and r[3] == "test" and r[4] == "auc"}
     assert last["all"] == pytest.approx(last["a"]) and last["c"] == pytest.approx(last["a"])
@@ -152,4 +152,22 @@ def test_local_and_centralized_baselines_leave_held_out_sites_out_of_training():
     run_centralized(job, t, {"w": torch.zeros(3)}, lambda *r: records.append(r))
     assert {site for site, _, _ in t.fit_calls} == {"a", "b", POOLED}
     centralized_tested = {r[2] for r in records if r[1] == "centralized" and r[3] == "test"}
-    assert centralized_tested == {"a", "b", "c", "all"}  # the held-out site evaluates the pooled model
+    assert centralized_tested == {"a", "b", "c", "all", "median"}  # the held-out site evaluates the pooled model
+
+
+class SkewedEval(FakeTransport):
+    """Each site evaluates to its own auc, ``n`` examples each; ``c`` claims a perfect 1.0."""
+
+    AUC = {"a": 0.40, "b": 0.55, "c": 1.0}
+
+    def evaluate(self, requests, timeout):
+        return [[EvalResult(r.site, s, self.sizes[r.site], {"auc": self.AUC[r.site]}) for s in r.splits]
+                for r in requests]
+
+
+def test_the_median_over_sites_is_recorded_next_to_the_weighted_mean():
+    t = SkewedEval({"a": 0.0, "b": 0.0, "c": 0.0}, {"a": 10, "b": 30, "c": 60})
+    _, records, _ = _run(t, rounds=1)
+    got = {(r[2], r[3]): r[5] for r in records if r[4] == "auc"}
+    assert got[("all", "val")] == pytest.approx((0.4 * 10 + 0.55 * 30 + 1.0 * 60) / 100)
+    assert got[("median", "val")] == pytest.approx(0.55) and got[("median", "test")] == pytest.approx(0.55)

@@ -10,10 +10,14 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from medfed.core.text import printable
+
 if TYPE_CHECKING:  # torch is imported lazily so that `medfed validate` stays fast
     import torch
 
 Params = dict[str, "torch.Tensor"]
+
+CAUSE_LIMIT = 2000  # characters of a failure's cause that are kept
 
 
 class Arm(str, enum.Enum):
@@ -147,7 +151,13 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class SiteFailure:
-    """A site that did not answer in time or raised: the cause reaches the server log."""
+    """A site that did not answer in time or raised: the cause reaches the server log.
+
+    A cause often holds text the site sent: it is kept printable (control characters
+    escaped, at most ``CAUSE_LIMIT`` characters), so it cannot forge log lines or audit rows."""
 
     site: str
     cause: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cause", printable(self.cause, CAUSE_LIMIT))

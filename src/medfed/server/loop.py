@@ -32,6 +32,7 @@ from medfed.core.types import (
 from medfed.server.sampling import SiteSampler
 from medfed.server.update_path import Incoming
 from medfed.server.validate import update_problem
+from medfed.tracking.metrics import MEDIAN_SITE, POOLED_SITE
 from medfed.transport.base import Transport
 
 if TYPE_CHECKING:
@@ -140,38 +141,35 @@ def collect_updates(
 def evaluate_round(
     transport: Transport, params_by_site: dict[str, Params], job: Job, arm: Arm, rnd: int, record: Recorder
 ) -> dict[str, dict[str, float | None]]:
-    """Evaluate each site's model on its val and test splits, record per-site values and
-    the example-weighted mean over the training sites (site ``all``; held-out sites are
-    recorded under their own names only); return those means."""
+    """Evaluate each site's model on its val and test splits, record per-site values, the
+    example-weighted mean over the training sites (site ``all``) and their median (site
+    ``median``: a consortium figure that one site's answer cannot move far); held-out
+    sites are recorded under their own names only. Return the means."""
     job_id = job_id_of(job)
     requests = [
         EvalRequest(site=s, params=p, splits=EVAL_SPLITS, job_id=job_id, round=rnd, arm=arm)
         for s, p in params_by_site.items()
     ]
-    sums: dict[tuple[str, str], list[float]] = {}
+    values: dict[tuple[str, str], list[tuple[float | None, int]]] = {}  # (split, metric) -> (value, n) per site
     for req, answer in zip(requests, transport.evaluate(requests, timeout=job.round_timeout)):
         if isinstance(answer, SiteFailure):
             log.warning("%s round %d: site '%s' could not evaluate: %s", arm.value, rnd, req.site, answer.cause)
             continue
         for res in answer:
-            _record_result(res, arm, rnd, record, None if res.site in job.held_out else sums)
+            for metric, value in res.metrics.items():
+                record(rnd, arm.value, res.site, res.split.value, metric, value)
+                if res.site not in job.held_out:
+                    values.setdefault((res.split.value, metric), []).append((value, res.num_examples))
     means: dict[str, dict[str, float | None]] = {}
-    for (split, metric), (weighted, n) in sums.items():
-        value = weighted / n if n > 0 else None
-        means.setdefault(split, {})[metric] = value
-        record(rnd, arm.value, "all", split, metric, value)
+    for (split, metric), per_site in values.items():
+        defined = [(v, n) for v, n in per_site if v is not None]
+        n = sum(k for _, k in defined)
+        mean = sum(v * k for v, k in defined) / n if n > 0 else None
+        means.setdefault(split, {})[metric] = mean
+        record(rnd, arm.value, POOLED_SITE, split, metric, mean)
+        median = float(np.median([v for v, _ in defined])) if defined else None
+        record(rnd, arm.value, MEDIAN_SITE, split, metric, median)
     return means
-
-
-def _record_result(res: EvalResult, arm: Arm, rnd: int, record: Recorder, sums: dict | None) -> None:
-    for metric, value in res.metrics.items():
-        record(rnd, arm.value, res.site, res.split.value, metric, value)
-        if sums is None:
-            continue
-        acc = sums.setdefault((res.split.value, metric), [0.0, 0])
-        if value is not None:
-            acc[0] += value * res.num_examples
-            acc[1] += res.num_examples
 
 
 def run_federated(
@@ -218,7 +216,7 @@ def run_federated(
 
         # ---- 3. collect the updates that pass the incoming checks and decode; enforce the quorum
         # tensor bytes each site sent, as encoded (what compression saves), against the model's
-        record(rnd, Arm.FEDERATED.value, "all", "train", "model_bytes", nbytes(global_params))
+        record(rnd, Arm.FEDERATED.value, POOLED_SITE, "train", "model_bytes", nbytes(global_params))
         for a in answers:
             if isinstance(a, Update):
                 record(rnd, Arm.FEDERATED.value, a.site, "train", "bytes_sent", nbytes(a.params) + nbytes(a.extras))
@@ -234,9 +232,9 @@ def run_federated(
         loss, n_updates = mean_loss(updates), len(updates)
         del answers, updates  # let go of the updates (and their buffers) before the next round
         for name, value in algorithm.combiner.round_metrics().items():
-            record(rnd, Arm.FEDERATED.value, "all", "train", name, value)
+            record(rnd, Arm.FEDERATED.value, POOLED_SITE, "train", name, value)
         if ledger is not None:
-            record(rnd, Arm.FEDERATED.value, "all", "train", "epsilon", ledger.epsilon(rnd))
+            record(rnd, Arm.FEDERATED.value, POOLED_SITE, "train", "epsilon", ledger.epsilon(rnd))
 
         # ---- 5. evaluate the new global model at every site
         means: dict[str, dict[str, float | None]] = {}

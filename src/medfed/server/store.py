@@ -30,6 +30,8 @@ from types import TracebackType
 from typing import Self
 
 from medfed.core.errors import RunDirError
+from medfed.core.text import printable
+from medfed.core.types import CAUSE_LIMIT
 from medfed.tracking.metrics import ARMS, FIELDS, SPLITS, _clean
 
 SCHEMA_VERSION = 1
@@ -268,6 +270,8 @@ class RunStore:
         if _clean(seconds) is None:
             raise ValueError(f"seconds must be a finite number, got {seconds!r}")
         when = time.time() if when is None else float(when)
+        site = printable(site, 200)  # a site's name and reasons may come from the peer
+        reason = None if reason is None else printable(reason, CAUSE_LIMIT)
         with self._lock, self._tx() as conn:
             conn.execute(
                 'INSERT INTO audit (arm, round, site, kind, status, bytes_sent, bytes_received, sha256, seconds, '

@@ -1,11 +1,14 @@
-"""The server's incoming check: an update must fit the round's spec before it is used."""
+"""The server's incoming checks: an update must fit the round's spec, and an evaluation
+answer the task's metrics and the site's split sizes, before either is used."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 
 from medfed.core.codec import FileTensors, describe, pieces
 from medfed.core.params import all_finite
-from medfed.core.types import Encoding, Params, Spec, Update
+from medfed.core.types import Encoding, EvalResult, Params, Spec, Split, Update
 
 
 def full_spec(global_params: Params, local_keys: frozenset[str] = frozenset()) -> Spec:
@@ -51,3 +54,30 @@ def _finite(params: Params, name: str) -> bool:
             params.finite[name] = all(all_finite(p) for p in pieces(params, name))
         return params.finite[name]
     return all_finite(params[name])
+
+
+def eval_problem(
+    results: Sequence[EvalResult], bounds: Mapping[str, tuple[float, float]], sizes: Mapping[Split, int] | None
+) -> str | None:
+    """Why an evaluation answer cannot be used, or None when it is fine.
+
+    Each split's example count must be the size the site declared for that split
+    (``sizes``, from its data summary), every metric name one the task reports
+    (``bounds``, see :func:`medfed.tasks.metric_bounds`) and every value finite and within
+    its range (None, an undefined metric, is fine): a site cannot outweigh the others with
+    an inflated count, nor add figures of its own to the consortium's."""
+    for r in results:
+        if sizes is not None and r.split in sizes and r.num_examples != sizes[r.split]:
+            return (f"{r.split.value}: {r.num_examples} examples evaluated, the site declared "
+                    f"{sizes[r.split]} in its data summary")
+        for name, value in r.metrics.items():
+            if name not in bounds:
+                known = sorted(bounds)
+                listed = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
+                return f"{r.split.value}: metric {name!r} is not one the task reports ({listed})"
+            if value is None:
+                continue
+            lo, hi = bounds[name]
+            if not math.isfinite(value) or not lo <= value <= hi:
+                return f"{r.split.value}: metric '{name}' is {value!r}, outside [{lo:g}, {hi:g}]"
+    return None

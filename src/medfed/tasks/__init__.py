@@ -13,10 +13,11 @@ evaluation use without knowing the task:
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
-    from medfed.config import Job
+    from medfed.config import Job, SegmentationTaskConfig, TaskConfig
     from medfed.tasks.classification import ClassificationTask
     from medfed.tasks.segmentation import SegmentationTask
 
@@ -33,3 +34,22 @@ def build_task(job: "Job") -> "Task":
     from medfed.tasks.classification import ClassificationTask
 
     return ClassificationTask(job.task)
+
+
+UNIT = (0.0, 1.0)
+
+
+def metric_bounds(task: "TaskConfig | SegmentationTaskConfig") -> dict[str, tuple[float, float]]:
+    """Every metric an evaluation of ``task`` (the job's task section) can report, with the
+    closed range its values lie in: what the server accepts from a site (names outside this
+    table, or values outside their range, are refused)."""
+    if task.kind == "segmentation":
+        fg = range(1, task.num_classes)
+        out = {"dice": UNIT} | {f"dice_class_{c}": UNIT for c in fg}
+        if task.hd95:  # a distance, in mm or voxels
+            out |= {"hd95": (0.0, math.inf)} | {f"hd95_class_{c}": (0.0, math.inf) for c in fg}
+        return out
+    out = {"accuracy": UNIT, "auc": UNIT}
+    if task.labels != "binary":
+        out |= {f"auc_class_{k}": UNIT for k in range(task.num_classes)}
+    return out

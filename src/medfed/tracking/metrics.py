@@ -2,7 +2,8 @@
 
 A record is ``{"round", "arm", "site", "split", "metric", "value"}``: ``round`` counts from
 1, ``arm`` is ``federated``, ``local``, ``personalized``, ``finetuned`` or ``centralized``, ``site`` is a site name or
-``"all"`` (the example-weighted mean over the training sites), ``split`` is ``train`` (training loss as
+``"all"`` (the example-weighted mean over the training sites) or ``"median"`` (their median, val
+and test only: a figure no single site can move far), ``split`` is ``train`` (training loss as
 reported by the site), ``val`` or ``test``. ``value`` is ``null`` where the metric is
 undefined, e.g. AUC on a split holding one class, or a non-finite number.
 
@@ -22,7 +23,9 @@ from medfed.core.errors import RunDirError
 
 ARMS = ("local", "federated", "personalized", "finetuned", "centralized")  # display order: baseline, method(s), upper bound
 SPLITS = ("train", "val", "test")
-POOLED_SITE = "all"
+POOLED_SITE = "all"  # the example-weighted mean over the training sites
+MEDIAN_SITE = "median"  # the median over the training sites
+CONSORTIUM_SITES = (POOLED_SITE, MEDIAN_SITE)  # figures over sites, not sites
 FIELDS = ("round", "arm", "site", "split", "metric", "value")
 
 Curve = tuple[list[int], list[float | None]]
@@ -125,10 +128,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def site_order(records: list[dict]) -> list[str]:
-    """Site names in first-seen order, with the pooled ``"all"`` last (if present)."""
+    """Site names in first-seen order, then the consortium figures present (``"all"``,
+    ``"median"``)."""
     seen = dict.fromkeys(r["site"] for r in records)
-    sites = [s for s in seen if s != POOLED_SITE]
-    return sites + [POOLED_SITE] if POOLED_SITE in seen else sites
+    return [s for s in seen if s not in CONSORTIUM_SITES] + [s for s in CONSORTIUM_SITES if s in seen]
 
 
 def arms_present(records: list[dict]) -> list[str]:

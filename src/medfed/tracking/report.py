@@ -27,7 +27,7 @@ from rich.text import Text
 
 from medfed.config import load_job
 from medfed.core.errors import RunDirError
-from medfed.tracking.metrics import ARMS, POOLED_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
+from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEDIAN_SITE, POOLED_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
 
 REPORT_NAME = "report.html"
 MISSING = "–"  # en dash: a value that is absent or undefined
@@ -148,6 +148,7 @@ def learning_curves_figure(records: list[dict], monitor: str) -> str | None:
     """One small panel per site (and "all") of test ``monitor`` against round, one line per
     arm; with more than MAX_SITE_PANELS sites, only the "all" panel."""
     by_site = curves(records, monitor, "test")
+    by_site.pop(MEDIAN_SITE, None)  # one consortium panel: the weighted mean
     if not by_site:
         return None
     if len(by_site) - (POOLED_SITE in by_site) > MAX_SITE_PANELS and POOLED_SITE in by_site:
@@ -189,7 +190,7 @@ def learning_curves_figure(records: list[dict], monitor: str) -> str | None:
 
 
 def _many_sites_note(records: list[dict]) -> str:
-    n = len([s for s in site_order(records) if s != POOLED_SITE])
+    n = len([s for s in site_order(records) if s not in CONSORTIUM_SITES])
     if n <= MAX_SITE_PANELS:
         return ""
     return (f'<p class="note">{n} sites: per-site panels are drawn for at most {MAX_SITE_PANELS} sites; '
@@ -199,6 +200,7 @@ def _many_sites_note(records: list[dict]) -> str:
 def training_loss_figure(records: list[dict]) -> str | None:
     """Training loss of the federated arm against round, one line per site."""
     by_site = curves([r for r in records if r["arm"] == "federated"], "loss", "train")
+    by_site.pop(MEDIAN_SITE, None)
     if not by_site:
         return None
     fig = Figure(figsize=(6.4, 3.2))
@@ -235,11 +237,11 @@ def _comparison_section(records: list[dict], monitor: str, best: dict | None) ->
     arms, gain = _comparison_columns(records)
     header = ["site", *arms] + (["gain (federated − local)"] if gain else [])
     cells = [[r["site"], *(fmt(r[a]) for a in arms)] + ([fmt(r["gain"], signed=True)] if gain else []) for r in rows]
-    classes = ["pooled" if r["site"] == POOLED_SITE else "" for r in rows]
+    classes = ["pooled" if r["site"] in CONSORTIUM_SITES else "" for r in rows]
     parts = [f"<h2>Test {escape(monitor)} at the last round</h2>"]
     parts.append(_table(header, cells, classes) if rows else '<p class="note">No test metrics recorded.</p>')
     parts.append(f'<p class="note">Each arm at its last evaluated round; “all” is the mean over the training sites '
-                 f'weighted by test examples. {escape(MISSING)} = not run or undefined.</p>')
+                 f'weighted by test examples, “median” their median (a figure no single site can move far). {escape(MISSING)} = not run or undefined.</p>')
     if best is not None:
         metric = str(best.get("metric", "val metric")).replace("_", " ")
         parts.append(
@@ -373,7 +375,7 @@ def _per_round(records: list[dict], metric: str, site: str | None = POOLED_SITE)
     for r in records:
         if r["arm"] != "federated" or r["metric"] != metric or r["value"] is None:
             continue
-        if site is None and r["site"] != POOLED_SITE:
+        if site is None and r["site"] not in CONSORTIUM_SITES:
             out[r["round"]] = out.get(r["round"], 0.0) + r["value"]
         elif site is not None and r["site"] == site:
             out[r["round"]] = r["value"]
@@ -529,5 +531,5 @@ def summary_table(records: list[dict], monitor: str) -> Table:
             g = fmt(r["gain"], signed=True)
             style = "green" if (r["gain"] or 0) > 0 else "red" if (r["gain"] or 0) < 0 else ""
             cells.append(Text(g, style=style))
-        table.add_row(Text(r["site"]), *cells, style="bold" if r["site"] == POOLED_SITE else None)
+        table.add_row(Text(r["site"]), *cells, style="bold" if r["site"] in CONSORTIUM_SITES else None)
     return table

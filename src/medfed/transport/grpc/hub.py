@@ -38,7 +38,8 @@ from medfed.core import codec
 from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError
 from medfed.core.types import Encoding, SiteFailure, Spec, Split
-from medfed.server.validate import update_problem
+from medfed.server.validate import eval_problem, update_problem
+from medfed.tasks import metric_bounds
 from medfed.transport.grpc import wire
 
 log = logging.getLogger("medfed")
@@ -126,6 +127,7 @@ class Hub:
         self.job_view = site_view(job)
         self.allowed = frozenset(job.site_names)
         self.round_timeout = job.round_timeout
+        self.metric_bounds = metric_bounds(job.task)  # what an evaluation answer may hold
         self.store = store
         self._cv = threading.Condition()
         self._queues: dict[str, deque[Task]] = {s: deque() for s in job.site_names}
@@ -374,7 +376,14 @@ class Hub:
                 wire.check_payload(digest, hdr.get("sha256"), f"{kind} answer")
                 if kind == "exchange":
                     return wire.decode_json_object(blob, "exchange answer"), size, digest
-                return codec.decode_eval_results(site, blob, task.splits), size, digest
+                results = codec.decode_eval_results(site, blob, task.splits)
+                with self._cv:
+                    summary = self._sessions[site].summary if site in self._sessions else None
+                sizes = {Split.VAL: summary.val, Split.TEST: summary.test} if summary is not None else None
+                problem = eval_problem(results, self.metric_bounds, sizes)
+                if problem is not None:
+                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"evaluation results: {problem}")
+                return results, size, digest
             if in_memory:  # the update's tensors are views of the payload
                 blob, _ = wire.gather(messages, size, task.limit, f"{kind} answer", hashed=False, pool=self._buffers)
                 digest = wire.sha256(blob)  # at once, after the last chunk: the stream is not held up
