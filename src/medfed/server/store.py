@@ -36,7 +36,9 @@ from medfed.tracking.metrics import ARMS, FIELDS, SPLITS, _clean
 
 SCHEMA_VERSION = 1
 STORE_NAME = "state.sqlite"
-KINDS = ("fit", "evaluate", "exchange")  # exchange: a protocol message of the update path (secure aggregation)
+# exchange: a protocol message of the update path (secure aggregation); call: a call cut off before
+# it named a task (arm "connection", round 0)
+KINDS = ("fit", "evaluate", "exchange", "call")
 STATUSES = ("accepted", "refused", "failed", "timeout", "redone")
 AUDIT_FIELDS = ("arm", "round", "site", "kind", "status", "bytes_sent", "bytes_received", "sha256", "seconds",
                 "reason", "when")

@@ -356,7 +356,8 @@ def _audit_section(run_dir: Path) -> str:
                 f"{seconds:.2f}" if isinstance(seconds, (int, float)) and math.isfinite(seconds) else MISSING,
                 str(r.get("reason") or ""),
             ])
-        parts.append(f"<h3>{escape(arm)}, round {escape(str(rnd))}</h3>" + _table(header, cells))
+        title = "calls refused before naming a task" if arm == "connection" else f"{arm}, round {rnd}"
+        parts.append(f"<h3>{escape(title)}</h3>" + _table(header, cells))
     if len(rows) > MAX_AUDIT_ROWS:
         parts.append(f'<p class="note">The first {MAX_AUDIT_ROWS} exchanges are shown; '
                      f"{len(rows) - MAX_AUDIT_ROWS} more are in audit.json.</p>")

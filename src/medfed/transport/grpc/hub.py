@@ -11,7 +11,9 @@ answer an open task of that same site and round, exactly once; its payload must 
 declared size (at most what the task allows) and SHA-256 (when it declares one; the server
 hashes every payload itself for its audit trail), decode without error, and, for
 an update, fit the model sent (names, shapes, dtypes, finite values) and not repeat an
-update accepted before.
+update accepted before; an evaluation answer must count the examples the site declared and
+report only the task's metrics, within their ranges. What one site may hold of the server
+(open calls, transfers, time on a stream) is bounded by the guard (guard.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from medfed.core.types import Encoding, SiteFailure, Spec, Split
 from medfed.server.validate import eval_problem, update_problem
 from medfed.tasks import metric_bounds
 from medfed.transport.grpc import wire
+from medfed.transport.grpc.guard import Call, Direction, Guard, Refused
 
 log = logging.getLogger("medfed")
 
@@ -110,14 +113,6 @@ class Session:
     polling: int = 0  # polls open right now
 
 
-class Refused(Exception):
-    """A request that breaks a rule: answered with ``code`` and logged with the reason."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, name: str | None = None):
-        super().__init__(reason)
-        self.code, self.reason, self.name = code, reason, name  # name: the certificate's, when known
-
-
 class Hub:
     """Shared state of the server process. ``store`` (a RunStore, optional) receives the
     participants and the audit trail."""
@@ -139,6 +134,7 @@ class Hub:
         self._buffers = BufferPool(keep=UPDATES_IN_MEMORY)  # where they are received
         self._sending = threading.BoundedSemaphore(TRANSFERS)  # held while a model chunk is sent
         self._receiving = threading.BoundedSemaphore(TRANSFERS)  # held while an update is received
+        self.guard = Guard()  # each site's open calls and transfers, and the bounds on them
         self._done = False
 
     # ------------------------------------------------------------------ who is calling
@@ -185,7 +181,14 @@ class Hub:
                 f"message is for job {hdr.get('job_id')!r}, this server runs job {self.job_id}",
             )
 
-    def _refuse(self, context: grpc.ServicerContext, what: str, site: str | None, e: Refused) -> None:
+    def _refuse(self, context: grpc.ServicerContext, what: str, site: str | None, e: Refused,
+                call: Call | None = None) -> None:
+        """Log the refusal and end the call with it. A call the guard cut off for stalling
+        is refused with the bound it broke, and audited (unless its task's row says it)."""
+        if call is not None and call.cut is not None:
+            e = self.guard.refusal(call)
+            if not call.audited:
+                self._audit_call(call.site, f"{what}: {e.reason}")
         name = site or e.name
         who = f"site '{site}'" if site else f"certificate '{name}'" if name else "a caller"
         log.warning("refused %s from %s (%s): %s", what, who, context.peer(), e.reason)
@@ -193,13 +196,17 @@ class Hub:
 
     # ------------------------------------------------------------------ gRPC methods
 
-    def join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        site = None
+    def join(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        site, call = None, None
         try:
             site, fingerprint = self._identify(context)
-            self._check_caller(self._header(request, "join"), site, with_job=False)
+            with self.guard.call(site, "join", context) as call:
+                # what the site had open belongs to a connection it left (it restarted)
+                self.guard.cut_site(site, "the site joined again", keep=call)
+                self._check_caller(self._header(self.guard.first(call, messages, "join request"), "join"), site,
+                                   with_job=False)
         except Refused as e:
-            self._refuse(context, "join", site, e)
+            self._refuse(context, "join", site, e, call)
         now = time.time()
         with self._cv:
             for t in self._open.values():  # a site that rejoins has lost what it was working on
@@ -212,11 +219,12 @@ class Hub:
         log.info("site '%s' joined from %s", site, context.peer())
         return wire.encode_header({"job": self.job_view, "job_id": self.job_id, "medfed_version": __version__})
 
-    def ready(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        site = None
+    def ready(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        site, call = None, None
         try:
             site, _ = self._identify(context)
-            hdr = self._header(request, "ready")
+            with self.guard.call(site, "ready", context) as call:
+                hdr = self._header(self.guard.first(call, messages, "ready request"), "ready")
             self._check_caller(hdr, site)
             if "error" in hdr:
                 log.warning("site '%s' cannot take part in the job: %s", site, str(hdr["error"])[:2000])
@@ -235,86 +243,93 @@ class Hub:
                 session.last_seen = time.monotonic()
                 self._cv.notify_all()
         except Refused as e:
-            self._refuse(context, "ready", site, e)
+            self._refuse(context, "ready", site, e, call)
         log.info("site '%s' is ready: %d train, %d val, %d test, shape %s",
                  site, summary.train, summary.val, summary.test, summary.shape)
         return wire.encode_header({"ok": True})
 
-    def poll(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        site = None
+    def poll(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        site, call = None, None
         try:
             site, _ = self._identify(context)
-            hdr = self._header(request, "poll")
-            self._check_caller(hdr, site)
-            have = hdr.get("have")  # the id of the model the site holds, if any
-            with self._cv:
-                session = self._sessions.get(site)
-                if session is None or session.summary is None:
-                    raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "call Join and Ready first")
+            with self.guard.call(site, "poll", context) as call:
+                yield from self._serve_poll(site, call, messages, context)
         except Refused as e:
-            self._refuse(context, "poll", site, e)
-        left = context.time_remaining()
+            self._refuse(context, "poll", site, e, call)
+
+    def _serve_poll(self, site: str, call: Call, messages: Iterator[bytes],
+                    context: grpc.ServicerContext) -> Iterator[bytes]:
+        hdr = self._header(self.guard.first(call, messages, "poll request"), "poll")
+        self._check_caller(hdr, site)
+        have = hdr.get("have")  # the id of the model the site holds, if any
         with self._cv:
-            session.polling += 1
-            session.last_seen = time.monotonic()
-        try:
-            task = self._next_task(site, min(wire.POLL_WAIT, max(0.0, (left or wire.POLL_WAIT) - 1.0)))
-        finally:
+            session = self._sessions.get(site)
+            if session is None or session.summary is None:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "call Join and Ready first")
+        with self.guard.transfer(call, Direction.TO_SITE):  # before a task is taken: none is lost to a refusal
+            left = context.time_remaining()
             with self._cv:
-                session.polling -= 1
+                session.polling += 1
                 session.last_seen = time.monotonic()
-        if task is None:
-            with self._cv:
-                if self._done:
-                    session.got_done = True
-                    self._cv.notify_all()
-            yield wire.encode_header({"kind": "done" if self._done else "wait"})
-            return
-        cached = task.kind != "exchange" and isinstance(have, str) and have == task.model_id
-        yield wire.encode_header(
-            {**task.header, "kind": task.kind, "task_id": task.id, "round": task.round, "arm": task.arm,
-             "size": len(task.blob), "model_id": task.model_id, **({"cached": True} if cached else {})}
-        )
-        if cached:  # the site has this very model already (it evaluated it): not sent again
-            return
-        for piece in wire.chunks(task.blob):
-            with self._sending:  # until gRPC has sent it: at most TRANSFERS chunks in flight
-                yield piece
-            task.bytes_sent += len(piece)
+            try:
+                task = self._next_task(site, min(wire.POLL_WAIT, max(0.0, (left or wire.POLL_WAIT) - 1.0)))
+            finally:
+                with self._cv:
+                    session.polling -= 1
+                    session.last_seen = time.monotonic()
+            if task is None:
+                with self._cv:
+                    if self._done:
+                        session.got_done = True
+                        self._cv.notify_all()
+                yield wire.encode_header({"kind": "done" if self._done else "wait"})
+                return
+            cached = task.kind != "exchange" and isinstance(have, str) and have == task.model_id
+            t0 = time.monotonic()
+            call.begin(Direction.TO_SITE, len(task.blob), lambda: task.state == "sent")
+            try:
+                self.guard.sent(call)
+                yield wire.encode_header(
+                    {**task.header, "kind": task.kind, "task_id": task.id, "round": task.round, "arm": task.arm,
+                     "size": len(task.blob), "model_id": task.model_id, **({"cached": True} if cached else {})}
+                )
+                if cached:  # the site has this very model already (it evaluated it): not sent again
+                    return
+                for piece in wire.chunks(task.blob):
+                    self.guard.sent(call)
+                    with self._sending:  # until gRPC has sent it: at most TRANSFERS chunks in flight
+                        yield piece
+                    task.bytes_sent += len(piece)
+            finally:
+                if call.cut is not None:  # the site stalled the download: its task fails now, not at the timeout
+                    call.audited = True
+                    self._settle(task, SiteFailure(site, f"cut off: {call.cut}"), "refused", 0, None, t0,
+                                 f"cut off: {call.cut}")
 
     def submit(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        site, task, t0 = None, None, time.monotonic()
+        site, task, t0, call = None, None, time.monotonic(), None
         try:
             site, _ = self._identify(context)
             with self._cv:
                 if site in self._sessions:  # a site that answers is connected
                     self._sessions[site].last_seen = time.monotonic()
-            first = next(messages, None)
-            if first is None:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty submission")
-            hdr = self._header(first, "submission")
-            self._check_caller(hdr, site)
-            task = self._task_for(hdr, site)
-            left = context.time_remaining()
-            wait = self.round_timeout if left is None else max(0.0, left)
-            if task.kind == "fit" and not self._receiving.acquire(timeout=wait):  # wait for a free slot
-                raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed while other updates arrived")
-            try:
-                answer, nbytes, digest = self._read_answer(task, hdr, messages, site)
-            except (Refused, grpc.RpcError):
-                raise
-            except Exception as e:  # a payload that breaks a decoder in a way its checks did not foresee
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"unreadable answer ({type(e).__name__}: {str(e)[:200]})") from None
-            finally:
-                if task.kind == "fit":
-                    self._receiving.release()
+            with self.guard.call(site, "submission", context) as call, \
+                    self.guard.transfer(call, Direction.FROM_SITE):
+                hdr = self._header(self.guard.first(call, messages, "submission header"), "submission")
+                self._check_caller(hdr, site)
+                task = self._task_for(hdr, site)
+                answer, nbytes, digest = self._receive(task, hdr, call, messages, context, site)
         except Refused as e:
+            if call is not None and call.cut is not None:
+                e = self.guard.refusal(call)
             if task is not None:
+                if call is not None:
+                    call.audited = True  # the task's row says it
                 self._settle(task, SiteFailure(site, f"answer refused: {e.reason}"), "refused", 0, None, t0, e.reason)
-            self._refuse(context, "a submission", site, e)
-        except grpc.RpcError as e:  # the stream broke (e.g. a message over the size limit)
-            reason = f"submission stream failed: {e.code() if hasattr(e, 'code') else e}"
+            self._refuse(context, "a submission", site, e, call)
+        except grpc.RpcError:  # the stream broke under the server
+            reason = (f"submission stream broke: a message over the {wire.MAX_MESSAGE}-byte limit, "
+                      "or the site cancelled the call")
             if task is not None:
                 self._settle(task, SiteFailure(site, reason), "refused", 0, None, t0, reason)
             log.warning("refused a submission from site '%s' (%s): %s", site, context.peer(), reason)
@@ -326,6 +341,46 @@ class Hub:
         if status == "failed":
             log.warning("%s round %d: site '%s' reported an error: %s", task.arm, task.round, site, answer.cause)
         return wire.encode_header({"accepted": True})
+
+    def _receive(self, task: Task, hdr: dict[str, Any], call: Call, messages: Iterator[bytes],
+                 context: grpc.ServicerContext, site: str):
+        """The answer to ``task``: an update waits for one of the ``TRANSFERS`` upload slots
+        (bounded by the call's deadline or the round timeout), then arrives under the
+        guard's bounds."""
+        left = context.time_remaining()
+        wait = self.round_timeout if left is None else max(0.0, left)
+        if task.kind == "fit" and not self._take_slot(wait, task, call):
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed while other updates arrived")
+        size = hdr.get("size")
+        call.begin(Direction.FROM_SITE, size if isinstance(size, int) and not isinstance(size, bool) else 0,
+                   lambda: task.state == "sent")
+        try:
+            return self._read_answer(task, hdr, self.guard.received(call, messages), site)
+        except (Refused, grpc.RpcError):
+            raise
+        except Exception as e:  # a payload that breaks a decoder in a way its checks did not foresee
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"unreadable answer ({type(e).__name__}: {str(e)[:200]})") from None
+        finally:
+            if task.kind == "fit":
+                self._receiving.release()
+
+    def _take_slot(self, wait: float, task: Task, call: Call) -> bool:
+        """One of the upload slots, within ``wait`` s and while the task is open and the call
+        not cut."""
+        deadline = time.monotonic() + wait
+        while task.state == "sent" and call.cut is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._receiving.acquire(timeout=min(left, 0.5)):
+                return True
+        return False
+
+    def _audit_call(self, site: str, reason: str) -> None:
+        """A call of ``site`` refused before it named a task (it stalled): one audit row."""
+        if self.store is not None:
+            self.store.audit("connection", 0, site, "call", "refused", 0, 0, None, 0.0, reason)
 
     # ------------------------------------------------------------------ submission checks
 

@@ -60,11 +60,12 @@ def release_memory() -> None:
 
 
 def _handler(method, kind: str):
-    # every message is bytes: no (de)serializer, the hub parses headers itself
-    if kind == "unary":
-        return grpc.unary_unary_rpc_method_handler(method)
+    # every message is bytes: no (de)serializer, the hub parses headers itself. Every method
+    # streams in on the server's side (sites call Join and Ready as unary, Poll as server
+    # streaming: the same messages on the wire), so that the hub's handler runs as soon as a
+    # call opens and bounds the wait for its first message (see guard.py)
     if kind == "stream_out":
-        return grpc.unary_stream_rpc_method_handler(method)
+        return grpc.stream_stream_rpc_method_handler(method)
     return grpc.stream_unary_rpc_method_handler(method)
 
 
@@ -74,8 +75,8 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
     handlers = grpc.method_handlers_generic_handler(
         wire.SERVICE,
         {
-            "Join": _handler(hub.join, "unary"),
-            "Ready": _handler(hub.ready, "unary"),
+            "Join": _handler(hub.join, "stream_in"),
+            "Ready": _handler(hub.ready, "stream_in"),
             "Poll": _handler(hub.poll, "stream_out"),
             "Submit": _handler(hub.submit, "stream_in"),
         },
