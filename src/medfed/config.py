@@ -4,6 +4,15 @@ A job is validated once, at load time, and frozen. An error names the field path
 bad value, e.g. ``train.lr: must be > 0, got -1``. Relative data paths are resolved
 against the job file's folder, so a job file and its data can move together; the output
 folder is resolved against the current directory, where the user runs medfed.
+
+Numbers are what they say: a count is a whole number (``true``, ``2.0`` or ``1.0e9`` is
+refused), a real number is finite (``.inf`` and ``.nan`` are refused), and every count has
+an upper bound, so a typo cannot make a run that never ends or never fits in memory:
+``rounds`` <= 100 000, epochs <= :data:`MAX_EPOCHS`, ``batch_size`` <= :data:`MAX_BATCH`,
+sites <= :data:`MAX_SITES`, examples per split of a synthetic site <= :data:`MAX_EXAMPLES`,
+image and patch sides <= :data:`MAX_SIDE` (:data:`MAX_VOXELS` per image), and all the
+generated (synthetic) images of a job <= :data:`SYNTHETIC_MAX_BYTES`. A YAML file whose
+aliases expand to more than :data:`MAX_YAML_NODES` values is refused before it is read.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     Discriminator,
     Field,
@@ -29,11 +39,24 @@ from pydantic import (
 )
 
 from medfed.core.errors import ConfigError
-from medfed.core.schema import Frozen
+from medfed.core.schema import Count, Frozen, NoBool, Real
 from medfed.privacy.settings import CompressionConfig, PrivacyConfig
 from medfed.robust.settings import AttackConfig, RobustConfig
 
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+# Upper bounds of the job's counts (see the module docstring).
+MAX_SITES = 10_000  # sites of a data section
+MAX_EXAMPLES = 1_000_000  # examples in one split of a synthetic site
+MAX_EPOCHS = 1_000  # local_epochs, head_epochs, finetune_epochs
+MAX_BATCH = 16_384  # batch_size
+MAX_ROUNDS = 100_000  # rounds, eval_every
+MAX_SIDE = 4_096  # one side of a crop, resize or patch size
+MAX_VOXELS = 2**27  # pixels (voxels) of one image after crop/resize, or of a patch: 512**3
+MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0  # seconds: one week
+SYNTHETIC_MAX_BYTES = 4 * 2**30  # generated images (float32) and masks (int64) of all sites
+MAX_YAML_NODES = 1_000_000  # values of a YAML file once its aliases are expanded
 
 
 RESERVED_SITE_NAMES = {"all", "median"}  # the mean and the median over sites in metrics and reports
@@ -63,29 +86,29 @@ class ScannerConfig(Frozen):
     images with the job's ``feature_shift``.
     """
 
-    intensity_scale: float = Field(1.0, gt=0)
-    intensity_offset: float = 0.0
-    contrast: float = Field(1.0, gt=0)
-    noise: float = Field(0.0, ge=0)
-    blur: float = Field(0.0, ge=0)
-    resolution: float = Field(1.0, gt=0, le=1)
+    intensity_scale: Real = Field(1.0, gt=0)
+    intensity_offset: Real = 0.0
+    contrast: Real = Field(1.0, gt=0)
+    noise: Real = Field(0.0, ge=0)
+    blur: Real = Field(0.0, ge=0)
+    resolution: Real = Field(1.0, gt=0, le=1)
 
 
 class SyntheticSite(Frozen):
     """One synthetic hospital: its size, label prevalence and scanner."""
 
     name: SiteName
-    n_train: int = Field(gt=0)
-    n_val: int = Field(20, gt=0)
-    n_test: int = Field(gt=0)
-    prevalence: float = Field(0.5, gt=0, lt=1)
+    n_train: Count = Field(gt=0, le=MAX_EXAMPLES)
+    n_val: Count = Field(20, gt=0, le=MAX_EXAMPLES)
+    n_test: Count = Field(gt=0, le=MAX_EXAMPLES)
+    prevalence: Real = Field(0.5, gt=0, lt=1)
     scanner: ScannerConfig = ScannerConfig()
 
 
 class _SyntheticSites(Frozen):
     """The site list shared by the synthetic sources: names unique, in the job's order."""
 
-    sites: list[SyntheticSite] = Field(min_length=1)
+    sites: list[SyntheticSite] = Field(min_length=1, max_length=MAX_SITES)
 
     @field_validator("sites")
     @classmethod
@@ -106,8 +129,8 @@ class SyntheticData(_SyntheticSites):
     """
 
     source: Literal["synthetic"]
-    image_size: int = Field(32, ge=16, le=512)
-    lesion_contrast: float = Field(0.3, gt=0, le=1)
+    image_size: Count = Field(32, ge=16, le=512)
+    lesion_contrast: Real = Field(0.3, gt=0, le=1)
 
 
 class PartitionConfig(Frozen):
@@ -121,8 +144,8 @@ class PartitionConfig(Frozen):
     """
 
     method: Literal["iid", "dirichlet", "quantity"]
-    sites: list[SiteName] = Field(min_length=1)
-    alpha: float = Field(0.5, gt=0)
+    sites: list[SiteName] = Field(min_length=1, max_length=MAX_SITES)
+    alpha: Real = Field(0.5, gt=0)
 
     @field_validator("sites")
     @classmethod
@@ -137,7 +160,7 @@ class MedMNISTData(Frozen):
 
     source: Literal["medmnist"]
     path: Path
-    dims: Literal[2, 3] = 2
+    dims: Annotated[Literal[2, 3], NoBool] = 2
     partition: PartitionConfig
 
     @property
@@ -149,8 +172,8 @@ class SplitConfig(Frozen):
     """Fractions of a site's examples held out for ``val`` and ``test`` when its files do
     not say which split they belong to. Drawn with the job seed; the rest trains."""
 
-    val: float = Field(0.15, gt=0, lt=1)
-    test: float = Field(0.15, gt=0, lt=1)
+    val: Real = Field(0.15, gt=0, lt=1)
+    test: Real = Field(0.15, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _leaves_training(self) -> "SplitConfig":
@@ -214,7 +237,7 @@ class SitesBy(Frozen):
     lists the values that are sites (a row with another value is an error)."""
 
     column: str = Field(min_length=1)
-    sites: list[SiteName] = Field(min_length=1)
+    sites: list[SiteName] = Field(min_length=1, max_length=MAX_SITES)
 
     @field_validator("sites")
     @classmethod
@@ -242,14 +265,14 @@ class FolderData(Frozen):
     source: Literal["folder"]
     images: Path | None = None
     csv: Path | None = None
-    sites: list[FileSite] | None = None
+    sites: list[FileSite] | None = Field(None, min_length=1, max_length=MAX_SITES)
     sites_by: SitesBy | None = None
     partition: PartitionConfig | None = None
     file_column: str = Field("file", min_length=1)
     label_columns: list[str] = Field(min_length=1)
     split_column: str | None = None
     split: SplitConfig = SplitConfig()
-    channels: Literal[1, 3] = 1
+    channels: Annotated[Literal[1, 3], NoBool] = 1
     on_bad_file: OnBadFile = "error"
 
     @field_validator("sites")
@@ -291,9 +314,9 @@ class PairsData(Frozen):
     naming the file."""
 
     source: Literal["pairs"]
-    sites: list[FileSite] = Field(min_length=1)
-    mask_values: list[int] = Field(min_length=2)
-    channels: Literal[1, 3] = 1
+    sites: list[FileSite] = Field(min_length=1, max_length=MAX_SITES)
+    mask_values: list[Annotated[Count, Field(ge=0, le=65_535)]] = Field(min_length=2, max_length=256)
+    channels: Annotated[Literal[1, 3], NoBool] = 1
     split: SplitConfig = SplitConfig()
     on_bad_file: OnBadFile = "error"
 
@@ -328,7 +351,7 @@ class VolumesData(Frozen):
 
     source: Literal["volumes"]
     format: Literal["nifti", "dicom"] = "nifti"
-    sites: list[FileSite] = Field(min_length=1)
+    sites: list[FileSite] = Field(min_length=1, max_length=MAX_SITES)
     split: SplitConfig = SplitConfig()
     on_bad_file: OnBadFile = "error"
 
@@ -354,9 +377,47 @@ class SyntheticSegmentationData(_SyntheticSites):
     """
 
     source: Literal["synthetic_segmentation"]
-    dims: Literal[2, 3] = 2
-    image_size: int = Field(48, ge=16, le=256)
-    lesion_contrast: float = Field(0.3, gt=0, le=1)
+    dims: Annotated[Literal[2, 3], NoBool] = 2
+    image_size: Count = Field(48, ge=16, le=256)
+    lesion_contrast: Real = Field(0.3, gt=0, le=1)
+
+
+def _size_text(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def synthetic_size_problem(data: Any) -> str | None:
+    """Why the generated data of a ``synthetic`` or ``synthetic_segmentation`` section
+    would not fit in memory, naming the largest split's field; None when it fits (or the
+    source is not generated).
+
+    Generated data is held whole: N examples of C x S**d pixels take N * C * S**d * 4 bytes
+    (float32), plus 8 bytes a pixel for segmentation masks (int64), over every split of
+    every site; at most :data:`SYNTHETIC_MAX_BYTES`. Rendering a split briefly needs a few
+    times that split's size on top."""
+    if isinstance(data, SyntheticData):
+        shape, per_pixel = (1, data.image_size, data.image_size), 4
+    elif isinstance(data, SyntheticSegmentationData):
+        shape, per_pixel = (1,) + (data.image_size,) * data.dims, 4 + 8
+    else:
+        return None
+    per_example = math.prod(shape) * per_pixel
+    total = sum((s.n_train + s.n_val + s.n_test) * per_example for s in data.sites)
+    if total <= SYNTHETIC_MAX_BYTES:
+        return None
+    i, field = max(((i, f) for i in range(len(data.sites)) for f in ("n_train", "n_val", "n_test")),
+                   key=lambda x: getattr(data.sites[x[0]], x[1]))
+    n = getattr(data.sites[i], field)
+    what = "images and masks" if per_pixel > 4 else "images"
+    return (
+        f"data.sites[{i}].{field}: {n:,} examples of {'x'.join(map(str, shape))} pixels; the generated {what} of "
+        f"all sites and splits would need {_size_text(total)} of memory, more than the {_size_text(SYNTHETIC_MAX_BYTES)} "
+        "synthetic data may take. Lower the sites' n_train, n_val, n_test or data.image_size"
+    )
 
 
 DataConfig = Annotated[
@@ -380,12 +441,24 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
+def _fits_voxels(size: list[int]) -> list[int]:
+    if math.prod(size) > MAX_VOXELS:
+        raise ValueError(f"{size} is {math.prod(size):,} pixels; an image may have at most {MAX_VOXELS:,}")
+    return size
+
+
+# An image or patch size, 2 or 3 sides, each 1..MAX_SIDE pixels, MAX_VOXELS in all.
+ImageSize = Annotated[
+    list[Annotated[Count, Field(ge=1, le=MAX_SIDE)]], Field(min_length=2, max_length=3), AfterValidator(_fits_voxels)
+]
+
+
 class WindowStep(Frozen):
     """Clip intensities to [``min``, ``max``] (or a CT ``preset``) and scale them to [0, 1]."""
 
     name: Literal["window"]
-    min: float | None = None
-    max: float | None = None
+    min: Real | None = None
+    max: Real | None = None
     preset: Literal["ct_abdomen", "ct_liver", "ct_lung", "ct_mediastinum", "ct_brain", "ct_bone"] | None = None
 
     @model_validator(mode="after")
@@ -416,7 +489,7 @@ class SpacingStep(Frozen):
     """Resample volumes to ``pixdim`` millimetres per voxel (image trilinear, mask nearest)."""
 
     name: Literal["spacing"]
-    pixdim: list[float] = Field(min_length=2, max_length=3)
+    pixdim: list[Real] = Field(min_length=2, max_length=3)
 
     @field_validator("pixdim")
     @classmethod
@@ -430,14 +503,14 @@ class CropOrPadStep(Frozen):
     """Centre-crop or zero-pad every image (and mask) to ``size``."""
 
     name: Literal["crop_or_pad"]
-    size: list[int] = Field(min_length=2, max_length=3)
+    size: ImageSize
 
 
 class ResizeStep(Frozen):
     """Resize every image to ``size`` (image bilinear/trilinear, mask nearest)."""
 
     name: Literal["resize"]
-    size: list[int] = Field(min_length=2, max_length=3)
+    size: ImageSize
 
 
 PreprocessStep = Annotated[
@@ -449,15 +522,15 @@ class FlipStep(Frozen):
     """Flip along each spatial axis in ``axes`` (0 = first spatial axis) with chance ``prob``."""
 
     name: Literal["flip"]
-    axes: list[int] = Field(default_factory=lambda: [0])
-    prob: float = Field(0.5, ge=0, le=1)
+    axes: list[Annotated[Count, Field(ge=0, le=2)]] = Field(default_factory=lambda: [0], min_length=1, max_length=3)
+    prob: Real = Field(0.5, ge=0, le=1)
 
 
 class Rotate90Step(Frozen):
     """Rotate by a random multiple of 90 degrees in the plane of the last two axes."""
 
     name: Literal["rotate90"]
-    prob: float = Field(0.5, ge=0, le=1)
+    prob: Real = Field(0.5, ge=0, le=1)
 
 
 class RotateStep(Frozen):
@@ -465,17 +538,17 @@ class RotateStep(Frozen):
     axis for 3D)."""
 
     name: Literal["rotate"]
-    degrees: float = Field(15.0, gt=0, le=180)
-    prob: float = Field(0.5, ge=0, le=1)
+    degrees: Real = Field(15.0, gt=0, le=180)
+    prob: Real = Field(0.5, ge=0, le=1)
 
 
 class ZoomStep(Frozen):
     """Zoom by a factor drawn in [``min``, ``max``], keeping the image size."""
 
     name: Literal["zoom"]
-    min: float = Field(0.9, gt=0)
-    max: float = Field(1.1, gt=0)
-    prob: float = Field(0.5, ge=0, le=1)
+    min: Real = Field(0.9, gt=0)
+    max: Real = Field(1.1, gt=0)
+    prob: Real = Field(0.5, ge=0, le=1)
 
 
 class IntensityStep(Frozen):
@@ -483,26 +556,26 @@ class IntensityStep(Frozen):
     shift drawn in [-``shift``, ``shift``]."""
 
     name: Literal["intensity"]
-    scale: float = Field(0.1, ge=0)
-    shift: float = Field(0.1, ge=0)
-    prob: float = Field(0.5, ge=0, le=1)
+    scale: Real = Field(0.1, ge=0)
+    shift: Real = Field(0.1, ge=0)
+    prob: Real = Field(0.5, ge=0, le=1)
 
 
 class NoiseStep(Frozen):
     """Additive Gaussian noise of standard deviation up to ``std``."""
 
     name: Literal["noise"]
-    std: float = Field(0.05, gt=0)
-    prob: float = Field(0.3, ge=0, le=1)
+    std: Real = Field(0.05, gt=0)
+    prob: Real = Field(0.3, ge=0, le=1)
 
 
 class ContrastStep(Frozen):
     """Gamma contrast change with gamma drawn in [``min``, ``max``]."""
 
     name: Literal["contrast"]
-    min: float = Field(0.7, gt=0)
-    max: float = Field(1.5, gt=0)
-    prob: float = Field(0.3, ge=0, le=1)
+    min: Real = Field(0.7, gt=0)
+    max: Real = Field(1.5, gt=0)
+    prob: Real = Field(0.3, ge=0, le=1)
 
 
 AugmentStep = Annotated[
@@ -519,7 +592,7 @@ class TransformsConfig(Frozen):
 
     preprocess: list[PreprocessStep] = Field(default_factory=list)
     augment: list[AugmentStep] = Field(default_factory=list)
-    patch: list[int] | None = Field(None, min_length=2, max_length=3)
+    patch: ImageSize | None = None
 
     @field_validator("patch")
     @classmethod
@@ -549,7 +622,7 @@ class ModelConfig(Frozen):
     """
 
     name: Literal["small_cnn", "densenet121", "resnet18", "resnet50", "unet", "segresnet"]
-    width: int = Field(16, ge=1, le=512)
+    width: Count = Field(16, ge=1, le=512)
     norm: Literal["batch", "group"] = "batch"
 
 
@@ -560,7 +633,7 @@ class TaskConfig(Frozen):
 
     kind: Literal["classification"] = "classification"
     labels: Literal["binary", "multiclass", "multilabel"]
-    num_classes: int = Field(2, ge=2, le=1000)
+    num_classes: Count = Field(2, ge=2, le=1000)
     monitor: Literal["auc", "accuracy"] = "auc"
 
     @model_validator(mode="after")
@@ -580,10 +653,10 @@ class SegmentationTaskConfig(Frozen):
     federated model (PNG overlays shown in the report for 2D, NIfTI files for 3D)."""
 
     kind: Literal["segmentation"]
-    num_classes: int = Field(2, ge=2, le=255)
+    num_classes: Count = Field(2, ge=2, le=255)
     monitor: Literal["dice"] = "dice"
     hd95: bool = True
-    save_predictions: int = Field(4, ge=0, le=1000)
+    save_predictions: Count = Field(4, ge=0, le=1000)
 
 
 def _task_kind(v: Any) -> str:
@@ -601,12 +674,12 @@ AnyTaskConfig = Annotated[
 class TrainConfig(Frozen):
     """The local training step, the same at every site and for the baselines."""
 
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.01, gt=0)
+    local_epochs: Count = Field(1, ge=1, le=MAX_EPOCHS)
+    batch_size: Count = Field(32, ge=1, le=MAX_BATCH)
+    lr: Real = Field(0.01, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    momentum: Real = Field(0.9, ge=0, lt=1)
+    weight_decay: Real = Field(0.0, ge=0)
 
 
 class FedAvgConfig(Frozen):
@@ -621,7 +694,7 @@ class FedProxConfig(Frozen):
     in each site's local loss. ``mu = 0`` is FedAvg."""
 
     name: Literal["fedprox"]
-    mu: float = Field(0.01, ge=0)
+    mu: Real = Field(0.01, ge=0)
 
 
 class FedOptConfig(Frozen):
@@ -636,10 +709,10 @@ class FedOptConfig(Frozen):
     """
 
     name: Literal["fedavgm", "fedadagrad", "fedadam", "fedyogi"]
-    server_lr: float = Field(1.0, gt=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
+    server_lr: Real = Field(1.0, gt=0)
+    beta1: Real = Field(0.9, ge=0, lt=1)
+    beta2: Real = Field(0.99, ge=0, lt=1)
+    tau: Real = Field(1e-3, gt=0)
 
 
 class ScaffoldConfig(Frozen):
@@ -649,7 +722,7 @@ class ScaffoldConfig(Frozen):
     ``(x - y) / (K * lr)``, which momentum inflates."""
 
     name: Literal["scaffold"]
-    server_lr: float = Field(1.0, gt=0)
+    server_lr: Real = Field(1.0, gt=0)
 
 
 class FedBNConfig(Frozen):
@@ -674,7 +747,7 @@ class FedDynConfig(Frozen):
     server keeps a correction ``h``. ``alpha`` > 0."""
 
     name: Literal["feddyn"]
-    alpha: float = Field(0.01, gt=0)
+    alpha: Real = Field(0.01, gt=0)
 
 
 class DittoConfig(Frozen):
@@ -683,7 +756,7 @@ class DittoConfig(Frozen):
     reported as the ``personalized`` arm."""
 
     name: Literal["ditto"]
-    lam: float = Field(0.1, ge=0)
+    lam: Real = Field(0.1, ge=0)
 
 
 class FedRepConfig(Frozen):
@@ -693,7 +766,7 @@ class FedRepConfig(Frozen):
 
     name: Literal["fedrep"]
     personal_layers: list[str] = Field(min_length=1)
-    head_epochs: int = Field(1, ge=1)
+    head_epochs: Count = Field(1, ge=1, le=MAX_EPOCHS)
 
 
 class MoonConfig(Frozen):
@@ -701,8 +774,8 @@ class MoonConfig(Frozen):
     temperature ``tau`` on the representation entering the classifier head."""
 
     name: Literal["moon"]
-    mu: float = Field(1.0, ge=0)
-    tau: float = Field(0.5, gt=0)
+    mu: Real = Field(1.0, ge=0)
+    tau: Real = Field(0.5, gt=0)
 
 
 class FedPerConfig(Frozen):
@@ -750,9 +823,9 @@ class SamplingConfig(Frozen):
     with equal chance; ``size`` with chance proportional to its training examples. The
     draw is repeatable: it depends only on the job seed and the round."""
 
-    fraction: float | None = Field(None, gt=0, le=1)
-    count: int | None = Field(None, ge=1)
-    minimum: int = Field(1, ge=1)
+    fraction: Real | None = Field(None, gt=0, le=1)
+    count: Count | None = Field(None, ge=1, le=MAX_SITES)
+    minimum: Count = Field(1, ge=1, le=MAX_SITES)
     method: Literal["uniform", "size"] = "uniform"
 
     @model_validator(mode="after")
@@ -778,17 +851,17 @@ class Job(Frozen):
     """
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
-    seed: int = Field(0, ge=0, lt=2**31)
+    seed: Count = Field(0, ge=0, lt=2**31)
     output: Path
-    rounds: int = Field(ge=1, le=100_000)
+    rounds: Count = Field(ge=1, le=MAX_ROUNDS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, le=512)
+    threads: Count | None = Field(None, ge=1, le=512)
     transport: Literal["inprocess", "pool"] = "inprocess"
-    workers: int | None = Field(None, ge=1, le=256)
-    round_timeout: float = Field(600.0, gt=0)
-    min_sites: int | None = Field(None, ge=1)
+    workers: Count | None = Field(None, ge=1, le=256)
+    round_timeout: Real = Field(600.0, gt=0, le=MAX_ROUND_TIMEOUT)
+    min_sites: Count | None = Field(None, ge=1, le=MAX_SITES)
     sampling: SamplingConfig = SamplingConfig()
-    eval_every: int = Field(1, ge=1)
+    eval_every: Count = Field(1, ge=1, le=MAX_ROUNDS)
     data: DataConfig
     transforms: TransformsConfig = TransformsConfig()
     feature_shift: dict[SiteName, ScannerConfig] = Field(default_factory=dict)
@@ -798,7 +871,7 @@ class Job(Frozen):
     algorithm: AlgorithmConfig = FedAvgConfig()
     train: TrainConfig = TrainConfig()
     compare: list[Literal["local", "centralized", "finetuned"]] = Field(default_factory=list)
-    finetune_epochs: int = Field(1, ge=1)
+    finetune_epochs: Count = Field(1, ge=1, le=MAX_EPOCHS)
     privacy: PrivacyConfig = PrivacyConfig()
     compression: CompressionConfig | None = None
     robust: RobustConfig | None = None
@@ -826,6 +899,9 @@ class Job(Frozen):
                 "train.optimizer: fednova normalizes by the number of SGD steps; "
                 f"set train.optimizer: sgd (got {self.train.optimizer})"
             )
+        problem = synthetic_size_problem(self.data)
+        if problem is not None:
+            raise ValueError(problem)
         self._check_task_fits()
         self._check_site_refs()
         self._check_update_path()
@@ -1025,6 +1101,10 @@ _MESSAGES = {
     "int_parsing": "must be an integer",
     "int_from_float": "must be an integer",
     "float_parsing": "must be a number",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "too_long": "must have at most {max_length} item(s)",
 }
 
 
@@ -1146,13 +1226,72 @@ def _resolve_paths(value: Any, base_dir: Path) -> Any:
     return map_paths(value, lambda p: p if p.is_absolute() else (base_dir / p).resolve())
 
 
+class _TooLarge(yaml.YAMLError):
+    """A YAML document that would expand past MAX_YAML_NODES values, or into itself."""
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """The number of nodes of the document under ``root`` once every alias is written out,
+    counted without writing them out (each node's size is computed once). Raises _TooLarge
+    past ``limit`` or when an alias refers to a node that contains it."""
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()  # started but not finished: the ancestors of the current node
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if finished:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            if size[key] > limit:
+                raise _TooLarge(
+                    f"holds more than {limit:,} values once its aliases (*name) are written out; "
+                    "a job, data or consortium file needs nowhere near that many: write the repeated parts "
+                    "out, or use fewer nested aliases"
+                )
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise _TooLarge(f"has an alias that refers to a value containing it (line {node.start_mark.line + 1})")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children)
+    return size[id(root)]
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document whose aliases expand past MAX_YAML_NODES values.
+
+    PyYAML shares the object an alias names, so a "billion laughs" file (each anchor a
+    list of ten aliases of the one before) loads in an instant as a small graph; whatever
+    walks it afterwards (validation, an error message, a JSON dump) sees the expanded tree
+    and never finishes. The composed graph is measured before any object is built."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _expanded_size(node, MAX_YAML_NODES)
+        return node
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """The parsed content of a YAML file; ConfigError naming ``what`` (e.g. "job file")
-    and the file when it is missing or not YAML."""
+    and the file when it is missing, not YAML, or too large once its aliases are expanded
+    (more than MAX_YAML_NODES values)."""
     if not path.is_file():
         raise ConfigError(f"{what} '{path}' not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_BoundedLoader)
+    except _TooLarge as e:
+        raise ConfigError(f"{what} '{path}' {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} '{path}' nests its values too deeply to read") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
 

@@ -1,5 +1,7 @@
 import json
+import os
 import signal
+import stat
 import sqlite3
 import subprocess
 import sys
@@ -220,6 +222,22 @@ def test_closed_store_refuses_writes(tmp_path):
     s.close()
     with pytest.raises(ValueError, match="closed"):
         s.write_metric(1, "federated", "north", "test", "auc", 0.5)
+
+
+def test_state_and_exported_audit_are_readable_by_their_owner_only(tmp_path):
+    old = os.umask(0o022)  # the usual umask: plain files would come out world-readable (0644)
+    try:
+        with RunStore(tmp_path / "state.sqlite") as s:
+            s.audit("federated", 1, "north", "fit", "accepted", 10, 20, H1, 0.5, when=1.0)
+            s.write_metric(1, "federated", "north", "test", "auc", 0.5)
+            s.export_audit(tmp_path / "audit.json")
+            s.export_metrics(tmp_path / "metrics.jsonl")
+            files = sorted(p.name for p in tmp_path.iterdir())
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    finally:
+        os.umask(old)
+    assert files == ["audit.json", "metrics.jsonl", "state.sqlite", "state.sqlite-shm", "state.sqlite-wal"]
+    assert modes == dict.fromkeys(files, 0o600)
 
 
 # --------------------------------------------------------------------------- the report's audit section

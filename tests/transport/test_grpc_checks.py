@@ -13,6 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deploy_kits import make_kits
 from medfed.config import builtin_job_path, load_job
@@ -285,6 +288,34 @@ def test_the_server_certificate_cannot_act_as_a_site(cons):
     conn = cons.connect("127.0.0.1", cert_pem=kit.cert_pem, key_pem=kit.key_pem)
     with pytest.raises(grpc.RpcError):  # refused in the handshake (no client-auth usage) or by name
         conn.join()
+
+
+def _site_cert_without_usage(cons, name: str) -> tuple[bytes, bytes]:
+    """A certificate the consortium CA signed for site ``name`` exactly as medfed issues
+    them, less its extended key usage. TLS accepts a certificate with no usage listed for
+    any purpose, so refusing it is the hub's own check."""
+    ca_cert_pem, ca_key_pem = _ca_key(cons)
+    cert_pem, key_pem = issue_certificate(ca_cert_pem, ca_key_pem, name, "site", consortium="test")
+    issued = x509.load_pem_x509_certificate(cert_pem)
+    builder = (x509.CertificateBuilder().subject_name(issued.subject).issuer_name(issued.issuer)
+               .public_key(issued.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(issued.not_valid_before_utc).not_valid_after(issued.not_valid_after_utc))
+    for ext in issued.extensions:
+        if not isinstance(ext.value, x509.ExtendedKeyUsage):
+            builder = builder.add_extension(ext.value, ext.critical)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    assert ExtendedKeyUsageOID.CLIENT_AUTH not in [e.oid for e in cert.extensions] and cert.issuer == issued.issuer
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_a_certificate_without_client_auth_usage_is_refused(cons, caplog):
+    cert, key = _site_cert_without_usage(cons, "hospital_c")  # a site of the job, signed by its CA
+    conn = cons.connect("hospital_c", cert_pem=cert, key_pem=key)
+    with caplog.at_level(logging.WARNING, logger="medfed"):
+        _refused(conn.join, grpc.StatusCode.PERMISSION_DENIED, "certificate 'hospital_c' is not a site certificate")
+    assert "hospital_c" not in [p["name"] for p in cons.store.participants()]  # it never joined
+    assert any("not a site certificate" in r.getMessage() for r in caplog.records)
 
 
 def _handshake_refused(conn: Connection) -> None:

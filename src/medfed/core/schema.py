@@ -1,11 +1,41 @@
-"""The base of every validated, frozen settings model (job file, consortium, site data)."""
+"""The base of every validated, frozen settings model (job file, consortium, site data), and
+the number types every settings section uses."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated, Any
+
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Strict
+from pydantic_core import PydanticCustomError
 
 
 class Frozen(BaseModel):
     """Unknown fields are an error; a loaded model cannot change."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# A count: a whole number. Strict, so YAML's ``true`` (a bool, which Python counts as 1)
+# and floats such as ``2.0`` or ``1.0e9`` are refused rather than rounded into a count.
+Count = Annotated[int, Strict()]
+
+
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise PydanticCustomError("bool_number", "must be a number, not true/false")
+    return v
+
+
+# A real number: finite, and never a bool. Not strict: YAML reads ``1e-3`` (no dot) as a
+# string, which pydantic then parses as the number it means.
+Real = Annotated[float, AllowInfNan(False), BeforeValidator(_not_bool)]
+
+
+def _literal_not_bool(v: Any) -> Any:
+    """For ``Literal[1, 3]``-style fields, which would take ``true`` as 1 and ``1.0`` as 1."""
+    if isinstance(v, (bool, float)):
+        raise PydanticCustomError("int_type", "must be an integer")
+    return v
+
+
+NoBool = BeforeValidator(_literal_not_bool)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfed.config import SyntheticData, SyntheticSite
+from medfed.config import SyntheticData, SyntheticSite, synthetic_size_problem
+from medfed.core.errors import ConfigError
 from medfed.data.base import ArraySplit, SiteData
 from medfed.data.shift import apply_scanner
 
@@ -111,5 +112,10 @@ def make_site(site: SyntheticSite, index: int, cfg: SyntheticData, seed: int) ->
 
 
 def make_synthetic_sites(cfg: SyntheticData, seed: int) -> list[SiteData]:
-    """One :class:`SiteData` per configured site, in the job's order."""
+    """One :class:`SiteData` per configured site, in the job's order. Raises ConfigError,
+    before drawing anything, when the images would pass the memory bound of
+    :func:`medfed.config.synthetic_size_problem`."""
+    problem = synthetic_size_problem(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
     return [make_site(s, i, cfg, seed) for i, s in enumerate(cfg.sites)]

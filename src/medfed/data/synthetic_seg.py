@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfed.config import SyntheticSegmentationData, SyntheticSite
+from medfed.config import SyntheticSegmentationData, SyntheticSite, synthetic_size_problem
 from medfed.core.errors import ConfigError
 from medfed.data.base import ArraySplit, SiteData
 from medfed.data.shift import apply_scanner
@@ -200,7 +200,12 @@ def make_seg_site(
 
 def make_synthetic_seg_sites(cfg: SyntheticSegmentationData, num_classes: int, seed: int) -> list[SiteData]:
     """One :class:`SiteData` per configured site, in the job's order. ``num_classes`` is
-    the task's: 2 (background, organ with any lesion) or 3 (background, organ, lesion)."""
+    the task's: 2 (background, organ with any lesion) or 3 (background, organ, lesion).
+    Raises ConfigError, before drawing anything, when the images and masks would pass the
+    memory bound of :func:`medfed.config.synthetic_size_problem`."""
+    problem = synthetic_size_problem(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
     if num_classes not in (2, 3):
         raise ConfigError(
             "task.num_classes: synthetic segmentation has 2 classes (background, organ) or 3 "

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from medfed.core.schema import Frozen
+from medfed.core.schema import Count, Frozen, Real
 
 
 class AdaptiveClipping(Frozen):
@@ -23,9 +23,9 @@ class AdaptiveClipping(Frozen):
     slightly larger noise multiplier and the total stays ``noise_multiplier``.
     ``count_noise_multiplier`` must exceed ``noise_multiplier / 2``."""
 
-    target_quantile: float = Field(0.5, gt=0, lt=1)
-    lr: float = Field(0.2, gt=0)
-    count_noise_multiplier: float = Field(gt=0)
+    target_quantile: Real = Field(0.5, gt=0, lt=1)
+    lr: Real = Field(0.2, gt=0)
+    count_noise_multiplier: Real = Field(gt=0)
 
 
 class SiteLevelDP(Frozen):
@@ -38,11 +38,11 @@ class SiteLevelDP(Frozen):
     round with Opacus' ``accountant``; training stops before ``max_epsilon`` is passed."""
 
     noise: Literal["central", "local"] = "central"
-    noise_multiplier: float = Field(gt=0)
-    clip: float = Field(gt=0)
+    noise_multiplier: Real = Field(gt=0)
+    clip: Real = Field(gt=0)
     adaptive: AdaptiveClipping | None = None
-    delta: float = Field(gt=0, lt=1)
-    max_epsilon: float | None = Field(None, gt=0)
+    delta: Real = Field(gt=0, lt=1)
+    max_epsilon: Real | None = Field(None, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
 
     @model_validator(mode="after")
@@ -66,10 +66,10 @@ class SampleLevelDP(Frozen):
     Poisson samples. Protects each patient (example) of a site; epsilon for ``delta`` is
     the worst over the sites (the smallest site has the highest sampling rate)."""
 
-    noise_multiplier: float = Field(gt=0)
-    max_grad_norm: float = Field(gt=0)
-    delta: float = Field(gt=0, lt=1)
-    max_epsilon: float | None = Field(None, gt=0)
+    noise_multiplier: Real = Field(gt=0)
+    max_grad_norm: Real = Field(gt=0)
+    delta: Real = Field(gt=0, lt=1)
+    max_epsilon: Real | None = Field(None, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
@@ -80,8 +80,8 @@ class SecureAggregation(Frozen):
     sum. Up to n - ``threshold`` sites may drop after sending their keys; with fewer
     survivors the round is aborted. Default threshold: a majority of the round's sites."""
 
-    threshold: int | None = Field(None, ge=2)
-    clip_range: float = Field(1.0, gt=0)
+    threshold: Count | None = Field(None, ge=2)
+    clip_range: Real = Field(1.0, gt=0)
 
 
 class PrivacyConfig(Frozen):
@@ -106,7 +106,7 @@ class CompressionConfig(Frozen):
     update, so nothing is lost for good."""
 
     method: Literal["fp16", "int8", "topk"]
-    fraction: float | None = Field(None, gt=0, le=1)
+    fraction: Real | None = Field(None, gt=0, le=1)
     error_feedback: bool = True
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from medfed.core.schema import Frozen
+from medfed.core.schema import Count, Frozen, Real
 
 
 class RobustConfig(Frozen):
@@ -17,10 +17,10 @@ class RobustConfig(Frozen):
     ``select`` of them) and ``norm_bound`` (each site's change clipped to ``max_norm``)."""
 
     rule: Literal["median", "trimmed_mean", "krum", "multi_krum", "norm_bound"]
-    trim: float | None = Field(None, ge=0, lt=0.5)
-    f: int | None = Field(None, ge=0)
-    select: int | None = Field(None, ge=1)
-    max_norm: float | None = Field(None, gt=0)
+    trim: Real | None = Field(None, ge=0, lt=0.5)
+    f: Count | None = Field(None, ge=0)
+    select: Count | None = Field(None, ge=1)
+    max_norm: Real | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _fields_fit(self) -> "RobustConfig":
@@ -42,5 +42,5 @@ class AttackConfig(Frozen):
     ``scale`` times) their change, or send Gaussian ``noise`` of std ``scale``."""
 
     kind: Literal["label_flip", "sign_flip", "scale", "noise"]
-    fraction: float = Field(ge=0, lt=1)
-    scale: float = Field(1.0, gt=0)
+    fraction: Real = Field(ge=0, lt=1)
+    scale: Real = Field(1.0, gt=0)

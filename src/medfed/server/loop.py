@@ -20,7 +20,6 @@ from medfed.core.params import nbytes
 from medfed.core.types import (
     Arm,
     EvalRequest,
-    EvalResult,
     FitRequest,
     Params,
     RoundPlan,

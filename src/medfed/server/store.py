@@ -32,6 +32,7 @@ from typing import Self
 from medfed.core.errors import RunDirError
 from medfed.core.text import printable
 from medfed.core.types import CAUSE_LIMIT
+from medfed.server.checkpoint import PRIVATE, atomic_write_text
 from medfed.tracking.metrics import ARMS, FIELDS, SPLITS, _clean
 
 SCHEMA_VERSION = 1
@@ -65,14 +66,19 @@ CREATE TABLE metrics (
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, fsync it, and move it into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically, readable by the run's user only (mode 0600):
+    what the store exports is its audit trail and metrics."""
+    atomic_write_text(Path(path), text, mode=PRIVATE)
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists. The store holds the audit
+    trail (who connected from where, what they sent): only the server's user may read it.
+    SQLite gives the ``-wal`` and ``-shm`` files it adds the database file's mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), PRIVATE))
+    except FileExistsError:
+        pass
 
 
 class RunStore:
@@ -95,9 +101,10 @@ class RunStore:
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
+            _create_private(self.path)
             self._conn: sqlite3.Connection | None = sqlite3.connect(
                 self.path, timeout=10, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise RunDirError(f"run state '{self.path}' cannot be opened: {e}") from None
         try:
             self._open()

@@ -46,7 +46,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from medfed.config import SiteName, _describe, _unique, read_yaml
 from medfed.core.errors import ConfigError
-from medfed.core.schema import Frozen
+from medfed.core.schema import Count, Frozen
 
 KIT_VERSION = 1
 SERVER_NAME = "server"  # the server kit's name and folder
@@ -71,7 +71,7 @@ class ServerAddress(Frozen):
     """Where the sites reach the server: a DNS name or an IP address, and a TCP port."""
 
     host: str
-    port: int = Field(ge=1, le=65535)
+    port: Count = Field(ge=1, le=65535)
 
     @field_validator("host")
     @classmethod
@@ -93,7 +93,7 @@ class Consortium(Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     server: ServerAddress
     sites: list[SiteName] = Field(min_length=1)
-    validity_days: int = Field(365, ge=1, le=3650)
+    validity_days: Count = Field(365, ge=1, le=3650)
 
     @field_validator("sites")
     @classmethod

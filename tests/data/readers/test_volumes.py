@@ -121,6 +121,41 @@ def test_enhanced_multi_frame_functional_groups(tmp_path):
     assert np.allclose(vol.array, raw * np.arange(1, 16)[:, None, None] - 1.0, rtol=1e-6)
 
 
+def test_modality_lut_maps_stored_values(tmp_path):
+    """A file whose modality transform is a lookup table (ModalityLUTSequence) rather than
+    slope and intercept: each stored value v becomes table[v - first], clipped to the
+    table's ends (PS3.3 C.11.1)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 4, 5, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelSpacing = [0.5, 0.25]
+    stored = (np.arange(20, dtype=np.uint16) + 10).reshape(4, 5)  # 10..29
+    ds.PixelData = stored.tobytes()
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", [16, 12, 16])  # LUTDescriptor: 16 entries, the first for stored 12, 16 bits
+    lut.ModalityLUTType = "US"
+    lut.add_new(0x00283006, "US", [3 * i * i for i in range(16)])  # LUTData: no slope and intercept fit it
+    ds.ModalityLUTSequence = Sequence([lut])
+    ds.save_as(tmp_path / "lut.dcm", enforce_file_format=True)
+
+    vol = load_dicom(tmp_path / "lut.dcm", "h1")
+    expected = np.array([[0, 0, 0, 3, 12],  # 10, 11 below the table: its first entry
+                         [27, 48, 75, 108, 147],
+                         [192, 243, 300, 363, 432],
+                         [507, 588, 675, 675, 675]], dtype=np.float32)  # 28, 29 past it: its last
+    assert vol.array.dtype == np.float32 and np.array_equal(vol.array, expected)
+    assert vol.spacing == (0.5, 0.25)
+
+
 def test_dicom_without_pixel_spacing_has_no_spacing(tmp_path):
     ds = pydicom.dcmread(CT)
     del ds.PixelSpacing

@@ -319,9 +319,8 @@ class Hub:
                 self._check_caller(hdr, site)
                 task = self._task_for(hdr, site)
                 answer, nbytes, digest = self._receive(task, hdr, call, messages, context, site)
-        except Refused as e:
-            if call is not None and call.cut is not None:
-                e = self.guard.refusal(call)
+        except Refused as refused:
+            e = self.guard.refusal(call) if call is not None and call.cut is not None else refused
             if task is not None:
                 if call is not None:
                     call.audited = True  # the task's row says it
