@@ -196,6 +196,16 @@ def provision(
     )
 
 
+def _join_seconds(value: Optional[float]) -> Optional[float]:
+    """--join-timeout: seconds, > 0 and at most the longest round timeout a job may set (a
+    week); 0 would silently mean the default, and inf cannot be waited on."""
+    from medfed.config import MAX_ROUND_TIMEOUT
+
+    if value is not None and not 0 < value <= MAX_ROUND_TIMEOUT:
+        raise typer.BadParameter(f"must be > 0 and at most {MAX_ROUND_TIMEOUT:g} seconds (a week), got {value:g}")
+    return value
+
+
 @app.command()
 def server(
     kit: Path = typer.Option(..., "--kit", help="The server's startup kit folder (from `medfed provision`)."),
@@ -203,7 +213,8 @@ def server(
     resume: bool = typer.Option(False, "--resume", help="Continue a run that was stopped, after its last completed round."),
     listen: Optional[str] = typer.Option(None, "--listen", help="Address to bind, host:port (default 0.0.0.0:<kit port>)."),
     join_timeout: Optional[float] = typer.Option(
-        None, "--join-timeout", help="Seconds to wait for the sites before round 1 (default: the job's round_timeout)."
+        None, "--join-timeout", callback=_join_seconds,
+        help="Seconds (> 0) to wait for the sites before round 1 (default: the job's round_timeout).",
     ),
 ) -> None:
     """Serve a job to the consortium's sites over mutual TLS and aggregate their updates."""
@@ -234,23 +245,39 @@ def site(
     give_up_after: float = typer.Option(
         3600.0, "--give-up-after", help="Seconds without contact with the server before the site stops."
     ),
+    reconnect_max: Optional[float] = typer.Option(
+        None, "--reconnect-max",
+        help="Longest wait in seconds between two attempts to reach the server when it is away (default 1). "
+             "The site is back within about 1.2 times this of the server listening.",
+    ),
     max_epsilon: Optional[float] = typer.Option(
         None, "--max-epsilon", min=0.0,
         help="This site's privacy limit: refuse a job without differential privacy, or one whose epsilon would pass it.",
     ),
 ) -> None:
     """Take part in the consortium's job: connect out to the server, train and evaluate on local data."""
+    import math
+
     from medfed.site.remote import RemoteSite
-    from medfed.transport.grpc.client import Connection, serve_tasks
+    from medfed.transport.grpc.client import RECONNECT_MAX, Connection, serve_tasks
     from medfed.transport.pki import load_kit
 
     _setup_logging(logging.INFO)
     try:
+        if reconnect_max is not None and not (math.isfinite(reconnect_max) and reconnect_max > 0):
+            raise ConfigError(f"--reconnect-max must be a number of seconds > 0, got {reconnect_max:g}")
         k = load_kit(kit, role="site")
-        remote = RemoteSite(k.name, data, max_epsilon)
-        conn = Connection(f"{k.server_host}:{k.server_port}", k.ca_pem, k.cert_pem, k.key_pem, k.name)
+        remote = RemoteSite(k.name, data, max_epsilon)  # checks the data file before connecting
+        conn = Connection(f"{k.server_host}:{k.server_port}", k.ca_pem, k.cert_pem, k.key_pem, k.name,
+                          reconnect_max=reconnect_max or RECONNECT_MAX)
+
+        def setup(job: dict, job_id: str) -> tuple[dict, float]:
+            summary, round_timeout = remote.setup(job, job_id)
+            conn.max_model = remote.max_model  # the largest model task accepted: sized on this site's own model
+            return summary, round_timeout
+
         try:
-            serve_tasks(conn, remote.setup, remote.answer, give_up_after=give_up_after)
+            serve_tasks(conn, setup, remote.answer, give_up_after=give_up_after)
         finally:
             conn.close()
     except MedfedError as e:

@@ -159,3 +159,11 @@ def test_finetuned_arm_is_reported_next_to_the_global_model(tmp_path):
     assert "finetuned" in res.output
     html = (tmp_path / "run" / "report.html").read_text()
     assert "finetuned" in html
+
+
+@pytest.mark.parametrize("seconds", ["-5", "0", "inf", "nan"])
+def test_server_refuses_a_join_timeout_that_is_not_positive(tmp_path, seconds):
+    job = _job(tmp_path)
+    res = runner.invoke(app, ["server", "--kit", str(tmp_path / "kit"), "--job", str(job), "--join-timeout", seconds])
+    assert res.exit_code == 2
+    assert "Invalid value for '--join-timeout': must be > 0" in res.output  # before the kit is even looked for

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -53,13 +52,12 @@ STATE_FILE = "state.safetensors"
 def save_state(run_dir: Path, rnd: int, params: Params, algorithm_state: Params, job_hash: str) -> None:
     """The global model and the server rule's state after round ``rnd``, in one file
     replaced atomically, so they always belong to the same round."""
+    from medfed.server.checkpoint import replacing  # a random, exclusively created temporary name
+
     tensors = {f"params/{k}": v.contiguous() for k, v in params.items()}
     tensors |= {f"algorithm/{k}": v.contiguous() for k, v in algorithm_state.items()}
-    tmp = run_dir / (STATE_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"medfed": json.dumps({"round": rnd, "job_hash": job_hash})})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / STATE_FILE)
+    with replacing(run_dir / STATE_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"medfed": json.dumps({"round": rnd, "job_hash": job_hash})})
 
 
 def load_state(run_dir: Path, job_hash: str) -> tuple[int, Params, Params]:
@@ -100,6 +98,14 @@ def _site_rows(job: Job, summaries: dict[str, Any]) -> list[dict]:
     return [summaries[s].model_dump() for s in job.site_names if s in summaries]
 
 
+def _members(store: RunStore, job: Job) -> list[str]:
+    """The sites of ``job`` that had joined the run in ``store`` (its participants), in the
+    job's order; none unless they are enough for the quorum (then every site is awaited)."""
+    seen = {p["name"] for p in store.participants()}
+    members = [s for s in job.site_names if s in seen]
+    return members if sum(s in members for s in job.training_sites) >= job.quorum else []
+
+
 def serve_job(
     job: Job,
     kit: Any,
@@ -133,6 +139,7 @@ def serve_job(
     try:
         store.set_job(job.job_hash(), json.dumps(job.model_dump(mode="json")))
         atomic_write_text(output / "job.yaml", job.to_yaml())
+        members = _members(store, job) if resume else []  # read before this server's sites join
         hub = Hub(job, job_id_of(job), store)
         creds = wire.server_credentials(kit.ca_pem, kit.cert_pem, kit.key_pem)
         address = listen or f"0.0.0.0:{kit.server_port}"
@@ -140,19 +147,31 @@ def serve_job(
         log.info("server for job '%s' (%s) listening on %s%s", job.name, job_id_of(job), address,
                  " (resuming)" if resume else "")
 
-        # ---- wait for the sites to join and describe their data
-        ready = hub.wait_ready(list(job.site_names), join_timeout or job.round_timeout,
-                               (lambda r: on_sites(r, list(job.site_names))) if on_sites else None)
-        missing = [s for s in job.site_names if s not in ready]
+        # ---- wait for the sites to join and describe their data: every site of the job, or,
+        # when resuming, the sites that had joined the run before it stopped (so that it goes
+        # on with the same sites as it would have without the stop)
+        expected = members or list(job.site_names)  # members: only when they make the quorum
+        wait_s = join_timeout or job.round_timeout
+        if members:
+            log.info("resuming: waiting up to %g s for the %d site(s) that had joined before the stop: %s",
+                     wait_s, len(members), ", ".join(members))
+        hub.wait_ready(expected, wait_s, (lambda r: on_sites(r, expected)) if on_sites else None)
+        summaries = hub.summaries()
+        ready = [s for s in job.site_names if s in summaries]
+        missing = [s for s in job.site_names if s not in summaries]
         training = [s for s in job.training_sites if s in ready]
         if len(training) < job.quorum:
             raise RoundError(
-                f"only {len(training)} training site(s) joined within {join_timeout or job.round_timeout:g} s "
+                f"only {len(training)} training site(s) joined within {wait_s:g} s "
                 f"(missing: {', '.join(missing)}); the quorum is {job.quorum}"
             )
-        if missing:
-            log.warning("starting without site(s) %s: they may join later", ", ".join(missing))
-        summaries = hub.summaries()
+        gone = [s for s in members if s in missing]
+        if gone:
+            log.warning("resuming without site(s) %s, which had joined before the stop: not back within %g s; "
+                        "they may join later", ", ".join(gone), wait_s)
+        if len(gone) < len(missing):
+            log.warning("starting without site(s) %s: they may join later",
+                        ", ".join(s for s in missing if s not in gone))
         shapes = {s: tuple(x.shape) for s, x in summaries.items()}
         if len(set(shapes.values())) > 1:
             raise DataError(f"the sites' images differ in shape (C, *spatial): {shapes}; every site must "

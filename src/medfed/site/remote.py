@@ -16,6 +16,12 @@ The data file (YAML) restates the job's ``data`` section with this site's local 
           masks: /srv/prostate/masks
 
 A job with generated data (``synthetic``, ``synthetic_segmentation``) needs no data file.
+The data file is read and checked when the site starts, before it connects: it must exist,
+parse as YAML, fit the schema and name this site.
+
+What the site accepts from the server is bounded by what it knows: a model task may hold at
+most :func:`model_limit` bytes of its own model (the server declares the size first; a
+larger one is refused before any memory is set aside for it).
 """
 
 from __future__ import annotations
@@ -40,24 +46,41 @@ from medfed.transport.grpc.hub import SITE_LOCAL
 log = logging.getLogger("medfed")
 
 
+MODEL_MARGIN = 1 << 20  # bytes: room in a model task besides the tensors (the header's JSON, rounding)
+
+
 class SiteDataFile(Frozen):
     data: DataConfig
 
 
 def load_site_data(path: Path, site: str) -> Any:
-    """The ``data`` section of a site's data file, paths resolved against its folder."""
+    """The ``data`` section of a site's data file, paths resolved against its folder.
+
+    Raises ConfigError naming the file and the field: the file is missing or not YAML, a
+    field breaks the schema, or ``data.sites`` does not name ``site``. (Whether its
+    folders hold readable data is found when the data is read, for the job.)"""
     from medfed.config import _resolve_paths
 
     raw = read_yaml(path, "site data file")
     try:
         parsed = SiteDataFile.model_validate(raw if raw is not None else {})
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path))) from None
+        raise ConfigError(format_validation_error(e, f"site data file '{path}'").replace(
+            ": invalid job", " is invalid:", 1)) from None
     if site not in parsed.data.site_names:
         raise ConfigError(
             f"site data file '{path}': data.sites names {parsed.data.site_names}, but this site is '{site}'"
         )
     return _resolve_paths(parsed.data, path.parent.resolve())
+
+
+def model_limit(params: dict[str, Any]) -> int:
+    """The most bytes a model task may have for a site whose model holds ``params`` (its
+    state dict): the tensors twice (the global model, and extras of the algorithm as large
+    as it, e.g. SCAFFOLD's control variate), a header entry for each (name, dtype, shape,
+    offsets), and ``MODEL_MARGIN``."""
+    per_copy = sum(t.numel() * t.element_size() + len(k) + 128 + 24 * t.dim() for k, t in params.items())
+    return 2 * per_copy + MODEL_MARGIN
 
 
 def _uses_files(job: Job) -> bool:
@@ -96,9 +119,13 @@ class RemoteSite:
     """What ``medfed site`` runs: sets up the job the server names, answers its tasks."""
 
     def __init__(self, name: str, data_file: Path | None, max_epsilon: float | None = None):
+        """Checks ``data_file`` at once (see :func:`load_site_data`): a site with a broken
+        data file stops before it connects."""
         self.name = name
         self.data_file = data_file
+        self.local_data = load_site_data(data_file, name) if data_file is not None else None
         self.max_epsilon = max_epsilon  # this site's own privacy limit, whatever the job says
+        self.max_model: int | None = None  # bytes a model task may have: set by setup, from this site's model
         self.app = None
         self.job: Job | None = None
         self.job_id = ""
@@ -116,8 +143,8 @@ class RemoteSite:
         if self.name not in job.site_names:
             raise ConfigError(f"job {job_id} has no site '{self.name}' (its sites: {job.site_names})")
         data_job = job
-        if self.data_file is not None:
-            local = load_site_data(self.data_file, self.name)
+        if self.local_data is not None:
+            local = self.local_data  # read and checked when the site started
             if local.source != job.data.source:
                 raise ConfigError(
                     f"site data file '{self.data_file}': data.source is '{local.source}' but the job reads "
@@ -145,6 +172,7 @@ class RemoteSite:
         patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
         check_input_size(job.model, tuple(data.train.images.shape[2:]), patch)
         self.app, self.job, self.job_id = SiteApp(data, job, device, secure=True), job, job_id
+        self.max_model = model_limit(self.app.model.state_dict())
         summary = describe_sites([data], job.task, job.held_out)[0]
         if data.skipped:
             log.warning("site '%s': %d unreadable file(s) skipped: %s", self.name, len(data.skipped),

@@ -2,21 +2,38 @@
 
 :func:`serve_tasks` joins the server, reports the site's data summary, then polls for
 tasks and answers each with ``answer(header, model_blob) -> (kind, payload)``. Lost
-connections (the server restarting, a network cut) are retried with exponential backoff
-and jitter, up to ``give_up_after`` seconds without contact. A refusal that retrying
-cannot fix stops the site with the reason: the server refusing this site's name (not in
-the job), or ``HANDSHAKE_LIMIT`` TLS handshake failures in a row that the site can see (the
-server's certificate is not from this kit's CA, or does not match the host name). When the
-server refuses this site's certificate in the handshake, the site sees only a closed
-connection, indistinguishable from a server that is down, and retries until
-``give_up_after``; the server's gRPC log names the reason. (``load_kit`` refuses an
-expired or foreign certificate before the site ever connects.)
+connections (the server restarting, a network cut) are retried up to ``give_up_after``
+seconds without contact. A refusal that retrying cannot fix stops the site with the reason:
+the server refusing this site's name (not in the job), or ``HANDSHAKE_LIMIT`` TLS handshake
+failures in a row that the site can see (the server's certificate is not from this kit's
+CA, or does not match the host name). When the server refuses this site's certificate in
+the handshake, the site sees only a closed connection, indistinguishable from a server that
+is down, and retries until ``give_up_after``; the server's gRPC log names the reason.
+(``load_kit`` refuses an expired or foreign certificate before the site ever connects.)
+
+Reconnecting. Two backoffs take turns while the server is away, and both are bounded by the
+same cap, ``reconnect_max`` (``medfed site --reconnect-max``, default ``RECONNECT_MAX`` s):
+
+* gRPC's channel retries the TCP and TLS connection by itself: the first retry after
+  ``RECONNECT_FIRST`` s, each wait 1.6 times the last (jitter +-20 %) up to the cap (see
+  :func:`channel_options`). Between its attempts a call fails at once with UNAVAILABLE
+  without trying; with gRPC's defaults (up to 120 s) a site came back minutes after a long
+  outage.
+* medfed's :class:`Backoff` spaces the site's own calls (join, then poll): waits of
+  ``RECONNECT_FIRST``, twice that, ... up to the cap, each up to ``RECONNECT_JITTER``
+  shorter. A site that lost the server waits on the channel itself (:meth:`Connection.
+  wait_connected`), so it calls again as soon as gRPC has connected, not at the end of its
+  wait.
+
+So a site is back within about 1.2 times the cap (gRPC's jitter) of the server listening,
+however long the outage lasted.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -42,8 +59,43 @@ RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ABORTED,
 }
-MAX_MODEL = 64 << 30  # bytes: the largest model a site accepts from the server
+# bytes: the largest model a Connection accepts until it is given its own limit
+# (``Connection.max_model``; ``medfed site`` sizes it on the site's own model)
+MAX_MODEL = 64 << 30
+EXCHANGE_LIMIT = 16 << 20  # bytes: a protocol message of the update path (JSON: keys and shares of every site)
 HANDSHAKE_LIMIT = 5  # TLS handshake failures in a row before the site gives up
+RECONNECT_FIRST = 0.25  # seconds: the first wait after the connection is lost (gRPC's and medfed's)
+RECONNECT_MAX = 1.0  # seconds: the default cap of every wait between attempts to reach the server
+RECONNECT_JITTER = 0.2  # medfed's waits are drawn between (1 - this) and all of their nominal length
+CONNECT_TIMEOUT = 5.0  # seconds one connection attempt (TCP and TLS handshakes) is given
+QUIET_RETRIES = 60.0  # seconds between log lines while the same error repeats
+
+
+def _ms(seconds: float) -> int:
+    """Milliseconds for a gRPC channel argument: at least gRPC's floor of 100 ms, at most int32."""
+    return int(min(max(100.0, seconds * 1000.0), 2**31 - 1))
+
+
+def channel_options(reconnect_max: float = RECONNECT_MAX) -> list[tuple[str, int]]:
+    """The site's gRPC channel options: ``wire.CHANNEL_OPTIONS`` and a bounded reconnection.
+
+    * ``grpc.initial_reconnect_backoff_ms``: the wait after the first failed connection
+      attempt (``RECONNECT_FIRST``, gRPC's default 1 s);
+    * ``grpc.max_reconnect_backoff_ms``: the cap of the waits, which grow 1.6 times per
+      attempt with +-20 % jitter (``reconnect_max``, gRPC's default 120 s);
+    * ``grpc.min_reconnect_backoff_ms``: despite its name, the least time one connection
+      attempt is given to complete (``CONNECT_TIMEOUT``, gRPC's default 20 s), so that an
+      attempt whose packets were lost gives way to a new one soon.
+
+    gRPC raises each of them to 100 ms at least."""
+    if not reconnect_max > 0:
+        raise ValueError(f"reconnect_max must be > 0 seconds, got {reconnect_max!r}")
+    return [
+        *wire.CHANNEL_OPTIONS,
+        ("grpc.initial_reconnect_backoff_ms", _ms(min(RECONNECT_FIRST, reconnect_max))),
+        ("grpc.max_reconnect_backoff_ms", _ms(reconnect_max)),
+        ("grpc.min_reconnect_backoff_ms", _ms(CONNECT_TIMEOUT)),
+    ]
 
 
 class ConnectionLost(MedfedError):
@@ -55,13 +107,21 @@ class Refused(MedfedError):
 
 
 class Connection:
-    """The channel to the server and its four calls; every call has a deadline."""
+    """The channel to the server and its four calls; every call has a deadline.
 
-    def __init__(self, target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, site: str):
+    ``reconnect_max``: the longest wait, in seconds, between two attempts to reach the
+    server (see the module's docstring). ``max_model``: the most bytes a model task may
+    declare; a larger one is refused before any memory is set aside for it."""
+
+    def __init__(self, target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, site: str,
+                 reconnect_max: float = RECONNECT_MAX):
         creds = wire.channel_credentials(ca_pem, cert_pem, key_pem)
         self.site = site
         self.target = target
-        self.channel = grpc.secure_channel(target, creds, options=wire.CHANNEL_OPTIONS)
+        self.reconnect_max = reconnect_max
+        self.options = channel_options(reconnect_max)
+        self.max_model = MAX_MODEL
+        self.channel = grpc.secure_channel(target, creds, options=self.options)
         self._join = self.channel.unary_unary(wire.JOIN)
         self._ready = self.channel.unary_unary(wire.READY)
         self._poll = self.channel.unary_stream(wire.POLL)
@@ -71,6 +131,18 @@ class Connection:
 
     def close(self) -> None:
         self.channel.close()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the channel to be connected to the server (gRPC
+        keeps trying in the background, see :func:`channel_options`); True once it is."""
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=max(0.0, timeout))
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()  # no effect once done; otherwise it stops watching the channel
 
     def join(self) -> dict[str, Any]:
         reply = self._join(wire.encode_header({"site": self.site, "medfed_version": __version__}),
@@ -112,9 +184,13 @@ class Connection:
             size = hdr.get("size")
             if isinstance(size, bool) or not isinstance(size, int):
                 raise CodecError(f"{kind} task: size must be an integer, got {size!r}")
+            limit = EXCHANGE_LIMIT if kind == "exchange" else self.max_model
+            if not 0 <= size <= limit:  # before any buffer is set aside for it
+                raise CodecError(f"{kind} task: the server declares {size} bytes, more than the {limit} bytes this "
+                                 f"site accepts for a {'protocol message' if kind == 'exchange' else 'model'}")
             # not hashed: TLS guarantees that the bytes arrive as the server sent them
             pool = self._buffers if kind != "exchange" else None
-            blob, _ = wire.gather(stream, size, MAX_MODEL, f"{kind} task", hashed=False, pool=pool)
+            blob, _ = wire.gather(stream, size, limit, f"{kind} task", hashed=False, pool=pool)
             if kind != "exchange":
                 model_id = hdr.get("model_id")
                 self._model = (model_id, blob) if isinstance(model_id, str) else None
@@ -134,20 +210,31 @@ class Connection:
 
 
 class Backoff:
-    """Exponential backoff with jitter: the n-th wait is drawn between half and all of
-    ``base * 2**n`` seconds, capped at ``cap``."""
+    """Waits between attempts to reach the server: the n-th (from 0) is drawn between
+    ``1 - jitter`` and all of ``min(cap, base * 2**n)`` seconds. With the defaults: at most
+    0.25, 0.5, 1, 1, 1 ... s. :meth:`reset` after a success starts again from ``base``."""
 
-    def __init__(self, base: float = 1.0, cap: float = 30.0, rng: random.Random | None = None):
-        self.base, self.cap, self.n = base, cap, 0
+    def __init__(self, base: float = RECONNECT_FIRST, cap: float = RECONNECT_MAX, rng: random.Random | None = None,
+                 jitter: float = RECONNECT_JITTER):
+        if not (base > 0 and cap > 0):
+            raise ValueError(f"backoff base and cap must be > 0 seconds, got {base!r} and {cap!r}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"backoff jitter must be in [0, 1), got {jitter!r}")
+        self.base, self.cap, self.jitter, self.n = min(base, cap), cap, jitter, 0
         self.rng = rng or random.Random()
 
     def reset(self) -> None:
         self.n = 0
 
+    def nominal(self, n: int) -> float:
+        """The longest n-th wait, seconds."""
+        doublings = math.ceil(math.log2(self.cap / self.base)) if self.cap > self.base else 0
+        return min(self.cap, self.base * 2 ** min(n, doublings))  # n stays small: no overflow after days
+
     def next(self) -> float:
-        wait = min(self.cap, self.base * 2**self.n)
+        wait = self.nominal(self.n)
         self.n += 1
-        return self.rng.uniform(0.5 * wait, wait)
+        return self.rng.uniform((1 - self.jitter) * wait, wait)
 
 
 Answer = Callable[[dict[str, Any], bytes], tuple[str, bytes]]
@@ -165,14 +252,18 @@ def serve_tasks(
     ``setup(job, job_id)`` is called when the server names a job this site has not set
     up yet; it returns the data summary to report and the job's round timeout.
     ``answer(header, blob)`` runs one task and returns ``("fit" | "evaluate", payload)``
-    or ``("error", cause)`` as UTF-8 bytes."""
-    backoff = backoff or Backoff()
+    or ``("error", cause)`` as UTF-8 bytes. ``backoff`` spaces the attempts to reach the
+    server (default: ``Backoff(cap=conn.reconnect_max)``)."""
+    backoff = backoff or Backoff(cap=conn.reconnect_max)
     job_id: str | None = None
     summary: dict[str, Any] = {}
     round_timeout = 600.0
     joined = False
     handshakes = 0
     last_contact = time.monotonic()
+    woke = False  # the last wait ended because the channel connected
+    said: tuple[str, str] | None = None  # the last error logged, and when: the same one is logged once a minute
+    said_at = 0.0
     while True:
         try:
             if not joined:
@@ -194,7 +285,7 @@ def serve_tasks(
                 joined = True
                 log.info("site '%s': joined job %s at %s", conn.site, job_id, conn.target)
             hdr, blob = conn.poll(job_id, round_timeout)
-            last_contact, handshakes = time.monotonic(), 0
+            last_contact, handshakes, woke, said = time.monotonic(), 0, False, None
             backoff.reset()
             kind = hdr.get("kind")
             if kind == "done":
@@ -241,5 +332,15 @@ def serve_tasks(
                     f"(last error: {e.details() or code.name})"
                 ) from None
             wait = backoff.next()
-            log.info("site '%s': %s (%s); retrying in %.1f s", conn.site, code.name, e.details(), wait)
-            time.sleep(wait)
+            now = time.monotonic()
+            if said != (code.name, details) or now - said_at >= QUIET_RETRIES:
+                log.info("site '%s': %s (%s); retrying, at most %g s apart", conn.site, code.name, details,
+                         backoff.cap)
+                said, said_at = (code.name, details), now
+            if code is grpc.StatusCode.UNAVAILABLE and not woke:
+                # the server is away: call again as soon as gRPC has connected (once: a server
+                # that answers UNAVAILABLE while connected is not called again at once)
+                woke = conn.wait_connected(wait)
+            else:
+                woke = False
+                time.sleep(wait)
