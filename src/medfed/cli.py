@@ -14,20 +14,22 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medfed.config import Job, builtin_job_path, load_job
-from medfed.core.errors import ConfigError, DataError, MedfedError, ModelError, RunDirError
+from medfed.core.errors import ConfigError, DataError, MedfedError, ModelError, NetworkError, RunDirError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning for medical imaging.")
 out = Console()
 err = Console(stderr=True)
 
-_USER_ERRORS = (ConfigError, DataError, ModelError, RunDirError)
+_USER_ERRORS = (ConfigError, DataError, ModelError, RunDirError, NetworkError)
 
 
 def _fail(e: MedfedError) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+    # the message may hold brackets (field paths, file names): printed as it is, not as markup
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(2 if isinstance(e, _USER_ERRORS) else 1)
 
 
@@ -228,9 +230,6 @@ def server(
     except MedfedError as e:
         _fail(e)
         return
-    except OSError as e:  # e.g. the port is taken
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1) from None
     _print_summary(result.run_dir, job)
     out.print(f"run folder: [bold]{result.run_dir}[/]  ({result.elapsed_s:.1f} s)")
     out.print(f"report:     [bold]{result.run_dir / 'report.html'}[/]")

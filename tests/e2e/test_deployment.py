@@ -89,6 +89,10 @@ def test_deployed_quickstart_equals_the_simulation(tmp_path):
     assert json.loads((run / "run.json").read_text())["mode"] == "deployment"
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {m["arm"] for m in metrics} == {"federated", "local"}
+    # the run folder names sites, their addresses and what they sent: the server's user only
+    assert run.stat().st_mode & 0o077 == 0
+    for name in ("run.log", "report.html", "sites.json", "job.yaml", "audit.json", "state.sqlite"):
+        assert (run / name).stat().st_mode & 0o077 == 0, name
 
 
 def test_server_killed_and_resumed_ends_with_the_uninterrupted_model(tmp_path):

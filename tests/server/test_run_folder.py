@@ -129,3 +129,17 @@ def test_a_folder_that_changes_while_the_job_runs_is_not_replaced(tmp_path, monk
     assert res.exit_code == 2, res.output
     assert "nothing was replaced" in res.output
     assert _intact(target, files)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    job = _job(tmp_path)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_mod, "save_checkpoint", full)
+    res = cli.invoke(app, ["run", str(job), "-q", "-o", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert "cannot write the run" in res.output and "No space left on device" in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.*"))

@@ -31,6 +31,10 @@ class RunDirError(MedfedError):
     """The output folder cannot be used (it already holds a run, or is not writable)."""
 
 
+class NetworkError(MedfedError):
+    """The server cannot listen on its address (taken, or not this machine's)."""
+
+
 class SiteError(MedfedError):
     """A site failed while training or evaluating. Carries the site name and the cause."""
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,11 +28,12 @@ from medfed import __version__
 from medfed.algorithms import build_algorithm
 from medfed.algorithms.base import buffer_keys
 from medfed.config import Job
-from medfed.core.errors import ConfigError, DataError, RoundError, RunDirError
+from medfed.core.errors import ConfigError, RoundError, RunDirError
 from medfed.core.types import Arm, Params
 from medfed.models import check_input_size, get_params
 from medfed.server.baselines import run_finetuned, run_local
-from medfed.server.checkpoint import atomic_write_text, load_checkpoint
+from medfed.core.files import PRIVATE, atomic_write_text, replacing
+from medfed.server.checkpoint import load_checkpoint
 from medfed.server.loop import RoundCallback, RoundSummary, job_id_of, run_federated
 from medfed.server.update_path import combiner_for, incoming_for, ledger_for
 from medfed.server.runner import (
@@ -43,6 +47,7 @@ from medfed.server.runner import (
 )
 from medfed.server.sampling import SiteSampler
 from medfed.server.store import STORE_NAME, RunStore
+from medfed.transport.pki import Kit
 
 log = logging.getLogger("medfed")
 
@@ -52,8 +57,6 @@ STATE_FILE = "state.safetensors"
 def save_state(run_dir: Path, rnd: int, params: Params, algorithm_state: Params, job_hash: str) -> None:
     """The global model and the server rule's state after round ``rnd``, in one file
     replaced atomically, so they always belong to the same round."""
-    from medfed.server.checkpoint import replacing  # a random, exclusively created temporary name
-
     tensors = {f"params/{k}": v.contiguous() for k, v in params.items()}
     tensors |= {f"algorithm/{k}": v.contiguous() for k, v in algorithm_state.items()}
     with replacing(run_dir / STATE_FILE) as tmp:
@@ -86,7 +89,10 @@ def _prepare_folder(output: Path, resume: bool) -> None:
             raise RunDirError(f"'{output}' holds a deployed run that did not finish; continue it with --resume, "
                               "or choose another output")
         check_output(output, overwrite=False)
-        output.mkdir(parents=True, exist_ok=True)
+        try:  # the run folder holds the audit trail: only the server's user may read it
+            output.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create the run folder '{output}': {e.strerror or e}") from None
         return
     if not (output / STORE_NAME).is_file():
         raise RunDirError(f"nothing to resume in '{output}': it holds no {STORE_NAME}; start without --resume")
@@ -106,9 +112,33 @@ def _members(store: RunStore, job: Job) -> list[str]:
     return members if sum(s in members for s in job.training_sites) >= job.quorum else []
 
 
+def _common_shape(job: Job, summaries: dict[str, Any]) -> tuple[tuple[int, ...], dict[str, str]]:
+    """The image shape (C, *spatial) most of the ready sites report (a tie goes to the
+    site first in the job), and for each site with another shape why it is left out."""
+    shapes = {s: tuple(summaries[s].shape) for s in job.site_names if s in summaries}
+    counts = Counter(shapes.values())
+    top = max(counts.values())
+    common = next(sh for sh in shapes.values() if counts[sh] == top)
+    odd = {s: (f"its images are {list(sh)} (C, *spatial), the other sites' {list(common)}; every site must "
+               "preprocess to one shape (transforms.preprocess)")
+           for s, sh in shapes.items() if sh != common}
+    return common, odd
+
+
+def _forget_fresh_run(output: Path, created: bool) -> None:
+    """Remove what a new run that stopped before its first round wrote: with no round
+    done there is nothing to resume, and a run folder left behind would ask for --resume."""
+    if created:
+        shutil.rmtree(output, ignore_errors=True)
+        return
+    for name in (STORE_NAME, STORE_NAME + "-wal", STORE_NAME + "-shm", STORE_NAME + "-journal", "job.yaml",
+                 "run.log", "sites.json"):
+        (output / name).unlink(missing_ok=True)
+
+
 def serve_job(
     job: Job,
-    kit: Any,
+    kit: Kit,
     resume: bool = False,
     listen: str | None = None,
     join_timeout: float | None = None,
@@ -120,25 +150,47 @@ def serve_job(
     ``kit`` is the server's startup kit (see transport/pki.py); ``listen`` the address
     to bind (default ``0.0.0.0:<kit port>``). The server waits up to ``join_timeout``
     seconds (default: the round timeout) for the job's sites to join and report their
-    data, then starts if at least the quorum of training sites is there."""
+    data, then starts if at least the quorum of training sites is there.
+
+    A new run that stops before its first round is done (the port is taken, too few sites
+    joined) leaves nothing behind; one that stops later keeps its state for ``--resume``.
+    A run folder that cannot be written (disk full, read-only) is a RunDirError that says
+    so, not a traceback."""
+    if job.attack is not None:
+        raise ConfigError("attack: simulated attacks are for simulation studies (medfed run); remove the "
+                          "attack section from a deployment job")
+    output = job.output.resolve()
+    created = not output.exists()
+    _prepare_folder(output, resume)
+    try:
+        return _serve(job, kit, output, resume, listen, join_timeout, on_round, on_sites)
+    except BaseException as e:
+        fresh = not resume and not (output / STATE_FILE).exists()
+        if fresh:
+            _forget_fresh_run(output, created)
+        if isinstance(e, (OSError, sqlite3.Error)):
+            after = ("" if fresh else "; the rounds done so far are saved: fix the folder, then continue with "
+                     "--resume")
+            log.error("cannot write the run folder '%s': %s", output, e)
+            raise RunDirError(f"cannot write the run folder '{output}': {e}{after}") from None
+        raise
+
+
+def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, join_timeout: float | None,
+           on_round: RoundCallback | None, on_sites: Callable[[list[str], list[str]], None] | None) -> RunResult:
     from medfed.tracking.report import write_report
     from medfed.transport.grpc import wire
     from medfed.transport.grpc.hub import Hub
     from medfed.transport.grpc.transport import GrpcTransport, start_server
 
-    if job.attack is not None:
-        raise ConfigError("attack: simulated attacks are for simulation studies (medfed run); remove the "
-                          "attack section from a deployment job")
-    output = job.output.resolve()
-    _prepare_folder(output, resume)
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc)
     store = RunStore(output / STORE_NAME)
-    handler = open_run_log(output)
+    handler = open_run_log(output, private=True)
     server = None
     try:
         store.set_job(job.job_hash(), json.dumps(job.model_dump(mode="json")))
-        atomic_write_text(output / "job.yaml", job.to_yaml())
+        atomic_write_text(output / "job.yaml", job.to_yaml(), mode=PRIVATE)
         members = _members(store, job) if resume else []  # read before this server's sites join
         hub = Hub(job, job_id_of(job), store)
         creds = wire.server_credentials(kit.ca_pem, kit.cert_pem, kit.key_pem)
@@ -157,6 +209,11 @@ def serve_job(
                      wait_s, len(members), ", ".join(members))
         hub.wait_ready(expected, wait_s, (lambda r: on_sites(r, expected)) if on_sites else None)
         summaries = hub.summaries()
+        if summaries:  # a site whose images differ in shape from the others' is left out, with the reason
+            shape, odd = _common_shape(job, summaries)
+            for site, why in odd.items():
+                hub.exclude(site, why)
+            summaries = hub.summaries()
         ready = [s for s in job.site_names if s in summaries]
         missing = [s for s in job.site_names if s not in summaries]
         training = [s for s in job.training_sites if s in ready]
@@ -172,15 +229,10 @@ def serve_job(
         if len(gone) < len(missing):
             log.warning("starting without site(s) %s: they may join later",
                         ", ".join(s for s in missing if s not in gone))
-        shapes = {s: tuple(x.shape) for s, x in summaries.items()}
-        if len(set(shapes.values())) > 1:
-            raise DataError(f"the sites' images differ in shape (C, *spatial): {shapes}; every site must "
-                            "preprocess to one shape (transforms.preprocess)")
-        shape = next(iter(shapes.values()))
         patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
         check_input_size(job.model, shape[1:], patch)
         rows = _site_rows(job, summaries)
-        atomic_write_text(output / "sites.json", json.dumps({"sites": rows}, indent=2) + "\n")
+        atomic_write_text(output / "sites.json", json.dumps({"sites": rows}, indent=2) + "\n", mode=PRIVATE)
 
         # ---- the model, the server rule and, when resuming, where the run stopped
         model = initial_model(job, shape[0], len(shape) - 1)
@@ -248,8 +300,8 @@ def serve_job(
                   "job_hash": job.job_hash(), "started": started.isoformat(),
                   "finished": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
                   "rounds": job.rounds, "resumed": resume}
-        atomic_write_text(output / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
-        write_report(output)
+        atomic_write_text(output / RUN_MARKER, json.dumps(marker, indent=2) + "\n", mode=PRIVATE)
+        write_report(output, mode=PRIVATE)
         hub.finish(grace=wire.POLL_WAIT + 2.0)  # only a finished job sends the sites home
         return RunResult(run_dir=output, elapsed_s=elapsed)
     finally:

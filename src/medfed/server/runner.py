@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from medfed.core.types import Arm, Params
 from medfed.data.base import SiteData
 from medfed.models import build_model, check_input_size, get_params
 from medfed.server.baselines import run_centralized, run_finetuned, run_local
-from medfed.server.checkpoint import atomic_write_text, save_checkpoint
+from medfed.core.files import PRIVATE, atomic_write_text
+from medfed.server.checkpoint import save_checkpoint
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
 from medfed.server.update_path import combiner_for, incoming_for, ledger_for
 from medfed.server.sampling import SiteSampler
@@ -102,9 +104,25 @@ def initial_model(job: Job, in_channels: int, spatial_dims: int = 2) -> nn.Modul
 
 
 
-def open_run_log(folder: Path) -> logging.Handler:
-    """Send medfed's INFO log to ``folder/run.log`` (appended to if it exists)."""
-    handler = logging.FileHandler(folder / "run.log", encoding="utf-8")
+class _RunLogHandler(logging.FileHandler):
+    """run.log: a record that cannot be written (disk full, folder gone) is dropped with one
+    line on stderr, not a traceback per record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            sys.stderr.write(f"medfed: cannot write {self.baseFilename}; later log records are not in it\n")
+
+
+def open_run_log(folder: Path, private: bool = False) -> logging.Handler:
+    """Send medfed's INFO log to ``folder/run.log`` (appended to if it exists); ``private``:
+    readable by the run's user only (a deployment's log names sites and their addresses)."""
+    path = folder / "run.log"
+    if private:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), PRIVATE))
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     handler.setLevel(logging.INFO)
     if log.level == logging.NOTSET or log.level > logging.INFO:
@@ -168,10 +186,13 @@ def run_job(
     if on_sites is not None:
         on_sites(summary)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as e:
+        raise RunDirError(f"cannot create the run folder '{output}': {e.strerror or e}") from None
     handler = open_run_log(staging)
     try:
         for site in sites:
@@ -219,12 +240,17 @@ def run_job(
                   "elapsed_s": round(elapsed, 3), "rounds": job.rounds}
         atomic_write_text(staging / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
         write_report(staging)
-    except BaseException:
+    except BaseException as e:
         close_run_log(handler)
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, folder made read-only or removed while the run went on
+            raise RunDirError(f"cannot write the run next to '{output}': {e}; nothing was written") from None
         raise
     close_run_log(handler)
-    _move_into_place(staging, output)
+    try:
+        _move_into_place(staging, output)
+    except OSError as e:
+        raise RunDirError(f"cannot move the finished run into '{output}': {e}; it is left in '{staging}'") from None
     return RunResult(run_dir=output, elapsed_s=time.perf_counter() - t0)
 
 

@@ -32,7 +32,7 @@ from typing import Self
 from medfed.core.errors import RunDirError
 from medfed.core.text import printable
 from medfed.core.types import CAUSE_LIMIT
-from medfed.server.checkpoint import PRIVATE, atomic_write_text
+from medfed.core.files import PRIVATE, atomic_write_text
 from medfed.tracking.metrics import ARMS, FIELDS, SPLITS, _clean
 
 SCHEMA_VERSION = 1

@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import math
-import os
 from datetime import datetime
 from html import escape
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.text import Text
 
 from medfed.config import load_job
 from medfed.core.errors import RunDirError
+from medfed.core.files import atomic_write_text
 from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEDIAN_SITE, POOLED_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
 
 REPORT_NAME = "report.html"
@@ -497,20 +497,18 @@ def render_report(run_dir: Path) -> str:
     )
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, mode: int = 0o666) -> Path:
     """Build ``run_dir/report.html``, a single self-contained file, and return its path.
 
     Raises RunDirError if the run folder, its ``job.yaml`` or its ``metrics.jsonl`` is
     missing or a file in it is malformed; ConfigError if ``job.yaml`` is invalid.
-    The file is written to a temporary name and moved into place, so a reader never
-    sees half a report.
+    The file is written atomically (core/files.py), so a reader never sees half a report;
+    ``mode`` as there (a deployment's report, which shows the audit, is private).
     """
     run_dir = Path(run_dir)
     html_text = render_report(run_dir)
     path = run_dir / REPORT_NAME
-    tmp = run_dir / (REPORT_NAME + ".tmp")
-    tmp.write_text(html_text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, html_text, mode=mode)
     return path
 
 

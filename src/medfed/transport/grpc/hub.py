@@ -129,6 +129,7 @@ class Hub:
         self._open: dict[str, Task] = {}  # queued or sent, by id
         self._closed: set[str] = set()  # answered or expired task ids
         self._sessions: dict[str, Session] = {}
+        self._excluded: dict[str, str] = {}  # sites left out of this run, and why
         self._accepted: set[str] = set()  # SHA-256 of every update accepted in this process
         self._held = 0  # bytes of this batch's updates held in memory
         self._buffers = BufferPool(keep=UPDATES_IN_MEMORY)  # where they are received
@@ -160,6 +161,9 @@ class Hub:
                 f"certificate names site '{site}', which is not part of this job ({', '.join(sorted(self.allowed))})",
                 site,
             )
+        if site in self._excluded:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"this site is left out of the run: {self._excluded[site]}",
+                          site)
         return site, cert.fingerprint(hashes.SHA256()).hex()
 
     @staticmethod
@@ -580,6 +584,17 @@ class Hub:
                 if len(ready) == len(sites) or left <= 0:
                     return ready
                 self._cv.wait(min(left, 1.0))
+
+    def exclude(self, site: str, reason: str) -> None:
+        """Leave ``site`` out of this run for ``reason``: its session ends, and every call it
+        makes from now on is refused with the reason (a site stops on such a refusal)."""
+        with self._cv:
+            self._excluded[site] = reason
+            self._sessions.pop(site, None)
+            self._cv.notify_all()
+        self.guard.cut_site(site, f"left out of the run: {reason}")
+        log.warning("site '%s' is left out of the run: %s", site, reason)
+        self._audit_call(site, f"left out of the run: {reason}")
 
     def summaries(self) -> dict[str, SiteSummary]:
         with self._cv:

@@ -15,6 +15,7 @@ import grpc
 
 from medfed.core import codec
 from medfed.core.buffers import BufferPool
+from medfed.core.errors import NetworkError
 from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, Params, SiteFailure, Update
 from medfed.server.update_path import Incoming
 from medfed.transport.base import Transport
@@ -95,9 +96,9 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
     try:
         port = server.add_secure_port(address, credentials)
     except RuntimeError as e:  # grpcio raises here when the port is taken (older versions return 0)
-        raise OSError(f"cannot listen on {address}: {e}") from None
+        raise NetworkError(f"cannot listen on {address}: {e}; is another server using the port?") from None
     if port == 0:
-        raise OSError(f"cannot listen on {address}: is the port taken?")
+        raise NetworkError(f"cannot listen on {address}: is the port taken?")
     server.start()
     return server
 

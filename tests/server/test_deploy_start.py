@@ -1,0 +1,100 @@
+"""A deployed run that stops before its first round leaves nothing behind; a run folder
+that cannot be written is a clear error; a site whose images differ in shape from the
+others' is left out of the run with the reason, not the whole run stopped."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from deploy_kits import make_kits
+from medfed.config import builtin_job_path, load_job
+from medfed.core.errors import NetworkError, RunDirError
+from medfed.server import deploy
+from medfed.server.deploy import _common_shape, serve_job
+from medfed.server.store import RunStore
+from medfed.transport.pki import load_kit
+from transport.test_grpc_checks import Consortium, _summary
+
+
+def _job(tmp_path):
+    return load_job(builtin_job_path("quickstart")).model_copy(update={"output": tmp_path / "run"})
+
+
+def test_a_port_in_use_is_a_clear_error_and_leaves_no_run_folder(tmp_path):
+    kits, _ = make_kits(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(NetworkError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve_job(_job(tmp_path), load_kit(kits / "server", role="server"), listen=f"127.0.0.1:{port}")
+    assert not (tmp_path / "run").exists()  # a new start needs no --resume
+
+
+def test_an_existing_folder_keeps_its_own_files_after_a_failed_start(tmp_path):
+    kits, _ = make_kits(tmp_path)
+    (tmp_path / "run").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(NetworkError):
+            serve_job(_job(tmp_path), load_kit(kits / "server", role="server"),
+                      listen=f"127.0.0.1:{taken.getsockname()[1]}")
+    assert (tmp_path / "run").is_dir() and not any((tmp_path / "run").iterdir())
+
+
+def test_a_full_disk_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch):
+    kits, _ = make_kits(tmp_path)
+
+    def full(self, *a):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(RunStore, "set_job", full)
+    with pytest.raises(RunDirError, match="cannot write the run folder .*database or disk is full"):
+        serve_job(_job(tmp_path), load_kit(kits / "server", role="server"), listen="127.0.0.1:0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_with_rounds_done_keeps_its_state_and_says_resume(tmp_path, monkeypatch):
+    kits, _ = make_kits(tmp_path)
+
+    def full_after_a_round(*a, **k):  # a round was saved, then the disk filled up
+        (tmp_path / "run" / deploy.STATE_FILE).write_bytes(b"state")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(deploy, "_serve", full_after_a_round)
+    with pytest.raises(RunDirError, match="No space left on device.*continue with --resume"):
+        serve_job(_job(tmp_path), load_kit(kits / "server", role="server"))
+    assert (tmp_path / "run" / deploy.STATE_FILE).exists()
+
+
+def test_the_common_shape_is_the_most_sites_and_the_others_are_named():
+    job = load_job(builtin_job_path("quickstart"))
+    a, b, c = job.site_names
+    s = lambda shape: SimpleNamespace(shape=shape)  # noqa: E731
+    shape, odd = _common_shape(job, {a: s([1, 32, 32]), b: s([1, 64, 64]), c: s([1, 32, 32])})
+    assert shape == (1, 32, 32) and list(odd) == [b] and "[1, 64, 64]" in odd[b] and "[1, 32, 32]" in odd[b]
+    shape, odd = _common_shape(job, {a: s([3, 8, 8]), b: s([1, 8, 8])})  # a tie: the site first in the job
+    assert shape == (3, 8, 8) and list(odd) == [b]
+
+
+def test_a_site_left_out_is_refused_with_the_reason_and_audited(tmp_path):
+    cons = Consortium(tmp_path)
+    try:
+        conn = cons.ready("hospital_c")
+        cons.hub.exclude("hospital_c", "its images are [1, 64, 64] (C, *spatial), the other sites' [1, 32, 32]")
+        assert "hospital_c" not in cons.hub.summaries()
+        for call in (conn.join, lambda: conn.ready(cons.job_id, _summary("hospital_c"))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "left out of the run: its images are [1, 64, 64]" in info.value.details()
+        row = cons.store.audit_rows()[-1]
+        assert row["site"] == "hospital_c" and "left out of the run" in row["reason"]
+    finally:
+        cons.close()
