@@ -51,7 +51,7 @@ def test_bad_weights_are_refused():
 
 import tempfile  # noqa: E402
 
-from medfed.algorithms import fedavg  # noqa: E402
+from medfed.algorithms import mean  # noqa: E402
 from medfed.core import codec  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def test_weighted_average_is_the_formula_bit_for_bit(seeds, weights, piece, sour
     ref = _reference(params_list, ws)
     with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
         if piece is not None:
-            mp.setattr(fedavg, "PIECE", piece)
+            mp.setattr(mean, "PIECE", piece)
         if source == "memory":
             inputs = params_list
         else:
@@ -140,7 +140,7 @@ def test_weighted_average_is_the_formula_bit_for_bit(seeds, weights, piece, sour
 def test_weighted_average_part_by_part(monkeypatch, piece, source):
     """Tensors several pieces long (and not a multiple of the piece size), three sites,
     uneven weights: the same bits as the whole-tensor formula."""
-    monkeypatch.setattr(fedavg, "PIECE", piece)
+    monkeypatch.setattr(mean, "PIECE", piece)
     g = torch.Generator().manual_seed(0)
     params_list = [
         {"w": torch.randn(5, 9, generator=g) * 1e3, "h": (torch.randn(23, generator=g) * 50).half(),
@@ -159,7 +159,7 @@ def test_weighted_average_part_by_part(monkeypatch, piece, source):
 
 
 def test_integer_entries_are_rounded_in_every_piece(monkeypatch):
-    monkeypatch.setattr(fedavg, "PIECE", 3)
+    monkeypatch.setattr(mean, "PIECE", 3)
     a = {"n": torch.arange(10)}
     b = {"n": torch.arange(10) + 1}
     out = weighted_average([a, b], [1, 1])  # x + 0.5 rounds half to even

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medfed.algorithms.mean import weighted_average
 from medfed.core.types import Params, RoundPlan, TrainSettings, Update
 
 
@@ -97,8 +98,6 @@ class WeightedMean(Combiner):
     name = "mean"
 
     def combine(self, global_params: Params, updates: Sequence[Update], rnd: int) -> Params:
-        from medfed.algorithms.fedavg import weighted_average
-
         return weighted_average([u.params for u in updates], [u.num_examples for u in updates])
 
 

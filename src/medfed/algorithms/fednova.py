@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from medfed.algorithms.base import Algorithm
-from medfed.algorithms.fedavg import weighted_average
+from medfed.algorithms.mean import weighted_average
 from medfed.core.types import Params, Update
 
 

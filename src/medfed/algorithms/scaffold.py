@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from medfed.algorithms.base import Algorithm, SiteHook
-from medfed.algorithms.fedavg import weighted_average
+from medfed.algorithms.mean import weighted_average
 from medfed.core.types import Params, RoundPlan, Update
 
 C_PREFIX = "c/"  # server control variate, sent to sites

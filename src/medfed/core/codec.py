@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, BinaryIO
 
@@ -21,6 +21,7 @@ import torch
 
 from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError
+from medfed.core.tensors import PIECE, PartedTensors, describe, piece, pieces  # noqa: F401 (codec.piece...: the same helpers)
 from medfed.core.types import Arm, Encoding, EvalResult, FitRequest, Params, RoundPlan, Split, TrainSettings, Update
 
 _META_KEY = "medfed"
@@ -275,7 +276,7 @@ _MAX_FILE_HEADER = 100 << 20
 _MAX_DIMS, _MAX_DIM = 16, 1 << 40  # beyond these a shape is garbage (torch could not even allocate it)
 
 
-class FileTensors(Mapping):
+class FileTensors(PartedTensors):
     """Tensors of a safetensors file, each read from disk when it is looked up (a
     positioned read, not a memory map, so tensors not in use cost no memory).
 
@@ -318,38 +319,6 @@ class FileTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-PIECE = 1 << 18  # elements per part when a large tensor is gone through in parts (a float64 part fits in cache)
-
-
-def describe(params: Mapping[str, torch.Tensor], name: str) -> tuple[tuple[int, ...], torch.dtype]:
-    """(shape, dtype) of ``params[name]``; read from the header for a file."""
-    if isinstance(params, FileTensors):
-        return params.describe(name)
-    t = params[name]
-    return tuple(t.shape), t.dtype
-
-
-def piece(params: Mapping[str, torch.Tensor], name: str, start: int, stop: int,
-          out: torch.Tensor | None = None) -> torch.Tensor:
-    """Elements ``start:stop`` of the flattened ``params[name]``: a view of an in-memory
-    tensor, or read from a file (into ``out`` when given: 1-D, of that length and dtype)."""
-    if isinstance(params, FileTensors):
-        return params.piece(name, start, stop, out)
-    return params[name].reshape(-1)[start:stop]
-
-
-def pieces(params: Mapping[str, torch.Tensor], name: str, size: int = PIECE):
-    """The flattened tensor ``params[name]`` in consecutive parts of at most ``size``
-    elements: views of an in-memory tensor, or reads into one reused buffer for a file
-    (each part is valid until the next one is produced)."""
-    shape, dtype = describe(params, name)
-    count = math.prod(shape)
-    buf = torch.empty(min(size, count), dtype=dtype) if isinstance(params, FileTensors) else None
-    for start in range(0, count, size):
-        stop = min(start + size, count)
-        yield piece(params, name, start, stop, None if buf is None else buf[: stop - start])
 
 
 def _parse_header(raw: bytes, data_len: int) -> tuple[dict[str, Any], dict[str, dict[str, tuple]]]:

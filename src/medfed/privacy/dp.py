@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from medfed.algorithms.base import Combiner
-from medfed.algorithms.fedavg import weighted_average
+from medfed.algorithms.mean import weighted_average
 from medfed.core.params import apply_delta, clip_to_norm, delta, l2_norm
 from medfed.core.types import Encoding, Params, RoundPlan, Update
 from medfed.privacy.accounting import adaptive_noise_multiplier

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from medfed.algorithms.base import Combiner
-from medfed.algorithms.fedavg import weighted_average
+from medfed.algorithms.mean import weighted_average
 from medfed.core.errors import RoundError
 from medfed.core.params import apply_delta, clip_to_norm, delta, float_names
 from medfed.core.types import Params, Update

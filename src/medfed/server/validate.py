@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from medfed.core.codec import FileTensors, describe, pieces
+from medfed.core.tensors import PartedTensors, describe, pieces
 from medfed.core.params import all_finite
 from medfed.core.types import Encoding, EvalResult, Params, Spec, Split, Update
 
@@ -49,7 +49,7 @@ def _finite(params: Params, name: str) -> bool:
     """Whether a floating-point tensor holds only finite values. A tensor still on disk is
     read in parts, and the answer kept: the server checks an update when it arrives and
     again in the round loop, and reads it only once."""
-    if isinstance(params, FileTensors):
+    if isinstance(params, PartedTensors):
         if name not in params.finite:
             params.finite[name] = all(all_finite(p) for p in pieces(params, name))
         return params.finite[name]

@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 from rich.text import Text
 
-from medfed.config import load_job
+from medfed.config import Job, load_job
 from medfed.core.errors import RunDirError
 from medfed.core.files import atomic_write_text
 from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEDIAN_SITE, POOLED_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
@@ -383,7 +383,7 @@ def _per_round(records: list[dict], metric: str, site: str | None = POOLED_SITE)
     return out
 
 
-def _update_path_section(job: Any, records: list[dict]) -> str:
+def _update_path_section(job: Job, records: list[dict]) -> str:
     """What protected the updates (DP with its epsilon per round, secure aggregation, a
     robust rule, simulated attackers) and the bytes sites sent per round."""
     p = job.privacy

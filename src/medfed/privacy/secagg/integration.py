@@ -27,16 +27,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import torch
 
 from medfed.algorithms.base import Combiner
+from medfed.config import Job
 from medfed.core.errors import SiteError
 from medfed.core.types import Encoding, Message, Params, RoundPlan, SiteFailure, Spec, Update
 from medfed.privacy.base import Conversation, UpdateFilter
 from medfed.privacy.secagg.masking import FixedPoint
 from medfed.privacy.secagg.protocol import SecAggError, ServerSession, SiteSession
+from medfed.privacy.settings import SiteLevelDP
+from medfed.transport.base import Transport
 
 log = logging.getLogger("medfed")
 
@@ -98,7 +100,7 @@ class SecAggClient(UpdateFilter, Conversation):
 
     topics = TOPICS
 
-    def __init__(self, job: Any, site: str):
+    def __init__(self, job: Job, site: str):
         self.site = site
         sa = job.privacy.secure_aggregation
         self.codec = FixedPoint(sa.clip_range, job.sites_per_round)
@@ -158,7 +160,7 @@ class SecureSum(Combiner):
 
     name = "secure_sum"
 
-    def __init__(self, job: Any, exchange: Any, train_sizes: dict[str, int], central: Any = None,
+    def __init__(self, job: Job, exchange: Transport, train_sizes: dict[str, int], central: SiteLevelDP | None = None,
                  noise_seed: int | None = None, local_keys: frozenset[str] = frozenset()):
         from medfed.server.loop import job_id_of
 

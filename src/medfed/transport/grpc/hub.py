@@ -39,7 +39,8 @@ from medfed.config import Job, map_paths
 from medfed.core import codec
 from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError
-from medfed.core.types import Encoding, SiteFailure, Spec, Split
+from medfed.core.types import Encoding, EvalResult, SiteFailure, Spec, Split, Update
+from medfed.server.store import RunStore
 from medfed.server.validate import eval_problem, update_problem
 from medfed.tasks import metric_bounds
 from medfed.transport.grpc import wire
@@ -62,6 +63,10 @@ LIVE_WINDOW = 3 * wire.POLL_WAIT
 def site_view(job: Job) -> dict[str, Any]:
     """The job as sites receive it: every file path replaced by ``<site-local>``."""
     return map_paths(job, lambda _p: SITE_LOCAL).model_dump(mode="json")
+
+
+# what a task ends with: an update (fit), results (evaluate), a protocol reply (exchange), or a failure
+Answer = Update | list[EvalResult] | dict[str, Any] | SiteFailure
 
 
 class SiteSummary(BaseModel):
@@ -96,7 +101,7 @@ class Task:
     splits: tuple[Split, ...] = ()
     id: str = field(default_factory=lambda: secrets.token_hex(16))
     state: str = "queued"  # queued -> sent -> answered | expired
-    answer: Any = None  # Update | list[EvalResult] | SiteFailure
+    answer: Answer | None = None
     sent_at: float = 0.0
     bytes_sent: int = 0
 
@@ -117,7 +122,7 @@ class Hub:
     """Shared state of the server process. ``store`` (a RunStore, optional) receives the
     participants and the audit trail."""
 
-    def __init__(self, job: Job, job_id: str, store: Any = None):
+    def __init__(self, job: Job, job_id: str, store: RunStore | None = None):
         self.job_id = job_id
         self.job_view = site_view(job)
         self.allowed = frozenset(job.site_names)
@@ -482,7 +487,7 @@ class Hub:
                 return True
             return False
 
-    def _settle(self, task: Task, answer: Any, status: str, nbytes: int, digest: str | None, t0: float,
+    def _settle(self, task: Task, answer: Answer, status: str, nbytes: int, digest: str | None, t0: float,
                 reason: str | None = None) -> bool:
         """Record ``answer`` for ``task`` unless it was closed meanwhile; audit it."""
         with self._cv:
@@ -504,7 +509,7 @@ class Hub:
 
     # ------------------------------------------------------------------ the round loop's side
 
-    def _close(self, task: Task, answer: Any) -> None:  # holds the lock
+    def _close(self, task: Task, answer: Answer) -> None:  # holds the lock
         task.answer, task.state = answer, "answered"
         self._open.pop(task.id, None)
         self._closed.add(task.id)
