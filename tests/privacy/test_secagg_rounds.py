@@ -12,7 +12,9 @@ from medfed.config import parse_job
 from medfed.core.errors import RoundError
 from medfed.core.types import EvalResult, SiteFailure, Update
 from medfed.privacy.secagg.integration import MASKED, SecAggClient, SecureSum, from_wire, to_wire
+from medfed.server.federation import Federation
 from medfed.server.loop import run_federated
+from medfed.server.sampling import SiteSampler
 from medfed.server.update_path import incoming_for
 from medfed.transport.base import Transport
 
@@ -63,9 +65,8 @@ class SecAggSites(Transport):
 
 
 def _run(transport, job, init):
-    algo = FedAvg()
-    algo.combiner = SecureSum(job, transport, SIZES, noise_seed=0)
-    return run_federated(job, transport, algo, init, lambda *r: None, incoming=incoming_for(job))
+    algo = FedAvg(combiner=SecureSum(job, transport, SIZES, noise_seed=0))
+    return run_federated(Federation(job, algo, incoming_for(job), SiteSampler(job)), transport, init, lambda *r: None)
 
 
 def _job(**over):
@@ -114,10 +115,9 @@ def test_central_dp_noise_is_added_to_the_secure_mean():
     dp = {"noise_multiplier": 1.0, "clip": 0.5, "delta": 1e-5}
     job = _job(privacy={"secure_aggregation": {"threshold": 3}, "dp": dp})
     sites = SecAggSites(job)
-    algo = FedAvg()
-    algo.combiner = SecureSum(job, sites, SIZES, central=job.privacy.dp, noise_seed=1)
+    algo = FedAvg(combiner=SecureSum(job, sites, SIZES, central=job.privacy.dp, noise_seed=1))
     init = {"w": torch.zeros(200_000)}
-    out = run_federated(job, sites, algo, init, lambda *r: None, incoming=incoming_for(job))
+    out = run_federated(Federation(job, algo, incoming_for(job), SiteSampler(job)), sites, init, lambda *r: None)
     noise = out["w"] - sum(SHIFT.values()) / 5  # equal weights under DP
     assert float(noise.std()) == pytest.approx(1.0 * 0.5 / 5, rel=0.03)
 
@@ -127,9 +127,9 @@ def test_a_server_optimizer_takes_the_secure_mean_and_keeps_every_entry():
 
     job = _job(algorithm={"name": "fedavgm", "server_lr": 1.0, "beta1": 0.0})
     sites = SecAggSites(job)
-    algo = FedOpt("fedavgm", 1.0, 0.0, 0.99, 1e-3, trainable=frozenset({"w", "b"}))
-    algo.combiner = SecureSum(job, sites, SIZES, noise_seed=0)
-    out = run_federated(job, sites, algo, INIT, lambda *r: None, incoming=incoming_for(job))
+    algo = FedOpt("fedavgm", 1.0, 0.0, 0.99, 1e-3, trainable=frozenset({"w", "b"}),
+                  combiner=SecureSum(job, sites, SIZES, noise_seed=0))
+    out = run_federated(Federation(job, algo, incoming_for(job), SiteSampler(job)), sites, INIT, lambda *r: None)
     assert out.keys() == INIT.keys() and out["n"].item() == 7
     mean_shift = sum(SIZES[s] * SHIFT[s] for s in SIZES) / sum(SIZES.values())
     assert torch.allclose(out["w"], INIT["w"] + mean_shift, atol=1e-6)  # FedAvgM with beta1 0, lr 1 is FedAvg

@@ -10,7 +10,10 @@ from medfed.algorithms.fedavg import FedAvg
 from medfed.config import parse_job
 from medfed.core.errors import RoundError
 from medfed.core.types import Arm, EvalResult, SiteFailure, Update
+from medfed.server.federation import Federation
 from medfed.server.loop import round_seed, run_federated
+from medfed.server.sampling import SiteSampler
+from medfed.server.update_path import Incoming
 from medfed.transport.base import Transport
 
 JOB = {
@@ -55,7 +58,7 @@ def _run(transport, **overrides):
     job = parse_job({**copy.deepcopy(JOB), **overrides})
     records, rounds = [], []
     final = run_federated(
-        job, transport, FedAvg(), {"w": torch.zeros(3)},
+        Federation(job, FedAvg(), Incoming(), SiteSampler(job)), transport, {"w": torch.zeros(3)},
         lambda *rec: records.append(rec), lambda s, p: rounds.append((s, p)),
     )
     return final, records, rounds
@@ -104,13 +107,11 @@ def test_eval_every_skips_rounds_but_not_the_last():
 
 
 def test_only_sampled_sites_train_but_all_evaluate():
-    from medfed.server.sampling import SiteSampler
-
     t = FakeTransport({"a": 1.0, "b": 2.0, "c": 4.0}, {"a": 10, "b": 30, "c": 60})
     job = parse_job({**copy.deepcopy(JOB), "rounds": 3, "sampling": {"count": 1}})
     sampler = SiteSampler(job)
     records = []
-    run_federated(job, t, FedAvg(), {"w": torch.zeros(3)}, lambda *r: records.append(r), None, sampler)
+    run_federated(Federation(job, FedAvg(), Incoming(), sampler), t, {"w": torch.zeros(3)}, lambda *r: records.append(r))
     trained = [(site, rnd) for site, rnd, _ in t.fit_calls]
     assert trained == [(sampler.select(r)[0][1], r) for r in (1, 2, 3)]
     assert {r[2] for r in records if r[3] == "test"} == {"a", "b", "c", "all", "median"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from medfed.algorithms.base import Algorithm, SiteHook, norm_keys, trainable_keys
+from medfed.algorithms.base import Algorithm, Combiner, SiteHook, WeightedMean, norm_keys, trainable_keys
 from medfed.algorithms.ditto import Ditto
 from medfed.algorithms.fedavg import FedAvg
 from medfed.algorithms.fedbn import FedBN
@@ -33,32 +33,39 @@ from medfed.config import (
 from medfed.core.errors import ConfigError
 
 
-def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int, momentum: float = 0.0) -> Algorithm:
+def build_algorithm(
+    cfg: AlgorithmConfig, model: nn.Module, num_sites: int, momentum: float = 0.0, combiner: Combiner | None = None
+) -> Algorithm:
     """The algorithm object for a validated config, for ``model`` (its trainable and
-    batch-norm names), a job of ``num_sites`` sites and local SGD ``momentum``."""
+    batch-norm names), a job of ``num_sites`` sites and local SGD ``momentum``.
+    ``combiner``: how the rules built on the mean combine the updates (default: the
+    weighted mean); the job's validation lets a robust rule, DP or secure aggregation
+    through only for those (FedAvg's family and the server optimizers)."""
     trainable = trainable_keys(model)
+    kept = local_keys(cfg, model)
     if isinstance(cfg, FedBNConfig):
-        bn = norm_keys(model)
-        if not bn:
+        if not kept:
             raise ConfigError(
                 f"algorithm.name: 'fedbn' keeps batch-norm layers local, but model "
                 f"'{type(model).__name__}' has none; choose another algorithm or model"
             )
-        return FedBN(bn, trainable)
+        return FedBN(kept, trainable, combiner)
     if isinstance(cfg, FedAvgConfig):
-        return FedAvg(trainable)
+        return FedAvg(trainable, combiner)
     if isinstance(cfg, FedProxConfig):
-        return FedProx(cfg.mu, trainable)
+        return FedProx(cfg.mu, trainable, combiner)
     if isinstance(cfg, FedOptConfig):
-        return FedOpt(cfg.name, cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau, trainable)
+        return FedOpt(cfg.name, cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau, trainable, combiner)
     if isinstance(cfg, MoonConfig):
-        return Moon(cfg.mu, cfg.tau, trainable)
+        return Moon(cfg.mu, cfg.tau, trainable, combiner)
     if isinstance(cfg, DittoConfig):
-        return Ditto(cfg.lam, trainable)
+        return Ditto(cfg.lam, trainable, combiner)
     if isinstance(cfg, FedRepConfig):
-        return FedRep(layer_keys(model, cfg.personal_layers), cfg.head_epochs, trainable)
+        return FedRep(kept, cfg.head_epochs, trainable, combiner)
     if isinstance(cfg, FedPerConfig):
-        return FedPer(layer_keys(model, cfg.personal_layers), trainable)
+        return FedPer(kept, trainable, combiner)
+    if combiner is not None and not isinstance(combiner, WeightedMean):
+        raise TypeError(f"{type(cfg).__name__}: its rule is not built on the mean and takes no combiner")
     if isinstance(cfg, FedNovaConfig):
         return FedNova(momentum, trainable)
     if isinstance(cfg, FedDynConfig):
@@ -68,4 +75,15 @@ def build_algorithm(cfg: AlgorithmConfig, model: nn.Module, num_sites: int, mome
     raise TypeError(f"no algorithm for config {type(cfg).__name__}")
 
 
-__all__ = ["Algorithm", "SiteHook", "build_algorithm"]
+def local_keys(cfg: AlgorithmConfig, model: nn.Module) -> frozenset[str]:
+    """The state-dict entries of ``model`` that the algorithm keeps at each site (never
+    sent, never overwritten): FedBN's batch-norm layers, FedPer's and FedRep's personal
+    layers; none for the others."""
+    if isinstance(cfg, FedBNConfig):
+        return norm_keys(model)
+    if isinstance(cfg, (FedPerConfig, FedRepConfig)):
+        return layer_keys(model, cfg.personal_layers)
+    return frozenset()
+
+
+__all__ = ["Algorithm", "Combiner", "SiteHook", "build_algorithm", "local_keys"]

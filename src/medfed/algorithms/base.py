@@ -105,7 +105,8 @@ class Algorithm(ABC):
     """Server-side half of an algorithm, and the factory of its site hook.
 
     ``trainable`` names the model's trainable parameters (as opposed to buffers such as
-    batch-norm statistics), for rules that treat the two differently.
+    batch-norm statistics), for rules that treat the two differently; ``combiner`` turns
+    the round's updates into one set of parameters (default: the weighted mean).
     """
 
     name: str
@@ -114,13 +115,13 @@ class Algorithm(ABC):
     local_keys: frozenset[str] = frozenset()
     # True when each site also keeps a personal model, evaluated as the "personalized" arm.
     personal_models: bool = False
-    # True when the server rule uses the updates only through ``self.combiner`` (the FedAvg
-    # family): only such rules take a robust rule, central DP or secure aggregation.
-    uses_combiner: bool = False
-    combiner: Combiner = WeightedMean()
 
-    def __init__(self, trainable: frozenset[str] = frozenset()):
+    def __init__(self, trainable: frozenset[str] = frozenset(), combiner: Combiner | None = None):
         self.trainable = trainable
+        # how the updates become one set of parameters: the weighted mean, unless the job
+        # asks for a robust rule, central DP or secure aggregation (which only rules built
+        # on the mean take: the FedAvg family and the server optimizers; see config)
+        self.combiner = combiner if combiner is not None else WeightedMean()
 
     def make_site_hook(self) -> SiteHook:
         """The hook one site uses for the whole run."""

@@ -11,7 +11,7 @@ two local trainings.
 
 from __future__ import annotations
 
-from medfed.algorithms.base import SiteHook
+from medfed.algorithms.base import Combiner, SiteHook
 from medfed.algorithms.fedavg import FedAvg
 from medfed.core.types import Params
 
@@ -32,8 +32,9 @@ class Ditto(FedAvg):
     name = "ditto"
     personal_models = True
 
-    def __init__(self, lam: float, trainable: frozenset[str] = frozenset()):
-        super().__init__(trainable)
+    def __init__(self, lam: float, trainable: frozenset[str] = frozenset(),
+                 combiner: Combiner | None = None):
+        super().__init__(trainable, combiner)
         self.lam = lam
 
     def make_site_hook(self) -> SiteHook:

@@ -11,7 +11,6 @@ from medfed.core.types import Params, Update
 
 class FedAvg(Algorithm):
     name = "fedavg"
-    uses_combiner = True
 
     def aggregate(self, global_params: Params, updates: Sequence[Update]) -> Params:
         """The weighted mean of what the sites sent (or what the job's combiner makes of

@@ -9,12 +9,14 @@ dict keeps its full set of names.
 
 from __future__ import annotations
 
+from medfed.algorithms.base import Combiner
 from medfed.algorithms.fedavg import FedAvg
 
 
 class FedBN(FedAvg):
     name = "fedbn"
 
-    def __init__(self, bn_keys: frozenset[str], trainable: frozenset[str] = frozenset()):
-        super().__init__(trainable)
+    def __init__(self, bn_keys: frozenset[str], trainable: frozenset[str] = frozenset(),
+                 combiner: Combiner | None = None):
+        super().__init__(trainable, combiner)
         self.local_keys = bn_keys

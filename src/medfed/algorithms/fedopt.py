@@ -19,19 +19,18 @@ from collections.abc import Sequence
 
 import torch
 
-from medfed.algorithms.base import Algorithm
+from medfed.algorithms.base import Algorithm, Combiner
 from medfed.core.types import Params, Update
 
 
 class FedOpt(Algorithm):
     state_fields = ("m", "v")
-    uses_combiner = True
 
     def __init__(
         self, name: str, server_lr: float, beta1: float, beta2: float, tau: float,
-        trainable: frozenset[str] = frozenset(),
+        trainable: frozenset[str] = frozenset(), combiner: Combiner | None = None,
     ):
-        super().__init__(trainable)
+        super().__init__(trainable, combiner)
         if name not in ("fedavgm", "fedadagrad", "fedadam", "fedyogi"):
             raise ValueError(f"unknown server optimizer '{name}'")
         self.name = name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from medfed.algorithms.base import Combiner
 from medfed.algorithms.fedavg import FedAvg
 from medfed.core.errors import ConfigError
 
@@ -34,6 +35,7 @@ def layer_keys(model: nn.Module, layers: list[str]) -> frozenset[str]:
 class FedPer(FedAvg):
     name = "fedper"
 
-    def __init__(self, personal_keys: frozenset[str], trainable: frozenset[str] = frozenset()):
-        super().__init__(trainable)
+    def __init__(self, personal_keys: frozenset[str], trainable: frozenset[str] = frozenset(),
+                 combiner: Combiner | None = None):
+        super().__init__(trainable, combiner)
         self.local_keys = personal_keys

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medfed.algorithms.base import SiteHook
+from medfed.algorithms.base import Combiner, SiteHook
 from medfed.algorithms.fedavg import FedAvg
 from medfed.core.types import RoundPlan
 
@@ -32,8 +32,9 @@ class ProximalHook(SiteHook):
 class FedProx(FedAvg):
     name = "fedprox"
 
-    def __init__(self, mu: float, trainable: frozenset[str] = frozenset()):
-        super().__init__(trainable)
+    def __init__(self, mu: float, trainable: frozenset[str] = frozenset(),
+                 combiner: Combiner | None = None):
+        super().__init__(trainable, combiner)
         self.mu = mu
 
     def make_site_hook(self) -> SiteHook:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from medfed.algorithms.base import SiteHook
+from medfed.algorithms.base import Combiner, SiteHook
 from medfed.algorithms.fedavg import FedAvg
 from medfed.core.types import TrainSettings
 
@@ -28,8 +28,9 @@ class FedRepHook(SiteHook):
 class FedRep(FedAvg):
     name = "fedrep"
 
-    def __init__(self, personal_keys: frozenset[str], head_epochs: int, trainable: frozenset[str] = frozenset()):
-        super().__init__(trainable)
+    def __init__(self, personal_keys: frozenset[str], head_epochs: int, trainable: frozenset[str] = frozenset(),
+                 combiner: Combiner | None = None):
+        super().__init__(trainable, combiner)
         self.local_keys = personal_keys
         self.head_epochs = head_epochs
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medfed.algorithms.base import SiteHook
+from medfed.algorithms.base import Combiner, SiteHook
 from medfed.algorithms.fedavg import FedAvg
 from medfed.core.types import RoundPlan
 
@@ -86,8 +86,9 @@ class MoonHook(SiteHook):
 class Moon(FedAvg):
     name = "moon"
 
-    def __init__(self, mu: float, tau: float, trainable: frozenset[str] = frozenset()):
-        super().__init__(trainable)
+    def __init__(self, mu: float, tau: float, trainable: frozenset[str] = frozenset(),
+                 combiner: Combiner | None = None):
+        super().__init__(trainable, combiner)
         self.mu, self.tau = mu, tau
 
     def make_site_hook(self) -> SiteHook:

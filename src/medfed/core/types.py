@@ -90,9 +90,15 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class FitRequest:
+    """Train ``params`` at ``site`` by ``plan``. ``expect`` and ``encoding``: what the
+    answer must look like (names, shapes, dtypes; how it is encoded), for a transport
+    that checks answers as they arrive; None: the names, shapes and dtypes of ``params``."""
+
     site: str
     params: Params
     plan: RoundPlan
+    expect: Spec | None = None
+    encoding: Encoding = Encoding.FULL
 
 
 @dataclass(frozen=True)

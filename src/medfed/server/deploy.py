@@ -25,8 +25,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medfed import __version__
-from medfed.algorithms import build_algorithm
-from medfed.algorithms.base import buffer_keys
 from medfed.config import Job
 from medfed.core.errors import ConfigError, RoundError, RunDirError
 from medfed.core.types import Arm, Params
@@ -34,8 +32,8 @@ from medfed.models import check_input_size, get_params
 from medfed.server.baselines import run_finetuned, run_local
 from medfed.core.files import PRIVATE, atomic_write_text, replacing
 from medfed.server.checkpoint import load_checkpoint
+from medfed.server.federation import build_federation
 from medfed.server.loop import RoundCallback, RoundSummary, job_id_of, run_federated
-from medfed.server.update_path import combiner_for, incoming_for, ledger_for
 from medfed.server.runner import (
     RUN_MARKER,
     RunResult,
@@ -45,7 +43,6 @@ from medfed.server.runner import (
     initial_model,
     open_run_log,
 )
-from medfed.server.sampling import SiteSampler
 from medfed.server.store import STORE_NAME, RunStore
 from medfed.transport.pki import Kit
 
@@ -237,12 +234,10 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         # ---- the model, the server rule and, when resuming, where the run stopped
         model = initial_model(job, shape[0], len(shape) - 1)
         params = get_params(model)
-        algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum)
-        incoming = incoming_for(job, buffer_keys(model))
-        transport = GrpcTransport(hub, algorithm.local_keys, incoming)
+        transport = GrpcTransport(hub)
         # DP noise from the OS: in a deployment nobody may know it in advance
-        sizes = {r["name"]: r["train"] for r in rows}
-        algorithm.combiner = combiner_for(job, None, transport, sizes, algorithm.local_keys)
+        federation = build_federation(job, model, transport, {r["name"]: r["train"] for r in rows}, noise_seed=None)
+        algorithm = federation.algorithm
         tracker = _BestTracker(output, job)
         start = 1
         if resume and (output / STATE_FILE).exists():
@@ -269,16 +264,9 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
             if on_round is not None:
                 on_round(s, p)
 
-        ledger = ledger_for(job, sizes)
-        try:
-            sampler = SiteSampler(job, sizes if all(sizes.get(s, 0) > 0 for s in job.training_sites) else None)
-        except ValueError as e:
-            raise ConfigError(f"sampling.method: {e}; every training site must have joined (missing: "
-                              f"{', '.join(missing) or 'none'})") from None
         final = params
         if start <= job.rounds:
-            final = run_federated(job, transport, algorithm, params, store.write_metric, callback, sampler,
-                                  start_round=start, incoming=incoming, ledger=ledger)
+            final = run_federated(federation, transport, params, store.write_metric, callback, start_round=start)
         tracker.finish()
         if "finetuned" in job.compare:
             run_finetuned(job, transport, final, store.write_metric, callback)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,14 +27,12 @@ from medfed.core.types import (
     TrainSettings,
     Update,
 )
-from medfed.server.sampling import SiteSampler
+from medfed.server.federation import Federation
 from medfed.server.update_path import Incoming
 from medfed.server.validate import update_problem
 from medfed.tracking.metrics import MEDIAN_SITE, POOLED_SITE
 from medfed.transport.base import Transport
 
-if TYPE_CHECKING:
-    from medfed.privacy.accounting import PrivacyLedger
 
 log = logging.getLogger("medfed")
 
@@ -172,27 +169,24 @@ def evaluate_round(
 
 
 def run_federated(
-    job: Job,
+    federation: Federation,
     transport: Transport,
-    algorithm: Algorithm,
     init_params: Params,
     record: Recorder,
     on_round: RoundCallback | None = None,
-    sampler: SiteSampler | None = None,
     start_round: int = 1,
-    incoming: Incoming = Incoming(),
-    ledger: PrivacyLedger | None = None,
 ) -> Params:
     """Run rounds ``start_round`` .. ``job.rounds`` of federated training from
     ``init_params``; return the final global params.
 
-    ``sampler`` picks each round's sites (default: all training sites, every round).
-    Every site, held-out ones included, evaluates the global model. A resumed run passes
-    the checkpointed params and the round after the checkpoint. ``incoming`` says how the
-    sites encode their updates; ``algorithm.combiner`` how they are combined; ``ledger``
-    (with DP) gives each round's epsilon and stops training before the budget is passed."""
+    The federation's sampler picks each round's sites; every site, held-out ones included,
+    evaluates the global model. A resumed run passes the checkpointed params and the round
+    after the checkpoint. The algorithm's combiner says how updates are combined; the
+    ledger (with DP) gives each round's epsilon and stops training before the budget is
+    passed."""
+    job, algorithm, incoming, sampler, ledger = (
+        federation.job, federation.algorithm, federation.incoming, federation.sampler, federation.ledger)
     sites = list(job.site_names)
-    sampler = sampler or SiteSampler(job)
     job_id = job_id_of(job)
     global_params = init_params
     # sites that have trained (and so hold a personal model, for algorithms that keep one)
@@ -206,9 +200,11 @@ def run_federated(
         # ---- 2. send the global parameters and the round plan; sites train locally
         extras = algorithm.round_extras(global_params)
         prepared = algorithm.combiner.prepare(rnd, [s for _, s in selected], global_params)  # secure aggregation's keys
+        expect = incoming.spec(global_params, algorithm.local_keys)  # what each update must look like
         requests = [
             FitRequest(site=s, params=global_params,
-                       plan=make_plan(job, job_id, Arm.FEDERATED, rnd, i, extras, prepared.get(s)))
+                       plan=make_plan(job, job_id, Arm.FEDERATED, rnd, i, extras, prepared.get(s)),
+                       expect=expect, encoding=incoming.encoding)
             for i, s in selected
         ]
         answers = transport.fit(requests, timeout=job.round_timeout)

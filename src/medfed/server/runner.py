@@ -22,8 +22,6 @@ import torch
 from torch import nn
 
 from medfed import __version__
-from medfed.algorithms import build_algorithm
-from medfed.algorithms.base import buffer_keys
 from medfed.config import Job
 from medfed.core.errors import RunDirError
 from medfed.core.types import Arm, Params
@@ -32,9 +30,8 @@ from medfed.models import build_model, check_input_size, get_params
 from medfed.server.baselines import run_centralized, run_finetuned, run_local
 from medfed.core.files import PRIVATE, atomic_write_text
 from medfed.server.checkpoint import save_checkpoint
+from medfed.server.federation import build_federation
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
-from medfed.server.update_path import combiner_for, incoming_for, ledger_for
-from medfed.server.sampling import SiteSampler
 from medfed.site.device import resolve_device, set_threads
 from medfed.tasks import build_task
 from medfed.transport.base import POOLED, Transport
@@ -205,7 +202,6 @@ def run_job(
         atomic_write_text(staging / "sites.json", json.dumps({"sites": summary}, indent=2) + "\n")
         model = initial_model(job, sites[0].train.images.shape[1], sites[0].train.spatial_dims)
         init = get_params(model)
-        algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum)
         tracker = _BestTracker(staging, job)
 
         def callback(s: RoundSummary, params: Params) -> None:
@@ -214,13 +210,10 @@ def run_job(
                 on_round(s, params)
 
         sizes = {row["name"]: row["train"] for row in summary}
-        ledger = ledger_for(job, sizes)
         with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
-            sampler = SiteSampler(job, sizes)
             # DP noise drawn from the job seed: a simulation is repeatable run after run
-            algorithm.combiner = combiner_for(job, job.seed, transport, sizes, algorithm.local_keys)
-            final = run_federated(job, transport, algorithm, init, metrics.write, callback, sampler,
-                                  incoming=incoming_for(job, buffer_keys(model)), ledger=ledger)
+            federation = build_federation(job, model, transport, sizes, noise_seed=job.seed)
+            final = run_federated(federation, transport, init, metrics.write, callback)
             tracker.finish()
             if "finetuned" in job.compare:
                 run_finetuned(job, transport, final, metrics.write, callback)

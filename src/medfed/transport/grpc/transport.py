@@ -16,8 +16,8 @@ import grpc
 from medfed.core import codec
 from medfed.core.buffers import BufferPool
 from medfed.core.errors import NetworkError
-from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, Params, SiteFailure, Update
-from medfed.server.update_path import Incoming
+from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, Params, SiteFailure, Spec, Update
+from medfed.server.validate import full_spec
 from medfed.transport.base import Transport
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.hub import Hub, Task
@@ -106,10 +106,8 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
 class GrpcTransport(Transport):
     """Sends each round's requests through ``hub`` to the sites that poll it."""
 
-    def __init__(self, hub: Hub, local_keys: frozenset[str] = frozenset(), incoming: Incoming = Incoming()):
+    def __init__(self, hub: Hub):
         self.hub = hub
-        self.local_keys = local_keys
-        self.incoming = incoming  # how federated updates are encoded
         # blob, model id and the objects encoded (holding them keeps their ids from being
         # reused), for this batch and the last one: the model a round evaluates is the
         # next round's start
@@ -141,20 +139,17 @@ class GrpcTransport(Transport):
     def fit(self, requests: Sequence[FitRequest], timeout: float) -> list[Update | SiteFailure]:
         self._start_batch()
         tasks = []
-        specs: dict[tuple, tuple] = {}  # one spec per distinct (params, arm): sites of a round share it
+        specs: dict[int, Spec] = {}  # the full spec of each distinct params, when a request gives none
         for req in requests:
             blob, model_id = self._model(req.params, req.plan.extras)
-            federated = req.plan.arm.value == "federated"
-            key = (id(req.params), federated)
-            if key not in specs:
-                incoming = self.incoming if federated else Incoming()
-                specs[key] = (incoming.spec(req.params, self.local_keys if federated else frozenset()), incoming.encoding)
-            spec, encoding = specs[key]
+            spec = req.expect
+            if spec is None:
+                spec = specs.setdefault(id(req.params), full_spec(req.params))
             tasks.append(Task(
                 site=req.site, kind="fit", arm=req.plan.arm.value, round=req.plan.round,
                 header={"plan": codec.plan_to_dict(req.plan)}, blob=blob, model_id=model_id,
                 limit=2 * len(blob) + (1 << 20),  # the parameters, extras as large, and the header
-                spec=spec, encoding=encoding,
+                spec=spec, encoding=req.encoding,
             ))
         self._end_batch()
         if self.hub.store is not None and requests:
