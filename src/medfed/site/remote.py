@@ -59,7 +59,7 @@ def load_site_data(path: Path, site: str) -> Any:
     Raises ConfigError naming the file and the field: the file is missing or not YAML, a
     field breaks the schema, or ``data.sites`` does not name ``site``. (Whether its
     folders hold readable data is found when the data is read, for the job.)"""
-    from medfed.config import _resolve_paths
+    from medfed.config import resolve_paths
 
     raw = read_yaml(path, "site data file")
     try:
@@ -71,7 +71,7 @@ def load_site_data(path: Path, site: str) -> Any:
         raise ConfigError(
             f"site data file '{path}': data.sites names {parsed.data.site_names}, but this site is '{site}'"
         )
-    return _resolve_paths(parsed.data, path.parent.resolve())
+    return resolve_paths(parsed.data, path.parent.resolve())
 
 
 def model_limit(params: dict[str, Any]) -> int:

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import Field, ValidationError, field_validator
 
-from medfed.config import SiteName, _describe, _unique, read_yaml
+from medfed.config import SiteName, describe_error, read_yaml, unique_names
 from medfed.core.errors import ConfigError
 from medfed.core.schema import Count, Frozen
 
@@ -98,7 +98,7 @@ class Consortium(Frozen):
     @field_validator("sites")
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
-        _unique(v, "site names")
+        unique_names(v, "site names")
         folded: dict[str, str] = {}
         for n in v:
             if n in RESERVED_NAMES:
@@ -120,7 +120,7 @@ def load_consortium(path: str | Path) -> Consortium:
     try:
         return Consortium.model_validate(raw)
     except ValidationError as e:
-        lines = [_describe(err) for err in e.errors()]
+        lines = [describe_error(err) for err in e.errors()]
         raise ConfigError(f"{path}: invalid consortium file\n  " + "\n  ".join(lines)) from None
 
 
@@ -651,7 +651,7 @@ def load_kit(path: str | Path, role: str | None = None) -> Kit:
     try:
         info = _KitInfo.model_validate(raw)
     except ValidationError as e:
-        lines = [_describe(err) for err in e.errors()]
+        lines = [describe_error(err) for err in e.errors()]
         raise ConfigError(f"{where}: kit.json is invalid\n  " + "\n  ".join(lines)) from None
     if info.medfed_kit_version != KIT_VERSION:
         raise ConfigError(f"{where}: kit.json medfed_kit_version must be {KIT_VERSION}, got {info.medfed_kit_version}")

@@ -1,0 +1,200 @@
+"""The job file: schema, loading and error messages.
+
+A job is validated once, at load time, and frozen. An error names the field path and the
+bad value, e.g. ``train.lr: must be > 0, got -1``. Relative data paths are resolved
+against the job file's folder, so a job file and its data can move together; the output
+folder is resolved against the current directory, where the user runs medfed.
+
+Numbers are what they say: a count is a whole number (``true``, ``2.0`` or ``1.0e9`` is
+refused), a real number is finite (``.inf`` and ``.nan`` are refused), and every count has
+an upper bound, so a typo cannot make a run that never ends or never fits in memory:
+``rounds`` <= 100 000, epochs <= :data:`MAX_EPOCHS`, ``batch_size`` <= :data:`MAX_BATCH`,
+sites <= :data:`MAX_SITES`, examples per split of a synthetic site <= :data:`MAX_EXAMPLES`,
+image and patch sides <= :data:`MAX_SIDE` (:data:`MAX_VOXELS` per image), and all the
+generated (synthetic) images of a job <= :data:`SYNTHETIC_MAX_BYTES`. A YAML file whose
+aliases expand to more than :data:`MAX_YAML_NODES` values is refused before it is read.
+
+One module per section of the job, each importing only those listed before it:
+
+- ``limits``: the bounds above, :data:`SiteName`, :func:`unique_names`
+- ``data``: the ``data`` section (synthetic, medmnist, folder, pairs, volumes), partitions, splits
+- ``transforms``: preprocessing and augmentation steps, :class:`TransformsConfig`
+- ``model``: :class:`ModelConfig` and the task (:class:`TaskConfig`, :class:`SegmentationTaskConfig`)
+- ``algorithms``: one settings class per algorithm, with what it does beyond the mean declared on it
+- ``job``: :class:`Job` (top-level fields, :class:`TrainConfig`, :class:`SamplingConfig`, checks across sections)
+- ``messages``: pydantic errors as ``field.path: what, got value``
+- ``files``: reading YAML (aliases bounded), :func:`load_job`, :func:`parse_job`, path mapping
+
+Everything public is imported from here: ``from medfed.config import Job, load_job``.
+
+The modules that define settings models do not use ``from __future__ import annotations``:
+with it, pydantic evaluates every field annotation from its string when the models are
+built, at every start of ``medfed`` (a few milliseconds, more than the split into modules
+costs).
+"""
+
+from medfed.config.algorithms import (
+    AlgorithmConfig,
+    AlgorithmSettings,
+    DittoConfig,
+    FedAvgConfig,
+    FedBNConfig,
+    FedDynConfig,
+    FedNovaConfig,
+    FedOptConfig,
+    FedPerConfig,
+    FedProxConfig,
+    FedRepConfig,
+    MoonConfig,
+    ScaffoldConfig,
+    algorithm_names,
+    mean_algorithm_names,
+)
+from medfed.config.data import (
+    SEGMENTATION_SOURCES,
+    DataConfig,
+    FileSet,
+    FileSite,
+    FolderData,
+    MedMNISTData,
+    OnBadFile,
+    PairsData,
+    PartitionConfig,
+    ScannerConfig,
+    SitesBy,
+    SplitConfig,
+    SyntheticData,
+    SyntheticSegmentationData,
+    SyntheticSite,
+    VolumesData,
+    synthetic_size_problem,
+)
+from medfed.config.files import builtin_job_path, load_job, map_paths, parse_job, read_yaml, resolve_paths
+from medfed.config.job import Job, SamplingConfig, TrainConfig
+from medfed.config.limits import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_EXAMPLES,
+    MAX_ROUND_TIMEOUT,
+    MAX_ROUNDS,
+    MAX_SIDE,
+    MAX_SITES,
+    MAX_VOXELS,
+    MAX_YAML_NODES,
+    RESERVED_SITE_NAMES,
+    SYNTHETIC_MAX_BYTES,
+    SiteName,
+    unique_names,
+)
+from medfed.config.messages import describe_error, format_validation_error
+from medfed.config.model import (
+    CLASSIFIERS,
+    SEGMENTERS,
+    AnyTaskConfig,
+    ModelConfig,
+    SegmentationTaskConfig,
+    TaskConfig,
+    task_kind,
+)
+from medfed.config.transforms import (
+    WINDOW_PRESETS,
+    AugmentStep,
+    ContrastStep,
+    CropOrPadStep,
+    FlipStep,
+    ImageSize,
+    IntensityStep,
+    NoiseStep,
+    NormalizeStep,
+    PreprocessStep,
+    ResizeStep,
+    Rotate90Step,
+    RotateStep,
+    SpacingStep,
+    TransformsConfig,
+    WindowStep,
+    ZoomStep,
+)
+
+__all__ = [
+    "CLASSIFIERS",
+    "MAX_BATCH",
+    "MAX_EPOCHS",
+    "MAX_EXAMPLES",
+    "MAX_ROUNDS",
+    "MAX_ROUND_TIMEOUT",
+    "MAX_SIDE",
+    "MAX_SITES",
+    "MAX_VOXELS",
+    "MAX_YAML_NODES",
+    "RESERVED_SITE_NAMES",
+    "SEGMENTATION_SOURCES",
+    "SEGMENTERS",
+    "SYNTHETIC_MAX_BYTES",
+    "WINDOW_PRESETS",
+    "AlgorithmConfig",
+    "AlgorithmSettings",
+    "AnyTaskConfig",
+    "AugmentStep",
+    "ContrastStep",
+    "CropOrPadStep",
+    "DataConfig",
+    "DittoConfig",
+    "FedAvgConfig",
+    "FedBNConfig",
+    "FedDynConfig",
+    "FedNovaConfig",
+    "FedOptConfig",
+    "FedPerConfig",
+    "FedProxConfig",
+    "FedRepConfig",
+    "FileSet",
+    "FileSite",
+    "FlipStep",
+    "FolderData",
+    "ImageSize",
+    "IntensityStep",
+    "Job",
+    "MedMNISTData",
+    "ModelConfig",
+    "MoonConfig",
+    "NoiseStep",
+    "NormalizeStep",
+    "OnBadFile",
+    "PairsData",
+    "PartitionConfig",
+    "PreprocessStep",
+    "ResizeStep",
+    "Rotate90Step",
+    "RotateStep",
+    "SamplingConfig",
+    "ScaffoldConfig",
+    "ScannerConfig",
+    "SegmentationTaskConfig",
+    "SiteName",
+    "SitesBy",
+    "SpacingStep",
+    "SplitConfig",
+    "SyntheticData",
+    "SyntheticSegmentationData",
+    "SyntheticSite",
+    "TaskConfig",
+    "TrainConfig",
+    "TransformsConfig",
+    "VolumesData",
+    "WindowStep",
+    "ZoomStep",
+    "algorithm_names",
+    "builtin_job_path",
+    "describe_error",
+    "format_validation_error",
+    "load_job",
+    "map_paths",
+    "mean_algorithm_names",
+    "parse_job",
+    "read_yaml",
+    "resolve_paths",
+    "synthetic_size_problem",
+    "task_kind",
+    "unique_names",
+]

@@ -1,0 +1,138 @@
+"""Reading job files: YAML with a bound on what its aliases expand to, validation into a
+:class:`~medfed.config.job.Job`, and the data paths resolved against the job file's folder
+(so a job file and its data can move together)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from medfed.config.job import Job
+from medfed.config.limits import MAX_YAML_NODES
+from medfed.config.messages import format_validation_error
+from medfed.core.errors import ConfigError
+
+
+def parse_job(raw: Any, source: str = "job", base_dir: Path | None = None) -> Job:
+    """Validate a mapping (parsed YAML) as a Job. Relative data paths resolve against base_dir."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a job must be a mapping of fields, got {type(raw).__name__}")
+    try:
+        job = Job.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+    if base_dir is not None:
+        job = job.model_copy(update={"data": resolve_paths(job.data, base_dir)})
+    return job
+
+
+def map_paths(value: Any, fn: Callable[[Path], Path]) -> Any:
+    """A copy of a config value with ``fn`` applied to every Path inside it (unchanged
+    parts are shared, not copied)."""
+    if isinstance(value, Path):
+        return fn(value)
+    if isinstance(value, list):
+        items = [map_paths(v, fn) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
+    if isinstance(value, dict):
+        mapped = {k: map_paths(v, fn) for k, v in value.items()}
+        return value if all(mapped[k] is v for k, v in value.items()) else mapped
+    if isinstance(value, BaseModel):
+        update = {}
+        for name in type(value).model_fields:
+            old = getattr(value, name)
+            new = map_paths(old, fn)
+            if new is not old:
+                update[name] = new
+        return value.model_copy(update=update) if update else value
+    return value
+
+
+def resolve_paths(value: Any, base_dir: Path) -> Any:
+    """A copy of a data config with every relative path made absolute against base_dir."""
+    return map_paths(value, lambda p: p if p.is_absolute() else (base_dir / p).resolve())
+
+
+class _TooLarge(yaml.YAMLError):
+    """A YAML document that would expand past MAX_YAML_NODES values, or into itself."""
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """The number of nodes of the document under ``root`` once every alias is written out,
+    counted without writing them out (each node's size is computed once). Raises _TooLarge
+    past ``limit`` or when an alias refers to a node that contains it."""
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()  # started but not finished: the ancestors of the current node
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if finished:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            if size[key] > limit:
+                raise _TooLarge(
+                    f"holds more than {limit:,} values once its aliases (*name) are written out; "
+                    "a job, data or consortium file needs nowhere near that many: write the repeated parts "
+                    "out, or use fewer nested aliases"
+                )
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise _TooLarge(f"has an alias that refers to a value containing it (line {node.start_mark.line + 1})")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children)
+    return size[id(root)]
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document whose aliases expand past MAX_YAML_NODES values.
+
+    PyYAML shares the object an alias names, so a "billion laughs" file (each anchor a
+    list of ten aliases of the one before) loads in an instant as a small graph; whatever
+    walks it afterwards (validation, an error message, a JSON dump) sees the expanded tree
+    and never finishes. The composed graph is measured before any object is built."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _expanded_size(node, MAX_YAML_NODES)
+        return node
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed content of a YAML file; ConfigError naming ``what`` (e.g. "job file")
+    and the file when it is missing, not YAML, or too large once its aliases are expanded
+    (more than MAX_YAML_NODES values)."""
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' not found")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_BoundedLoader)
+    except _TooLarge as e:
+        raise ConfigError(f"{what} '{path}' {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} '{path}' nests its values too deeply to read") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
+
+
+def load_job(path: str | Path) -> Job:
+    """Read and validate a YAML job file. Raises ConfigError naming the file and field."""
+    path = Path(path)
+    return parse_job(read_yaml(path, "job file"), source=str(path), base_dir=path.parent.resolve())
+
+
+def builtin_job_path(name: str = "quickstart") -> Path:
+    """The path of a job file shipped inside the package (``medfed run`` with no argument)."""
+    return Path(__file__).parent.parent / "examples" / f"{name}.yaml"

@@ -1,0 +1,311 @@
+"""The job: the top-level fields (rounds, seed, sampling, local training, comparison arms)
+and the checks across sections, such as privacy settings that do not fit the algorithm."""
+
+# No `from __future__ import annotations`: pydantic would parse every field type from a string
+# at import, which lengthens start-up (see the package docstring).
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from medfed.config.algorithms import AlgorithmConfig, FedAvgConfig, FedNovaConfig, ScaffoldConfig, mean_algorithm_names
+from medfed.config.data import (
+    SEGMENTATION_SOURCES,
+    DataConfig,
+    MedMNISTData,
+    PairsData,
+    ScannerConfig,
+    SyntheticSegmentationData,
+    VolumesData,
+    synthetic_size_problem,
+)
+from medfed.config.limits import MAX_BATCH, MAX_EPOCHS, MAX_ROUND_TIMEOUT, MAX_ROUNDS, MAX_SITES, SiteName, unique_names
+from medfed.config.model import CLASSIFIERS, SEGMENTERS, AnyTaskConfig, ModelConfig
+from medfed.config.transforms import TransformsConfig
+from medfed.core.schema import Count, Frozen, Real
+from medfed.privacy.settings import CompressionConfig, PrivacyConfig
+from medfed.robust.settings import AttackConfig, RobustConfig
+
+
+class TrainConfig(Frozen):
+    """The local training step, the same at every site and for the baselines."""
+
+    local_epochs: Count = Field(1, ge=1, le=MAX_EPOCHS)
+    batch_size: Count = Field(32, ge=1, le=MAX_BATCH)
+    lr: Real = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: Real = Field(0.9, ge=0, lt=1)
+    weight_decay: Real = Field(0.0, ge=0)
+
+
+class SamplingConfig(Frozen):
+    """Which sites train in a round. Give ``fraction`` of the sites (rounded up) or a
+    ``count``, never both; at least ``minimum`` are drawn. ``uniform`` draws every site
+    with equal chance; ``size`` with chance proportional to its training examples. The
+    draw is repeatable: it depends only on the job seed and the round."""
+
+    fraction: Real | None = Field(None, gt=0, le=1)
+    count: Count | None = Field(None, ge=1, le=MAX_SITES)
+    minimum: Count = Field(1, ge=1, le=MAX_SITES)
+    method: Literal["uniform", "size"] = "uniform"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "SamplingConfig":
+        if self.fraction is not None and self.count is not None:
+            raise ValueError("give either fraction or count, not both")
+        return self
+
+
+class Job(Frozen):
+    """A whole federated run: who takes part, on what data, with which model and method.
+
+    ``compare`` adds arms trained on the same data: ``local`` (each site alone),
+    ``centralized`` (all data pooled) and ``finetuned`` (the final federated model
+    fine-tuned at each site for ``finetune_epochs`` epochs on its own training data).
+
+    ``feature_shift`` puts a scanner signature on a site's images after they are read
+    (heterogeneity on real data). ``held_out`` sites never train, in any arm: they are
+    evaluated with the models the other sites trained (domain generalization).
+    """
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    seed: Count = Field(0, ge=0, lt=2**31)
+    output: Path
+    rounds: Count = Field(ge=1, le=MAX_ROUNDS)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Count | None = Field(None, ge=1, le=512)
+    transport: Literal["inprocess", "pool"] = "inprocess"
+    workers: Count | None = Field(None, ge=1, le=256)
+    round_timeout: Real = Field(600.0, gt=0, le=MAX_ROUND_TIMEOUT)
+    min_sites: Count | None = Field(None, ge=1, le=MAX_SITES)
+    sampling: SamplingConfig = SamplingConfig()
+    eval_every: Count = Field(1, ge=1, le=MAX_ROUNDS)
+    data: DataConfig
+    transforms: TransformsConfig = TransformsConfig()
+    feature_shift: dict[SiteName, ScannerConfig] = Field(default_factory=dict)
+    held_out: list[SiteName] = Field(default_factory=list)
+    model: ModelConfig
+    task: AnyTaskConfig
+    algorithm: AlgorithmConfig = FedAvgConfig()
+    train: TrainConfig = TrainConfig()
+    compare: list[Literal["local", "centralized", "finetuned"]] = Field(default_factory=list)
+    finetune_epochs: Count = Field(1, ge=1, le=MAX_EPOCHS)
+    privacy: PrivacyConfig = PrivacyConfig()
+    compression: CompressionConfig | None = None
+    robust: RobustConfig | None = None
+    attack: AttackConfig | None = None
+
+    @field_validator("compare")
+    @classmethod
+    def _compare_unique(cls, v: list[str]) -> list[str]:
+        return unique_names(v, "compare entries")
+
+    @model_validator(mode="after")
+    def _quorum_fits(self) -> "Job":
+        n = len(self.site_names) - len(self.held_out)
+        if self.min_sites is not None and self.min_sites > self.sites_per_round:
+            raise ValueError(
+                f"min_sites: is {self.min_sites} but only {self.sites_per_round} of the {n} sites train in a round"
+            )
+        if isinstance(self.algorithm, ScaffoldConfig) and (self.train.optimizer != "sgd" or self.train.momentum != 0):
+            raise ValueError(
+                "train.momentum: scaffold's control variates assume plain SGD local steps; "
+                f"set train.optimizer: sgd and train.momentum: 0 (got {self.train.optimizer}, momentum {self.train.momentum:g})"
+            )
+        if isinstance(self.algorithm, FedNovaConfig) and self.train.optimizer != "sgd":
+            raise ValueError(
+                "train.optimizer: fednova normalizes by the number of SGD steps; "
+                f"set train.optimizer: sgd (got {self.train.optimizer})"
+            )
+        problem = synthetic_size_problem(self.data)
+        if problem is not None:
+            raise ValueError(problem)
+        self._check_task_fits()
+        self._check_site_refs()
+        self._check_update_path()
+        if self.sampling.count is not None and self.sampling.count > n:
+            raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} training sites")
+        if self.sampling.minimum > n:
+            raise ValueError(f"sampling.minimum: is {self.sampling.minimum} but the job has only {n} training sites")
+        return self
+
+    def _check_task_fits(self) -> None:
+        seg_task = self.task.kind == "segmentation"
+        seg_data = self.data.source in SEGMENTATION_SOURCES
+        if seg_data != seg_task:
+            want = "task.kind: segmentation" if seg_data else "a classification task"
+            raise ValueError(f"data.source: '{self.data.source}' data needs {want}, got task.kind '{self.task.kind}'")
+        if seg_task and self.model.name not in SEGMENTERS:
+            raise ValueError(f"model.name: a segmentation task needs one of {list(SEGMENTERS)}, got '{self.model.name}'")
+        if not seg_task and self.model.name not in CLASSIFIERS:
+            raise ValueError(
+                f"model.name: '{self.model.name}' segments; a classification task needs one of {list(CLASSIFIERS)}"
+            )
+        if isinstance(self.data, PairsData) and len(self.data.mask_values) != self.task.num_classes:
+            raise ValueError(
+                f"data.mask_values: {len(self.data.mask_values)} values {self.data.mask_values} but "
+                f"task.num_classes is {self.task.num_classes}; give one grey level per class"
+            )
+        if isinstance(self.data, SyntheticSegmentationData) and self.task.num_classes not in (2, 3):
+            raise ValueError(
+                "task.num_classes: synthetic segmentation has 2 classes (background, organ) or 3 "
+                f"(background, organ, lesion), got {self.task.num_classes}"
+            )
+        dims = self.data_dims
+        for i, step in enumerate(self.transforms.preprocess):
+            size = getattr(step, "size", None) or getattr(step, "pixdim", None)
+            if size is not None and dims is not None and len(size) != dims:
+                raise ValueError(f"transforms.preprocess[{i}]: {step.name} needs {dims} sizes for {dims}D data, got {list(size)}")
+        patch = self.transforms.patch
+        if patch is not None and dims is not None and len(patch) != dims:
+            raise ValueError(f"transforms.patch: needs {dims} sizes for {dims}D data, got {patch}")
+        if patch is not None and not seg_task:
+            raise ValueError("transforms.patch: patch training is for segmentation tasks")
+
+    def _check_site_refs(self) -> None:
+        names = set(self.site_names)
+        for field, refs in (("feature_shift", list(self.feature_shift)), ("held_out", self.held_out)):
+            unknown = [r for r in refs if r not in names]
+            if unknown:
+                raise ValueError(f"{field}: unknown site(s) {unknown}; the sites are {self.site_names}")
+        unique_names(self.held_out, "held_out entries")
+        if len(self.held_out) >= len(self.site_names):
+            raise ValueError(f"held_out: at least one site must train, but all of {self.site_names} are held out")
+
+    def _check_update_path(self) -> None:
+        """Refuse privacy, robustness and compression settings that do not fit together:
+        each would otherwise weaken a guarantee without saying so."""
+        a, p, k = self.algorithm, self.privacy, self.sites_per_round
+        algo = a.name
+        if p.dp is not None:
+            if not a.uses_mean:
+                raise ValueError(
+                    f"algorithm.name: site-level DP bounds each site's share of the mean of the updates; "
+                    f"'{algo}' {a.beyond_mean}, so its privacy cost is not accounted for. "
+                    f"Use one of {mean_algorithm_names()}"
+                )
+            if self.sampling.method != "uniform":
+                raise ValueError("sampling.method: DP accounting assumes every site is equally likely to be drawn; use uniform")
+            if p.dp.noise == "central" and self.robust is not None:
+                raise ValueError("robust: central DP noise and a robust rule both replace the mean; choose one")
+            if self.has_batch_norm and algo != "fedbn":
+                raise ValueError(
+                    f"model.norm: site-level DP adds noise to every entry the sites share, batch-norm running "
+                    f"variances included, which it can drive below zero; use small_cnn or unet with norm: group, "
+                    f"segresnet, or algorithm fedbn (batch-norm layers stay at each site); got {self.model.name} "
+                    f"with batch norm"
+                )
+        if p.dp_sgd is not None:
+            if a.gradient_change is not None:
+                raise ValueError(
+                    f"algorithm.name: '{algo}' {a.gradient_change} outside the per-example gradients that "
+                    "DP-SGD clips and noises, so its privacy cost is not accounted for; use fedavg, a server optimizer, "
+                    "fednova, fedper or fedrep"
+                )
+            if self.task.kind != "classification":
+                raise ValueError(
+                    "task.kind: DP-SGD bounds each example's gradient, but the segmentation loss (Dice over the "
+                    "batch) mixes examples; DP-SGD is for classification tasks"
+                )
+            if not (self.model.name == "small_cnn" and self.model.norm == "group"):
+                raise ValueError(
+                    f"model.norm: DP-SGD needs per-example gradients, which batch norm mixes; use small_cnn with "
+                    f"norm: group (got {self.model.name} with {self.model.norm} norm)"
+                )
+        sa = p.secure_aggregation
+        if sa is not None:
+            if not a.uses_mean:
+                raise ValueError(
+                    f"algorithm.name: secure aggregation reveals only the sum of the updates; '{algo}' "
+                    f"{a.beyond_mean}. Use one of {mean_algorithm_names()}"
+                )
+            if self.robust is not None:
+                raise ValueError("robust: a robust rule needs each site's update, which secure aggregation hides")
+            if self.compression is not None:
+                raise ValueError("compression: secure aggregation sends updates in its own ring encoding; remove compression")
+            if p.dp is not None and p.dp.adaptive is not None:
+                raise ValueError("privacy.dp.adaptive: adaptive clipping needs each site's norm, which secure aggregation hides")
+            if k < 2:
+                raise ValueError(f"privacy.secure_aggregation: needs at least 2 sites per round, the job has {k}")
+            t = self.secagg_threshold
+            if t > k:
+                raise ValueError(f"privacy.secure_aggregation.threshold: is {t} but only {k} sites train in a round")
+            if self.min_sites is not None and self.min_sites < t:
+                raise ValueError(
+                    f"min_sites: is {self.min_sites} but secure aggregation needs at least its threshold ({t}) "
+                    "of survivors; raise min_sites or lower privacy.secure_aggregation.threshold"
+                )
+        r = self.robust
+        if r is not None:
+            if not a.uses_mean:
+                raise ValueError(f"robust: replaces the weighted mean, but '{algo}' {a.beyond_mean}")
+            if r.f is not None and k < 2 * r.f + 3:
+                raise ValueError(f"robust.f: {r.rule} with f={r.f} needs at least {2 * r.f + 3} sites per round, the job has {k}")
+            if r.select is not None and r.select > k:
+                raise ValueError(f"robust.select: is {r.select} but only {k} sites train in a round")
+        if self.attack is not None and self.attack.kind == "label_flip" and self.task.kind != "classification":
+            raise ValueError("attack.kind: label_flip is for classification tasks")
+
+    @property
+    def has_batch_norm(self) -> bool:
+        """True when the job's network has batch-norm layers."""
+        m = self.model
+        return m.name in ("densenet121", "resnet18", "resnet50") or (m.name in ("small_cnn", "unet") and m.norm == "batch")
+
+    @property
+    def secagg_threshold(self) -> int:
+        """Secure aggregation's threshold: as set, or a majority of the round's sites."""
+        sa = self.privacy.secure_aggregation
+        if sa is not None and sa.threshold is not None:
+            return sa.threshold
+        return self.sites_per_round // 2 + 1
+
+    @property
+    def data_dims(self) -> int | None:
+        """2 or 3 spatial dimensions when the data source fixes it, else None."""
+        if isinstance(self.data, (MedMNISTData, SyntheticSegmentationData)):
+            return self.data.dims
+        if isinstance(self.data, VolumesData):
+            return 3
+        return 2
+
+    @property
+    def training_sites(self) -> list[str]:
+        """The sites that train: all but the held-out ones, in the job's order."""
+        return [s for s in self.site_names if s not in self.held_out]
+
+    @property
+    def sites_per_round(self) -> int:
+        """How many sites are drawn each round (all training sites unless sampling says
+        otherwise)."""
+        n, s = len(self.training_sites), self.sampling
+        k = s.count if s.count is not None else (math.ceil(s.fraction * n) if s.fraction is not None else n)
+        return min(n, max(k, s.minimum))
+
+    @property
+    def site_names(self) -> list[str]:
+        return self.data.site_names
+
+    @property
+    def num_threads(self) -> int:
+        return self.threads if self.threads is not None else (os.cpu_count() or 1)
+
+    @property
+    def quorum(self) -> int:
+        """Updates a round needs: ``min_sites``, or every site drawn for the round."""
+        return self.min_sites if self.min_sites is not None else self.sites_per_round
+
+    def job_hash(self) -> str:
+        """SHA-256 of everything that affects results (the output folder does not)."""
+        body = self.model_dump(mode="json", exclude={"output"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
