@@ -89,6 +89,11 @@ def test_deployed_quickstart_equals_the_simulation(tmp_path):
     assert json.loads((run / "run.json").read_text())["mode"] == "deployment"
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {m["arm"] for m in metrics} == {"federated", "local"}
+    # every site's evaluation was accepted: its val and test figures are recorded each round
+    evaluated = {(m["round"], m["site"], m["split"]) for m in metrics
+                 if m["arm"] == "federated" and m["metric"] == "auc" and m["value"] is not None}
+    assert evaluated >= {(r, s, sp) for r in (1, 2, 3) for s in (*SITES, "all", "median") for sp in ("val", "test")}
+    assert not [r for r in audit if r["status"] != "accepted"]
     # the run folder names sites, their addresses and what they sent: the server's user only
     assert run.stat().st_mode & 0o077 == 0
     for name in ("run.log", "report.html", "sites.json", "job.yaml", "audit.json", "state.sqlite"):

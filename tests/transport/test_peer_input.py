@@ -98,3 +98,25 @@ def test_text_from_a_site_reaches_log_and_audit_as_one_printable_line(cons, capl
         assert "\n" not in m and "\x1b" not in m and "\x07" not in m
     row = cons.store.audit_rows()[-1]
     assert row["site"] == "hospital_a" and "\\n2026-12-04" in row["reason"] and "\x1b" not in row["reason"]
+
+
+def test_a_message_over_the_size_limit_is_named_as_such(cons):
+    import torch
+
+    from medfed.transport.grpc import wire
+    from transport.test_grpc_checks import _raw_submit
+
+    conn = cons.ready("hospital_a")
+    fut, hdr, _ = cons.open_fit(conn, timeout=8, params={"w": torch.zeros(4_000_000)})
+    big = b"\0" * (wire.MAX_MESSAGE + 1)
+    with pytest.raises(grpc.RpcError):
+        _raw_submit(conn, _reply(hdr, big, size=len(big)), [big])
+    # gRPC ends the whole call on the oversized message, often before the header is read:
+    # then the task is not known (it times out) and the call has a row of its own; when the
+    # header was read first, the task's row says it
+    (answer,) = fut.result(timeout=20)
+    assert isinstance(answer, SiteFailure)
+    row = cons.store.audit_rows()[-1]
+    assert row["site"] == "hospital_a" and row["status"] in ("refused", "timeout")
+    limit = f"over the {wire.MAX_MESSAGE}-byte limit"
+    assert limit in row["reason"] or any(limit in (r["reason"] or "") for r in cons.store.audit_rows()[-2:])

@@ -132,3 +132,54 @@ def test_a_download_the_site_does_not_read_is_cut_and_its_task_fails(cons, monke
     assert time.monotonic() - t0 < 15
     stream.cancel()
     _honest_round(cons, 2)
+
+
+def test_a_flood_of_refused_calls_is_logged_and_audited_once_per_window(cons, caplog):
+    import logging
+
+    bad = cons.ready(HOSTILE)
+    fut, hdr, _ = cons.open_fit(bad)
+    body = _update(HOSTILE)
+    holder = _open_submit(cons, bad, _stall_after_header(cons, hdr, body))
+    time.sleep(0.3)
+    with caplog.at_level(logging.WARNING, logger="medfed"):
+        flood = [_open_submit(cons, bad, _stall_after_header(cons, hdr, body)) for _ in range(40)]
+        codes = [_code(f) for f in flood]
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 40
+    lines = [r.getMessage() for r in caplog.records if "upload in progress already" in r.getMessage()]
+    assert len(lines) == 1  # the other 39 are held back and counted in the next line logged
+    rows = [r for r in cons.store.audit_rows() if "upload in progress already" in (r["reason"] or "")]
+    assert len(rows) == 1 and rows[0]["site"] == HOSTILE
+    cons.release.set()
+    _code(holder)
+    fut.result(timeout=20)
+
+
+def test_a_cut_after_the_task_expired_is_audited_with_its_reason(cons, monkeypatch):
+    monkeypatch.setattr(guard, "NEXT_MESSAGE", 30.0)  # the round's timeout comes first
+    monkeypatch.setattr(guard, "TRANSFER_GRACE", 30.0)
+    bad = cons.ready(HOSTILE)
+    fut = cons.pool.submit(cons.transport.fit, [FitRequest(HOSTILE, PARAMS, _plan(cons.job_id, 1))], 1.0)
+    hdr, _ = bad.poll(cons.job_id, 30)
+    body = _update(HOSTILE)
+    stalled = _open_submit(cons, bad, _stall_after_header(cons, hdr, body))
+    (answer,) = fut.result(timeout=20)  # the round timed out (1 s) before the upload came
+    assert isinstance(answer, SiteFailure)
+    assert _code(stalled) in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+    rows = [r for r in cons.store.audit_rows() if r["site"] == HOSTILE]
+    assert rows[-2]["status"] == "timeout"  # the task's row
+    assert rows[-1]["kind"] == "call" and "cut off" in rows[-1]["reason"] and "task closed" in rows[-1]["reason"]
+
+
+def test_an_answer_sent_again_to_its_task_is_audited(cons):
+    conn = cons.ready(HONEST)
+    fut, hdr, _ = cons.open_fit(conn)
+    body = _update(HONEST)
+    conn.submit(_reply(hdr, body), body, 60)
+    fut.result(timeout=20)
+    with pytest.raises(grpc.RpcError) as info:
+        conn.submit(_reply(hdr, body), body, 60)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    row = cons.store.audit_rows()[-1]
+    assert (row["arm"], row["round"], row["kind"], row["status"]) == ("federated", 1, "fit", "refused")
+    assert "already answered" in row["reason"]

@@ -42,14 +42,16 @@ UNIT = (0.0, 1.0)
 def metric_bounds(task: "TaskConfig | SegmentationTaskConfig") -> dict[str, tuple[float, float]]:
     """Every metric an evaluation of ``task`` (the job's task section) can report, with the
     closed range its values lie in: what the server accepts from a site (names outside this
-    table, or values outside their range, are refused)."""
+    table, or values outside their range, are refused). Every evaluation also reports the
+    mean ``loss`` (site/evaluate.py)."""
+    loss = {"loss": (0.0, math.inf)}
     if task.kind == "segmentation":
         fg = range(1, task.num_classes)
-        out = {"dice": UNIT} | {f"dice_class_{c}": UNIT for c in fg}
+        out = loss | {"dice": UNIT} | {f"dice_class_{c}": UNIT for c in fg}
         if task.hd95:  # a distance, in mm or voxels
             out |= {"hd95": (0.0, math.inf)} | {f"hd95_class_{c}": (0.0, math.inf) for c in fg}
         return out
-    out = {"accuracy": UNIT, "auc": UNIT}
+    out = loss | {"accuracy": UNIT, "auc": UNIT}
     if task.labels != "binary":
         out |= {f"auc_class_{k}": UNIT for k in range(task.num_classes)}
     return out

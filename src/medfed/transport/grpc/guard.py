@@ -47,12 +47,42 @@ MIN_RATE = 256 * 1024  # bytes/s: the slowest transfer the server waits for (2 M
 TICK = 0.25  # s between two checks of the watchdog
 
 
-class Refused(Exception):
-    """A request that breaks a rule: answered with ``code`` and logged with the reason."""
+REFUSAL_WINDOW = 10.0  # s: like refusals of one site are logged and audited once per window
 
-    def __init__(self, code: grpc.StatusCode, reason: str, name: str | None = None):
+
+class Refused(Exception):
+    """A request that breaks a rule: answered with ``code``, logged and audited with the
+    reason. ``name``: the certificate's, when known; ``task``: (arm, round, kind) of the
+    task the request was about, when known (an answer to a task already closed)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, name: str | None = None,
+                 task: tuple[str, int, str] | None = None):
         super().__init__(reason)
-        self.code, self.reason, self.name = code, reason, name  # name: the certificate's, when known
+        self.code, self.reason, self.name, self.task = code, reason, name, task
+
+
+class RefusalLog:
+    """The same refusal of one site, repeated (a site opening calls in a loop), is logged
+    and audited once per ``REFUSAL_WINDOW`` seconds, with the count of those held back
+    since, so that a hostile site cannot flood the log or the audit trail."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str, str, str], tuple[float, int]] = {}  # key -> (logged at, held back)
+
+    def admit(self, site: str, what: str, code: grpc.StatusCode, reason: str) -> int | None:
+        """None when this refusal is held back; otherwise how many like it were held back
+        since the last one logged."""
+        key, now = (site, what, code.name, reason), time.monotonic()
+        with self._lock:
+            if len(self._last) > 4096:  # reasons that never repeat: forget those out of their window
+                self._last = {k: v for k, v in self._last.items() if now - v[0] < REFUSAL_WINDOW}
+            at, held = self._last.get(key, (-math.inf, 0))
+            if now - at < REFUSAL_WINDOW:
+                self._last[key] = (at, held + 1)
+                return None
+            self._last[key] = (now, 0)
+            return held
 
 
 class Direction(enum.Enum):
@@ -72,6 +102,7 @@ class Call:
     site: str
     what: str  # "join", "ready", "poll", "submission"
     context: grpc.ServicerContext
+    peer: str = ""  # the caller's address, kept: gRPC forgets it once the call has ended
     deadline: float = math.inf  # time.monotonic() by which the site must have done ``bound``
     bound: str = ""
     ends: float = math.inf  # the end of the transfer in progress, if any
@@ -120,7 +151,7 @@ class Guard:
     def call(self, site: str, what: str, context: grpc.ServicerContext) -> Iterator[Call]:
         """Count a call of ``site`` while it is open; refuse it when the site has
         ``max_calls`` open already."""
-        c = Call(site, what, context)
+        c = Call(site, what, context, context.peer())
         with self._lock:
             calls = self._calls.setdefault(site, [])
             if len(calls) >= self.max_calls:
@@ -231,5 +262,5 @@ class Guard:
     @staticmethod
     def _cut(c: Call, reason: str) -> None:
         c.cut = reason
-        log.warning("cut off the %s of site '%s' (%s): %s", c.what, c.site, c.context.peer(), reason)
+        log.warning("cut off the %s of site '%s' (%s): %s", c.what, c.site, c.peer, reason)
         c.context.cancel()

@@ -44,7 +44,7 @@ from medfed.server.store import RunStore
 from medfed.server.validate import eval_problem, update_problem
 from medfed.tasks import metric_bounds
 from medfed.transport.grpc import wire
-from medfed.transport.grpc.guard import Call, Direction, Guard, Refused
+from medfed.transport.grpc.guard import REFUSAL_WINDOW, Call, Direction, Guard, RefusalLog, Refused
 
 log = logging.getLogger("medfed")
 
@@ -65,6 +65,7 @@ def site_view(job: Job) -> dict[str, Any]:
     return map_paths(job, lambda _p: SITE_LOCAL).model_dump(mode="json")
 
 
+_ENDED = "the call had ended"
 # what a task ends with: an update (fit), results (evaluate), a protocol reply (exchange), or a failure
 Answer = Update | list[EvalResult] | dict[str, Any] | SiteFailure
 
@@ -132,7 +133,7 @@ class Hub:
         self._cv = threading.Condition()
         self._queues: dict[str, deque[Task]] = {s: deque() for s in job.site_names}
         self._open: dict[str, Task] = {}  # queued or sent, by id
-        self._closed: set[str] = set()  # answered or expired task ids
+        self._closed: dict[str, tuple[str, int, str]] = {}  # answered or expired tasks: id -> (arm, round, kind)
         self._sessions: dict[str, Session] = {}
         self._excluded: dict[str, str] = {}  # sites left out of this run, and why
         self._accepted: set[str] = set()  # SHA-256 of every update accepted in this process
@@ -141,6 +142,7 @@ class Hub:
         self._sending = threading.BoundedSemaphore(TRANSFERS)  # held while a model chunk is sent
         self._receiving = threading.BoundedSemaphore(TRANSFERS)  # held while an update is received
         self.guard = Guard()  # each site's open calls and transfers, and the bounds on them
+        self._refusals = RefusalLog()
         self._done = False
 
     # ------------------------------------------------------------------ who is calling
@@ -192,16 +194,33 @@ class Hub:
 
     def _refuse(self, context: grpc.ServicerContext, what: str, site: str | None, e: Refused,
                 call: Call | None = None) -> None:
-        """Log the refusal and end the call with it. A call the guard cut off for stalling
-        is refused with the bound it broke, and audited (unless its task's row says it)."""
-        if call is not None and call.cut is not None:
-            e = self.guard.refusal(call)
-            if not call.audited:
-                self._audit_call(call.site, f"{what}: {e.reason}")
+        """Log and audit the refusal, then end the call with it. A call the guard cut off for
+        stalling is refused with the bound it broke; one that gRPC ended under the handler
+        (a message over the size limit, or the site cancelled it) says so. The audit row is
+        the task's when the task was settled with the refusal (``call.audited``), else one
+        of its own; repeats are held back (RefusalLog)."""
+        e = self._why(e, call, context)
         name = site or e.name
         who = f"site '{site}'" if site else f"certificate '{name}'" if name else "a caller"
-        log.warning("refused %s from %s (%s): %s", what, who, context.peer(), e.reason)
+        peer = call.peer if call is not None else context.peer()
+        held = self._refusals.admit(name, what, e.code, e.reason) if name else 0
+        if held is not None:
+            more = f" ({held} more like it held back in the last {REFUSAL_WINDOW:g} s)" if held else ""
+            log.warning("refused %s from %s (%s): %s%s", what, who, peer, e.reason, more)
+            if name and not (call is not None and call.audited):
+                arm, rnd, kind = e.task or ("connection", 0, "call")
+                self._audit(arm, rnd, name, kind, f"{what}: {e.reason}{more}")
         context.abort(e.code, e.reason)
+
+    def _why(self, e: Refused, call: Call | None, context: grpc.ServicerContext) -> Refused:
+        """``e`` as it should be told: a call the guard cut off is refused with the bound it
+        broke; one that gRPC ended under the handler says what ends a call so."""
+        if call is not None and call.cut is not None:
+            return self.guard.refusal(call)
+        if call is not None and not context.is_active() and _ENDED not in e.reason:
+            return Refused(e.code, f"{e.reason} ({_ENDED}: a message over the {wire.MAX_MESSAGE}-byte limit, or the "
+                                   "site cancelled it)", e.name, e.task)
+        return e
 
     # ------------------------------------------------------------------ gRPC methods
 
@@ -311,9 +330,9 @@ class Hub:
                     task.bytes_sent += len(piece)
             finally:
                 if call.cut is not None:  # the site stalled the download: its task fails now, not at the timeout
-                    call.audited = True
-                    self._settle(task, SiteFailure(site, f"cut off: {call.cut}"), "refused", 0, None, t0,
-                                 f"cut off: {call.cut}")
+                    if not self._settle(task, SiteFailure(site, f"cut off: {call.cut}"), "refused", 0, None, t0,
+                                        f"cut off: {call.cut}"):
+                        self._audit(task.arm, task.round, site, "call", f"download cut off: {call.cut}")
 
     def submit(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         site, task, t0, call = None, None, time.monotonic(), None
@@ -329,19 +348,16 @@ class Hub:
                 task = self._task_for(hdr, site)
                 answer, nbytes, digest = self._receive(task, hdr, call, messages, context, site)
         except Refused as refused:
-            e = self.guard.refusal(call) if call is not None and call.cut is not None else refused
-            if task is not None:
-                if call is not None:
-                    call.audited = True  # the task's row says it
-                self._settle(task, SiteFailure(site, f"answer refused: {e.reason}"), "refused", 0, None, t0, e.reason)
+            e = self._why(refused, call, context)
+            if task is not None and self._settle(task, SiteFailure(site, f"answer refused: {e.reason}"), "refused", 0,
+                                                 None, t0, e.reason):
+                call.audited = True  # the task's row says it
             self._refuse(context, "a submission", site, e, call)
         except grpc.RpcError:  # the stream broke under the server
-            reason = (f"submission stream broke: a message over the {wire.MAX_MESSAGE}-byte limit, "
-                      "or the site cancelled the call")
-            if task is not None:
-                self._settle(task, SiteFailure(site, reason), "refused", 0, None, t0, reason)
-            log.warning("refused a submission from site '%s' (%s): %s", site, context.peer(), reason)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+            e = self._why(Refused(grpc.StatusCode.INVALID_ARGUMENT, "submission stream broke"), call, context)
+            if task is not None and self._settle(task, SiteFailure(site, e.reason), "refused", 0, None, t0, e.reason):
+                call.audited = True
+            self._refuse(context, "a submission", site, e, call)
         status = "failed" if isinstance(answer, SiteFailure) else "accepted"
         if not self._settle(task, answer, status, nbytes, digest, t0):
             self._refuse(context, "a submission", site, Refused(
@@ -385,10 +401,10 @@ class Hub:
                 return True
         return False
 
-    def _audit_call(self, site: str, reason: str) -> None:
-        """A call of ``site`` refused before it named a task (it stalled): one audit row."""
+    def _audit(self, arm: str, rnd: int, site: str, kind: str, reason: str) -> None:
+        """One audit row of a refusal that no task's row records."""
         if self.store is not None:
-            self.store.audit("connection", 0, site, "call", "refused", 0, 0, None, 0.0, reason)
+            self.store.audit(arm, rnd, site, kind, "refused", 0, 0, None, 0.0, reason)
 
     # ------------------------------------------------------------------ submission checks
 
@@ -396,10 +412,11 @@ class Hub:
         tid = hdr.get("task_id")
         with self._cv:
             task = self._open.get(tid) if isinstance(tid, str) else None
-            closed = isinstance(tid, str) and tid in self._closed
+            closed = self._closed.get(tid) if isinstance(tid, str) else None
         if task is None:
-            if closed:
-                raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"task {tid} was already answered or has expired (replay?)")
+            if closed is not None:
+                raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"task {tid} was already answered or has expired (replay?)",
+                              task=closed)
             raise Refused(grpc.StatusCode.PERMISSION_DENIED,
                           f"no open task {tid!r}: site '{site}' was not selected for it")
         if task.site != site:
@@ -512,7 +529,7 @@ class Hub:
     def _close(self, task: Task, answer: Answer) -> None:  # holds the lock
         task.answer, task.state = answer, "answered"
         self._open.pop(task.id, None)
-        self._closed.add(task.id)
+        self._closed[task.id] = (task.arm, task.round, task.kind)
         self._cv.notify_all()
 
     def _next_task(self, site: str, wait: float) -> Task | None:
@@ -572,7 +589,7 @@ class Hub:
             self._queues[t.site].remove(t)
         t.state, t.answer = "expired", SiteFailure(t.site, cause)
         self._open.pop(t.id, None)
-        self._closed.add(t.id)
+        self._closed[t.id] = (t.arm, t.round, t.kind)
 
     def wait_ready(self, sites: list[str], timeout: float, on_change=None) -> list[str]:
         """Wait until every site in ``sites`` is ready or ``timeout`` s pass; return the
@@ -599,7 +616,7 @@ class Hub:
             self._cv.notify_all()
         self.guard.cut_site(site, f"left out of the run: {reason}")
         log.warning("site '%s' is left out of the run: %s", site, reason)
-        self._audit_call(site, f"left out of the run: {reason}")
+        self._audit("connection", 0, site, "call", f"left out of the run: {reason}")
 
     def summaries(self) -> dict[str, SiteSummary]:
         with self._cv:
