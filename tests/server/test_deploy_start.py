@@ -98,3 +98,28 @@ def test_a_site_left_out_is_refused_with_the_reason_and_audited(tmp_path):
         assert row["site"] == "hospital_c" and "left out of the run" in row["reason"]
     finally:
         cons.close()
+
+
+def test_a_resume_before_any_round_was_saved_redoes_round_one_without_replays(tmp_path):
+    """The server accepted round 1's updates, then was killed before it saved the round:
+    the resumed run redoes round 1, and the sites' same updates are not taken for replays."""
+    import torch
+
+    from medfed.algorithms.fedavg import FedAvg
+    from medfed.server.runner import _BestTracker
+
+    job = _job(tmp_path)
+    (tmp_path / "run").mkdir()
+    with RunStore(tmp_path / "run" / "state.sqlite") as store:
+        store.audit("federated", 1, "hospital_a", "fit", "accepted", 10, 10, "ab" * 32, 0.1)
+        store.write_metric(1, "federated", "hospital_a", "train", "loss", 0.5)
+        done, params = deploy.resume_point(tmp_path / "run", job, store, FedAvg(), _BestTracker(tmp_path / "run", job))
+        assert (done, params) == (0, None)
+        assert not store.seen_update("ab" * 32)
+        assert store.audit_rows()[-1]["status"] == "redone"
+    with RunStore(tmp_path / "run" / "state.sqlite") as store:  # a saved round: kept, the later ones redone
+        deploy.save_state(tmp_path / "run", 1, {"w": torch.ones(2)}, {}, job.job_hash())
+        store.audit("federated", 2, "hospital_a", "fit", "accepted", 10, 10, "cd" * 32, 0.1)
+        done, params = deploy.resume_point(tmp_path / "run", job, store, FedAvg(), _BestTracker(tmp_path / "run", job))
+        assert done == 1 and torch.equal(params["w"], torch.ones(2))
+        assert not store.seen_update("cd" * 32)

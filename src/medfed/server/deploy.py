@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medfed import __version__
+from medfed.algorithms import Algorithm
 from medfed.config import Job
 from medfed.core.errors import ConfigError, RoundError, RunDirError
 from medfed.core.types import Arm, Params
@@ -107,6 +108,31 @@ def _members(store: RunStore, job: Job) -> list[str]:
     seen = {p["name"] for p in store.participants()}
     members = [s for s in job.site_names if s in seen]
     return members if sum(s in members for s in job.training_sites) >= job.quorum else []
+
+
+def resume_point(output: Path, job: Job, store: RunStore, algorithm: Algorithm,
+                 tracker: _BestTracker) -> tuple[int, Params | None]:
+    """Where a resumed run goes on: (the last round saved, its global model), or (0, None)
+    when the server stopped before it saved one. The server rule's state is restored, the
+    best value so far too, and the rounds after the one saved are forgotten (their metrics
+    deleted, their accepted updates marked ``redone``) so that they are redone, even when
+    the server stopped after it accepted updates but before it saved the round."""
+    done, params = 0, None
+    if (output / STATE_FILE).exists():
+        done, params, algo_state = load_state(output, job.job_hash())
+        try:
+            algorithm.load_server_state(algo_state)
+        except ValueError as e:
+            raise RunDirError(f"'{output / STATE_FILE}' does not fit the job's algorithm: {e}") from None
+        if (output / "model_best.json").exists():
+            _, best_meta = load_checkpoint(output / "model_best")
+            tracker.best = best_meta.get("value")
+        log.info("resuming job '%s' after round %d of %d", job.name, done, job.rounds)
+    else:
+        log.info("resuming job '%s' from round 1: it stopped before a round was saved", job.name)
+    for arm in (Arm.FEDERATED, Arm.PERSONALIZED):
+        store.drop_after(arm.value, done)
+    return done, params
 
 
 def _common_shape(job: Job, summaries: dict[str, Any]) -> tuple[tuple[int, ...], dict[str, str]]:
@@ -239,20 +265,11 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         federation = build_federation(job, model, transport, {r["name"]: r["train"] for r in rows}, noise_seed=None)
         algorithm = federation.algorithm
         tracker = _BestTracker(output, job)
-        start = 1
-        if resume and (output / STATE_FILE).exists():
-            done, params, algo_state = load_state(output, job.job_hash())
-            try:
-                algorithm.load_server_state(algo_state)
-            except ValueError as e:
-                raise RunDirError(f"'{output / STATE_FILE}' does not fit the job's algorithm: {e}") from None
-            start = done + 1
-            for arm in (Arm.FEDERATED, Arm.PERSONALIZED):  # rounds after the checkpoint are redone
-                store.drop_after(arm.value, done)
-            if (output / "model_best.json").exists():
-                _, best_meta = load_checkpoint(output / "model_best")
-                tracker.best = best_meta.get("value")
-            log.info("resuming job '%s' after round %d of %d", job.name, done, job.rounds)
+        done = 0
+        if resume:
+            done, saved = resume_point(output, job, store, algorithm, tracker)
+            params = saved if saved is not None else params
+        start = done + 1
         for arm in (Arm.LOCAL, Arm.FINETUNED):  # baselines run whole after the federation: redone from scratch
             store.drop_after(arm.value, 0)
 

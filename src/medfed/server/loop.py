@@ -239,12 +239,13 @@ def run_federated(
                 have = {s: global_params for s in sites if s in personal}
                 evaluate_round(transport, have, job, Arm.PERSONALIZED, rnd, record)
 
-        # ---- 6. report the round (the caller checkpoints and tracks the best model)
+        # ---- 6. report the round (the caller checkpoints and tracks the best model): "done"
+        # is logged once the round is saved
         eps = ledger.epsilon(rnd) if ledger is not None else None
-        spent = f", epsilon {eps:.3g} at delta {ledger.delta:g}" if ledger is not None else ""
-        log.info("federated round %d/%d done (%d sites, %d failed%s)", rnd, job.rounds, n_updates, len(failed), spent)
         if on_round is not None:
             on_round(RoundSummary(Arm.FEDERATED, rnd, loss, means, failed, eps), global_params)
+        spent = f", epsilon {eps:.3g} at delta {ledger.delta:g}" if ledger is not None else ""
+        log.info("federated round %d/%d done (%d sites, %d failed%s)", rnd, job.rounds, n_updates, len(failed), spent)
     if last < job.rounds:
         log.warning(
             "federated training stopped after round %d of %d: round %d would pass the privacy budget "
