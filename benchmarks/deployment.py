@@ -297,7 +297,6 @@ def site_process(target: str, pki_dir: str, names: list[str], results, measure: 
 
 def start_hub(job, pki_dir: Path, port: int):
     """A Hub that times every submission's transfer, the gRPC server and the transport."""
-    from medfed.server.loop import job_id_of
     from medfed.transport.grpc import wire
     from medfed.transport.grpc.hub import Hub
     from medfed.transport.grpc.transport import GrpcTransport, start_server
@@ -332,7 +331,7 @@ def start_hub(job, pki_dir: Path, port: int):
             finally:
                 self.encode_s += time.perf_counter() - t
 
-    hub = TimedHub(job, job_id_of(job))
+    hub = TimedHub(job, job.job_id)
     hub.uploads = []
     creds = wire.server_credentials(*((pki_dir / f).read_bytes() for f in ("ca.crt", "server.crt", "server.key")))
     server = start_server(hub, f"127.0.0.1:{port}", creds, len(job.site_names))
@@ -371,17 +370,15 @@ def wait_ready(hub, names: list[str], procs) -> None:
 
 def fit_requests(job, params: dict, rnd: int, names: list[str]):
     from medfed.core.types import Arm, FitRequest
-    from medfed.server.loop import job_id_of, make_plan
+    from medfed.server.loop import make_plan
 
-    return [FitRequest(site=s, params=params, plan=make_plan(job, job_id_of(job), Arm.FEDERATED, rnd, i))
+    return [FitRequest(site=s, params=params, plan=make_plan(job, job.job_id, Arm.FEDERATED, rnd, i))
             for i, s in enumerate(names)]
 
 
 def eval_requests(job, params: dict, rnd: int, names: list[str]):
     from medfed.core.types import EvalRequest, Split
-    from medfed.server.loop import job_id_of
-
-    return [EvalRequest(site=s, params=params, splits=tuple(Split(x) for x in SPLITS), job_id=job_id_of(job), round=rnd)
+    return [EvalRequest(site=s, params=params, splits=tuple(Split(x) for x in SPLITS), job_id=job.job_id, round=rnd)
             for s in names]
 
 

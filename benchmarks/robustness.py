@@ -44,7 +44,7 @@ from medfed.core.params import delta, l2_norm
 from medfed.core.types import Arm
 from medfed.data.sites import build_sites
 from medfed.models import get_params
-from medfed.server.loop import job_id_of, make_plan
+from medfed.server.loop import make_plan
 from medfed.server.runner import initial_model, run_job
 from medfed.site.app import build_site_apps
 from medfed.site.device import set_threads
@@ -98,7 +98,7 @@ def honest_norms(job, globals_before: dict[int, dict], globals_after: dict[int, 
     sites = build_sites(job)
     sizes = {s.name: len(s.train.labels) for s in sites}
     apps = build_site_apps(job, sites, torch.device("cpu"))
-    job_id = job_id_of(job)
+    job_id = job.job_id
     norms, worst = [], 0.0
     for rnd, params in sorted(globals_before.items()):
         total = sum(sizes[s] for s in job.training_sites)

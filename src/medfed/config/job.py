@@ -306,6 +306,12 @@ class Job(Frozen):
         body = self.model_dump(mode="json", exclude={"output"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
+    @property
+    def job_id(self) -> str:
+        """The short id every plan, request and site message carries: the job hash's first
+        16 hex digits."""
+        return self.job_hash()[:16]
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

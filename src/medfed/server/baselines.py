@@ -20,7 +20,6 @@ from medfed.server.loop import (
     mean_loss,
     collect_updates,
     evaluate_round,
-    job_id_of,
     make_plan,
 )
 from medfed.transport.base import POOLED, Transport
@@ -32,7 +31,7 @@ def run_local(
     """Each training site trains its own model from ``init_params``; returns the final
     models by site. (A held-out site has no local model: it never trains.)"""
     sites = list(job.training_sites)
-    job_id = job_id_of(job)
+    job_id = job.job_id
     params = {s: init_params for s in sites}
     for rnd in range(1, job.rounds + 1):
         requests = [FitRequest(s, params[s], make_plan(job, job_id, Arm.LOCAL, rnd, i)) for i, s in enumerate(sites)]
@@ -56,7 +55,7 @@ def run_finetuned(
     for ``job.finetune_epochs`` epochs on its own data (starting from its own personal
     layers where the algorithm keeps some), then evaluates it. Recorded at the last round."""
     sites, rnd = list(job.training_sites), job.rounds
-    base = make_plan(job, job_id_of(job), Arm.FINETUNED, rnd, 0)
+    base = make_plan(job, job.job_id, Arm.FINETUNED, rnd, 0)
     plan_of = {
         s: replace(
             base, train=replace(make_plan(job, base.job_id, Arm.FINETUNED, rnd, i).train, local_epochs=job.finetune_epochs)
@@ -79,7 +78,7 @@ def run_centralized(
 ) -> Params:
     """One model trained on the training sites' data pooled, evaluated at every site;
     returns its final parameters."""
-    params, job_id = init_params, job_id_of(job)
+    params, job_id = init_params, job.job_id
     for rnd in range(1, job.rounds + 1):
         request = FitRequest(POOLED, params, make_plan(job, job_id, Arm.CENTRALIZED, rnd, 0))
         (update,), _ = collect_updates(transport.fit([request], job.round_timeout), params, rnd, 1, Arm.CENTRALIZED)

@@ -34,7 +34,7 @@ from medfed.server.baselines import run_finetuned, run_local
 from medfed.core.files import PRIVATE, atomic_write_text, replacing
 from medfed.server.checkpoint import load_checkpoint
 from medfed.server.federation import build_federation
-from medfed.server.loop import RoundCallback, RoundSummary, job_id_of, run_federated
+from medfed.server.loop import RoundCallback, RoundSummary, run_federated
 from medfed.server.runner import (
     RUN_MARKER,
     RunResult,
@@ -215,11 +215,11 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         store.set_job(job.job_hash(), json.dumps(job.model_dump(mode="json")))
         atomic_write_text(output / "job.yaml", job.to_yaml(), mode=PRIVATE)
         members = _members(store, job) if resume else []  # read before this server's sites join
-        hub = Hub(job, job_id_of(job), store)
+        hub = Hub(job, job.job_id, store)
         creds = wire.server_credentials(kit.ca_pem, kit.cert_pem, kit.key_pem)
         address = listen or f"0.0.0.0:{kit.server_port}"
         server = start_server(hub, address, creds, len(job.site_names))
-        log.info("server for job '%s' (%s) listening on %s%s", job.name, job_id_of(job), address,
+        log.info("server for job '%s' (%s) listening on %s%s", job.name, job.job_id, address,
                  " (resuming)" if resume else "")
 
         # ---- wait for the sites to join and describe their data: every site of the job, or,

@@ -70,10 +70,6 @@ def make_plan(
     )
 
 
-def job_id_of(job: Job) -> str:
-    """The short job id that every plan and request carries."""
-    return job.job_hash()[:16]
-
 
 @dataclass
 class RoundSummary:
@@ -141,7 +137,7 @@ def evaluate_round(
     example-weighted mean over the training sites (site ``all``) and their median (site
     ``median``: a consortium figure that one site's answer cannot move far); held-out
     sites are recorded under their own names only. Return the means."""
-    job_id = job_id_of(job)
+    job_id = job.job_id
     requests = [
         EvalRequest(site=s, params=p, splits=EVAL_SPLITS, job_id=job_id, round=rnd, arm=arm)
         for s, p in params_by_site.items()
@@ -187,7 +183,7 @@ def run_federated(
     job, algorithm, incoming, sampler, ledger = (
         federation.job, federation.algorithm, federation.incoming, federation.sampler, federation.ledger)
     sites = list(job.site_names)
-    job_id = job_id_of(job)
+    job_id = job.job_id
     global_params = init_params
     # sites that have trained (and so hold a personal model, for algorithms that keep one)
     personal: set[str] = {s for r in range(1, start_round) for _, s in sampler.select(r)}

@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from medfed.config import DataConfig, Job, format_validation_error, parse_job, read_yaml
+from medfed.config import DataConfig, Job, format_validation_error, map_paths, parse_job, read_yaml, resolve_paths
 from medfed.core import codec
 from medfed.core.buffers import BufferPool
 from medfed.core.errors import ConfigError, DataError
@@ -59,8 +59,6 @@ def load_site_data(path: Path, site: str) -> Any:
     Raises ConfigError naming the file and the field: the file is missing or not YAML, a
     field breaks the schema, or ``data.sites`` does not name ``site``. (Whether its
     folders hold readable data is found when the data is read, for the job.)"""
-    from medfed.config import resolve_paths
-
     raw = read_yaml(path, "site data file")
     try:
         parsed = SiteDataFile.model_validate(raw if raw is not None else {})
@@ -85,8 +83,6 @@ def model_limit(params: dict[str, Any]) -> int:
 
 def _uses_files(job: Job) -> bool:
     found = []
-    from medfed.config import map_paths
-
     map_paths(job.data, lambda p: found.append(p) or p)
     return any(p == SITE_LOCAL for p in found)
 
@@ -94,8 +90,6 @@ def _uses_files(job: Job) -> bool:
 def _settings(data: Any, site: str) -> dict[str, Any]:
     """A data config without its paths (and without the other sites' entries): what a
     site's data file must agree on with the job."""
-    from medfed.config import map_paths
-
     def strip(v: Any) -> Any:
         if isinstance(v, dict):
             kept = {k: strip(x) for k, x in v.items()}

@@ -162,9 +162,7 @@ class SecureSum(Combiner):
 
     def __init__(self, job: Job, exchange: Transport, train_sizes: dict[str, int], central: SiteLevelDP | None = None,
                  noise_seed: int | None = None, local_keys: frozenset[str] = frozenset()):
-        from medfed.server.loop import job_id_of
-
-        self.job_id = job_id_of(job)
+        self.job_id = job.job_id
         self.transport = exchange
         self.timeout = job.round_timeout
         self.threshold = job.secagg_threshold
