@@ -22,10 +22,10 @@ def test_phases_train_the_head_then_the_body():
     model = _model()
     algo = build_algorithm(FedRepConfig(name="fedrep", personal_layers=["head"], head_epochs=3), model, 2)
     assert algo.local_keys == {"head.weight", "head.bias"}
-    (head_phase, frozen_first), (body_phase, frozen_second) = algo.make_site_hook().phases(SETTINGS)
-    assert head_phase.local_epochs == 3 and body_phase == SETTINGS
-    assert frozen_second == {"head.weight", "head.bias"}
-    assert "features.0.0.weight" in frozen_first and not (frozen_first & frozen_second)
+    first, second = algo.make_site_hook().phases(SETTINGS, get_params(model))
+    assert first.settings.local_epochs == 3 and second.settings == SETTINGS
+    assert second.frozen == {"head.weight", "head.bias"} and first.keep is None and second.keep is None
+    assert "features.0.0.weight" in first.frozen and not (first.frozen & second.frozen)
 
 
 def test_frozen_parameters_do_not_move_and_are_released_afterwards():

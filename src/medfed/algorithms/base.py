@@ -13,7 +13,8 @@ of :class:`SiteHook`) plus its config class in config.py. The round loop does no
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,11 +23,32 @@ from medfed.algorithms.mean import weighted_average
 from medfed.core.types import Params, RoundPlan, TrainSettings, Update
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One local training of a round at a site, described as data; the one training step
+    (site/train.py) runs each phase a site's hook lists.
+
+    ``settings``: epochs, batch size, learning rate... of this phase; ``frozen``: names of
+    parameters it does not train; ``start``: a whole state dict to start from (None: the
+    model as the phase before left it; the first phase starts from the global model, with
+    the layers the algorithm keeps at the site); ``hook``: the site hook of this phase
+    (None: the algorithm's); ``keep``: for a phase whose result stays at the site (a
+    personal model), what to do with its trained parameters. Phases without ``keep`` train
+    the model the site sends; they run first, then the update is taken, then the others."""
+
+    settings: TrainSettings
+    frozen: frozenset[str] = frozenset()
+    start: Params | None = None
+    hook: "SiteHook | None" = None
+    keep: Callable[[Params], None] | None = None
+
+
 class SiteHook:
     """Site-side half of an algorithm. The defaults give plain local training."""
 
     def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
-        """Called once per round after the global parameters are loaded into ``model``."""
+        """Called once per round after the global parameters are loaded into ``model``
+        (and by a phase's own hook when that phase starts)."""
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the task loss at every step (None: nothing to add)."""
@@ -39,23 +61,15 @@ class SiteHook:
         """Extra tensors to send back with the update (empty by default)."""
         return {}
 
-    def phases(self, settings: TrainSettings) -> list[tuple[TrainSettings, frozenset[str]]]:
-        """The local training of one round as phases: (settings, names of parameters kept
-        frozen). Default: one phase training everything (FedRep trains its head, then its
-        body)."""
-        return [(settings, frozenset())]
+    def phases(self, settings: TrainSettings, global_params: Params) -> list[Phase]:
+        """The local training of one round (``settings``: the round plan's; ``global_params``:
+        the model the server sent). Default: one phase training everything."""
+        return [Phase(settings)]
 
-    # ---- personalization (Ditto): a personal model kept at the site, never sent
-
-    def personal_objective(self) -> tuple[Params | None, float] | None:
-        """None when the algorithm keeps no personal model. Otherwise (the site's personal
-        parameters, None before its first round; the weight of the proximal pull towards
-        the global model): the site app then trains the personal model after the global
-        one, with the same settings, and hands it back with :meth:`keep_personal`."""
+    def personal_model(self) -> Params | None:
+        """The model this site keeps of its own (Ditto's personal model), evaluated on its
+        own data as the ``personalized`` arm; None when it keeps none (yet)."""
         return None
-
-    def keep_personal(self, params: Params) -> None:
-        """Store the personal model after its training."""
 
 
 class Combiner(ABC):

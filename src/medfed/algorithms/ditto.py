@@ -11,21 +11,31 @@ two local trainings.
 
 from __future__ import annotations
 
-from medfed.algorithms.base import Combiner, SiteHook
+from medfed.algorithms.base import Combiner, Phase, SiteHook
 from medfed.algorithms.fedavg import FedAvg
-from medfed.core.types import Params
+from medfed.algorithms.fedprox import ProximalHook
+from medfed.core.types import Params, TrainSettings
 
 
 class DittoHook(SiteHook):
+    """The global model's training, then the personal model's: from the site's personal
+    model (the global model in its first round), with the proximal pull towards the global
+    model received, the same settings; the result stays at the site."""
+
     def __init__(self, lam: float):
         self.lam = lam
         self.personal: Params | None = None
 
-    def personal_objective(self) -> tuple[Params | None, float] | None:
-        return self.personal, self.lam
+    def phases(self, settings: TrainSettings, global_params: Params) -> list[Phase]:
+        start = self.personal if self.personal is not None else global_params
+        return [Phase(settings),
+                Phase(settings, start=start, hook=ProximalHook(self.lam, global_params), keep=self._keep)]
 
-    def keep_personal(self, params: Params) -> None:
+    def _keep(self, params: Params) -> None:
         self.personal = params
+
+    def personal_model(self) -> Params | None:
+        return self.personal
 
 
 class Ditto(FedAvg):

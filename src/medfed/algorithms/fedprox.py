@@ -8,19 +8,24 @@ from torch import nn
 
 from medfed.algorithms.base import Combiner, SiteHook
 from medfed.algorithms.fedavg import FedAvg
-from medfed.core.types import RoundPlan
+from medfed.core.types import Params, RoundPlan
 
 
 class ProximalHook(SiteHook):
-    """``mu/2 ||w - anchor||^2``; the anchor is the model at ``on_train_start`` unless given
-    (one tensor per ``model.parameters()`` entry, in order)."""
+    """``mu/2 ||w - anchor||^2``; the anchor is ``anchor`` (a state dict, e.g. the global
+    model Ditto pulls its personal model towards) or, when None, the model as it is at
+    ``on_train_start`` (FedProx: the global model)."""
 
-    def __init__(self, mu: float, anchor: list[torch.Tensor] | None = None):
+    def __init__(self, mu: float, anchor: Params | None = None):
         self.mu = mu
-        self.anchor: list[torch.Tensor] = anchor or []
+        self.source = anchor
+        self.anchor: list[torch.Tensor] = []  # one tensor per model.parameters() entry, in order
 
     def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
-        self.anchor = [p.detach().clone() for p in model.parameters()]
+        if self.source is None:
+            self.anchor = [p.detach().clone() for p in model.parameters()]
+        else:
+            self.anchor = [self.source[n].to(p.device) for n, p in model.named_parameters()]
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         if self.mu == 0:

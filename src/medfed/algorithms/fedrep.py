@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from medfed.algorithms.base import Combiner, SiteHook
+from medfed.algorithms.base import Combiner, Phase, SiteHook
 from medfed.algorithms.fedavg import FedAvg
-from medfed.core.types import TrainSettings
+from medfed.core.types import Params, TrainSettings
 
 
 class FedRepHook(SiteHook):
     def __init__(self, head: frozenset[str], body: frozenset[str], head_epochs: int):
         self.head, self.body, self.head_epochs = head, body, head_epochs
 
-    def phases(self, settings: TrainSettings) -> list[tuple[TrainSettings, frozenset[str]]]:
+    def phases(self, settings: TrainSettings, global_params: Params) -> list[Phase]:
         head_phase = replace(settings, local_epochs=self.head_epochs, seed=(settings.seed + 1) & 0x7FFFFFFF)
-        return [(head_phase, self.body), (settings, self.head)]
+        return [Phase(head_phase, frozen=self.body), Phase(settings, frozen=self.head)]
 
 
 class FedRep(FedAvg):

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from medfed.algorithms import build_algorithm
-from medfed.algorithms.base import SiteHook, buffer_keys
-from medfed.algorithms.fedprox import ProximalHook
+from medfed.algorithms.base import Phase, SiteHook, buffer_keys
 from medfed.config import Job
 from medfed.core.errors import SiteError
 from medfed.core.types import Arm, EvalResult, Params, RoundPlan, Split, Update
@@ -19,6 +18,7 @@ from medfed.data.base import SiteData
 from medfed.models import build_model, get_params
 from medfed.privacy.base import Conversation
 from medfed.site.evaluate import evaluate_split
+from medfed.privacy.dpsgd import SampleDP
 from medfed.site.train import TrainStats, train_local
 from medfed.site.update_path import poisoned_data, sample_dp_for, site_filters
 from medfed.tasks import build_task
@@ -67,20 +67,21 @@ class SiteApp:
         self._load(params, with_kept=plan.arm in (Arm.FEDERATED, Arm.FINETUNED))
         hook = self._hooks.get(plan.arm) or SiteHook()  # baselines train plainly
         hook.on_train_start(self.model, plan)
-        steps, loss_sum = 0, 0.0
+        phases = hook.phases(plan.train, params)
         private = self.private if plan.arm is Arm.FEDERATED else None  # baselines train without DP-SGD
-        for settings, frozen in hook.phases(plan.train):
-            stats = train_local(
-                self.model, self.data.train, self.task, settings, hook, self.device, frozen, self.augment, private=private
-            )
+        # the phases that train the model the site sends; then the update; then those kept here
+        steps, loss_sum = 0, 0.0
+        for phase in (p for p in phases if p.keep is None):
+            stats = self._run(phase, hook, plan, private)
             steps, loss_sum = steps + stats.num_steps, loss_sum + stats.mean_loss * stats.num_steps
         stats = TrainStats(num_steps=steps, mean_loss=loss_sum / max(steps, 1))
         extras = hook.on_train_end(self.model, stats.num_steps)
         trained = get_params(self.model)
         if plan.arm is Arm.FEDERATED and self._local_keys:
             self._kept = {k: trained.pop(k) for k in self._local_keys}
-        if plan.arm is Arm.FEDERATED:
-            self._train_personal(hook, params, plan)
+        for phase in (p for p in phases if p.keep is not None):
+            self._run(phase, hook, plan, None)
+            phase.keep(get_params(self.model))
 
         update = Update(
             site=self.name,
@@ -97,6 +98,15 @@ class SiteApp:
                 update = f.apply(update, sent, plan)
         return update
 
+    def _run(self, phase: Phase, hook: SiteHook, plan: RoundPlan, private: SampleDP | None) -> TrainStats:
+        """One phase of local training: from its starting point, with its hook."""
+        if phase.start is not None:
+            self._load(phase.start, with_kept=False)
+        if phase.hook is not None:
+            phase.hook.on_train_start(self.model, plan)
+        return train_local(self.model, self.data.train, self.task, phase.settings, phase.hook or hook, self.device,
+                           phase.frozen, self.augment, private=private)
+
     def exchange(self, topic: str, rnd: int, body: dict) -> dict:
         """Answer a protocol message of the update path (secure aggregation's key exchange
         and unmasking) for round ``rnd``."""
@@ -105,26 +115,12 @@ class SiteApp:
                 return f.answer(topic, rnd, body)
         raise SiteError(self.name, f"no part of this site's update path answers '{topic}'")
 
-    def _train_personal(self, hook: SiteHook, global_params: Params, plan: RoundPlan) -> None:
-        """Ditto's second local training: the personal model, pulled towards the global
-        model this site received; it never leaves the site."""
-        objective = hook.personal_objective()
-        if objective is None:
-            return
-        personal, lam = objective
-        self._load(personal if personal is not None else global_params, with_kept=personal is None)
-        anchor = [global_params[n].to(self.device) for n, _ in self.model.named_parameters()]
-        train_local(
-            self.model, self.data.train, self.task, plan.train, ProximalHook(lam, anchor), self.device, augment=self.augment
-        )
-        hook.keep_personal(get_params(self.model))
-
     def evaluate(self, params: Params, splits: tuple[Split, ...], arm: Arm) -> list[EvalResult]:
         if arm is Arm.PERSONALIZED:  # the site's own personal model, whatever was sent
-            personal = self._hooks[Arm.FEDERATED].personal_objective()
-            if personal is None or personal[0] is None:
+            personal = self._hooks[Arm.FEDERATED].personal_model()
+            if personal is None:
                 raise SiteError(self.name, "has no personal model to evaluate yet")
-            params = personal[0]
+            params = personal
         # a fine-tuned model comes back whole, local layers included; only the federated
         # model needs this site's local layers put back
         self._load(params, with_kept=arm is Arm.FEDERATED)
