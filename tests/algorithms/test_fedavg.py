@@ -68,7 +68,7 @@ def _reference(params_list, weights):
     return out
 
 
-SHAPES = {"long": (20,), "piece": (7,), "matrix": (3, 5), "big": (4, 11), "scalar": (), "empty": (0, 3), "one": (1,)}
+SHAPES = {"long": (20,), "flat_slice": (7,), "matrix": (3, 5), "big": (4, 11), "scalar": (), "empty": (0, 3), "one": (1,)}
 
 
 def _site_params(seed: int, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
@@ -113,10 +113,10 @@ def _spooled(params_list, stack):
 @given(
     seeds=st.lists(st.integers(0, 2**16), min_size=1, max_size=4),
     weights=st.data(),
-    piece=st.sampled_from([None, 1, 3, 7, 8, 20, 21]),
+    flat_slice=st.sampled_from([None, 1, 3, 7, 8, 20, 21]),
     source=st.sampled_from(["memory", "files", "mixed"]),
 )
-def test_weighted_average_is_the_formula_bit_for_bit(seeds, weights, piece, source):
+def test_weighted_average_is_the_formula_bit_for_bit(seeds, weights, flat_slice, source):
     import contextlib
 
     ws = weights.draw(st.lists(st.one_of(st.integers(1, 10**6), st.floats(0.01, 1e4)),
@@ -124,8 +124,8 @@ def test_weighted_average_is_the_formula_bit_for_bit(seeds, weights, piece, sour
     params_list = [_site_params(s, MIXED_DTYPES) for s in seeds]
     ref = _reference(params_list, ws)
     with contextlib.ExitStack() as stack, pytest.MonkeyPatch.context() as mp:
-        if piece is not None:
-            mp.setattr(mean, "PIECE", piece)
+        if flat_slice is not None:
+            mp.setattr(mean, "SLICE", flat_slice)
         if source == "memory":
             inputs = params_list
         else:
@@ -135,12 +135,12 @@ def test_weighted_average_is_the_formula_bit_for_bit(seeds, weights, piece, sour
         _assert_bitwise(weighted_average(inputs, ws), ref)
 
 
-@pytest.mark.parametrize("piece", [7, 5, 1, 1 << 20])
+@pytest.mark.parametrize("flat_slice", [7, 5, 1, 1 << 20])
 @pytest.mark.parametrize("source", ["memory", "files"])
-def test_weighted_average_part_by_part(monkeypatch, piece, source):
-    """Tensors several pieces long (and not a multiple of the piece size), three sites,
+def test_weighted_average_part_by_part(monkeypatch, flat_slice, source):
+    """Tensors several flat_slices long (and not a multiple of the flat_slice size), three sites,
     uneven weights: the same bits as the whole-tensor formula."""
-    monkeypatch.setattr(mean, "PIECE", piece)
+    monkeypatch.setattr(mean, "SLICE", flat_slice)
     g = torch.Generator().manual_seed(0)
     params_list = [
         {"w": torch.randn(5, 9, generator=g) * 1e3, "h": (torch.randn(23, generator=g) * 50).half(),
@@ -159,7 +159,7 @@ def test_weighted_average_part_by_part(monkeypatch, piece, source):
 
 
 def test_integer_entries_are_rounded_in_every_piece(monkeypatch):
-    monkeypatch.setattr(mean, "PIECE", 3)
+    monkeypatch.setattr(mean, "SLICE", 3)
     a = {"n": torch.arange(10)}
     b = {"n": torch.arange(10) + 1}
     out = weighted_average([a, b], [1, 1])  # x + 0.5 rounds half to even

@@ -368,15 +368,15 @@ def test_pieces_of_a_file_are_the_slices_of_the_flattened_tensor():
             spans = [(0, count), (0, 0), (count, count)] + [(a, b) for a in range(0, count + 1, 3)
                                                             for b in (a, min(a + 1, count), min(a + 5, count), count)]
             for a, b in spans:
-                got = u.params.piece(k, a, b)
+                got = u.params.flat_slice(k, a, b)
                 assert got.dtype == t.dtype and got.shape == (b - a,), (k, a, b)
                 assert torch.equal(got, flat[a:b]), (k, a, b)
                 out = torch.full((b - a,), 1, dtype=t.dtype)
-                got = codec.piece(u.params, k, a, b, out)
+                got = codec.flat_slice(u.params, k, a, b, out)
                 assert torch.equal(got, flat[a:b]), (k, a, b)
                 if b > a:
                     assert got.data_ptr() == out.data_ptr()  # read into the buffer given
-                assert torch.equal(codec.piece(FLAT, k, a, b, out), flat[a:b])
+                assert torch.equal(codec.flat_slice(FLAT, k, a, b, out), flat[a:b])
 
 
 def test_a_piece_into_a_buffer_that_does_not_fit_is_still_right():
@@ -384,8 +384,8 @@ def test_a_piece_into_a_buffer_that_does_not_fit_is_still_right():
         u = _from_file(f)
         flat = FLAT["w"].reshape(-1)
         for out in (torch.zeros(3, dtype=torch.float64), torch.zeros(2), torch.zeros(10)):
-            assert torch.equal(u.params.piece("w", 4, 7, out), flat[4:7])
-        assert torch.equal(codec.piece(u.params, "w", 30, 35, torch.zeros(1, dtype=torch.int64)), flat[30:35])
+            assert torch.equal(u.params.flat_slice("w", 4, 7, out), flat[4:7])
+        assert torch.equal(codec.flat_slice(u.params, "w", 30, 35, torch.zeros(1, dtype=torch.int64)), flat[30:35])
 
 
 @pytest.mark.parametrize("size", [1, 3, 4, 8, 34, 35, 36, 1000])
@@ -397,8 +397,8 @@ def test_pieces_go_through_a_tensor_in_parts(size):
             count = flat.numel()
             expected = [flat[a : a + size] for a in range(0, count, size)]
             assert [len(p) for p in expected] == [min(size, count - a) for a in range(0, count, size)]
-            from_file = [p.clone() for p in codec.pieces(u.params, k, size=size)]  # each valid until the next
-            in_memory = list(codec.pieces(FLAT, k, size=size))
+            from_file = [p.clone() for p in codec.flat_slices(u.params, k, size=size)]  # each valid until the next
+            in_memory = list(codec.flat_slices(FLAT, k, size=size))
             for parts in (from_file, in_memory):
                 assert len(parts) == len(expected), (k, size)
                 for got, exp in zip(parts, expected):
@@ -408,13 +408,13 @@ def test_pieces_go_through_a_tensor_in_parts(size):
 
 
 def test_pieces_default_to_the_piece_size():
-    assert codec.PIECE > 35
+    assert codec.SLICE > 35
     with _file(b"") as f:
         u = _from_file(f)
-        (only,) = list(codec.pieces(u.params, "w"))
+        (only,) = list(codec.flat_slices(u.params, "w"))
         assert torch.equal(only, FLAT["w"].reshape(-1))
-        assert list(codec.pieces(u.params, "e")) == []
-        (s,) = list(codec.pieces(u.params, "s"))
+        assert list(codec.flat_slices(u.params, "e")) == []
+        (s,) = list(codec.flat_slices(u.params, "s"))
         assert s.shape == (1,) and s.item() == 3.25
 
 
@@ -422,7 +422,7 @@ def test_pieces_of_a_file_longer_than_the_piece_size():
     t = torch.arange(2 * 37 + 5, dtype=torch.float32)
     with _file(b"") as f:
         u = _from_file(f, {"t": t})
-        parts = [p.clone() for p in codec.pieces(u.params, "t", size=37)]
+        parts = [p.clone() for p in codec.flat_slices(u.params, "t", size=37)]
         assert [len(p) for p in parts] == [37, 37, 5]
         assert torch.equal(torch.cat(parts), t)
 

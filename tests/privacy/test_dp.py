@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from medfed.core.params import delta, l2_norm
 from medfed.core.types import Arm, Encoding, RoundPlan, TrainSettings, Update
 from medfed.privacy.dp import (
-    AdaptiveClipping,
+    AdaptiveClipper,
     CentralDP,
     ClipFilter,
     LocalDP,
@@ -94,7 +94,7 @@ def test_central_noise_has_std_z_c_over_m():
 def test_adaptive_central_noise_uses_the_larger_update_multiplier():
     z, sigma_b, c, m = 1.0, 1.0, 2.0, 5
     g, ups = big_zero_round(m)
-    dp = CentralDP(clip=c, noise_multiplier=z, adaptive=AdaptiveClipping(0.5, 0.2, sigma_b), seed=1)
+    dp = CentralDP(clip=c, noise_multiplier=z, adaptive=AdaptiveClipper(0.5, 0.2, sigma_b), seed=1)
 
     out = dp.combine(g, ups, rnd=1)
 
@@ -119,7 +119,7 @@ def test_adaptive_bound_shrinks_by_exactly_the_geometric_step_when_all_fit():
     g = {"w": torch.zeros(3)}
     ups = [update({"w": torch.tensor([0.1, 0.0, 0.0])}, site=s) for s in "abc"]
     # tiny count noise needs a tiny update multiplier too (2 * sigma_b > z)
-    dp = CentralDP(clip=c, noise_multiplier=1e-6, adaptive=AdaptiveClipping(q, lr, 1e-6), seed=0)
+    dp = CentralDP(clip=c, noise_multiplier=1e-6, adaptive=AdaptiveClipper(q, lr, 1e-6), seed=0)
 
     dp.combine(g, ups, rnd=1)
 
@@ -132,7 +132,7 @@ def test_adaptive_bound_grows_when_none_fit():
     c, lr, q = 0.01, 0.3, 0.4
     g = {"w": torch.zeros(3)}
     ups = [update({"w": torch.tensor([1.0, 0.0, 0.0])}, site=s) for s in "ab"]
-    dp = CentralDP(clip=c, noise_multiplier=1e-6, adaptive=AdaptiveClipping(q, lr, 1e-6), seed=0)
+    dp = CentralDP(clip=c, noise_multiplier=1e-6, adaptive=AdaptiveClipper(q, lr, 1e-6), seed=0)
 
     dp.combine(g, ups, rnd=1)
 
@@ -144,7 +144,7 @@ def test_adaptive_count_is_noisy():
     ups = [update({"w": torch.tensor([0.1, 0.0, 0.0])}, site=s) for s in "abcd"]
     fractions = []
     for seed in (1, 2):
-        dp = CentralDP(clip=1.0, noise_multiplier=1.0, adaptive=AdaptiveClipping(0.5, 0.2, 10.0), seed=seed)
+        dp = CentralDP(clip=1.0, noise_multiplier=1.0, adaptive=AdaptiveClipper(0.5, 0.2, 10.0), seed=seed)
         dp.combine(g, ups, rnd=1)
         fractions.append(dp.round_metrics()["unclipped_fraction"])
 
@@ -193,7 +193,7 @@ def test_local_dp_reproducible_from_the_plan_seed_unless_secure():
 def test_state_round_trip_continues_identically():
     g = {"w": torch.zeros(4)}
     ups = [update({"w": torch.tensor([0.5, 0.0, 0.0, 0.0])}, site=s) for s in "abc"]
-    adaptive = AdaptiveClipping(0.5, 0.2, 2.0)
+    adaptive = AdaptiveClipper(0.5, 0.2, 2.0)
     first = CentralDP(clip=1.0, noise_multiplier=1.0, adaptive=adaptive, seed=3)
     first.combine(g, ups, rnd=1)
 
@@ -265,12 +265,12 @@ def test_integer_buffers_survive_with_their_dtype():
         (lambda: LocalDP(clip=-1.0, noise_multiplier=1.0, secure=True), "clip"),
         (lambda: LocalDP(clip=1.0, noise_multiplier=0.0, secure=True), "noise_multiplier"),
         (lambda: ClipFilter(clip=0.0), "clip"),
-        (lambda: AdaptiveClipping(target_quantile=0.0, lr=0.2, count_noise_multiplier=1.0), "target_quantile"),
-        (lambda: AdaptiveClipping(target_quantile=1.0, lr=0.2, count_noise_multiplier=1.0), "target_quantile"),
-        (lambda: AdaptiveClipping(target_quantile=0.5, lr=0.0, count_noise_multiplier=1.0), "lr"),
-        (lambda: AdaptiveClipping(target_quantile=0.5, lr=0.2, count_noise_multiplier=0.0), "count_noise_multiplier"),
+        (lambda: AdaptiveClipper(target_quantile=0.0, lr=0.2, count_noise_multiplier=1.0), "target_quantile"),
+        (lambda: AdaptiveClipper(target_quantile=1.0, lr=0.2, count_noise_multiplier=1.0), "target_quantile"),
+        (lambda: AdaptiveClipper(target_quantile=0.5, lr=0.0, count_noise_multiplier=1.0), "lr"),
+        (lambda: AdaptiveClipper(target_quantile=0.5, lr=0.2, count_noise_multiplier=0.0), "count_noise_multiplier"),
         # the count's noise would spend the whole budget
-        (lambda: CentralDP(clip=1.0, noise_multiplier=2.0, adaptive=AdaptiveClipping(0.5, 0.2, 1.0)), "count_noise_multiplier"),
+        (lambda: CentralDP(clip=1.0, noise_multiplier=2.0, adaptive=AdaptiveClipper(0.5, 0.2, 1.0)), "count_noise_multiplier"),
     ],
 )
 def test_bad_settings_raise_naming_the_field(make, field):

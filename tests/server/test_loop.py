@@ -13,7 +13,7 @@ from medfed.core.types import Arm, EvalResult, SiteFailure, Update
 from medfed.server.federation import Federation
 from medfed.server.loop import round_seed, run_federated
 from medfed.server.sampling import SiteSampler
-from medfed.server.update_path import Incoming
+from medfed.server.update_path import UpdateFormat
 from medfed.transport.base import Transport
 
 JOB = {
@@ -58,7 +58,7 @@ def _run(transport, **overrides):
     job = parse_job({**copy.deepcopy(JOB), **overrides})
     records, rounds = [], []
     final = run_federated(
-        Federation(job, FedAvg(), Incoming(), SiteSampler(job)), transport, {"w": torch.zeros(3)},
+        Federation(job, FedAvg(), UpdateFormat(), SiteSampler(job)), transport, {"w": torch.zeros(3)},
         lambda *rec: records.append(rec), lambda s, p: rounds.append((s, p)),
     )
     return final, records, rounds
@@ -111,7 +111,7 @@ def test_only_sampled_sites_train_but_all_evaluate():
     job = parse_job({**copy.deepcopy(JOB), "rounds": 3, "sampling": {"count": 1}})
     sampler = SiteSampler(job)
     records = []
-    run_federated(Federation(job, FedAvg(), Incoming(), sampler), t, {"w": torch.zeros(3)}, lambda *r: records.append(r))
+    run_federated(Federation(job, FedAvg(), UpdateFormat(), sampler), t, {"w": torch.zeros(3)}, lambda *r: records.append(r))
     trained = [(site, rnd) for site, rnd, _ in t.fit_calls]
     assert trained == [(sampler.select(r)[0][1], r) for r in (1, 2, 3)]
     assert {r[2] for r in records if r[3] == "test"} == {"a", "b", "c", "all", "median"}
@@ -143,15 +143,15 @@ def test_held_out_sites_are_left_out_of_the_mean():
 
 def test_local_and_centralized_baselines_leave_held_out_sites_out_of_training():
     from medfed.server.baselines import run_centralized, run_local
-    from medfed.transport.base import POOLED
+    from medfed.transport.base import CENTRALIZED_SITE
 
-    t = FakeTransport({"a": 1.0, "b": 2.0, "c": 4.0, POOLED: 0.5}, {"a": 10, "b": 30, "c": 60, POOLED: 40})
+    t = FakeTransport({"a": 1.0, "b": 2.0, "c": 4.0, CENTRALIZED_SITE: 0.5}, {"a": 10, "b": 30, "c": 60, CENTRALIZED_SITE: 40})
     job = parse_job({**copy.deepcopy(JOB), "held_out": ["c"]})
     records = []
     local = run_local(job, t, {"w": torch.zeros(3)}, lambda *r: records.append(r))
     assert set(local) == {"a", "b"}
     run_centralized(job, t, {"w": torch.zeros(3)}, lambda *r: records.append(r))
-    assert {site for site, _, _ in t.fit_calls} == {"a", "b", POOLED}
+    assert {site for site, _, _ in t.fit_calls} == {"a", "b", CENTRALIZED_SITE}
     centralized_tested = {r[2] for r in records if r[1] == "centralized" and r[3] == "test"}
     assert centralized_tested == {"a", "b", "c", "all", "median"}  # the held-out site evaluates the pooled model
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from medfed.core.tensors import PIECE, describe, piece
+from medfed.core.tensors import SLICE, describe, flat_slice
 from medfed.core.types import Params
 
 
@@ -33,14 +33,14 @@ def weighted_average(params_list: Sequence[Params], weights: Sequence[float]) ->
         result = torch.empty(count, dtype=dtype)
         # part by part (updates spooled to disk are read a part at a time): memory stays
         # at a few parts whatever the number of sites; same arithmetic as a whole tensor
-        acc = torch.empty(min(PIECE, count), dtype=torch.float64)
-        tmp, buf = torch.empty_like(acc), torch.empty(min(PIECE, count), dtype=dtype)
-        for start in range(0, count, PIECE):
-            stop = min(start + PIECE, count)
+        acc = torch.empty(min(SLICE, count), dtype=torch.float64)
+        tmp, buf = torch.empty_like(acc), torch.empty(min(SLICE, count), dtype=dtype)
+        for start in range(0, count, SLICE):
+            stop = min(start + SLICE, count)
             a, t = acc[: stop - start], tmp[: stop - start]
             a.zero_()
             for params, w in zip(params_list, weights):
-                t.copy_(piece(params, name, start, stop, buf[: stop - start]))
+                t.copy_(flat_slice(params, name, start, stop, buf[: stop - start]))
                 t.mul_(float(w) / total)
                 a.add_(t)
             result[start:stop] = a if dtype.is_floating_point else a.round()

@@ -21,7 +21,7 @@ import torch
 
 from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError
-from medfed.core.tensors import PIECE, PartedTensors, describe, piece, pieces  # noqa: F401 (codec.piece...: the same helpers)
+from medfed.core.tensors import SLICE, PartedTensors, describe, flat_slice, flat_slices  # noqa: F401 (codec.flat_slice...: the same helpers)
 from medfed.core.types import Arm, Encoding, EvalResult, FitRequest, Params, RoundPlan, Split, TrainSettings, Update
 
 _META_KEY = "medfed"
@@ -280,7 +280,7 @@ class FileTensors(PartedTensors):
     """Tensors of a safetensors file, each read from disk when it is looked up (a
     positioned read, not a memory map, so tensors not in use cost no memory).
 
-    :meth:`piece` reads part of a tensor, so a caller can go through a large tensor with
+    :meth:`flat_slice` reads part of a tensor, so a caller can go through a large tensor with
     a buffer of bounded size (the server's checks and its weighted mean do)."""
 
     def __init__(self, f: BinaryIO, base: int, entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]):
@@ -305,7 +305,7 @@ class FileTensors(PartedTensors):
         dtype, shape, begin, _ = self._entries[name]
         return self._read(name, begin, torch.empty(shape, dtype=dtype))
 
-    def piece(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def flat_slice(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``start:stop`` of the flattened tensor ``name`` (into ``out`` when given,
         a 1-D tensor of the right dtype and length)."""
         dtype, _, begin, _ = self._entries[name]

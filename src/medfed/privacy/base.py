@@ -24,7 +24,7 @@ class UpdateFilter(ABC):
         earlier filter encoded them."""
 
 
-class Conversation(ABC):
+class ProtocolParty(ABC):
     """A part of the site's update path that also answers protocol messages the server
     sends between training and aggregation (secure aggregation's key exchange and
     unmasking). Messages are JSON-able dicts."""

@@ -80,7 +80,7 @@ def _split(update: Update, global_params: Params) -> tuple[Params, Params]:
 
 
 @dataclass(frozen=True)
-class AdaptiveClipping:
+class AdaptiveClipper:
     """Adaptive clipping (Andrew et al., NeurIPS 2021): after each round the bound moves
     towards the ``target_quantile`` (in (0, 1)) of the sites' update norms by the
     geometric step ``C *= exp(-lr * (b - target_quantile))``, with ``b`` the share of
@@ -120,7 +120,7 @@ class CentralDP(Combiner):
         self,
         clip: float,
         noise_multiplier: float,
-        adaptive: AdaptiveClipping | None = None,
+        adaptive: AdaptiveClipper | None = None,
         seed: int | None = None,
     ):
         _positive("clip", clip)

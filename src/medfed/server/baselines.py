@@ -22,7 +22,7 @@ from medfed.server.loop import (
     evaluate_round,
     make_plan,
 )
-from medfed.transport.base import POOLED, Transport
+from medfed.transport.base import CENTRALIZED_SITE, Transport
 
 
 def run_local(
@@ -80,7 +80,7 @@ def run_centralized(
     returns its final parameters."""
     params, job_id = init_params, job.job_id
     for rnd in range(1, job.rounds + 1):
-        request = FitRequest(POOLED, params, make_plan(job, job_id, Arm.CENTRALIZED, rnd, 0))
+        request = FitRequest(CENTRALIZED_SITE, params, make_plan(job, job_id, Arm.CENTRALIZED, rnd, 0))
         (update,), _ = collect_updates(transport.fit([request], job.round_timeout), params, rnd, 1, Arm.CENTRALIZED)
         params = update.params
         record(rnd, Arm.CENTRALIZED.value, "all", "train", "loss", update.metrics.get("loss"))

@@ -19,7 +19,7 @@ from medfed.algorithms.base import buffer_keys
 from medfed.config import Job
 from medfed.core.errors import ConfigError
 from medfed.server.sampling import SiteSampler
-from medfed.server.update_path import Incoming, combiner_for, incoming_for, ledger_for
+from medfed.server.update_path import UpdateFormat, combiner_for, incoming_for, ledger_for
 from medfed.transport.base import Transport
 
 if TYPE_CHECKING:  # Opacus is imported only by jobs with differential privacy
@@ -37,7 +37,7 @@ class Federation:
 
     job: Job
     algorithm: Algorithm
-    incoming: Incoming
+    incoming: UpdateFormat
     sampler: SiteSampler
     ledger: PrivacyLedger | None = None
 

@@ -28,9 +28,9 @@ from medfed.core.types import (
     Update,
 )
 from medfed.server.federation import Federation
-from medfed.server.update_path import Incoming
+from medfed.server.update_path import UpdateFormat
 from medfed.server.validate import update_problem
-from medfed.tracking.metrics import MEDIAN_SITE, POOLED_SITE
+from medfed.tracking.metrics import MEDIAN_SITE, MEAN_SITE
 from medfed.transport.base import Transport
 
 
@@ -94,7 +94,7 @@ def collect_updates(
     quorum: int,
     arm: Arm,
     algorithm: Algorithm | None = None,
-    incoming: Incoming = Incoming(),
+    incoming: UpdateFormat = UpdateFormat(),
 ) -> tuple[list[Update], list[str]]:
     """Valid updates in request order, decoded to full values (masked ones stay masked),
     and the names of sites that failed (logged).
@@ -158,7 +158,7 @@ def evaluate_round(
         n = sum(k for _, k in defined)
         mean = sum(v * k for v, k in defined) / n if n > 0 else None
         means.setdefault(split, {})[metric] = mean
-        record(rnd, arm.value, POOLED_SITE, split, metric, mean)
+        record(rnd, arm.value, MEAN_SITE, split, metric, mean)
         median = float(np.median([v for v, _ in defined])) if defined else None
         record(rnd, arm.value, MEDIAN_SITE, split, metric, median)
     return means
@@ -207,7 +207,7 @@ def run_federated(
 
         # ---- 3. collect the updates that pass the incoming checks and decode; enforce the quorum
         # tensor bytes each site sent, as encoded (what compression saves), against the model's
-        record(rnd, Arm.FEDERATED.value, POOLED_SITE, "train", "model_bytes", nbytes(global_params))
+        record(rnd, Arm.FEDERATED.value, MEAN_SITE, "train", "model_bytes", nbytes(global_params))
         for a in answers:
             if isinstance(a, Update):
                 record(rnd, Arm.FEDERATED.value, a.site, "train", "bytes_sent", nbytes(a.params) + nbytes(a.extras))
@@ -223,9 +223,9 @@ def run_federated(
         loss, n_updates = mean_loss(updates), len(updates)
         del answers, updates  # let go of the updates (and their buffers) before the next round
         for name, value in algorithm.combiner.round_metrics().items():
-            record(rnd, Arm.FEDERATED.value, POOLED_SITE, "train", name, value)
+            record(rnd, Arm.FEDERATED.value, MEAN_SITE, "train", name, value)
         if ledger is not None:
-            record(rnd, Arm.FEDERATED.value, POOLED_SITE, "train", "epsilon", ledger.epsilon(rnd))
+            record(rnd, Arm.FEDERATED.value, MEAN_SITE, "train", "epsilon", ledger.epsilon(rnd))
 
         # ---- 5. evaluate the new global model at every site
         means: dict[str, dict[str, float | None]] = {}

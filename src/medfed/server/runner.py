@@ -34,7 +34,7 @@ from medfed.server.federation import build_federation
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
 from medfed.site.device import resolve_device, set_threads
 from medfed.tasks import build_task
-from medfed.transport.base import POOLED, Transport
+from medfed.transport.base import CENTRALIZED_SITE, Transport
 
 log = logging.getLogger("medfed")
 
@@ -81,7 +81,7 @@ def check_replaceable(output: Path) -> None:
 
 
 def make_transport(job: Job, sites: list[SiteData], device: torch.device) -> Transport:
-    pooled = POOLED if "centralized" in job.compare else None
+    pooled = CENTRALIZED_SITE if "centralized" in job.compare else None
     if job.transport == "pool":
         from medfed.transport.pool import PoolTransport
 

@@ -22,7 +22,7 @@ log = logging.getLogger("medfed")
 
 
 @dataclass(frozen=True)
-class Incoming:
+class UpdateFormat:
     """What the sites' federated updates are encoded as, and how to read them back."""
 
     encoding: Encoding = Encoding.FULL
@@ -54,15 +54,15 @@ class Incoming:
         return replace(update, params=full, encoding=Encoding.FULL)
 
 
-def incoming_for(job: Job, buffers: frozenset[str] = frozenset()) -> Incoming:
+def incoming_for(job: Job, buffers: frozenset[str] = frozenset()) -> UpdateFormat:
     """How the job's sites send their federated updates; ``buffers``: the model's buffer
     names (compression sends them whole)."""
     if job.privacy.secure_aggregation is not None:
-        return Incoming(Encoding.MASKED)
+        return UpdateFormat(Encoding.MASKED)
     c = job.compression
     if c is not None:
-        return Incoming(Encoding(c.method), c.fraction, frozenset(buffers))
-    return Incoming()
+        return UpdateFormat(Encoding(c.method), c.fraction, frozenset(buffers))
+    return UpdateFormat()
 
 
 def combiner_for(
@@ -80,12 +80,12 @@ def combiner_for(
         central = dp if dp is not None and dp.noise == "central" else None
         return SecureSum(job, exchange, dict(train_sizes or {}), central, noise_seed, local_keys)
     if dp is not None and dp.noise == "central":
-        from medfed.privacy.dp import AdaptiveClipping, CentralDP
+        from medfed.privacy.dp import AdaptiveClipper, CentralDP
 
         adaptive = None
         if dp.adaptive is not None:
             a = dp.adaptive
-            adaptive = AdaptiveClipping(a.target_quantile, a.lr, a.count_noise_multiplier)
+            adaptive = AdaptiveClipper(a.target_quantile, a.lr, a.count_noise_multiplier)
         return CentralDP(dp.clip, dp.noise_multiplier, adaptive, noise_seed)
     if r is not None:
         from medfed.robust import rules

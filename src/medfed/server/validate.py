@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from medfed.core.tensors import PartedTensors, describe, pieces
+from medfed.core.tensors import PartedTensors, describe, flat_slices
 from medfed.core.params import all_finite
 from medfed.core.types import Encoding, EvalResult, Params, Spec, Split, Update
 
@@ -51,7 +51,7 @@ def _finite(params: Params, name: str) -> bool:
     again in the round loop, and reads it only once."""
     if isinstance(params, PartedTensors):
         if name not in params.finite:
-            params.finite[name] = all(all_finite(p) for p in pieces(params, name))
+            params.finite[name] = all(all_finite(p) for p in flat_slices(params, name))
         return params.finite[name]
     return all_finite(params[name])
 

@@ -16,7 +16,7 @@ from medfed.core.errors import SiteError
 from medfed.core.types import Arm, EvalResult, Params, RoundPlan, Split, Update
 from medfed.data.base import SiteData
 from medfed.models import build_model, get_params
-from medfed.privacy.base import Conversation
+from medfed.privacy.base import ProtocolParty
 from medfed.site.evaluate import evaluate_split
 from medfed.privacy.dpsgd import SampleDP
 from medfed.site.train import TrainStats, train_local
@@ -111,7 +111,7 @@ class SiteApp:
         """Answer a protocol message of the update path (secure aggregation's key exchange
         and unmasking) for round ``rnd``."""
         for f in self.filters:
-            if isinstance(f, Conversation) and topic in f.topics:
+            if isinstance(f, ProtocolParty) and topic in f.topics:
                 return f.answer(topic, rnd, body)
         raise SiteError(self.name, f"no part of this site's update path answers '{topic}'")
 

@@ -23,9 +23,9 @@ from medfed.core.errors import RunDirError
 
 ARMS = ("local", "federated", "personalized", "finetuned", "centralized")  # display order: baseline, method(s), upper bound
 SPLITS = ("train", "val", "test")
-POOLED_SITE = "all"  # the example-weighted mean over the training sites
+MEAN_SITE = "all"  # the example-weighted mean over the training sites
 MEDIAN_SITE = "median"  # the median over the training sites
-CONSORTIUM_SITES = (POOLED_SITE, MEDIAN_SITE)  # figures over sites, not sites
+CONSORTIUM_SITES = (MEAN_SITE, MEDIAN_SITE)  # figures over sites, not sites
 FIELDS = ("round", "arm", "site", "split", "metric", "value")
 
 Curve = tuple[list[int], list[float | None]]

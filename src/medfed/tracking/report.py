@@ -27,7 +27,7 @@ from rich.text import Text
 from medfed.config import Job, load_job
 from medfed.core.errors import RunDirError
 from medfed.core.files import atomic_write_text
-from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEDIAN_SITE, POOLED_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
+from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEDIAN_SITE, MEAN_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
 
 REPORT_NAME = "report.html"
 MISSING = "–"  # en dash: a value that is absent or undefined
@@ -151,8 +151,8 @@ def learning_curves_figure(records: list[dict], monitor: str) -> str | None:
     by_site.pop(MEDIAN_SITE, None)  # one consortium panel: the weighted mean
     if not by_site:
         return None
-    if len(by_site) - (POOLED_SITE in by_site) > MAX_SITE_PANELS and POOLED_SITE in by_site:
-        by_site = {POOLED_SITE: by_site[POOLED_SITE]}
+    if len(by_site) - (MEAN_SITE in by_site) > MAX_SITE_PANELS and MEAN_SITE in by_site:
+        by_site = {MEAN_SITE: by_site[MEAN_SITE]}
     n = len(by_site)
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
@@ -167,7 +167,7 @@ def learning_curves_figure(records: list[dict], monitor: str) -> str | None:
             color, style = ARM_STYLE[arm]
             ax.plot(rounds, _nan(values), style, color=color, label=arm, marker="o" if len(rounds) <= 20 else None,
                     markersize=3)
-        ax.set_title("all sites (weighted)" if site == POOLED_SITE else site, fontsize=9)
+        ax.set_title("all sites (weighted)" if site == MEAN_SITE else site, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -209,7 +209,7 @@ def training_loss_figure(records: list[dict]) -> str | None:
     many = len(by_site) > MAX_SITE_PANELS  # then thin unlabelled lines, no legend
     for site, arms in by_site.items():
         rounds, values = arms["federated"]
-        pooled = site == POOLED_SITE
+        pooled = site == MEAN_SITE
         ax.plot(rounds, _nan(values), "--" if pooled else "-", color="black" if pooled else ("0.6" if many else None),
                 label=None if many else ("all sites" if pooled else site), linewidth=0.6 if many else 1.2)
     ax.set_xlabel("round", fontsize=8)
@@ -369,7 +369,7 @@ def _audit_section(run_dir: Path) -> str:
 MAX_ROUND_ROWS = 30
 
 
-def _per_round(records: list[dict], metric: str, site: str | None = POOLED_SITE) -> dict[int, float]:
+def _per_round(records: list[dict], metric: str, site: str | None = MEAN_SITE) -> dict[int, float]:
     """Federated records of ``metric`` by round: the value of ``site``, or the sum over the
     sites (``site=None``)."""
     out: dict[int, float] = {}
@@ -428,7 +428,7 @@ def _update_path_section(job: Job, records: list[dict]) -> str:
     model = _per_round(records, "model_bytes")
     counts: dict[int, int] = {}
     for r in records:
-        if r["arm"] == "federated" and r["metric"] == "bytes_sent" and r["site"] != POOLED_SITE:
+        if r["arm"] == "federated" and r["metric"] == "bytes_sent" and r["site"] != MEAN_SITE:
             counts[r["round"]] = counts.get(r["round"], 0) + 1
     if sent:
         header += ["bytes sent by sites", "per site / model"]

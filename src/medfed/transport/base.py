@@ -15,7 +15,7 @@ from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, Site
 
 # Reserved name of the pseudo-site that holds all sites' training data pooled (the
 # centralized baseline). Site names cannot contain '*', so it never clashes.
-POOLED = "*pooled*"
+CENTRALIZED_SITE = "*pooled*"
 
 
 class Transport(ABC):

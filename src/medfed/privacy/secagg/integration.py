@@ -34,7 +34,7 @@ from medfed.algorithms.base import Combiner
 from medfed.config import Job
 from medfed.core.errors import SiteError
 from medfed.core.types import Encoding, Message, Params, RoundPlan, SiteFailure, Spec, Update
-from medfed.privacy.base import Conversation, UpdateFilter
+from medfed.privacy.base import ProtocolParty, UpdateFilter
 from medfed.privacy.secagg.masking import FixedPoint
 from medfed.privacy.secagg.protocol import SecAggError, ServerSession, SiteSession
 from medfed.privacy.settings import SiteLevelDP
@@ -95,7 +95,7 @@ def _rounding_generator(seed: int) -> torch.Generator:
 # --------------------------------------------------------------------------- site side
 
 
-class SecAggClient(UpdateFilter, Conversation):
+class SecAggClient(UpdateFilter, ProtocolParty):
     """A site's part: answers the key exchange and unmasking, masks its update."""
 
     topics = TOPICS
