@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 import pytest
 
-from medfed.core import codec
+from medfed.core import codec, payload, tensors
 from medfed.core.errors import CodecError
 from medfed.core.types import Arm, FitRequest, RoundPlan, TrainSettings, Update
 
@@ -277,7 +277,7 @@ def _unaligned_payload(u: Update) -> bytearray:
     for prefix, group in (("params", u.params), ("extras", u.extras)):
         for name, t in group.items():
             raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            header[f"{prefix}/{name}"] = {"dtype": codec._DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+            header[f"{prefix}/{name}"] = {"dtype": payload._DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                                           "data_offsets": [len(data), len(data) + len(raw)]}
             data += raw
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -354,9 +354,9 @@ def test_describe_reads_the_header():
         u = _from_file(f)
         assert isinstance(u.params, codec.FileTensors)
         for k, t in FLAT.items():
-            assert codec.describe(u.params, k) == (tuple(t.shape), t.dtype) == u.params.describe(k)
-            assert codec.describe(FLAT, k) == (tuple(t.shape), t.dtype)
-        assert codec.describe(u.extras, "x") == ((20,), torch.float32)
+            assert tensors.describe(u.params, k) == (tuple(t.shape), t.dtype) == u.params.describe(k)
+            assert tensors.describe(FLAT, k) == (tuple(t.shape), t.dtype)
+        assert tensors.describe(u.extras, "x") == ((20,), torch.float32)
 
 
 def test_pieces_of_a_file_are_the_slices_of_the_flattened_tensor():
@@ -372,11 +372,11 @@ def test_pieces_of_a_file_are_the_slices_of_the_flattened_tensor():
                 assert got.dtype == t.dtype and got.shape == (b - a,), (k, a, b)
                 assert torch.equal(got, flat[a:b]), (k, a, b)
                 out = torch.full((b - a,), 1, dtype=t.dtype)
-                got = codec.flat_slice(u.params, k, a, b, out)
+                got = tensors.flat_slice(u.params, k, a, b, out)
                 assert torch.equal(got, flat[a:b]), (k, a, b)
                 if b > a:
                     assert got.data_ptr() == out.data_ptr()  # read into the buffer given
-                assert torch.equal(codec.flat_slice(FLAT, k, a, b, out), flat[a:b])
+                assert torch.equal(tensors.flat_slice(FLAT, k, a, b, out), flat[a:b])
 
 
 def test_a_piece_into_a_buffer_that_does_not_fit_is_still_right():
@@ -385,7 +385,7 @@ def test_a_piece_into_a_buffer_that_does_not_fit_is_still_right():
         flat = FLAT["w"].reshape(-1)
         for out in (torch.zeros(3, dtype=torch.float64), torch.zeros(2), torch.zeros(10)):
             assert torch.equal(u.params.flat_slice("w", 4, 7, out), flat[4:7])
-        assert torch.equal(codec.flat_slice(u.params, "w", 30, 35, torch.zeros(1, dtype=torch.int64)), flat[30:35])
+        assert torch.equal(tensors.flat_slice(u.params, "w", 30, 35, torch.zeros(1, dtype=torch.int64)), flat[30:35])
 
 
 @pytest.mark.parametrize("size", [1, 3, 4, 8, 34, 35, 36, 1000])
@@ -397,8 +397,8 @@ def test_pieces_go_through_a_tensor_in_parts(size):
             count = flat.numel()
             expected = [flat[a : a + size] for a in range(0, count, size)]
             assert [len(p) for p in expected] == [min(size, count - a) for a in range(0, count, size)]
-            from_file = [p.clone() for p in codec.flat_slices(u.params, k, size=size)]  # each valid until the next
-            in_memory = list(codec.flat_slices(FLAT, k, size=size))
+            from_file = [p.clone() for p in tensors.flat_slices(u.params, k, size=size)]  # each valid until the next
+            in_memory = list(tensors.flat_slices(FLAT, k, size=size))
             for parts in (from_file, in_memory):
                 assert len(parts) == len(expected), (k, size)
                 for got, exp in zip(parts, expected):
@@ -408,13 +408,13 @@ def test_pieces_go_through_a_tensor_in_parts(size):
 
 
 def test_pieces_default_to_the_piece_size():
-    assert codec.SLICE > 35
+    assert tensors.SLICE > 35
     with _file(b"") as f:
         u = _from_file(f)
-        (only,) = list(codec.flat_slices(u.params, "w"))
+        (only,) = list(tensors.flat_slices(u.params, "w"))
         assert torch.equal(only, FLAT["w"].reshape(-1))
-        assert list(codec.flat_slices(u.params, "e")) == []
-        (s,) = list(codec.flat_slices(u.params, "s"))
+        assert list(tensors.flat_slices(u.params, "e")) == []
+        (s,) = list(tensors.flat_slices(u.params, "s"))
         assert s.shape == (1,) and s.item() == 3.25
 
 
@@ -422,7 +422,7 @@ def test_pieces_of_a_file_longer_than_the_piece_size():
     t = torch.arange(2 * 37 + 5, dtype=torch.float32)
     with _file(b"") as f:
         u = _from_file(f, {"t": t})
-        parts = [p.clone() for p in codec.flat_slices(u.params, "t", size=37)]
+        parts = [p.clone() for p in tensors.flat_slices(u.params, "t", size=37)]
         assert [len(p) for p in parts] == [37, 37, 5]
         assert torch.equal(torch.cat(parts), t)
 
