@@ -109,7 +109,7 @@ class Call:
     transfer_bound: str = ""  # the bound ``ends`` stands for
     alive: Callable[[], bool] | None = None  # during a transfer: whether its task is still open
     cut: str | None = None  # why the watchdog cancelled the call (None: it did not)
-    audited: bool = False  # the cut is in the audit already (with the call's task)
+    audited: bool = False  # its refusal is in the audit already (its task's row says it)
 
     def expect(self, seconds: float, bound: str) -> None:
         """The site must do ``bound`` within ``seconds`` (and before its transfer ends)."""

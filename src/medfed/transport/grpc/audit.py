@@ -1,0 +1,55 @@
+"""The hub's audit trail: one row per exchange with a site (accepted, refused, failed, timed
+out) in the run store, and every refusal logged with the site, its address and the reason,
+repeats held back (guard.RefusalLog). Task kinds become strings here, at the store."""
+
+from __future__ import annotations
+
+import logging
+
+from medfed.server.store import RunStore
+from medfed.transport.grpc.guard import REFUSAL_WINDOW, RefusalLog, Refused
+from medfed.transport.grpc.tasks import Task, TaskKind
+
+log = logging.getLogger("medfed")
+
+CONNECTION = ("connection", 0, "call")  # (arm, round, kind) of a refusal about no task
+
+
+class Audit:
+    """Writes the audit rows to ``store`` (none when it is None) and logs refusals."""
+
+    def __init__(self, store: RunStore | None):
+        self.store = store
+        self._refusals = RefusalLog()
+
+    def refusal(self, what: str, site: str | None, e: Refused, peer: str, audited: bool = False) -> None:
+        """Log refusal ``e`` of ``what`` from ``site`` (or the certificate ``e`` names) at
+        ``peer``, and give it an audit row unless the task's row has it (``audited``);
+        repeats within the window are held back and counted in the next one told."""
+        name = site or e.name
+        who = f"site '{site}'" if site else f"certificate '{name}'" if name else "a caller"
+        held = self._refusals.admit(name, what, e.code, e.reason) if name else 0
+        if held is None:
+            return
+        more = f" ({held} more like it held back in the last {REFUSAL_WINDOW:g} s)" if held else ""
+        log.warning("refused %s from %s (%s): %s%s", what, who, peer, e.reason, more)
+        if name and not audited:
+            arm, rnd, kind = e.task or CONNECTION
+            self.refused(arm, rnd, name, kind, f"{what}: {e.reason}{more}")
+
+    def refused(self, arm: str, rnd: int, site: str, kind: TaskKind | str, reason: str) -> None:
+        """One audit row of a refusal that no task's row records (``kind`` "call": no task)."""
+        if self.store is not None:
+            self.store.audit(arm, rnd, site, _text(kind), "refused", 0, 0, None, 0.0, reason)
+
+    def task(self, task: Task, status: str, nbytes: int, digest: str | None, seconds: float,
+             reason: str | None) -> None:
+        """The row of ``task``, closed with ``status`` after ``seconds``: ``nbytes`` of answer
+        with SHA-256 ``digest``, or ``reason`` why it was not accepted."""
+        if self.store is not None:
+            self.store.audit(task.arm, task.round, task.site, task.kind.value, status, task.bytes_sent, nbytes, digest,
+                             seconds, reason)
+
+
+def _text(kind: TaskKind | str) -> str:
+    return kind.value if isinstance(kind, TaskKind) else kind

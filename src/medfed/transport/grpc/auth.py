@@ -1,0 +1,76 @@
+"""Who is calling the hub: the site named by the caller's certificate (checked by TLS to be
+of the consortium CA), which must be a site certificate of a site of this job that is not
+left out of the run; and the first header of each call, which must name that same site
+(and this job)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from medfed.core.errors import CodecError
+from medfed.transport.grpc import wire
+from medfed.transport.grpc.guard import Refused
+
+
+class Callers:
+    """The sites allowed to call (the job's), those left out of the run, and the job's id."""
+
+    def __init__(self, allowed: frozenset[str], job_id: str):
+        self.allowed = allowed
+        self.job_id = job_id
+        self.excluded: dict[str, str] = {}  # sites left out of this run, and why
+
+    def exclude(self, site: str, reason: str) -> None:
+        self.excluded[site] = reason
+
+    def identify(self, context: grpc.ServicerContext) -> tuple[str, str]:
+        """(site name, certificate fingerprint) of the caller, or Refused."""
+        auth = context.auth_context()
+        pem = (auth.get("x509_pem_cert") or [b""])[0]
+        names = auth.get("x509_common_name") or []
+        if not pem or not names:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        site = names[0].decode(errors="replace")
+        cert = x509.load_pem_x509_certificate(pem)
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = []
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"certificate '{site}' is not a site certificate", site)
+        if site not in self.allowed:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate names site '{site}', which is not part of this job ({', '.join(sorted(self.allowed))})",
+                site,
+            )
+        if site in self.excluded:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"this site is left out of the run: {self.excluded[site]}",
+                          site)
+        return site, cert.fingerprint(hashes.SHA256()).hex()
+
+    def check(self, hdr: dict[str, Any], site: str, with_job: bool = True) -> None:
+        """The header ``hdr`` of a call of ``site`` names that site (and this job)."""
+        if hdr.get("site") != site:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"message says site {hdr.get('site')!r} but the certificate is '{site}'",
+            )
+        if with_job and hdr.get("job_id") != self.job_id:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"message is for job {hdr.get('job_id')!r}, this server runs job {self.job_id}",
+            )
+
+
+def read_header(data: Any, what: str) -> dict[str, Any]:
+    """The JSON header of a call, or Refused."""
+    try:
+        return wire.decode_header(data, what)
+    except CodecError as e:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
