@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from medfed.config import Job, builtin_job_path, load_job
 from medfed.core.errors import ConfigError, DataError, MedfedError, ModelError, NetworkError, RunDirError
+from medfed.core.summary import SiteSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning for medical imaging.")
 out = Console()
@@ -82,16 +83,16 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
     ) as progress:
         tasks = {a: progress.add_task(a, total=1 if a == "finetuned" else job.rounds, info="") for a in arms}
 
-        def on_sites(rows: list[dict]) -> None:
+        def on_sites(rows: list[SiteSummary]) -> None:
             if quiet:
                 return
             for r in rows:
-                counts = ", ".join(f"{k}={v}" for k, v in enumerate(r["class_counts"]["train"]))
-                extra = "  [yellow]held out[/]" if r.get("held_out") else ""
-                if r.get("skipped"):
-                    extra += f"  [yellow]{len(r['skipped'])} file(s) skipped[/]"
+                counts = ", ".join(f"{k}={v}" for k, v in enumerate(r.class_counts["train"]))
+                extra = "  [yellow]held out[/]" if r.held_out else ""
+                if r.skipped:
+                    extra += f"  [yellow]{r.skipped} file(s) skipped[/]"
                 progress.console.print(
-                    f"  site [bold]{r['name']}[/]: train {r['train']}, val {r['val']}, test {r['test']} "
+                    f"  site [bold]{escape(r.name)}[/]: train {r.train}, val {r.val}, test {r.test} "
                     f"(train class counts {counts}){extra}", highlight=False
                 )
 

@@ -62,7 +62,7 @@ def test_masks_are_checked_against_the_images_and_the_classes():
     bad_class = ArraySplit(torch.zeros(2, 1, 4, 4), torch.full((2, 4, 4), 2, dtype=torch.int64))
     with pytest.raises(DataError, match=r"site 's' test split: mask values must be class indices in 0..1, found 2..2"):
         check_site(SiteData("s", good, good, bad_class), task)
-    assert describe_sites([SiteData("s", good, good, good)], task)[0]["class_counts"]["train"] == [2, 0]
+    assert describe_sites([SiteData("s", good, good, good)], task)[0].class_counts["train"] == [2, 0]
 
 
 def test_lower_resolution_removes_detail_but_keeps_the_size_2d_and_3d():
@@ -111,5 +111,5 @@ def test_classification_labels_from_records_keep_their_type():
     recs = [Record(f"{i}", np.zeros((1, 4, 4), np.float32), np.array([1.0, 0.0], np.float32)) for i in range(3)]
     split = stack_records(recs, "x")
     assert split.labels.dtype == torch.float32 and split.labels.shape == (3, 2)
-    assert describe_sites([SiteData("m", split, split, split)], TaskConfig(labels="multilabel", num_classes=2))[0][
-        "class_counts"]["train"] == [3, 0]
+    assert describe_sites([SiteData("m", split, split, split)], TaskConfig(labels="multilabel", num_classes=2))[0] \
+        .class_counts["train"] == [3, 0]

@@ -31,13 +31,13 @@ def test_synthetic_job_builds_and_describes():
                           {"name": "b", "n_train": 6, "n_val": 3, "n_test": 5, "prevalence": 0.2}]})
     sites = build_sites(job)
     assert [s.name for s in sites] == ["a", "b"] and sites[0].train.images.shape == (10, 1, 16, 16)
-    assert describe_sites(sites, job.task) == [
+    assert [r.model_dump(mode="json") for r in describe_sites(sites, job.task)] == [
         {"name": "a", "train": 10, "val": 4, "test": 4,
          "class_counts": {"train": [5, 5], "val": [2, 2], "test": [2, 2]},
-         "shape": [1, 16, 16], "held_out": False, "skipped": []},
+         "shape": [1, 16, 16], "held_out": False, "skipped": 0, "skipped_files": []},
         {"name": "b", "train": 6, "val": 3, "test": 5,
          "class_counts": {"train": [5, 1], "val": [2, 1], "test": [4, 1]},
-         "shape": [1, 16, 16], "held_out": False, "skipped": []},
+         "shape": [1, 16, 16], "held_out": False, "skipped": 0, "skipped_files": []},
     ]
     assert all(torch.equal(x.test.images, y.test.images) for x, y in zip(sites, build_sites(job)))
 
@@ -55,9 +55,9 @@ def test_medmnist_job_is_read_and_partitioned(tmp_path):
                 "partition": {"method": "iid", "sites": ["h1", "h2"]}})
     sites = build_sites(job)
     rows = describe_sites(sites, job.task)
-    assert [r["name"] for r in rows] == ["h1", "h2"]
-    assert [r["train"] for r in rows] == [20, 20] and [r["test"] for r in rows] == [10, 10]
-    assert sum(sum(r["class_counts"]["val"]) for r in rows) == 10
+    assert [r.name for r in rows] == ["h1", "h2"]
+    assert [r.train for r in rows] == [20, 20] and [r.test for r in rows] == [10, 10]
+    assert sum(sum(r.class_counts["val"]) for r in rows) == 10
     again = build_sites(job)
     assert all(torch.equal(x.train.labels, y.train.labels) for x, y in zip(sites, again))
 
@@ -105,7 +105,7 @@ def test_multilabel_site_checks_and_counts():
     split = ArraySplit(torch.rand(2, 1, 8, 8), y)
     site = SiteData("m", split, split, split)
     check_site(site, task)
-    assert describe_sites([site], task)[0]["class_counts"]["test"] == [2, 1, 1]
+    assert describe_sites([site], task)[0].class_counts["test"] == [2, 1, 1]
     bad = ArraySplit(torch.rand(2, 1, 8, 8), y * 2)
     with pytest.raises(DataError, match="site 'm' train split: multi-label labels must be 0 or 1"):
         check_site(SiteData("m", bad, split, split), task)

@@ -7,7 +7,7 @@ from rich.console import Console
 
 from medfed.core.errors import ConfigError, RunDirError
 from medfed.tracking.metrics import MetricsWriter
-from medfed.tracking.report import fmt, summary_table, write_report
+from medfed.tracking.report import fmt, render_report, summary_table, write_report
 
 SITES = ["north", "south"]
 
@@ -56,7 +56,8 @@ def make_run(run_dir, job=None, metrics=True, extras=True):
         write_metrics(run_dir / "metrics.jsonl")
     if extras:
         sites = [{"name": s, "train": 40, "val": 10, "test": 20,
-                  "class_counts": {"train": [27, 13], "val": [7, 3], "test": [14, 6]}} for s in SITES]
+                  "class_counts": {"train": [27, 13], "val": [7, 3], "test": [14, 6]}, "shape": [1, 28, 28]}
+                 for s in SITES]
         (run_dir / "sites.json").write_text(json.dumps({"sites": sites}))
         (run_dir / "run.json").write_text(json.dumps({
             "status": "complete", "medfed_version": "0.1.0", "job_hash": "ab" * 32,
@@ -172,3 +173,20 @@ def test_summary_table_shows_the_comparison(tmp_path):
                         "all": ("0.770", "0.790", "+0.020")}.items():
         line = next(ln for ln in text.splitlines() if f" {site} " in ln)
         assert [c for c in cells if c in line] == list(cells), line
+
+
+def test_sites_json_of_older_runs_and_skipped_files(tmp_path):
+    from medfed.core.summary import SiteSummary
+
+    older = {"name": "a", "train": 3, "val": 1, "test": 1, "shape": [1, 8, 8],
+             "skipped": [{"file": "x.png", "reason": "truncated"}]}  # before 2026-12-04: the files listed
+    s = SiteSummary.model_validate(older)
+    assert s.skipped == 1 and s.skipped_files[0].file == "x.png"
+    assert "skipped_files" not in s.for_the_server() and s.for_the_server()["skipped"] == 1
+    run = make_run(tmp_path / "run")
+    (run / "sites.json").write_text(json.dumps({"sites": [older]}))
+    html = render_report(run)
+    assert "x.png: truncated" in html
+    (run / "sites.json").write_text(json.dumps({"sites": [{"name": "a", "train": 3}]}))
+    with pytest.raises(RunDirError, match=r"sites.json: site 'a': val: Field required"):
+        render_report(run)

@@ -133,3 +133,12 @@ def test_a_message_over_the_size_limit_is_named_as_such(cons):
     body = _update_bytes()
     conn.submit(_reply(hdr, body), body, 60)
     assert not isinstance(fut.result(timeout=20)[0], SiteFailure)
+
+
+def test_a_summary_that_names_files_is_refused(cons):
+    from transport.test_grpc_checks import _summary
+
+    conn = cons.connect("hospital_b")
+    conn.join()
+    leaky = {**_summary("hospital_b"), "skipped": 1, "skipped_files": [{"file": "patient_0042.dcm", "reason": "bad"}]}
+    _refused(lambda: conn.ready(cons.job_id, leaky), grpc.StatusCode.INVALID_ARGUMENT, "file names stay at the site")

@@ -25,6 +25,7 @@ from medfed.config import (
     VolumesData,
 )
 from medfed.core.errors import DataError
+from medfed.core.summary import SiteSummary, SkippedFile
 from medfed.data.base import ArraySplit, Record, SiteData, SiteRecords
 
 SPLITS = ("train", "val", "test")
@@ -272,18 +273,19 @@ def class_counts_of(labels: torch.Tensor, task) -> list[int]:
     return class_counts(labels, task)
 
 
-def describe_sites(sites: list[SiteData], task, held_out: list[str] | tuple[str, ...] = ()) -> list[dict]:
-    """Per site: ``name``, the sizes of ``train``, ``val`` and ``test``, ``class_counts``
-    per split (see :func:`class_counts_of`), the image ``shape`` (C, *spatial), whether it
-    is ``held_out`` and the files ``skipped``, as written to ``sites.json``."""
+def describe_sites(sites: list[SiteData], task, held_out: list[str] | tuple[str, ...] = ()) -> list[SiteSummary]:
+    """Per site, its :class:`~medfed.core.summary.SiteSummary`: split sizes, class counts
+    per split (see :func:`class_counts_of`), the image shape, whether it is held out, and
+    the files it skipped, as written to ``sites.json``."""
     return [
-        {
-            "name": s.name,
+        SiteSummary(
+            name=s.name,
             **{name: len(s.split(name)) for name in SPLITS},
-            "class_counts": {name: class_counts_of(s.split(name).labels, task) for name in SPLITS},
-            "shape": list(s.train.images.shape[1:]),
-            "held_out": s.name in held_out,
-            "skipped": [{"file": f, "reason": why} for f, why in s.skipped],
-        }
+            class_counts={name: class_counts_of(s.split(name).labels, task) for name in SPLITS},
+            shape=list(s.train.images.shape[1:]),
+            held_out=s.name in held_out,
+            skipped=len(s.skipped),
+            skipped_files=tuple(SkippedFile(file=f, reason=why) for f, why in s.skipped),
+        )
         for s in sites
     ]

@@ -28,6 +28,7 @@ from medfed import __version__
 from medfed.algorithms import Algorithm
 from medfed.config import Job
 from medfed.core.errors import ConfigError, RoundError, RunDirError
+from medfed.core.summary import SiteSummary, sites_json
 from medfed.core.types import Arm, Params
 from medfed.models import check_input_size, get_params
 from medfed.server.baselines import run_finetuned, run_local
@@ -98,8 +99,8 @@ def _prepare_folder(output: Path, resume: bool) -> None:
         raise RunDirError(f"the run in '{output}' is complete; nothing to resume")
 
 
-def _site_rows(job: Job, summaries: dict[str, Any]) -> list[dict]:
-    return [summaries[s].model_dump() for s in job.site_names if s in summaries]
+def _site_rows(job: Job, summaries: dict[str, SiteSummary]) -> list[SiteSummary]:
+    return [summaries[s] for s in job.site_names if s in summaries]
 
 
 def _members(store: RunStore, job: Job) -> list[str]:
@@ -255,14 +256,14 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
         check_input_size(job.model, shape[1:], patch)
         rows = _site_rows(job, summaries)
-        atomic_write_text(output / "sites.json", json.dumps({"sites": rows}, indent=2) + "\n", mode=PRIVATE)
+        atomic_write_text(output / "sites.json", sites_json(rows), mode=PRIVATE)
 
         # ---- the model, the server rule and, when resuming, where the run stopped
         model = initial_model(job, shape[0], len(shape) - 1)
         params = get_params(model)
         transport = GrpcTransport(hub)
         # DP noise from the OS: in a deployment nobody may know it in advance
-        federation = build_federation(job, model, transport, {r["name"]: r["train"] for r in rows}, noise_seed=None)
+        federation = build_federation(job, model, transport, {r.name: r.train for r in rows}, noise_seed=None)
         algorithm = federation.algorithm
         tracker = _BestTracker(output, job)
         done = 0

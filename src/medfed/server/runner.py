@@ -24,6 +24,7 @@ from torch import nn
 from medfed import __version__
 from medfed.config import Job
 from medfed.core.errors import RunDirError
+from medfed.core.summary import SiteSummary, sites_json
 from medfed.core.types import Arm, Params
 from medfed.data.base import SiteData
 from medfed.models import build_model, check_input_size, get_params
@@ -162,7 +163,7 @@ def run_job(
     job: Job,
     overwrite: bool = False,
     on_round: RoundCallback | None = None,
-    on_sites: Callable[[list[dict]], None] | None = None,
+    on_sites: Callable[[list[SiteSummary]], None] | None = None,
 ) -> RunResult:
     """Run the federation and the baselines of ``job``; return where the run was written."""
     from medfed.data.sites import build_sites, describe_sites
@@ -199,7 +200,7 @@ def run_job(
                     "; ".join(f"{f} ({why})" for f, why in site.skipped),
                 )
         atomic_write_text(staging / "job.yaml", job.to_yaml())
-        atomic_write_text(staging / "sites.json", json.dumps({"sites": summary}, indent=2) + "\n")
+        atomic_write_text(staging / "sites.json", sites_json(summary))
         model = initial_model(job, sites[0].train.images.shape[1], sites[0].train.spatial_dims)
         init = get_params(model)
         tracker = _BestTracker(staging, job)
@@ -209,7 +210,7 @@ def run_job(
             if on_round is not None:
                 on_round(s, params)
 
-        sizes = {row["name"]: row["train"] for row in summary}
+        sizes = {row.name: row.train for row in summary}
         with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
             # DP noise drawn from the job seed: a simulation is repeatable run after run
             federation = build_federation(job, model, transport, sizes, noise_seed=job.seed)

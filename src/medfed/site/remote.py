@@ -171,10 +171,9 @@ class RemoteSite:
         if data.skipped:
             log.warning("site '%s': %d unreadable file(s) skipped: %s", self.name, len(data.skipped),
                         "; ".join(f"{f} ({why})" for f, why in data.skipped))
-        summary["skipped"] = len(data.skipped)  # file names stay at the site
-        log.info("site '%s': data ready: %d train, %d val, %d test", self.name, summary["train"], summary["val"],
-                 summary["test"])
-        return summary, job.round_timeout
+        log.info("site '%s': data ready: %d train, %d val, %d test", self.name, summary.train, summary.val,
+                 summary.test)
+        return summary.for_the_server(), job.round_timeout  # file names stay at the site
 
     def _check_privacy(self, job: Job, train_size: int) -> None:
         """Refuse a job that would spend more privacy than this site allows."""

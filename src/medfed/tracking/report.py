@@ -21,11 +21,13 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
 from medfed.config import Job, load_job
 from medfed.core.errors import RunDirError
+from medfed.core.summary import SiteSummary
 from medfed.core.files import atomic_write_text
 from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEDIAN_SITE, MEAN_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
 
@@ -262,19 +264,20 @@ def _sites_section(sites: dict | None, segmentation: bool = False) -> str:
     splits = ("train", "val", "test")
     header = ["site", *splits, *(f"{s} classes" for s in splits), "skipped files"]
     rows, notes = [], []
-    for s in sites["sites"]:
-        cc = s.get("class_counts", {}) or {}
-        name = str(s.get("name", "?")) + (" (held out)" if s.get("held_out") else "")
-        skipped = s.get("skipped") or []
-        # a deployed site reports only how many files it skipped: their names stay at the site
-        count = skipped if isinstance(skipped, int) else len(skipped)
-        skipped = [] if isinstance(skipped, int) else skipped
-        rows.append([name, *(str(s.get(k, MISSING)) for k in splits), *(_counts(cc.get(k)) for k in splits),
-                     str(count)])
-        for item in skipped[:20]:
-            notes.append(f"{s.get('name', '?')}: {item.get('file', '?')}: {item.get('reason', '?')}")
-        if len(skipped) > 20:
-            notes.append(f"{s.get('name', '?')}: ... and {len(skipped) - 20} more (see sites.json)")
+    for raw in sites["sites"]:
+        try:
+            s = SiteSummary.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise RunDirError(f"sites.json: site {raw.get('name', '?') if isinstance(raw, dict) else '?'!r}: "
+                              f"{where}: {err['msg']}") from None
+        rows.append([s.name + (" (held out)" if s.held_out else ""), *(str(getattr(s, k)) for k in splits),
+                     *(_counts(s.class_counts.get(k)) for k in splits), str(s.skipped)])
+        # a deployed site names no files: they stay at the site
+        notes += [f"{s.name}: {f.file}: {f.reason}" for f in s.skipped_files[:20]]
+        if len(s.skipped_files) > 20:
+            notes.append(f"{s.name}: ... and {len(s.skipped_files) - 20} more (see sites.json)")
     what = ("examples in which each class appears" if segmentation
             else "examples per class (binary, multi-class) or positives per label (multi-label)")
     out = ("<h2>Sites</h2>" + _table(header, rows)

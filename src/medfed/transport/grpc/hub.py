@@ -39,7 +39,8 @@ from medfed.transport.grpc.audit import Audit
 from medfed.transport.grpc.auth import Callers, read_header
 from medfed.transport.grpc.guard import Call, Direction, Guard, Refused
 from medfed.transport.grpc.intake import Intake
-from medfed.transport.grpc.sessions import Session, Sessions, SiteSummary
+from medfed.core.summary import SiteSummary
+from medfed.transport.grpc.sessions import Session, Sessions
 from medfed.transport.grpc.tasks import Answer, Task, TaskBoard, TaskKind
 
 __all__ = ["SITE_LOCAL", "TRANSFERS", "UPDATES_IN_MEMORY", "Hub", "SiteSummary", "Task", "TaskKind", "site_view"]
@@ -120,6 +121,9 @@ class Hub:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad data summary: {e.errors()[0]['msg']}") from None
             if summary.name != site:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"data summary names site {summary.name!r}")
+            if summary.skipped_files:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                              "data summary names files: file names stay at the site (send the count only)")
             self.sessions.ready(site, summary)
         except Refused as e:
             self._refuse(context, "ready", site, e, call)

@@ -8,32 +8,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Literal
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field
-
+from medfed.core.summary import SiteSummary
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.guard import Refused
 
 # seconds after its last poll that a site still counts as connected (a site polls again
 # at once after each answer, and every POLL_WAIT s when idle)
 LIVE_WINDOW = 3 * wire.POLL_WAIT
-
-
-class SiteSummary(BaseModel):
-    """What a site tells the server about its data when it is ready: sizes and the image
-    shape, never images or file names."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
-    train: int = Field(ge=0)
-    val: int = Field(ge=0)
-    test: int = Field(ge=0)
-    class_counts: dict[Literal["train", "val", "test"], list[Annotated[int, Field(ge=0)]]] = Field(default_factory=dict)
-    shape: list[int] = Field(min_length=2, max_length=4)
-    held_out: bool = False
-    skipped: int = Field(0, ge=0)
 
 
 @dataclass
