@@ -472,3 +472,16 @@ def test_decode_model_into_a_reused_buffer():
     del p1, e1, p2, _
     p3, _ = codec.decode_model(blob, pool)  # the buffer is free again: reused, right values
     assert all(torch.equal(p3[k], params[k]) for k in params)
+
+
+def test_secure_aggregation_s_part_of_a_plan_is_typed_and_checked_at_the_wire():
+    from medfed.core.types import RoundPlan, SecAggPlan, TrainSettings
+
+    plan = RoundPlan("j", 2, Arm.FEDERATED, TrainSettings(1, 4, 0.1, "sgd", 0.0, 0.0, 7),
+                     secagg=SecAggPlan(0.25, {"hospital_b": "c2hhcmVz"}))
+    back = codec.plan_from_dict(json.loads(json.dumps(codec.plan_to_dict(plan))), {})
+    assert back == plan and isinstance(back.secagg, SecAggPlan)
+    for bad in ({"weight": "half"}, {"weight": True}, {"weight": 0.5, "ciphertexts": {"b": 3}},
+                {"weight": 0.5, "extra": 1}, ["not", "an", "object"]):
+        with pytest.raises(CodecError, match="round plan: bad header field.*secagg"):
+            codec.plan_from_dict({**codec.plan_to_dict(plan), "secagg": bad}, {})

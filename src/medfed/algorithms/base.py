@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from medfed.algorithms.mean import weighted_average
-from medfed.core.types import Params, RoundPlan, TrainSettings, Update
+from medfed.core.types import Params, RoundPlan, SecAggPlan, TrainSettings, Update
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,9 @@ class Combiner(ABC):
     def combine(self, global_params: Params, updates: Sequence[Update], rnd: int) -> Params:
         """The combined parameters of round ``rnd`` (full values)."""
 
-    def prepare(self, rnd: int, sites: Sequence[str], global_params: Params) -> dict[str, dict]:
-        """Per-site messages (JSON-able) to send with round ``rnd``'s plans, after talking
-        to the ``sites`` if needed (secure aggregation's key exchange). Empty by default."""
+    def prepare(self, rnd: int, sites: Sequence[str], global_params: Params) -> dict[str, SecAggPlan]:
+        """Per-site parts of round ``rnd``'s plans, after talking to the ``sites`` if needed
+        (secure aggregation's key exchange). Empty by default."""
         return {}
 
     def state(self) -> Params:

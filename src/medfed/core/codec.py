@@ -17,7 +17,18 @@ from medfed.core import payload
 from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError
 from medfed.core.payload import FileTensors  # noqa: F401 (an update read from a file holds these)
-from medfed.core.types import Arm, Encoding, EvalResult, FitRequest, Params, RoundPlan, Split, TrainSettings, Update
+from medfed.core.types import (
+    Arm,
+    Encoding,
+    EvalResult,
+    FitRequest,
+    Params,
+    RoundPlan,
+    SecAggPlan,
+    Split,
+    TrainSettings,
+    Update,
+)
 
 def encode_params(params: Params) -> bytearray:
     """Serialize a state dict (names to tensors) to safetensors bytes."""
@@ -33,7 +44,7 @@ def plan_to_dict(plan: RoundPlan) -> dict[str, Any]:
     """The JSON part of a round plan (its ``extras`` tensors travel with the parameters)."""
     out = {"job_id": plan.job_id, "round": plan.round, "arm": plan.arm.value, "train": asdict(plan.train)}
     if plan.secagg is not None:
-        out["secagg"] = plan.secagg
+        out["secagg"] = {"weight": plan.secagg.weight, "ciphertexts": plan.secagg.ciphertexts}
     return out
 
 
@@ -45,16 +56,25 @@ def plan_from_dict(meta: Any, extras: Params, what: str = "round plan") -> Round
             arm=Arm(meta["arm"]),
             train=TrainSettings(**meta["train"]),
             extras=extras,
-            secagg=_object(meta.get("secagg"), "secagg"),
+            secagg=_secagg_plan(meta.get("secagg")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"{what}: bad header field ({e})") from None
 
 
-def _object(v: Any, what: str) -> dict | None:
-    if v is not None and not isinstance(v, dict):
-        raise ValueError(f"{what} must be a JSON object, got {type(v).__name__}")
-    return v
+def _secagg_plan(v: Any) -> SecAggPlan | None:
+    """Secure aggregation's part of a plan from JSON: a number ``weight`` and ``ciphertexts``
+    mapping names to text (ValueError otherwise; the range of the weight is the site's check)."""
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) - {"weight", "ciphertexts"}:
+        raise ValueError("secagg must be a JSON object with weight and ciphertexts")
+    weight, cts = v.get("weight"), v.get("ciphertexts", {})
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"secagg.weight must be a number, got {weight!r}")
+    if not isinstance(cts, dict) or not all(isinstance(k, str) and isinstance(c, str) for k, c in cts.items()):
+        raise ValueError("secagg.ciphertexts must map site names to text")
+    return SecAggPlan(float(weight), dict(cts))
 
 
 def encode_model(params: Params, extras: Params, pool: BufferPool | None = None) -> bytearray | memoryview:

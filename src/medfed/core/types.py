@@ -74,6 +74,16 @@ Spec = dict[str, tuple[tuple[int, ...], "torch.dtype"]]
 
 
 @dataclass(frozen=True)
+class SecAggPlan:
+    """Secure aggregation's part of one site's round plan (privacy/secagg/): the site's
+    ``weight`` in the roster's mean, in (0, 1], and the ``ciphertexts`` the other sites
+    of the roster addressed to it (sender -> base64 of the sealed key shares)."""
+
+    weight: float
+    ciphertexts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class RoundPlan:
     """The server's instructions to one site for one round."""
 
@@ -84,8 +94,8 @@ class RoundPlan:
     # Algorithm-specific tensors sent along with the global parameters (e.g. a server
     # control variate). Empty for FedAvg.
     extras: Params = field(default_factory=dict)
-    # Secure aggregation's messages for this site this round (JSON-able), or None.
-    secagg: dict | None = None
+    # Secure aggregation's part of this site's plan this round, or None without it.
+    secagg: SecAggPlan | None = None
 
 
 @dataclass(frozen=True)

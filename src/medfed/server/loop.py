@@ -22,6 +22,7 @@ from medfed.core.types import (
     FitRequest,
     Params,
     RoundPlan,
+    SecAggPlan,
     SiteFailure,
     Split,
     TrainSettings,
@@ -49,7 +50,7 @@ def round_seed(job_seed: int, arm: Arm, rnd: int, site_index: int) -> int:
 
 def make_plan(
     job: Job, job_id: str, arm: Arm, rnd: int, site_index: int, extras: Params | None = None,
-    secagg: dict | None = None,
+    secagg: SecAggPlan | None = None,
 ) -> RoundPlan:
     t = job.train
     return RoundPlan(

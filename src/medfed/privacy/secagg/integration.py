@@ -33,7 +33,7 @@ import torch
 from medfed.algorithms.base import Combiner
 from medfed.config import Job
 from medfed.core.errors import SiteError
-from medfed.core.types import Encoding, Message, Params, RoundPlan, SiteFailure, Spec, Update
+from medfed.core.types import Encoding, Message, Params, RoundPlan, SecAggPlan, SiteFailure, Spec, Update
 from medfed.privacy.base import ProtocolParty, UpdateFilter
 from medfed.privacy.secagg.masking import FixedPoint
 from medfed.privacy.secagg.protocol import SecAggError, ServerSession, SiteSession
@@ -132,17 +132,17 @@ class SecAggClient(UpdateFilter, ProtocolParty):
         if update.encoding is not Encoding.FULL:
             raise ValueError(f"secure aggregation masks full updates, got '{update.encoding.value}'")
         info = plan.secagg
-        if not isinstance(info, dict):
+        if info is None:
             raise SiteError(self.site, f"secure aggregation: not in the roster of round {plan.round}")
-        weight = info.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
+        weight = info.weight
+        if not 0 < weight <= 1:
             raise SiteError(self.site, f"secure aggregation: weight must be in (0, 1], got {weight!r}")
         reference = {k: v for k, v in global_params.items() if k in update.params}
         if reference.keys() != update.params.keys():
             raise SiteError(self.site, "secure aggregation: the update's tensors differ from the model's")
         change = flat_change(update.params, reference) * float(weight)
         x = self.codec.encode(change, _rounding_generator(plan.train.seed))
-        masked = self._current(plan.round).mask(x, info.get("ciphertexts", {}))
+        masked = self._current(plan.round).mask(x, info.ciphertexts)
         return replace(update, params={MASKED: to_wire(masked)}, encoding=Encoding.MASKED)
 
 
@@ -193,7 +193,7 @@ class SecureSum(Combiner):
             except SecAggError as e:  # one bad message drops that site, not the round
                 log.warning("federated round %d: site '%s' left secure aggregation at %s: %s", rnd, site, step, e)
 
-    def prepare(self, rnd: int, sites: Sequence[str], global_params: Params) -> dict[str, dict]:
+    def prepare(self, rnd: int, sites: Sequence[str], global_params: Params) -> dict[str, SecAggPlan]:
         sent = self._sent(global_params)
         session = ServerSession(self.job_id, rnd, self.threshold, masked_spec(sent)[MASKED][0][0])
         self._session = session
@@ -210,8 +210,7 @@ class SecureSum(Combiner):
             if total <= 0:
                 raise SecAggError(f"round {rnd}: the sites of the roster reported no training examples")
             self._weights = {s: self.sizes.get(s, 0) / total for s in members}
-        return {s: {"ciphertexts": session.ciphertexts_for(s), "weight": self._weights[s]}
-                for s in members if self._weights[s] > 0}
+        return {s: SecAggPlan(self._weights[s], session.ciphertexts_for(s)) for s in members if self._weights[s] > 0}
 
     def combine(self, global_params: Params, updates: Sequence[Update], rnd: int) -> Params:
         session = self._session

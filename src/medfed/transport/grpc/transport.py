@@ -16,11 +16,12 @@ import grpc
 from medfed.core import codec
 from medfed.core.buffers import BufferPool
 from medfed.core.errors import NetworkError
-from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, Params, SiteFailure, Spec, Update
+from medfed.core.types import Arm, EvalRequest, EvalResult, FitRequest, Message, Params, SiteFailure, Spec, Update
 from medfed.server.validate import full_spec
 from medfed.transport.base import Transport
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.hub import Hub, Task
+from medfed.transport.grpc.tasks import TaskKind
 
 log = logging.getLogger("medfed")
 
@@ -146,7 +147,7 @@ class GrpcTransport(Transport):
             if spec is None:
                 spec = specs.setdefault(id(req.params), full_spec(req.params))
             tasks.append(Task(
-                site=req.site, kind="fit", arm=req.plan.arm.value, round=req.plan.round,
+                site=req.site, kind=TaskKind.FIT, arm=req.plan.arm.value, round=req.plan.round,
                 header={"plan": codec.plan_to_dict(req.plan)}, blob=blob, model_id=model_id,
                 limit=2 * len(blob) + (1 << 20),  # the parameters, extras as large, and the header
                 spec=spec, encoding=req.encoding,
@@ -165,7 +166,7 @@ class GrpcTransport(Transport):
         for req in requests:
             blob, model_id = self._model(req.params, {})
             tasks.append(Task(
-                site=req.site, kind="evaluate", arm=req.arm.value, round=req.round,
+                site=req.site, kind=TaskKind.EVALUATE, arm=req.arm.value, round=req.round,
                 header={"job_id": req.job_id, "splits": [s.value for s in req.splits]}, blob=blob, model_id=model_id,
                 limit=EVAL_ANSWER_LIMIT, splits=tuple(req.splits),
             ))
@@ -179,7 +180,7 @@ class GrpcTransport(Transport):
         for m in messages:
             blob = json.dumps(m.body).encode()
             tasks.append(Task(
-                site=m.site, kind="exchange", arm="federated", round=m.round,
+                site=m.site, kind=TaskKind.EXCHANGE, arm=Arm.FEDERATED.value, round=m.round,
                 header={"job_id": m.job_id, "topic": m.topic}, blob=blob, model_id=secrets.token_hex(16),
                 limit=EXCHANGE_ANSWER_LIMIT,
             ))
