@@ -30,6 +30,28 @@ class Arm(str, enum.Enum):
     PERSONALIZED = "personalized"  # each site's personal model kept alongside the global one (Ditto)
 
 
+class Metric(enum.StrEnum):
+    """The figures a run records (the ``metric`` of metrics.jsonl). A str: it is written and
+    compared as its name. Per-class figures add ``_class_<k>`` (:meth:`of_class`)."""
+
+    LOSS = "loss"  # mean training loss (train) or evaluation loss (val, test)
+    ACCURACY = "accuracy"
+    AUC = "auc"  # ROC AUC, the mean over classes or labels where defined
+    DICE = "dice"  # mean over the foreground classes
+    HD95 = "hd95"  # 95th-percentile Hausdorff distance, mm (or voxels)
+    EPSILON = "epsilon"  # privacy spent so far, at the job's delta
+    MODEL_BYTES = "model_bytes"  # tensor bytes of the global model
+    BYTES_SENT = "bytes_sent"  # tensor bytes a site sent, as encoded
+    CLIP = "clip"  # the DP clipping bound of the round
+    UNCLIPPED_FRACTION = "unclipped_fraction"  # adaptive clipping's noisy share of updates under the bound
+    SELECTED = "selected"  # Krum: the updates selected
+    CLIPPED_FRACTION = "clipped_fraction"  # norm bounding: the share of updates clipped
+
+    def of_class(self, k: int) -> str:
+        """The name of this figure for class (or label) ``k``: ``auc_class_2``."""
+        return f"{self.value}_class_{k}"
+
+
 class Split(str, enum.Enum):
     TRAIN = "train"
     VAL = "val"

@@ -34,7 +34,7 @@ import torch
 from medfed.algorithms.base import Combiner
 from medfed.algorithms.mean import weighted_average
 from medfed.core.params import apply_delta, clip_to_norm, delta, l2_norm
-from medfed.core.types import Encoding, Params, RoundPlan, Update
+from medfed.core.types import Encoding, Metric, Params, RoundPlan, Update
 from medfed.privacy.accounting import adaptive_noise_multiplier
 from medfed.privacy.base import UpdateFilter
 
@@ -164,14 +164,14 @@ class CentralDP(Combiner):
         full = weighted_average(fulls, [u.num_examples for u in updates]) if fulls[0] else {}
 
         # ---- adaptive clipping: the noisy share of unclipped updates moves the next bound
-        self._metrics = {"clip": bound}
+        self._metrics = {Metric.CLIP: bound}
         if self.adaptive is not None:
             a = self.adaptive
             noise_b = float(torch.randn((), generator=g, dtype=torch.float64)) * a.count_noise_multiplier
             b_bar = (unclipped + noise_b) / m
             self.clip = bound * math.exp(-a.lr * (b_bar - a.target_quantile))
             # only the noisy share is released: the exact count would leak
-            self._metrics["unclipped_fraction"] = b_bar
+            self._metrics[Metric.UNCLIPPED_FRACTION] = b_bar
         return apply_delta(global_params, noisy, full=full)
 
     def state(self) -> Params:

@@ -23,7 +23,7 @@ from medfed.algorithms.base import Combiner
 from medfed.algorithms.mean import weighted_average
 from medfed.core.errors import RoundError
 from medfed.core.params import apply_delta, clip_to_norm, delta, float_names
-from medfed.core.types import Params, Update
+from medfed.core.types import Metric, Params, Update
 
 log = logging.getLogger("medfed")
 
@@ -196,7 +196,7 @@ class Krum(Combiner):
 
     def round_metrics(self) -> dict[str, float]:
         """``selected``: how many updates the last round averaged."""
-        return {} if self._selected is None else {"selected": float(self._selected)}
+        return {} if self._selected is None else {Metric.SELECTED: float(self._selected)}
 
 
 def _pairwise_sq_distances(global_params: Params, updates: Sequence[Update]) -> torch.Tensor:
@@ -251,4 +251,4 @@ class NormBound(Combiner):
     def round_metrics(self) -> dict[str, float]:
         """``clipped_fraction``: share of the last round's updates whose delta norm
         exceeded ``max_norm``."""
-        return {} if self._clipped_fraction is None else {"clipped_fraction": self._clipped_fraction}
+        return {} if self._clipped_fraction is None else {Metric.CLIPPED_FRACTION: self._clipped_fraction}

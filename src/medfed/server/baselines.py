@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from medfed.config import Job
-from medfed.core.types import Arm, FitRequest, Params
+from medfed.core.types import Arm, FitRequest, Metric, Params
 from medfed.server.loop import (
     Recorder,
     RoundCallback,
@@ -22,6 +22,7 @@ from medfed.server.loop import (
     evaluate_round,
     make_plan,
 )
+from medfed.tracking.metrics import MEAN_SITE
 from medfed.transport.base import CENTRALIZED_SITE, Transport
 
 
@@ -39,7 +40,7 @@ def run_local(
         updates, failed = collect_updates(answers, init_params, rnd, job.quorum, Arm.LOCAL)
         for u in updates:
             params[u.site] = u.params
-            record(rnd, Arm.LOCAL.value, u.site, "train", "loss", u.metrics.get("loss"))
+            record(rnd, Arm.LOCAL.value, u.site, "train", Metric.LOSS, u.metrics.get(Metric.LOSS))
         means = {}
         if rnd % job.eval_every == 0 or rnd == job.rounds:
             means = evaluate_round(transport, params, job, Arm.LOCAL, rnd, record)
@@ -66,7 +67,7 @@ def run_finetuned(
     updates, failed = collect_updates(answers, global_params, rnd, job.quorum, Arm.FINETUNED)
     tuned = {u.site: {**global_params, **u.params} for u in updates}
     for u in updates:
-        record(rnd, Arm.FINETUNED.value, u.site, "train", "loss", u.metrics.get("loss"))
+        record(rnd, Arm.FINETUNED.value, u.site, "train", Metric.LOSS, u.metrics.get(Metric.LOSS))
     means = evaluate_round(transport, tuned, job, Arm.FINETUNED, rnd, record)
     if on_round is not None:
         on_round(RoundSummary(Arm.FINETUNED, 1, mean_loss(updates), means, failed), global_params)
@@ -83,10 +84,10 @@ def run_centralized(
         request = FitRequest(CENTRALIZED_SITE, params, make_plan(job, job_id, Arm.CENTRALIZED, rnd, 0))
         (update,), _ = collect_updates(transport.fit([request], job.round_timeout), params, rnd, 1, Arm.CENTRALIZED)
         params = update.params
-        record(rnd, Arm.CENTRALIZED.value, "all", "train", "loss", update.metrics.get("loss"))
+        record(rnd, Arm.CENTRALIZED.value, MEAN_SITE, "train", Metric.LOSS, update.metrics.get(Metric.LOSS))
         means = {}
         if rnd % job.eval_every == 0 or rnd == job.rounds:
             means = evaluate_round(transport, {s: params for s in job.site_names}, job, Arm.CENTRALIZED, rnd, record)
         if on_round is not None:
-            on_round(RoundSummary(Arm.CENTRALIZED, rnd, update.metrics.get("loss"), means), params)
+            on_round(RoundSummary(Arm.CENTRALIZED, rnd, update.metrics.get(Metric.LOSS), means), params)
     return params

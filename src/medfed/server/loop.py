@@ -20,6 +20,7 @@ from medfed.core.types import (
     Arm,
     EvalRequest,
     FitRequest,
+    Metric,
     Params,
     RoundPlan,
     SecAggPlan,
@@ -208,15 +209,15 @@ def run_federated(
 
         # ---- 3. collect the updates that pass the incoming checks and decode; enforce the quorum
         # tensor bytes each site sent, as encoded (what compression saves), against the model's
-        record(rnd, Arm.FEDERATED.value, MEAN_SITE, "train", "model_bytes", nbytes(global_params))
+        record(rnd, Arm.FEDERATED.value, MEAN_SITE, "train", Metric.MODEL_BYTES, nbytes(global_params))
         for a in answers:
             if isinstance(a, Update):
-                record(rnd, Arm.FEDERATED.value, a.site, "train", "bytes_sent", nbytes(a.params) + nbytes(a.extras))
+                record(rnd, Arm.FEDERATED.value, a.site, "train", Metric.BYTES_SENT, nbytes(a.params) + nbytes(a.extras))
         updates, failed = collect_updates(
             answers, global_params, rnd, job.quorum, Arm.FEDERATED, algorithm, incoming
         )
         for u in updates:
-            record(rnd, Arm.FEDERATED.value, u.site, "train", "loss", u.metrics.get("loss"))
+            record(rnd, Arm.FEDERATED.value, u.site, "train", Metric.LOSS, u.metrics.get(Metric.LOSS))
             personal.add(u.site)  # has trained once: holds a personal model if the algorithm keeps one
 
         # ---- 4. aggregate with the algorithm's server rule (its combiner: mean, robust rule, DP, secure sum)
@@ -226,7 +227,7 @@ def run_federated(
         for name, value in algorithm.combiner.round_metrics().items():
             record(rnd, Arm.FEDERATED.value, MEAN_SITE, "train", name, value)
         if ledger is not None:
-            record(rnd, Arm.FEDERATED.value, MEAN_SITE, "train", "epsilon", ledger.epsilon(rnd))
+            record(rnd, Arm.FEDERATED.value, MEAN_SITE, "train", Metric.EPSILON, ledger.epsilon(rnd))
 
         # ---- 5. evaluate the new global model at every site
         means: dict[str, dict[str, float | None]] = {}
@@ -254,7 +255,7 @@ def run_federated(
 
 def mean_loss(updates: Sequence[Update]) -> float | None:
     n = sum(u.num_examples for u in updates)
-    losses = [(u.metrics.get("loss"), u.num_examples) for u in updates]
+    losses = [(u.metrics.get(Metric.LOSS), u.num_examples) for u in updates]
     if n == 0 or any(v is None for v, _ in losses):
         return None
     return sum(v * k for v, k in losses) / n

@@ -13,7 +13,7 @@ from medfed.algorithms import build_algorithm
 from medfed.algorithms.base import Phase, SiteHook, buffer_keys
 from medfed.config import Job
 from medfed.core.errors import SiteError
-from medfed.core.types import Arm, EvalResult, Params, RoundPlan, Split, Update
+from medfed.core.types import Arm, EvalResult, Metric, Params, RoundPlan, Split, Update
 from medfed.data.base import SiteData
 from medfed.models import build_model, get_params
 from medfed.privacy.base import ProtocolParty
@@ -89,7 +89,7 @@ class SiteApp:
             params=trained,
             num_examples=len(self.data.train),
             num_steps=stats.num_steps,
-            metrics={"loss": stats.mean_loss},
+            metrics={Metric.LOSS: stats.mean_loss},
             extras=extras,
         )
         if plan.arm is Arm.FEDERATED:  # what leaves the site: DP, compression, masking

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from medfed.data.base import ArraySplit
+from medfed.core.types import Metric
 
 if TYPE_CHECKING:
     from medfed.tasks import Task
@@ -53,7 +54,7 @@ def evaluate_split(
         loss_sum += float(task.loss(logits, y)) * len(x)
         evaluator.add(logits, y)
     metrics = evaluator.result()
-    metrics["loss"] = loss_sum / max(len(data), 1)
+    metrics[Metric.LOSS] = loss_sum / max(len(data), 1)
     if broken:
         log.warning("%s: the model's outputs hold NaN or Inf for %d of %d examples; its metrics are left "
                     "undefined", where or "evaluation", broken, len(data))

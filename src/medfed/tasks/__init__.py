@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Union
 
+from medfed.core.types import Metric
+
 if TYPE_CHECKING:
     from medfed.config import Job, SegmentationTaskConfig, TaskConfig
     from medfed.tasks.classification import ClassificationTask
@@ -44,14 +46,14 @@ def metric_bounds(task: "TaskConfig | SegmentationTaskConfig") -> dict[str, tupl
     closed range its values lie in: what the server accepts from a site (names outside this
     table, or values outside their range, are refused). Every evaluation also reports the
     mean ``loss`` (site/evaluate.py)."""
-    loss = {"loss": (0.0, math.inf)}
+    loss = {Metric.LOSS.value: (0.0, math.inf)}
     if task.kind == "segmentation":
         fg = range(1, task.num_classes)
-        out = loss | {"dice": UNIT} | {f"dice_class_{c}": UNIT for c in fg}
+        out = loss | {Metric.DICE.value: UNIT} | {Metric.DICE.of_class(c): UNIT for c in fg}
         if task.hd95:  # a distance, in mm or voxels
-            out |= {"hd95": (0.0, math.inf)} | {f"hd95_class_{c}": (0.0, math.inf) for c in fg}
+            out |= {Metric.HD95.value: (0.0, math.inf)} | {Metric.HD95.of_class(c): (0.0, math.inf) for c in fg}
         return out
-    out = loss | {"accuracy": UNIT, "auc": UNIT}
+    out = loss | {Metric.ACCURACY.value: UNIT, Metric.AUC.value: UNIT}
     if task.labels != "binary":
-        out |= {f"auc_class_{k}": UNIT for k in range(task.num_classes)}
+        out |= {Metric.AUC.of_class(k): UNIT for k in range(task.num_classes)}
     return out

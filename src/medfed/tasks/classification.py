@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from medfed.config import TaskConfig
+from medfed.core.types import Metric
 
 
 class ClassificationTask:
@@ -65,20 +66,20 @@ class ClassificationTask:
         labels = labels.detach().cpu()
         out: dict[str, float | None] = {}
         if self.labels == "binary":
-            out["accuracy"] = float(((probs >= 0.5).long() == labels).float().mean())
-            out["auc"] = _auc(probs, labels)
+            out[Metric.ACCURACY] = float(((probs >= 0.5).long() == labels).float().mean())
+            out[Metric.AUC] = _auc(probs, labels)
             return out
         if self.labels == "multiclass":
-            out["accuracy"] = float((probs.argmax(1) == labels).float().mean())
+            out[Metric.ACCURACY] = float((probs.argmax(1) == labels).float().mean())
             onehot = torch.nn.functional.one_hot(labels, self.num_classes)
         else:
-            out["accuracy"] = float(((probs >= 0.5).float() == labels).float().mean())
+            out[Metric.ACCURACY] = float(((probs >= 0.5).float() == labels).float().mean())
             onehot = labels
         per_class = [_auc(probs[:, k], onehot[:, k]) for k in range(self.num_classes)]
         defined = [v for v in per_class if v is not None]
-        out["auc"] = float(np.mean(defined)) if defined else None
+        out[Metric.AUC] = float(np.mean(defined)) if defined else None
         for k, v in enumerate(per_class):
-            out[f"auc_class_{k}"] = v
+            out[Metric.AUC.of_class(k)] = v
         return out
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from medfed.config import SegmentationTaskConfig
 from medfed.core.errors import ConfigError
+from medfed.core.types import Metric
 
 # Sliding-window inference batches windows up to about this many voxels at a time (and
 # never more than SW_MAX_BATCH windows): 64 windows of 128^2 in 2D, 1 of 96^3 in 3D.
@@ -151,14 +152,14 @@ class SegmentationEvaluator:
     def result(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
         dice_means = [_mean(v) for v in self._dice]
-        out["dice"] = _mean([m for m in dice_means if m is not None])
+        out[Metric.DICE] = _mean([m for m in dice_means if m is not None])
         for c, m in enumerate(dice_means, start=1):
-            out[f"dice_class_{c}"] = m
+            out[Metric.DICE.of_class(c)] = m
         if self.hd95:
             hd_means = [_mean(v) for v in self._hd]
-            out["hd95"] = _mean([m for m in hd_means if m is not None])
+            out[Metric.HD95] = _mean([m for m in hd_means if m is not None])
             for c, m in enumerate(hd_means, start=1):
-                out[f"hd95_class_{c}"] = m
+                out[Metric.HD95.of_class(c)] = m
         return out
 
 

@@ -28,6 +28,7 @@ from rich.text import Text
 from medfed.config import Job, load_job
 from medfed.core.errors import RunDirError
 from medfed.core.summary import SiteSummary
+from medfed.core.types import Metric
 from medfed.core.files import atomic_write_text
 from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEDIAN_SITE, MEAN_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
 
@@ -201,7 +202,7 @@ def _many_sites_note(records: list[dict]) -> str:
 
 def training_loss_figure(records: list[dict]) -> str | None:
     """Training loss of the federated arm against round, one line per site."""
-    by_site = curves([r for r in records if r["arm"] == "federated"], "loss", "train")
+    by_site = curves([r for r in records if r["arm"] == "federated"], Metric.LOSS, "train")
     by_site.pop(MEDIAN_SITE, None)
     if not by_site:
         return None
@@ -392,7 +393,7 @@ def _update_path_section(job: Job, records: list[dict]) -> str:
     p = job.privacy
     notes, header, cols = [], ["round"], []
     dp = p.dp or p.dp_sgd
-    eps = _per_round(records, "epsilon")
+    eps = _per_round(records, Metric.EPSILON)
     if dp is not None:
         unit = "site-level DP-FedAvg, " + p.dp.noise + " noise" if p.dp is not None else "sample-level DP-SGD (worst site)"
         last = max(eps) if eps else None
@@ -425,13 +426,13 @@ def _update_path_section(job: Job, records: list[dict]) -> str:
         who = choose_attackers(job.training_sites, job.attack.fraction, job.seed)
         notes.append(f"<p><b>Simulated attack</b>: {escape(job.attack.kind)} (scale {job.attack.scale:g}) by "
                      f"{escape(', '.join(who) or 'no site')}.</p>")
-    sent = _per_round(records, "bytes_sent", site=None)
+    sent = _per_round(records, Metric.BYTES_SENT, site=None)
     if not sent and not notes:
         return ""
-    model = _per_round(records, "model_bytes")
+    model = _per_round(records, Metric.MODEL_BYTES)
     counts: dict[int, int] = {}
     for r in records:
-        if r["arm"] == "federated" and r["metric"] == "bytes_sent" and r["site"] != MEAN_SITE:
+        if r["arm"] == "federated" and r["metric"] == Metric.BYTES_SENT and r["site"] != MEAN_SITE:
             counts[r["round"]] = counts.get(r["round"], 0) + 1
     if sent:
         header += ["bytes sent by sites", "per site / model"]

@@ -33,7 +33,7 @@ import torch
 from medfed.algorithms.base import Combiner
 from medfed.config import Job
 from medfed.core.errors import SiteError
-from medfed.core.types import Encoding, Message, Params, RoundPlan, SecAggPlan, SiteFailure, Spec, Update
+from medfed.core.types import Encoding, Message, Metric, Params, RoundPlan, SecAggPlan, SiteFailure, Spec, Update
 from medfed.privacy.base import ProtocolParty, UpdateFilter
 from medfed.privacy.secagg.masking import FixedPoint
 from medfed.privacy.secagg.protocol import SecAggError, ServerSession, SiteSession
@@ -250,5 +250,5 @@ class SecureSum(Combiner):
     def round_metrics(self) -> dict[str, float]:
         out = {"secagg_survivors": float(self._survivors)}
         if self.central is not None:
-            out["clip"] = float(self.central.clip)
+            out[Metric.CLIP] = float(self.central.clip)
         return out
