@@ -4,8 +4,11 @@ Bonawitz et al. (CCS 2017), semi-honest server, as pure transport-free code:
 
 - :mod:`.shamir`   -- Shamir secret sharing over GF(2**521 - 1)
 - :mod:`.masking`  -- fixed-point ring encoding in Z_{2^32}, ChaCha20 PRG, mask helpers
-- :mod:`.protocol` -- per-site and server sessions, their JSON-able messages, and an
-  in-memory :func:`run_round` (see the module docstring for the threat model)
+- :mod:`.protocol` -- the protocol and its threat model (module docstring), and an
+  in-memory :func:`run_round`
+- :mod:`.messages` -- its messages, typed, parsed and checked where they arrive
+- :mod:`.sessions` -- the per-site and server sessions
+- :mod:`.integration` -- the protocol on the update path, over any transport
 """
 
 from __future__ import annotations

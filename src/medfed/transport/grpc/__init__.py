@@ -5,8 +5,11 @@ Sites connect out to the server (hospital firewalls allow outbound connections o
 the server never calls a site: each site polls for its next task and submits the answer.
 
 * ``wire.py``   the service's methods, message framing, credentials and limits
-* ``hub.py``    the server side: who is connected, which task waits for whom, the checks on
-                everything a site sends, the audit trail
+* ``hub.py``    the server side: the servicer of the four calls, which wires
+                ``auth.py`` (who is calling), ``sessions.py`` (who is connected and ready),
+                ``tasks.py`` (which task waits for whom), ``intake.py`` (the checks on every
+                answer, the memory budget), ``guard.py`` (what one site may hold of the
+                server: calls, transfers, time) and ``audit.py`` (refusals logged and audited)
 * ``transport.py`` :class:`GrpcTransport`, the :class:`~medfed.transport.base.Transport`
                 the round loop talks to
 * ``client.py`` the site side: join, poll, train or evaluate, submit, retry with backoff
