@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -19,7 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from medfed.config import Job, builtin_job_path, load_job
 from medfed.core.errors import ConfigError, DataError, MedfedError, ModelError, NetworkError, RunDirError
-from medfed.core.summary import SiteSummary
+
+if TYPE_CHECKING:
+    from medfed.core.summary import SiteSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated learning for medical imaging.")
 out = Console()

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Strict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 
 class Frozen(BaseModel):
-    """Unknown fields are an error; a loaded model cannot change."""
+    """Unknown fields are an error; a loaded model cannot change. A model's validator is
+    built the first time it validates, not when its module is imported: every command
+    imports the whole job schema, most never validate most of it (start-up time)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
+# (Field(...) rather than pydantic's Strict and AllowInfNan markers: those load pydantic.types,
+# which costs every command's start-up a few milliseconds.)
 # A count: a whole number. Strict, so YAML's ``true`` (a bool, which Python counts as 1)
 # and floats such as ``2.0`` or ``1.0e9`` are refused rather than rounded into a count.
-Count = Annotated[int, Strict()]
+Count = Annotated[int, Field(strict=True)]
 
 
 def _not_bool(v: Any) -> Any:
@@ -28,7 +32,7 @@ def _not_bool(v: Any) -> Any:
 
 # A real number: finite, and never a bool. Not strict: YAML reads ``1e-3`` (no dot) as a
 # string, which pydantic then parses as the number it means.
-Real = Annotated[float, AllowInfNan(False), BeforeValidator(_not_bool)]
+Real = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_not_bool)]
 
 
 def _literal_not_bool(v: Any) -> Any:
