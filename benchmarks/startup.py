@@ -49,7 +49,7 @@ def main() -> None:
     this, then = statistics.median(times["this"]), statistics.median(times[args.against])
     print(f"# import medfed.cli, {args.runs} alternating runs each, {date.today()}, Python "
           f"{sys.version.split()[0]}; this checkout at {head.strip()} (with its uncommitted changes)")
-    print(f"| source | median ms | min ms |\n|---|---:|---:|")
+    print("| source | median ms | min ms |\n|---|---:|---:|")
     for name, t in times.items():
         print(f"| {name} | {1000 * statistics.median(t):.1f} | {1000 * min(t):.1f} |")
     print(f"\nratio this / {args.against}: {this / then:.3f}")

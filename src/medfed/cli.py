@@ -61,7 +61,8 @@ def run(
             job = load_job(builtin_job_path("quickstart"))
             if output is None:
                 output = Path("runs") / f"quickstart-{datetime.now():%Y%m%d-%H%M%S}"
-            out.print("[bold]medfed quick start[/]: 3 synthetic hospitals, FedAvg vs local vs centralized")
+            out.print("[bold]medfed quick start[/]: 3 synthetic hospitals; FedAvg fails the small clinic (hospital_c), "
+                      "fine-tuning at each site (finetuned) recovers it; vs local and centralized")
         else:
             job = load_job(job_file)
         if output is not None:

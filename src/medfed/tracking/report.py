@@ -28,9 +28,9 @@ from rich.text import Text
 from medfed.config import Job, load_job
 from medfed.core.errors import RunDirError
 from medfed.core.summary import SiteSummary
-from medfed.core.types import Metric
 from medfed.core.files import atomic_write_text
 from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEDIAN_SITE, MEAN_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
+from medfed.core.types import Metric
 
 REPORT_NAME = "report.html"
 MISSING = "–"  # en dash: a value that is absent or undefined
@@ -520,19 +520,28 @@ def write_report(run_dir: Path, mode: int = 0o666) -> Path:
 
 
 def summary_table(records: list[dict], monitor: str) -> Table:
-    """The comparison of :func:`comparison_rows` as a rich table for the terminal."""
+    """The comparison of :func:`comparison_rows` as a rich table for the terminal.
+
+    With the local arm present, every arm the federation trained (federated, personalized,
+    finetuned) is followed by its gain: its value minus local's at that site, green where it
+    beats the site training alone, so that a failure and its fix read side by side.
+    """
     arms, gain = _comparison_columns(records)
-    table = Table(title=f"test {monitor} at the last round")
+    methods = [a for a in arms if a not in ("local", "centralized")] if gain else []
+    caption = f"gain: the {monitor} to its left minus local's" if methods else None
+    table = Table(title=f"test {monitor} at the last round", caption=caption)
     table.add_column("site")
     for arm in arms:
         table.add_column(arm, justify="right")
-    if gain:
-        table.add_column("gain", justify="right")
+        if arm in methods:
+            table.add_column("gain", justify="right")
     for r in comparison_rows(records, monitor):
-        cells = [fmt(r[a]) for a in arms]
-        if gain:
-            g = fmt(r["gain"], signed=True)
-            style = "green" if (r["gain"] or 0) > 0 else "red" if (r["gain"] or 0) < 0 else ""
-            cells.append(Text(g, style=style))
+        cells: list[str | Text] = []
+        for arm in arms:
+            cells.append(fmt(r[arm]))
+            if arm in methods:
+                g = r[arm] - r["local"] if r[arm] is not None and r["local"] is not None else None
+                style = "green" if (g or 0) > 0 else "red" if (g or 0) < 0 else ""
+                cells.append(Text(fmt(g, signed=True), style=style))
         table.add_row(Text(r["site"]), *cells, style="bold" if r["site"] in CONSORTIUM_SITES else None)
     return table
