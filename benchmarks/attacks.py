@@ -57,7 +57,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -69,10 +68,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from local_consortium import CLI, make_kits, small_job
+
 HONEST = ("hospital_a", "hospital_b")
 HOSTILE = "hospital_c"
 SITES = (*HONEST, HOSTILE)
-CLI = [sys.executable, "-c", "from medfed.cli import main; main()"]
 ROUNDS = 3
 DECLINE = "declines this task (benchmark: a site that takes no part)"
 FORGED = "boom\n2026-12-04T10:00:00.000 INFO federated round 99/99 done\x1b[2J\x1b]0;owned\x07"
@@ -93,12 +93,6 @@ _PROCS: list[subprocess.Popen] = []
 
 
 # ---------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -132,32 +126,8 @@ def _terminate(signum, _frame):
 # ---------------------------------------------------------------------- consortium and job
 
 
-def make_kits(folder: Path) -> tuple[Path, int]:
-    import yaml
-
-    from medfed.transport.pki import provision
-
-    port = free_port()
-    cons = folder / "consortium.yaml"
-    cons.write_text(yaml.safe_dump({"name": "attacks", "server": {"host": "127.0.0.1", "port": port},
-                                    "sites": list(SITES)}))
-    provision(cons, folder / "kits")
-    return folder / "kits", port
-
-
 def make_job(path: Path, output: Path, round_timeout: float) -> Path:
-    import yaml
-
-    from medfed.config import builtin_job_path
-
-    raw = yaml.safe_load(builtin_job_path("quickstart").read_text())
-    raw.update({"output": str(output), "threads": 1, "round_timeout": round_timeout, "rounds": ROUNDS,
-                "compare": [], "min_sites": 2})
-    raw["data"]["image_size"] = 16
-    for site, n in zip(raw["data"]["sites"], (160, 120, 200)):
-        site.update(n_train=n, n_val=20, n_test=20)
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return small_job(path, output, rounds=ROUNDS, round_timeout=round_timeout, min_sites=2)
 
 
 def hostile_summary(job_path: Path) -> dict[str, Any]:
@@ -167,9 +137,7 @@ def hostile_summary(job_path: Path) -> dict[str, Any]:
 
     job = load_job(job_path)
     data = [s for s in build_sites(job, order=job.site_names) if s.name == HOSTILE]
-    summary = describe_sites(data, job.task, job.held_out)[0]
-    summary["skipped"] = 0
-    return summary
+    return describe_sites(data, job.task, job.held_out)[0].for_the_server()
 
 
 # ---------------------------------------------------------------------- the hostile site
@@ -830,7 +798,7 @@ def main() -> None:
         folder = args.out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            kits, port = make_kits(folder)
+            kits, port = make_kits(folder, "attacks")
             refs = [one_run(f"reference_{i}", None, kits, port, folder, args.round_timeout) for i in (1, 2)]
             ref = refs[0]
             ref_wall = sum(x.wall for x in refs) / len(refs)

@@ -30,51 +30,19 @@ import argparse
 import platform
 import re
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import date, datetime
 from pathlib import Path
 
-SITES = ("hospital_a", "hospital_b", "hospital_c")
-CLI = [sys.executable, "-c", "from medfed.cli import main; main()"]
+from local_consortium import CLI, SITES, make_kits, small_job
+
 STAMP = r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_kits(folder: Path) -> tuple[Path, int]:
-    import yaml
-
-    from medfed.transport.pki import provision
-
-    port = free_port()
-    cons = folder / "consortium.yaml"
-    cons.write_text(yaml.safe_dump({"name": "bench", "server": {"host": "127.0.0.1", "port": port},
-                                    "sites": list(SITES)}))
-    provision(cons, folder / "kits")
-    return folder / "kits", port
-
-
 def make_job(folder: Path, rounds: int) -> Path:
-    import yaml
-
-    from medfed.config import builtin_job_path
-
-    raw = yaml.safe_load(builtin_job_path("quickstart").read_text())
-    raw.update({"output": str(folder / "run"), "threads": 1, "round_timeout": 120, "rounds": rounds, "compare": []})
-    raw["data"]["image_size"] = 16
-    for site, n in zip(raw["data"]["sites"], (160, 120, 200)):
-        site.update(n_train=n, n_val=20, n_test=20)
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return small_job(folder / "job.yaml", folder / "run", rounds=rounds, round_timeout=120)
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
