@@ -175,6 +175,16 @@ def _site_list(v: list[FileSite]) -> list[FileSite]:
     return v
 
 
+def _sites_with_masks(v: list[FileSite], need: str) -> list[FileSite]:
+    """Sites with unique names, each file set with its masks folder (``need`` says why)."""
+    _site_list(v)
+    for s in v:
+        for split, fs in s.file_sets().items():
+            if fs.masks is None:
+                raise ValueError(f"site '{s.name}'{_split_label(split)}: {need}")
+    return v
+
+
 class SitesBy(Frozen):
     """A natural split: the value of ``column`` in the CSV names each row's site; ``sites``
     lists the values that are sites (a row with another value is an error)."""
@@ -266,12 +276,7 @@ class PairsData(Frozen):
     @field_validator("sites")
     @classmethod
     def _names_unique(cls, v: list[FileSite]) -> list[FileSite]:
-        _site_list(v)
-        for s in v:
-            for split, fs in s.file_sets().items():
-                if fs.masks is None:
-                    raise ValueError(f"site '{s.name}'{_split_label(split)}: image/mask pairs need a masks folder")
-        return v
+        return _sites_with_masks(v, "image/mask pairs need a masks folder")
 
     @field_validator("mask_values")
     @classmethod
@@ -301,12 +306,7 @@ class VolumesData(Frozen):
     @field_validator("sites")
     @classmethod
     def _names_unique(cls, v: list[FileSite]) -> list[FileSite]:
-        _site_list(v)
-        for s in v:
-            for split, fs in s.file_sets().items():
-                if fs.masks is None:
-                    raise ValueError(f"site '{s.name}'{_split_label(split)}: volumes need a masks folder of label volumes")
-        return v
+        return _sites_with_masks(v, "volumes need a masks folder of label volumes")
 
     @property
     def site_names(self) -> list[str]:

@@ -1,18 +1,48 @@
 """The hub's audit trail: one row per exchange with a site (accepted, refused, failed, timed
 out) in the run store, and every refusal logged with the site, its address and the reason,
-repeats held back (guard.RefusalLog). Task kinds become strings here, at the store."""
+repeats held back (:class:`RefusalLog`)."""
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
+
+import grpc
 
 from medfed.server.store import RunStore
-from medfed.transport.grpc.guard import REFUSAL_WINDOW, RefusalLog, Refused
-from medfed.transport.grpc.tasks import Task, TaskKind
+from medfed.transport.grpc.guard import Refused
+from medfed.transport.grpc.tasks import Task
 
 log = logging.getLogger("medfed")
 
 CONNECTION = ("connection", 0, "call")  # (arm, round, kind) of a refusal about no task
+REFUSAL_WINDOW = 10.0  # s: the same refusal of one site is logged and audited once per window
+
+
+class RefusalLog:
+    """The same refusal of one site, repeated (a site opening calls in a loop), is logged
+    and audited once per ``REFUSAL_WINDOW`` seconds, with the count of those held back
+    since, so that a hostile site cannot flood the log or the audit trail."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str, str, str], tuple[float, int]] = {}  # key -> (logged at, held back)
+
+    def admit(self, site: str, what: str, code: grpc.StatusCode, reason: str) -> int | None:
+        """None when this refusal is held back; otherwise how many like it were held back
+        since the last one logged."""
+        key, now = (site, what, code.name, reason), time.monotonic()
+        with self._lock:
+            if len(self._last) > 4096:  # reasons that never repeat: forget those out of their window
+                self._last = {k: v for k, v in self._last.items() if now - v[0] < REFUSAL_WINDOW}
+            at, held = self._last.get(key, (-math.inf, 0))
+            if now - at < REFUSAL_WINDOW:
+                self._last[key] = (at, held + 1)
+                return None
+            self._last[key] = (now, 0)
+            return held
 
 
 class Audit:
@@ -37,10 +67,11 @@ class Audit:
             arm, rnd, kind = e.task or CONNECTION
             self.refused(arm, rnd, name, kind, f"{what}: {e.reason}{more}")
 
-    def refused(self, arm: str, rnd: int, site: str, kind: TaskKind | str, reason: str) -> None:
-        """One audit row of a refusal that no task's row records (``kind`` "call": no task)."""
+    def refused(self, arm: str, rnd: int, site: str, kind: str, reason: str) -> None:
+        """One audit row of a refusal that no task's row records (``kind`` "call": no task;
+        a TaskKind is its name)."""
         if self.store is not None:
-            self.store.audit(arm, rnd, site, _text(kind), "refused", 0, 0, None, 0.0, reason)
+            self.store.audit(arm, rnd, site, kind, "refused", 0, 0, None, 0.0, reason)
 
     def task(self, task: Task, status: str, nbytes: int, digest: str | None, seconds: float,
              reason: str | None) -> None:
@@ -50,6 +81,3 @@ class Audit:
             self.store.audit(task.arm, task.round, task.site, task.kind.value, status, task.bytes_sent, nbytes, digest,
                              seconds, reason)
 
-
-def _text(kind: TaskKind | str) -> str:
-    return kind.value if isinstance(kind, TaskKind) else kind

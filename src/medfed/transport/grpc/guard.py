@@ -47,9 +47,6 @@ MIN_RATE = 256 * 1024  # bytes/s: the slowest transfer the server waits for (2 M
 TICK = 0.25  # s between two checks of the watchdog
 
 
-REFUSAL_WINDOW = 10.0  # s: like refusals of one site are logged and audited once per window
-
-
 class Refused(Exception):
     """A request that breaks a rule: answered with ``code``, logged and audited with the
     reason. ``name``: the certificate's, when known; ``task``: (arm, round, kind) of the
@@ -59,30 +56,6 @@ class Refused(Exception):
                  task: tuple[str, int, str] | None = None):
         super().__init__(reason)
         self.code, self.reason, self.name, self.task = code, reason, name, task
-
-
-class RefusalLog:
-    """The same refusal of one site, repeated (a site opening calls in a loop), is logged
-    and audited once per ``REFUSAL_WINDOW`` seconds, with the count of those held back
-    since, so that a hostile site cannot flood the log or the audit trail."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last: dict[tuple[str, str, str, str], tuple[float, int]] = {}  # key -> (logged at, held back)
-
-    def admit(self, site: str, what: str, code: grpc.StatusCode, reason: str) -> int | None:
-        """None when this refusal is held back; otherwise how many like it were held back
-        since the last one logged."""
-        key, now = (site, what, code.name, reason), time.monotonic()
-        with self._lock:
-            if len(self._last) > 4096:  # reasons that never repeat: forget those out of their window
-                self._last = {k: v for k, v in self._last.items() if now - v[0] < REFUSAL_WINDOW}
-            at, held = self._last.get(key, (-math.inf, 0))
-            if now - at < REFUSAL_WINDOW:
-                self._last[key] = (at, held + 1)
-                return None
-            self._last[key] = (now, 0)
-            return held
 
 
 class Direction(enum.Enum):

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from medfed import __version__
 from medfed.config import Job, map_paths
+from medfed.core.summary import SiteSummary
 from medfed.core.types import SiteFailure
 from medfed.server.store import RunStore
 from medfed.tasks import metric_bounds
@@ -39,7 +40,6 @@ from medfed.transport.grpc.audit import Audit
 from medfed.transport.grpc.auth import Callers, read_header
 from medfed.transport.grpc.guard import Call, Direction, Guard, Refused
 from medfed.transport.grpc.intake import Intake
-from medfed.core.summary import SiteSummary
 from medfed.transport.grpc.sessions import Session, Sessions
 from medfed.transport.grpc.tasks import Answer, Task, TaskBoard, TaskKind
 
@@ -118,7 +118,9 @@ class Hub:
             try:
                 summary = SiteSummary.model_validate(hdr.get("summary"))
             except ValidationError as e:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad data summary: {e.errors()[0]['msg']}") from None
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"]) or "summary"
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad data summary: {where}: {err['msg']}") from None
             if summary.name != site:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"data summary names site {summary.name!r}")
             if summary.skipped_files:
@@ -265,7 +267,7 @@ class Hub:
         stalling is refused with the bound it broke; one that gRPC ended under the handler
         (a message over the size limit, or the site cancelled it) says so. The audit row is
         the task's when the task was settled with the refusal (``call.audited``), else one
-        of its own; repeats are held back (RefusalLog)."""
+        of its own; repeats are held back (audit.RefusalLog)."""
         e = self._why(e, call, context)
         peer = call.peer if call is not None else context.peer()
         self.audit.refusal(what, site, e, peer, audited=call is not None and call.audited)

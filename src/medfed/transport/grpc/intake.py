@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -69,7 +69,8 @@ class Intake:
     accepted by earlier runs of this job (replays); ``slots``: updates received at once;
     ``keep``: buffers kept for the updates received in memory."""
 
-    def __init__(self, sessions: Sessions, metric_bounds: Any, store: RunStore | None, slots: int, keep: int):
+    def __init__(self, sessions: Sessions, metric_bounds: Mapping[str, tuple[float, float]], store: RunStore | None,
+                 slots: int, keep: int):
         self.sessions = sessions
         self.metric_bounds = metric_bounds
         self.store = store
