@@ -90,7 +90,8 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
             if quiet:
                 return
             for r in rows:
-                counts = ", ".join(f"{k}={v}" for k, v in enumerate(r.class_counts["train"]))
+                found = r.class_counts.get("train")
+                counts = "not read at start" if found is None else ", ".join(f"{k}={v}" for k, v in enumerate(found))
                 extra = "  [yellow]held out[/]" if r.held_out else ""
                 if r.skipped:
                     extra += f"  [yellow]{r.skipped} file(s) skipped[/]"

@@ -51,11 +51,15 @@ from medfed.config.algorithms import (
     mean_algorithm_names,
 )
 from medfed.config.data import (
+    READING_FIELDS,
     SEGMENTATION_SOURCES,
+    CacheMode,
     DataConfig,
+    DicomWindow,
     FileSet,
     FileSite,
     FolderData,
+    LoaderConfig,
     MedMNISTData,
     OnBadFile,
     PairsData,
@@ -68,6 +72,7 @@ from medfed.config.data import (
     SyntheticSite,
     VolumesData,
     synthetic_size_problem,
+    without_reading,
 )
 from medfed.config.files import builtin_job_path, load_job, map_paths, parse_job, read_yaml, resolve_paths
 from medfed.config.job import Job, SamplingConfig, TrainConfig
@@ -135,10 +140,14 @@ __all__ = [
     "AlgorithmConfig",
     "AlgorithmSettings",
     "AnyTaskConfig",
+    "CacheMode",
+    "READING_FIELDS",
+    "LoaderConfig",
     "AugmentStep",
     "ContrastStep",
     "CropOrPadStep",
     "DataConfig",
+    "DicomWindow",
     "DittoConfig",
     "FedAvgConfig",
     "FedBNConfig",
@@ -195,6 +204,7 @@ __all__ = [
     "read_yaml",
     "resolve_paths",
     "synthetic_size_problem",
+    "without_reading",
     "task_kind",
     "unique_names",
 ]

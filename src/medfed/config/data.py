@@ -134,10 +134,25 @@ class FileSet(Frozen):
     csv: Path | None = None
 
 
+CacheMode = Literal["auto", "memory", "disk", "none"]
+READING_FIELDS = ("cache", "cache_dir", "loader")  # how a site reads, not what: outside the job's hash
+
+
+class LoaderConfig(Frozen):
+    """How a streamed site reads its files (``cache: disk`` or ``none``): ``workers``
+    processes (0: in the training process) each preparing ``prefetch`` batches ahead;
+    ``timeout`` seconds bound the wait for one batch."""
+
+    workers: Count = Field(2, ge=0, le=64)
+    prefetch: Count = Field(2, ge=1, le=64)
+    timeout: Real = Field(600.0, gt=0, le=86_400)
+
+
 class FileSite(Frozen):
     """One site's files: ``images`` (with ``masks`` or ``csv``) holding all its examples,
     or ``train`` with optional ``val`` and ``test`` sets (missing ones are drawn from
-    ``train`` by the data's ``split`` fractions)."""
+    ``train`` by the data's ``split`` fractions). ``cache`` and ``loader``, when given,
+    replace the data section's for this site."""
 
     name: SiteName
     images: Path | None = None
@@ -146,6 +161,8 @@ class FileSite(Frozen):
     train: FileSet | None = None
     val: FileSet | None = None
     test: FileSet | None = None
+    cache: CacheMode | None = None
+    loader: LoaderConfig | None = None
 
     @model_validator(mode="after")
     def _one_layout(self) -> "FileSite":
@@ -201,8 +218,80 @@ class SitesBy(Frozen):
 OnBadFile = Literal["error", "skip"]
 
 
-class FolderData(Frozen):
-    """Image files (PNG, JPEG, TIFF) with a CSV of labels, for classification.
+class _FileReading(Frozen):
+    """How a file source is read (the same examples either way; see docs/data.md).
+
+    ``cache``: ``memory`` reads and preprocesses every file at start and holds the
+    tensors; ``none`` streams: an index of the files is built at start and each batch is
+    read and preprocessed when it is needed, by ``loader.workers`` processes; ``disk``
+    streams from a cache of preprocessed examples written once under ``cache_dir``
+    (default: ``.medfed-cache`` next to the run folder in a simulation, the user's cache
+    folder at a deployed site), reused while the files and the preprocessing are
+    unchanged. ``auto`` (default) is ``memory`` when the preprocessed examples of a site
+    take at most 1 GiB, else ``none``. A site's own ``cache`` and ``loader`` replace these.
+    """
+
+    cache: CacheMode = "auto"
+    cache_dir: Path | None = None
+    loader: LoaderConfig = LoaderConfig()
+
+    def reading(self, site: str) -> tuple[CacheMode, LoaderConfig]:
+        """The cache mode and loader settings of ``site``: its own, else the section's."""
+        for s in getattr(self, "sites", None) or []:
+            if isinstance(s, FileSite) and s.name == site:
+                return s.cache or self.cache, s.loader or self.loader
+        return self.cache, self.loader
+
+
+def without_reading(dumped: Any) -> Any:
+    """A dumped ``data`` section without how it is read (:data:`READING_FIELDS`, also per
+    site): what must agree between a job and a site's data file, and what the job's hash
+    covers."""
+    if not isinstance(dumped, dict):
+        return dumped
+    out = {k: v for k, v in dumped.items() if k not in READING_FIELDS}
+    if isinstance(out.get("sites"), list):
+        out["sites"] = [
+            {k: v for k, v in s.items() if k not in READING_FIELDS} if isinstance(s, dict) else s for s in out["sites"]
+        ]
+    return out
+
+
+class DicomWindow(Frozen):
+    """The VOI window put on every grey DICOM image of a folder job, in place of the
+    files' own windows and VOI LUTs: values from ``center - width / 2`` to
+    ``center + width / 2``, after the modality transform (Hounsfield units for CT), map
+    linearly onto [0, 1]; values outside are clipped. Give ``center`` and ``width``, or a
+    CT ``preset`` with the values of the ``window`` preprocessing step (center / width):
+    ``ct_abdomen`` 40 / 400, ``ct_liver`` 75 / 200, ``ct_lung`` -600 / 1500,
+    ``ct_mediastinum`` 50 / 350, ``ct_brain`` 40 / 80, ``ct_bone`` 300 / 1500."""
+
+    center: Real | None = None
+    width: Real | None = Field(None, gt=0)
+    preset: Literal["ct_abdomen", "ct_liver", "ct_lung", "ct_mediastinum", "ct_brain", "ct_bone"] | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "DicomWindow":
+        numbers = [n for n in ("center", "width") if getattr(self, n) is not None]
+        if self.preset is not None and numbers:
+            raise ValueError(f"give a preset or center and width, not both (got preset and {' and '.join(numbers)})")
+        if self.preset is None and len(numbers) != 2:
+            raise ValueError("give center and width (e.g. {center: 40, width: 400}), or a preset (e.g. ct_lung)")
+        return self
+
+    @property
+    def center_width(self) -> tuple[float, float]:
+        """(center, width) of the window, from the preset or as given."""
+        if self.preset is not None:
+            from medfed.config.transforms import WINDOW_PRESETS
+
+            low, high = WINDOW_PRESETS[self.preset]
+            return (low + high) / 2, high - low
+        return float(self.center), float(self.width)  # type: ignore[arg-type]
+
+
+class FolderData(_FileReading):
+    """Image files (PNG, JPEG, TIFF, DICOM) with a CSV of labels, for classification.
 
     The CSV has a ``file_column`` (path relative to the images folder) and the
     ``label_columns``: one column of class indices (binary, multi-class) or one 0/1 column
@@ -212,7 +301,8 @@ class FolderData(Frozen):
     Sites: each site its own folder and CSV (``sites``), or one folder and CSV split by a
     metadata column (``sites_by``, the natural split) or by a ``partition``.
     ``channels``: 1 reads grey, 3 reads RGB. ``on_bad_file: skip`` leaves out unreadable
-    files and reports them by name, per site.
+    files and reports them by name, per site. ``dicom_window`` replaces the windows of the
+    DICOM files (see :class:`DicomWindow`).
     """
 
     source: Literal["folder"]
@@ -227,6 +317,7 @@ class FolderData(Frozen):
     split: SplitConfig = SplitConfig()
     channels: Annotated[Literal[1, 3], NoBool] = 1
     on_bad_file: OnBadFile = "error"
+    dicom_window: DicomWindow | None = None
 
     @field_validator("sites")
     @classmethod
@@ -259,7 +350,7 @@ class FolderData(Frozen):
         return list(self.partition.sites)  # type: ignore[union-attr]
 
 
-class PairsData(Frozen):
+class PairsData(_FileReading):
     """2D segmentation: image and mask files (PNG, JPEG, TIFF, BMP) matched by file name,
     each site with its own folders. Masks store grey levels; ``mask_values`` lists them in
     class order (e.g. ``[0, 255]``, or ``[0, 128, 255]`` for fundus disc and cup) and
@@ -290,7 +381,7 @@ class PairsData(Frozen):
         return [s.name for s in self.sites]
 
 
-class VolumesData(Frozen):
+class VolumesData(_FileReading):
     """3D segmentation: image volumes and label volumes matched by name. ``format: nifti``
     reads ``.nii``/``.nii.gz`` files; ``format: dicom`` reads each sub-folder of the images
     folder as one series (or each file as a multi-frame volume). Masks are NIfTI label

@@ -24,6 +24,7 @@ from medfed.config.data import (
     SyntheticSegmentationData,
     VolumesData,
     synthetic_size_problem,
+    without_reading,
 )
 from medfed.config.limits import MAX_BATCH, MAX_EPOCHS, MAX_ROUND_TIMEOUT, MAX_ROUNDS, MAX_SITES, SiteName, unique_names
 from medfed.config.model import CLASSIFIERS, SEGMENTERS, AnyTaskConfig, ModelConfig
@@ -302,8 +303,10 @@ class Job(Frozen):
         return self.min_sites if self.min_sites is not None else self.sites_per_round
 
     def job_hash(self) -> str:
-        """SHA-256 of everything that affects results (the output folder does not)."""
+        """SHA-256 of everything that affects results (the output folder and how the data
+        is read, :data:`~medfed.config.data.READING_FIELDS`, do not)."""
         body = self.model_dump(mode="json", exclude={"output"})
+        body["data"] = without_reading(body["data"])
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     @property

@@ -70,3 +70,22 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o666) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`replacing` for ``mode``."""
     with replacing(path, mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (readers see the old file or the whole new one);
+    see :func:`replacing` for ``mode``. ``durable: False`` skips the fsyncs, for files that
+    are checked when read and rebuilt when damaged (a cache)."""
+    if durable:
+        with replacing(path, mode) as tmp:
+            tmp.write_bytes(data)
+        return
+    path = Path(path)
+    fd, tmp = _create_beside(path, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

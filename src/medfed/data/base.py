@@ -1,13 +1,53 @@
-"""In-memory site data: what readers return and what local training consumes."""
+"""Site data: what readers return and what local training and evaluation consume.
+
+A site's split is either held in memory (:class:`ArraySplit`) or streamed from its files
+(:class:`medfed.data.stream.StreamSplit`); both give batches the same way
+(:meth:`ArraySplit.batches`), so training and evaluation do not know which they read.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from medfed.core.errors import DataError
+
+
+# (images, labels, seed) -> (images, labels): random augmentation of one batch
+Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One batch as the training or evaluation loop plans it: the examples' positions in
+    the split and the seed of its augmentation (None: not augmented)."""
+
+    index: torch.Tensor
+    seed: int | None = None
+
+
+@dataclass
+class Batch:
+    """One batch ready for the model: ``images`` (B, C, *spatial), ``labels`` as the split
+    holds them, ``spacings`` per example (None where unknown), and the files left out of
+    it as unreadable under ``on_bad_file: skip``, as (file, reason). A batch can be empty
+    (its examples all skipped, or an empty Poisson draw)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    spacings: tuple[tuple[float, ...] | None, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, for a DataLoader with ``pin_memory`` (CUDA)."""
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.spacings, self.skipped)
 
 
 @dataclass(frozen=True)
@@ -42,8 +82,23 @@ class ArraySplit:
     def spatial_dims(self) -> int:
         return self.images.ndim - 2
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One example's shape, (C, *spatial)."""
+        return tuple(self.images.shape[1:])
+
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def batches(self, plan: Iterable[Planned], augment: Augment | None = None, pin: bool = False) -> Iterator[Batch]:
+        """The planned batches, augmented on the CPU when ``augment`` is given (``pin`` is
+        for streamed splits; these tensors are already in memory)."""
+        spacings = (self.spacing,)
+        for p in plan:
+            x, y = self.images[p.index], self.labels[p.index]
+            if augment is not None and p.seed is not None and len(p.index):
+                x, y = augment(x, y, p.seed)
+            yield Batch(x, y, spacings * len(p.index))
 
     def subset(self, index: torch.Tensor) -> "ArraySplit":
         names = None if self.names is None else tuple(self.names[int(i)] for i in index)
@@ -63,18 +118,43 @@ class ArraySplit:
         )
 
 
+class Examples(Protocol):
+    """One split of a site, in memory or streamed: what training and evaluation use.
+
+    ``labels``: classification targets (class indices or 0/1 rows) when known without
+    reading pixels, for the summaries, the partition and label flipping; streamed
+    segmentation splits hold None (the masks are read with the images)."""
+
+    names: tuple[str, ...] | None
+    spacing: tuple[float, ...] | None
+    labels: torch.Tensor | None
+
+    def __len__(self) -> int: ...
+
+    def subset(self, index: torch.Tensor) -> "Examples": ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def spatial_dims(self) -> int: ...
+
+    def batches(self, plan: Iterable[Planned], augment: Augment | None = None, pin: bool = False) -> Iterator[Batch]: ...
+
+
 @dataclass(frozen=True)
 class SiteData:
     """A site's train, val and test splits. ``name`` is the site name from the job.
-    ``skipped``: files left out under ``on_bad_file: skip``, as (file, reason)."""
+    ``skipped``: files left out under ``on_bad_file: skip``, as (file, reason), found when
+    the site's data was built (a streamed split also counts the files that fail later)."""
 
     name: str
-    train: ArraySplit
-    val: ArraySplit
-    test: ArraySplit
+    train: Examples
+    val: Examples
+    test: Examples
     skipped: tuple[tuple[str, str], ...] = ()
 
-    def split(self, which: str) -> ArraySplit:
+    def split(self, which: str) -> Examples:
         return {"train": self.train, "val": self.val, "test": self.test}[which]
 
 
@@ -94,6 +174,30 @@ class Record:
     target: np.ndarray
     spacing: tuple[float, ...] | None = None
     split: str | None = None
+
+
+class Entry(Protocol):
+    """One example before its pixels are read: an index row. ``target``: the class target
+    when the index knows it (a CSV label), else None (a mask read with the image).
+    ``read()`` reads the file(s) into a :class:`Record` (raising ``UnreadableFile`` for a
+    file that cannot be read on its own); ``files()`` lists what it reads, for the disk
+    cache's key."""
+
+    name: str
+    split: str | None
+    target: np.ndarray | None
+
+    def read(self) -> Record: ...
+
+    def files(self) -> Sequence[str]: ...
+
+
+@dataclass
+class SiteIndex:
+    """What a file reader indexes for one site: its entries, in a fixed order."""
+
+    name: str
+    entries: list[Entry] = field(default_factory=list)
 
 
 @dataclass

@@ -179,7 +179,7 @@ def run_job(
     device = resolve_device(job.device)
     sites = build_sites(job)  # data errors surface before anything is written
     patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
-    check_input_size(job.model, tuple(sites[0].train.images.shape[2:]), patch)
+    check_input_size(job.model, sites[0].train.shape[1:], patch)
     summary = describe_sites(sites, job.task, job.held_out)
     if on_sites is not None:
         on_sites(summary)
@@ -201,7 +201,7 @@ def run_job(
                 )
         atomic_write_text(staging / "job.yaml", job.to_yaml())
         atomic_write_text(staging / "sites.json", sites_json(summary))
-        model = initial_model(job, sites[0].train.images.shape[1], sites[0].train.spatial_dims)
+        model = initial_model(job, sites[0].train.shape[0], sites[0].train.spatial_dims)
         init = get_params(model)
         tracker = _BestTracker(staging, job)
 

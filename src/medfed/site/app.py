@@ -136,7 +136,7 @@ class SiteApp:
 
 def model_for(job: Job, data: SiteData) -> nn.Module:
     """An untrained network of ``job`` for the channels and spatial dims of ``data``."""
-    return build_model(job.model, job.task, data.train.images.shape[1], spatial_dims=data.train.spatial_dims)
+    return build_model(job.model, job.task, data.train.shape[0], spatial_dims=data.train.spatial_dims)
 
 
 def build_site_augment(job: Job, spatial_dims: int):
@@ -153,13 +153,13 @@ def build_site_augment(job: Job, spatial_dims: int):
 def pooled_site_data(sites: list[SiteData], name: str) -> SiteData:
     """All sites' splits concatenated: the data of the centralized baseline (the caller
     leaves out held-out sites)."""
-    from medfed.data.base import ArraySplit
+    from medfed.data.stream import concat_splits
 
     return SiteData(
         name=name,
-        train=ArraySplit.concat([s.train for s in sites]),
-        val=ArraySplit.concat([s.val for s in sites]),
-        test=ArraySplit.concat([s.test for s in sites]),
+        train=concat_splits([s.train for s in sites], name),
+        val=concat_splits([s.val for s in sites], name),
+        test=concat_splits([s.test for s in sites], name),
     )
 
 

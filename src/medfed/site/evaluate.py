@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from medfed.data.base import ArraySplit
+from medfed.data.base import Examples, Planned
 from medfed.core.types import Metric
 
 if TYPE_CHECKING:
@@ -21,19 +21,20 @@ EVAL_BATCH = 256
 VOXELS_PER_BATCH = 2**22  # bounds a batch's memory for large images and volumes
 
 
-def eval_batch_size(data: ArraySplit) -> int:
+def eval_batch_size(data: Examples) -> int:
     """Examples per evaluation batch: up to 256, fewer for large images or volumes."""
-    per_example = max(1, math.prod(data.images.shape[1:]))
+    per_example = max(1, math.prod(data.shape))
     return max(1, min(EVAL_BATCH, VOXELS_PER_BATCH // per_example))
 
 
 @torch.no_grad()
 def evaluate_split(
-    model: nn.Module, data: ArraySplit, task: "Task", device: torch.device, distances: bool = True,
+    model: nn.Module, data: Examples, task: "Task", device: torch.device, distances: bool = True,
     where: str = "",
 ) -> dict[str, float | None]:
-    """Task metrics plus the mean ``loss`` of ``model`` (eval mode) on ``data``.
-    ``distances: False`` leaves out segmentation's surface distances (HD95).
+    """Task metrics plus the mean ``loss`` of ``model`` (eval mode) on ``data``, read in
+    batches (a streamed split file by file). ``distances: False`` leaves out
+    segmentation's surface distances (HD95), measured in each example's own spacing.
 
     A model whose outputs hold NaN or Inf (e.g. a batch-norm variance driven below zero
     by an attack) gets every metric undefined (None) rather than figures computed from
@@ -44,17 +45,21 @@ def evaluate_split(
     loss_sum = 0.0
     amp = device.type == "cuda"
     step = eval_batch_size(data)
-    for start in range(0, len(data), step):
-        x = data.images[start : start + step].to(device)
-        y = data.labels[start : start + step].to(device)
+    plan = (Planned(torch.arange(start, min(start + step, len(data)))) for start in range(0, len(data), step))
+    seen = 0
+    for batch in data.batches(plan, pin=device.type == "cuda"):
+        if len(batch) == 0:  # every file of the batch skipped as unreadable
+            continue
+        x, y = batch.images.to(device), batch.labels.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             logits = task.infer(model, x)
         logits = logits.float()
         broken += int((~torch.isfinite(logits.reshape(len(x), -1))).any(1).sum())
         loss_sum += float(task.loss(logits, y)) * len(x)
-        evaluator.add(logits, y)
+        evaluator.add(logits, y, spacings=batch.spacings)
+        seen += len(x)
     metrics = evaluator.result()
-    metrics[Metric.LOSS] = loss_sum / max(len(data), 1)
+    metrics[Metric.LOSS] = loss_sum / max(seen, 1)
     if broken:
         log.warning("%s: the model's outputs hold NaN or Inf for %d of %d examples; its metrics are left "
                     "undefined", where or "evaluation", broken, len(data))

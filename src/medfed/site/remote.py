@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from medfed.config import DataConfig, Job, format_validation_error, map_paths, parse_job, read_yaml, resolve_paths
+from medfed.config import DataConfig, Job, format_validation_error, map_paths, parse_job, read_yaml, resolve_paths, without_reading
 from medfed.core import codec
 from medfed.core.buffers import BufferPool
 from medfed.core.errors import ConfigError, DataError
@@ -98,7 +98,7 @@ def _settings(data: Any, site: str) -> dict[str, Any]:
             return [strip(x) for x in v]
         return None if v == str(SITE_LOCAL) else v
 
-    d = map_paths(data, lambda _p: SITE_LOCAL).model_dump(mode="json")
+    d = without_reading(map_paths(data, lambda _p: SITE_LOCAL).model_dump(mode="json"))
     if isinstance(d.get("sites"), list):
         d["sites"] = [x for x in d["sites"] if isinstance(x, dict) and x.get("name") == site]
     return strip(d)
@@ -128,6 +128,7 @@ class RemoteSite:
 
     def setup(self, job_dict: dict[str, Any], job_id: str) -> tuple[dict[str, Any], float]:
         """Validate the job, read this site's data; return its summary and round timeout."""
+        from medfed.data.reading import user_cache_root
         from medfed.data.sites import build_sites, describe_sites
         from medfed.models import check_input_size
         from medfed.site.app import SiteApp
@@ -158,13 +159,13 @@ class RemoteSite:
             )
         set_threads(job.num_threads)
         device = resolve_device(job.device)
-        mine = [s for s in build_sites(data_job, order=job.site_names) if s.name == self.name]
+        mine = [s for s in build_sites(data_job, order=job.site_names, cache_root=user_cache_root()) if s.name == self.name]
         if not mine:
             raise DataError(f"site '{self.name}': the data file defines no data for this site")
         data = mine[0]
         self._check_privacy(job, len(data.train))
         patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
-        check_input_size(job.model, tuple(data.train.images.shape[2:]), patch)
+        check_input_size(job.model, data.train.shape[1:], patch)
         self.app, self.job, self.job_id = SiteApp(data, job, device, secure=True), job, job_id
         self.max_model = model_limit(self.app.model.state_dict())
         summary = describe_sites([data], job.task, job.held_out)[0]

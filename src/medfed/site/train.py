@@ -16,16 +16,12 @@ from torch import nn
 
 from medfed.algorithms.base import SiteHook
 from medfed.core.types import TrainSettings
-from medfed.data.base import ArraySplit
+from medfed.data.base import Augment, Examples, Planned
 from medfed.privacy import dpsgd
 from medfed.privacy.dpsgd import SampleDP
 
 if TYPE_CHECKING:
     from medfed.tasks import Task
-
-
-# (images, labels, seed) -> (images, labels): random augmentation of one batch
-Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -48,6 +44,20 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
         yield idx
 
 
+def plan_epochs(
+    draw: Callable[[int, int, torch.Generator], Iterator[torch.Tensor]], n: int, settings: TrainSettings,
+    gen: torch.Generator, augmented: bool,
+) -> Iterator[Planned]:
+    """Every batch of ``settings.local_epochs`` passes, in order: its examples from
+    ``draw`` and, when ``augmented``, its augmentation seed drawn from ``gen`` right after
+    them (an empty batch gets none). Drawn lazily, so a loader reading ahead draws in the
+    same order as the loop would."""
+    for _ in range(settings.local_epochs):
+        for idx in draw(n, settings.batch_size, gen):
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) if augmented and len(idx) else None
+            yield Planned(idx, seed)
+
+
 def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
     """A fresh optimizer over the parameters that currently require gradients."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -58,7 +68,7 @@ def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
 
 def train_local(
     model: nn.Module,
-    data: ArraySplit,
+    data: Examples,
     task: "Task",
     settings: TrainSettings,
     hook: SiteHook,
@@ -73,7 +83,8 @@ def train_local(
     precision (float16 autocast with loss scaling) is used on CUDA. Parameters named in
     ``frozen`` are not trained (FedRep's phases); batch-norm statistics still update.
     ``augment`` (the job's augmentation and patch cropping) transforms every batch on the
-    CPU before it moves to the device, seeded from ``settings.seed``.
+    CPU before it moves to the device, seeded from ``settings.seed``. A streamed split is
+    read (and augmented) by its loader's workers, batch by batch, in the planned order.
 
     ``private`` (default None) trains with sample-level DP-SGD (privacy/dpsgd.py): each
     epoch is :func:`~medfed.privacy.dpsgd.steps_per_epoch` Poisson-sampled batches (from
@@ -98,7 +109,7 @@ def train_local(
 
 
 def _train(
-    model: nn.Module, data: ArraySplit, task: "Task", settings: TrainSettings, hook: SiteHook,
+    model: nn.Module, data: Examples, task: "Task", settings: TrainSettings, hook: SiteHook,
     device: torch.device, augment: Augment | None, private: SampleDP | None,
 ) -> TrainStats:
     torch.manual_seed(settings.seed)  # dropout and any other randomness in the model
@@ -118,42 +129,41 @@ def _train(
             after_noise=lambda: hook.on_after_backward(model),
         )
     steps, losses, loss_sum = 0, 0, 0.0
+    plan = plan_epochs(draw, len(data), settings, gen, augment is not None)
     with training as optimizer:
-        for _ in range(settings.local_epochs):
-            for idx in draw(len(data), settings.batch_size, gen):
-                if len(idx) == 0:  # only Poisson sampling (private) draws an empty batch
+        for batch in data.batches(plan, augment, pin=device.type == "cuda"):
+            if len(batch) == 0:
+                if private is not None:  # an empty Poisson draw still takes a noise-only step
                     dpsgd.noise_step(optimizer)
                     steps += 1
-                    continue
-                x, y = data.images[idx], data.labels[idx]
-                if augment is not None:
-                    x, y = augment(x, y, int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                    loss = task.loss(model(x), y)
-                    extra = hook.extra_loss(model)
-                    if extra is not None:
-                        if private is not None:
-                            raise ValueError(
-                                "sample-level DP-SGD (dp_sgd) cannot add the algorithm's extra loss "
-                                "term (FedProx, MOON, FedDyn, Ditto's proximal pull): its gradient is "
-                                "not per example and would bypass the clipping; use FedAvg or another "
-                                "algorithm without one"
-                            )
-                        loss = loss + extra
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
+                continue  # else: every file of the batch was skipped as unreadable
+            x = batch.images.to(device, non_blocking=True)
+            y = batch.labels.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                loss = task.loss(model(x), y)
+                extra = hook.extra_loss(model)
+                if extra is not None:
+                    if private is not None:
+                        raise ValueError(
+                            "sample-level DP-SGD (dp_sgd) cannot add the algorithm's extra loss "
+                            "term (FedProx, MOON, FedDyn, Ditto's proximal pull): its gradient is "
+                            "not per example and would bypass the clipping; use FedAvg or another "
+                            "algorithm without one"
+                        )
+                    loss = loss + extra
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                hook.on_after_backward(model)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if private is None:  # under DP-SGD it runs after the noise (after_noise)
                     hook.on_after_backward(model)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if private is None:  # under DP-SGD it runs after the noise (after_noise)
-                        hook.on_after_backward(model)
-                    optimizer.step()
-                steps += 1
-                losses += 1
-                loss_sum += float(loss.detach())
+                optimizer.step()
+            steps += 1
+            losses += 1
+            loss_sum += float(loss.detach())
     return TrainStats(num_steps=steps, mean_loss=loss_sum / max(losses, 1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -91,7 +92,8 @@ class ClassificationEvaluator:
         self._probs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, spacings: Sequence | None = None) -> None:
+        """Take one batch (``spacings`` are for segmentation and unused here)."""
         self._probs.append(self.task.probabilities(logits.float()).cpu())
         self._labels.append(labels.cpu())
 

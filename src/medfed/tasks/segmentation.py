@@ -123,8 +123,12 @@ class SegmentationEvaluator:
         self._dice: list[list[float]] = [[] for _ in range(fg)]
         self._hd: list[list[float]] = [[] for _ in range(fg)]
 
-    def add(self, logits: torch.Tensor, masks: torch.Tensor) -> None:
-        """Take one batch: logits (B, K, *sp) and int64 masks (B, *sp)."""
+    def add(
+        self, logits: torch.Tensor, masks: torch.Tensor, spacings: Sequence[Sequence[float] | None] | None = None
+    ) -> None:
+        """Take one batch: logits (B, K, *sp) and int64 masks (B, *sp). ``spacings``: each
+        example's spacing (a streamed split's examples may differ); where one is unknown,
+        or none are given, the evaluator's own spacing is used."""
         from monai.metrics import compute_dice, compute_hausdorff_distance
 
         k = self.num_classes
@@ -145,9 +149,17 @@ class SegmentationEvaluator:
             with warnings.catch_warnings():  # MONAI warns on each empty class: expected here
                 warnings.simplefilter("ignore")
                 hd = compute_hausdorff_distance(
-                    pred_oh.cpu(), gt_oh.cpu(), include_background=False, percentile=95, spacing=self.spacing
+                    pred_oh.cpu(), gt_oh.cpu(), include_background=False, percentile=95,
+                    spacing=self._spacing(spacings, len(masks)),
                 )
             _collect(self._hd, torch.as_tensor(hd).float().numpy())
+
+    def _spacing(self, spacings, n: int):
+        """One spacing for the batch when its examples share it, else one per example."""
+        if not spacings or any(s is None for s in spacings):
+            return self.spacing
+        per = [[float(v) for v in s] for s in spacings]
+        return per[0] if all(p == per[0] for p in per) else per
 
     def result(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}

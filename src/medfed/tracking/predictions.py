@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medfed.data.base import SiteData
+from medfed.data.base import Planned, SiteData
 
 # class colours (RGB) for classes 1, 2, ...; class 0 (background) is left uncoloured
 PALETTE = np.array(
@@ -85,10 +85,12 @@ def save_predictions(
         folder = out_dir / site.name
         folder.mkdir(parents=True, exist_ok=True)
         used: set[str] = set()
-        for i in range(min(count, len(test))):
-            x = test.images[i : i + 1].to(device)
-            pred = task.infer(model, x).float().argmax(1)[0].cpu().numpy().astype(np.int64)
-            image, truth = test.images[i].numpy(), test.labels[i].numpy()
+        plan = (Planned(torch.tensor([i])) for i in range(min(count, len(test))))
+        for i, batch in enumerate(test.batches(plan)):
+            if len(batch) == 0:  # its file was skipped as unreadable
+                continue
+            pred = task.infer(model, batch.images.to(device)).float().argmax(1)[0].cpu().numpy().astype(np.int64)
+            image, truth = batch.images[0].numpy(), batch.labels[0].numpy()
             name = _safe(test.names[i]) if test.names is not None else f"test_{i:03d}"
             while name in used:
                 name += "_"
@@ -96,7 +98,7 @@ def save_predictions(
             if pred.ndim == 3:  # a volume: the label volume, and the middle slice as a picture
                 import nibabel as nib
 
-                spacing = test.spacing or (1.0,) * 3
+                spacing = batch.spacings[0] or test.spacing or (1.0,) * 3
                 nib.save(nib.Nifti1Image(pred.astype(np.int16), np.diag([*spacing, 1.0])), str(folder / f"{name}_pred.nii.gz"))
                 mid = pred.shape[0] // 2
                 image, truth, pred = image[:, mid], truth[mid], pred[mid]

@@ -17,6 +17,15 @@ multi-page files are refused. Every image comes back float32 (C, H, W) in [0, 1]
 - ``channels: 3`` (RGB). Colour images are converted to RGB (alpha dropped); grey
   images, scaled as above, are repeated in the three channels.
 
+DICOM (``.dcm``, ``.dicom``, or any file whose preamble carries the ``DICM`` marker) is read
+by :mod:`medfed.data.readers.dicom_image`: one image per file (multi-frame files are
+refused), compressed transfer syntaxes through pydicom's plugins; grey images go through
+the modality LUT (rescale) and the VOI LUT (the file's window or VOI LUT, or the job's
+``dicom_window`` in their place; without any window, the stored bit depth's range maps
+to [0, 1]), MONOCHROME1 is inverted; colour (RGB, YBR, palette) is read as RGB and turned
+into grey with the luma weights above when ``channels: 1``. Refusal reasons name the
+file and technical attributes only, never a header value that identifies a patient.
+
 Images may differ in size; preprocessing resizes them later.
 
 CSV (read with the stdlib ``csv`` module, UTF-8, a byte-order mark is allowed): a header
@@ -47,9 +56,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.config import FileSet, FolderData, TaskConfig
+from medfed.config import DicomWindow, FileSet, FolderData, TaskConfig
 from medfed.core.errors import DataError
-from medfed.data.base import Record, SiteRecords
+from medfed.data.base import Record, SiteIndex, SiteRecords
 
 SPLIT_VALUES = ("train", "val", "test")
 _WIDE_INT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -117,9 +126,17 @@ def match_names(
 # --------------------------------------------------------------------------- images
 
 
-def read_image(path: Path, channels: int, site: str) -> np.ndarray:
-    """float32 (channels, H, W) in [0, 1] from one image file (see the module docstring).
-    Raises :class:`UnreadableFile` naming the site and file."""
+def read_image(path: Path, channels: int, site: str, *, window: DicomWindow | None = None) -> np.ndarray:
+    """float32 (channels, H, W) in [0, 1] from one image file (see the module docstring);
+    ``window`` replaces the VOI windows of a DICOM file. Raises :class:`UnreadableFile`
+    naming the site and file."""
+    from medfed.data.readers.dicom_image import DicomUnreadable, is_dicom, read_dicom_image
+
+    if is_dicom(path):
+        try:
+            return read_dicom_image(path, channels, window)
+        except DicomUnreadable as e:
+            raise UnreadableFile(site, path, e.reason) from None
     from PIL import Image
 
     try:
@@ -321,42 +338,70 @@ def _require_folder(images: Path, site: str) -> None:
         raise DataError(f"{site_prefix(site)}images folder '{images}' not found")
 
 
-def _records(rows: list[_Row], images: Path, csv_path: Path, set_name: str, cfg: FolderData, site: SiteRecords) -> None:
-    """Read the images of ``rows`` into ``site``; missing files are an error, unreadable
-    ones are skipped or raised by ``cfg.on_bad_file``."""
+@dataclass(frozen=True, eq=False)
+class ImageEntry:
+    """One image file of a folder site, with its CSV label (an index row; see
+    :class:`~medfed.data.base.Entry`)."""
+
+    name: str
+    split: str | None
+    target: np.ndarray
+    path: Path
+    channels: int
+    site: str
+    window: DicomWindow | None = None
+
+    def read(self) -> Record:
+        image = read_image(self.path, self.channels, self.site, window=self.window)
+        return Record(self.name, image, self.target, None, self.split)
+
+    def files(self) -> tuple[str, ...]:
+        return (str(self.path),)
+
+
+def read_entries(index: SiteIndex, on_bad_file: str) -> SiteRecords:
+    """Every entry of ``index`` read; with ``on_bad_file: skip`` an unreadable file is left
+    out and listed in ``skipped``, else its :class:`UnreadableFile` is raised."""
+    out = SiteRecords(index.name)
+    for entry in index.entries:
+        try:
+            out.records.append(entry.read())
+        except UnreadableFile as e:
+            if on_bad_file != "skip":
+                raise
+            out.skipped.append((e.path, e.reason))
+    return out
+
+
+def _entries(rows: list[_Row], images: Path, csv_path: Path, set_name: str, cfg: FolderData, site: SiteIndex) -> None:
+    """Index the images of ``rows`` into ``site``; a missing file is an error."""
     prefix = site_prefix(site.name)
     _require_folder(images, site.name)
-    paths = [images / r.file for r in rows]
-    for row, path in zip(rows, paths):
+    for row in rows:
+        path = images / row.file
         if not path.is_file():
             raise DataError(f"{prefix}'{path}': image file not found (listed in '{csv_path}' line {row.line})")
-    for row, path in zip(rows, paths):
-        try:
-            image = read_image(path, cfg.channels, site.name)
-        except UnreadableFile as e:
-            if cfg.on_bad_file != "skip":
-                raise
-            site.skipped.append((e.path, e.reason))
-            continue
         split = set_split(set_name) if set_name != "all" else row.split
-        site.records.append(Record(record_name(set_name, row.file), image, row.target, None, split))
+        site.entries.append(
+            ImageEntry(record_name(set_name, row.file), split, row.target, path, cfg.channels, site.name, cfg.dicom_window)
+        )
 
 
 def _columns(cfg: FolderData, site_column: str | None = None, with_split: bool = True) -> _Columns:
     return _Columns(cfg.file_column, tuple(cfg.label_columns), cfg.split_column if with_split else None, site_column)
 
 
-def _file_site(name: str, sets: dict[str, FileSet], cfg: FolderData, task: TaskConfig) -> SiteRecords:
-    out = SiteRecords(name)
+def _file_site(name: str, sets: dict[str, FileSet], cfg: FolderData, task: TaskConfig) -> SiteIndex:
+    out = SiteIndex(name)
     for set_name, fs in sets.items():
         assert fs.csv is not None  # the schema requires a csv for every set
         _require_folder(fs.images, name)
         rows = _read_csv(fs.csv, _columns(cfg, with_split=set_name == "all"), task, name)
-        _records(rows, fs.images, fs.csv, set_name, cfg, out)
-    return require_records(out, "its image files")
+        _entries(rows, fs.images, fs.csv, set_name, cfg, out)
+    return out
 
 
-def _sites_by(cfg: FolderData, task: TaskConfig) -> list[SiteRecords]:
+def _sites_by(cfg: FolderData, task: TaskConfig) -> list[SiteIndex]:
     assert cfg.sites_by is not None and cfg.csv is not None and cfg.images is not None
     _require_folder(cfg.images, "")
     by = cfg.sites_by
@@ -379,19 +424,17 @@ def _sites_by(cfg: FolderData, task: TaskConfig) -> list[SiteRecords]:
         raise DataError(f"'{cfg.csv}': site(s) {empty} of data.sites_by.sites have no rows in column '{by.column}'")
     out = []
     for name in by.sites:
-        site = SiteRecords(name)
-        _records(groups[name], cfg.images, cfg.csv, "all", cfg, site)
-        out.append(require_records(site, f"'{cfg.csv}'"))
+        site = SiteIndex(name)
+        _entries(groups[name], cfg.images, cfg.csv, "all", cfg, site)
+        out.append(site)
     return out
 
 
-def read_folder(cfg: FolderData, task: TaskConfig) -> list[SiteRecords]:
-    """Every site's records, in the job's site order (see the module docstring).
-
-    With ``cfg.partition`` the result is ONE :class:`SiteRecords` named ``""`` holding
-    every record; the caller splits it into sites. Raises DataError naming the site, the
-    file (and CSV line) and the problem.
-    """
+def index_folder(cfg: FolderData, task: TaskConfig) -> list[SiteIndex]:
+    """Every site's image files with their labels, in the job's site order, without
+    reading a pixel (see the module docstring). With ``cfg.partition`` the result is ONE
+    :class:`SiteIndex` named ``""`` holding every entry; the caller splits it into sites.
+    Raises DataError naming the site, the file (and CSV line) and the problem."""
     check_label_columns(cfg, task)
     if cfg.sites is not None:
         return [_file_site(s.name, s.file_sets(), cfg, task) for s in cfg.sites]
@@ -399,6 +442,16 @@ def read_folder(cfg: FolderData, task: TaskConfig) -> list[SiteRecords]:
         return _sites_by(cfg, task)
     assert cfg.csv is not None and cfg.images is not None  # the schema requires both
     _require_folder(cfg.images, "")
-    site = SiteRecords("")
-    _records(_read_csv(cfg.csv, _columns(cfg), task), cfg.images, cfg.csv, "all", cfg, site)
-    return [require_records(site, f"'{cfg.csv}'")]
+    site = SiteIndex("")
+    _entries(_read_csv(cfg.csv, _columns(cfg), task), cfg.images, cfg.csv, "all", cfg, site)
+    return [site]
+
+
+def read_folder(cfg: FolderData, task: TaskConfig) -> list[SiteRecords]:
+    """:func:`index_folder` with every image read (``on_bad_file`` applies); a site left
+    with no examples is an error."""
+    where = {s.name: "its image files" for s in cfg.sites or []}
+    return [
+        require_records(read_entries(index, cfg.on_bad_file), where.get(index.name, f"'{cfg.csv}'"))
+        for index in index_folder(cfg, task)
+    ]

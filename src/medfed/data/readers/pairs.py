@@ -30,11 +30,12 @@ import torch
 
 from medfed.config import PairsData
 from medfed.core.errors import DataError
-from medfed.data.base import Record, SiteRecords
+from medfed.data.base import Record, SiteIndex, SiteRecords
 from medfed.data.readers.folder import (
     UnreadableFile,
     is_hidden,
     match_names,
+    read_entries,
     read_image,
     record_name,
     require_records,
@@ -157,23 +158,45 @@ def load_pairs(pairs: list[tuple[Path, Path]], site: str, mask_values: tuple[int
     )
 
 
-def _pair_site(site, cfg: PairsData) -> SiteRecords:
-    out = SiteRecords(site.name)
-    for set_name, fs in site.file_sets().items():
-        assert fs.masks is not None  # the schema requires a masks folder
-        for image, mask in match_pairs(fs.images, fs.masks, site.name):
-            try:
-                img, target = load_pair(image, mask, site.name, cfg.mask_values, cfg.channels)
-            except UnreadableFile as e:
-                if cfg.on_bad_file != "skip":
-                    raise
-                out.skipped.append((e.path, e.reason))
-                continue
-            out.records.append(Record(record_name(set_name, image.name), img, target, None, set_split(set_name)))
-    return require_records(out, "its image/mask pairs")
+@dataclass(frozen=True, eq=False)
+class PairEntry:
+    """One image/mask pair of a site (an index row; see :class:`~medfed.data.base.Entry`)."""
+
+    name: str
+    split: str | None
+    image: Path
+    mask: Path
+    mask_values: tuple[int, ...]
+    channels: int | None
+    site: str
+    target: None = None
+
+    def read(self) -> Record:
+        img, target = load_pair(self.image, self.mask, self.site, self.mask_values, self.channels)
+        return Record(self.name, img, target, None, self.split)
+
+    def files(self) -> tuple[str, ...]:
+        return (str(self.image), str(self.mask))
+
+
+def index_pair_sites(cfg: PairsData) -> list[SiteIndex]:
+    """Every site's image/mask pairs matched by name, in the job's site order, without
+    reading a pixel; unmatched files are an error."""
+    out = []
+    for site in cfg.sites:
+        index = SiteIndex(site.name)
+        for set_name, fs in site.file_sets().items():
+            assert fs.masks is not None  # the schema requires a masks folder
+            for image, mask in match_pairs(fs.images, fs.masks, site.name):
+                index.entries.append(PairEntry(
+                    record_name(set_name, image.name), set_split(set_name), image, mask, tuple(cfg.mask_values),
+                    cfg.channels, site.name,
+                ))
+        out.append(index)
+    return out
 
 
 def read_pair_sites(cfg: PairsData) -> list[SiteRecords]:
     """Every site's image/mask pairs as records, in the job's site order (see the module
     docstring). Images of different sizes are allowed (preprocessing resizes them)."""
-    return [_pair_site(site, cfg) for site in cfg.sites]
+    return [require_records(read_entries(i, cfg.on_bad_file), "its image/mask pairs") for i in index_pair_sites(cfg)]

@@ -38,10 +38,21 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.config import FileSite, VolumesData
+from medfed.config import VolumesData
 from medfed.core.errors import DataError
-from medfed.data.base import Record, SiteRecords
-from medfed.data.readers.folder import UnreadableFile, is_hidden, match_names, record_name, require_records, set_split
+from medfed.data.base import Record, SiteIndex, SiteRecords
+from medfed.data.readers.dicom_common import functional_group as _fg
+from medfed.data.readers.dicom_common import modality_transform as _rescale
+from medfed.data.readers.dicom_common import scrub
+from medfed.data.readers.folder import (
+    UnreadableFile,
+    is_hidden,
+    match_names,
+    read_entries,
+    record_name,
+    require_records,
+    set_split,
+)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -145,49 +156,11 @@ def load_nifti_pair(image: Path, mask: Path, site: str, num_classes: int) -> tup
 # --------------------------------------------------------------------------- DICOM
 
 
-def _fg(ds, sequence: str, attr: str, frame: int | None = None):
-    """``attr`` from the functional groups of an enhanced multi-frame file: the frame's
-    own group first (when ``frame`` is given), then the shared group; else None."""
-    groups = []
-    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds:
-        per_frame = ds.PerFrameFunctionalGroupsSequence
-        if frame < len(per_frame):
-            groups.append(per_frame[frame])
-    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
-        groups.append(ds.SharedFunctionalGroupsSequence[0])
-    for group in groups:
-        items = group.get(sequence)
-        if items and attr in items[0]:
-            return items[0].get(attr)
-    return None
-
-
-def _rescale(ds, pixels: np.ndarray) -> np.ndarray:
-    """The modality transform: slope/intercept (top level, or per frame from the
-    functional groups), else the modality LUT; float32."""
-    if ds.get("ModalityLUTSequence"):
-        from pydicom.pixels import apply_modality_lut
-
-        return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
-    out = pixels.astype(np.float32)
-    multi = pixels.ndim == 3
-    for i in range(pixels.shape[0] if multi else 1):
-        slope = ds.get("RescaleSlope", _fg(ds, "PixelValueTransformationSequence", "RescaleSlope", i))
-        intercept = ds.get("RescaleIntercept", _fg(ds, "PixelValueTransformationSequence", "RescaleIntercept", i))
-        slope = 1.0 if slope in (None, "") else float(slope)
-        intercept = 0.0 if intercept in (None, "") else float(intercept)
-        if slope == 0:
-            raise ValueError("RescaleSlope is 0")
-        view = out[i] if multi else out
-        view *= np.float32(slope)
-        view += np.float32(intercept)
-    return out
-
-
 def _read_dicom(path: Path, site: str):
     """(dataset, float32 pixels after the modality transform). Raises UnreadableFile."""
     import pydicom
 
+    ds = None
     try:
         ds = pydicom.dcmread(str(path))
         if int(ds.get("SamplesPerPixel") or 1) != 1:
@@ -196,7 +169,14 @@ def _read_dicom(path: Path, site: str):
     except UnreadableFile:
         raise
     except Exception as e:  # pydicom raises many types for damaged files (EOF, VR, decoder errors)
-        raise UnreadableFile(site, path, f"not a readable DICOM image ({type(e).__name__}: {e})") from None
+        # no header value that identifies a patient may leave the site: a message is kept only
+        # where the header it could quote is known (and blanked out), or it quotes none
+        text = f"{type(e).__name__}: {e}"
+        if ds is not None:
+            text = scrub(text, ds)
+        elif not isinstance(e, pydicom.errors.InvalidDicomError):
+            text = type(e).__name__
+        raise UnreadableFile(site, path, f"not a readable DICOM image ({text})") from None
     if not np.isfinite(pixels).all():
         raise UnreadableFile(site, path, "pixel values are NaN or Inf after rescale")
     return ds, pixels
@@ -381,26 +361,49 @@ def _volume_record(source: Path, mask_path: Path, fmt: str, site: str, num_class
     return vol.array[None].astype(np.float32, copy=False), target, vol.spacing
 
 
-def _volume_site(site: FileSite, cfg: VolumesData, num_classes: int) -> SiteRecords:
-    out = SiteRecords(site.name)
+@dataclass(frozen=True, eq=False)
+class VolumeEntry:
+    """One image volume (file or DICOM series folder) with its label volume (an index row;
+    see :class:`~medfed.data.base.Entry`)."""
+
+    name: str
+    split: str | None
+    source: Path
+    mask: Path
+    format: str
+    num_classes: int
+    site: str
+    target: None = None
+
+    def read(self) -> Record:
+        image, target, spacing = _volume_record(self.source, self.mask, self.format, self.site, self.num_classes)
+        return Record(self.name, image, target, spacing, self.split)
+
+    def files(self) -> tuple[str, ...]:
+        sources = sorted(str(p) for p in self.source.iterdir()) if self.source.is_dir() else [str(self.source)]
+        return (*sources, str(self.mask))
+
+
+def index_volume_sites(cfg: VolumesData, num_classes: int) -> list[SiteIndex]:
+    """Every site's image volumes matched by name with their label volumes, in the job's
+    site order, without reading a voxel; unmatched names are an error."""
     dicom = cfg.format == "dicom"
-    for set_name, fs in site.file_sets().items():
-        assert fs.masks is not None  # the schema requires a masks folder
-        images = _named(fs.images, site.name, "image", dicom)
-        masks = _named(fs.masks, site.name, "mask", dicom=False)
-        for name, source, mask_path in _match(images, masks, fs, site.name):
-            try:
-                image, target, spacing = _volume_record(source, mask_path, cfg.format, site.name, num_classes)
-            except UnreadableFile as e:
-                if cfg.on_bad_file != "skip":
-                    raise
-                out.skipped.append((e.path, e.reason))
-                continue
-            out.records.append(Record(record_name(set_name, name), image, target, spacing, set_split(set_name)))
-    return require_records(out, "its volumes")
+    out = []
+    for site in cfg.sites:
+        index = SiteIndex(site.name)
+        for set_name, fs in site.file_sets().items():
+            assert fs.masks is not None  # the schema requires a masks folder
+            images = _named(fs.images, site.name, "image", dicom)
+            masks = _named(fs.masks, site.name, "mask", dicom=False)
+            for name, source, mask_path in _match(images, masks, fs, site.name):
+                index.entries.append(VolumeEntry(
+                    record_name(set_name, name), set_split(set_name), source, mask_path, cfg.format, num_classes, site.name
+                ))
+        out.append(index)
+    return out
 
 
 def read_volume_sites(cfg: VolumesData, num_classes: int) -> list[SiteRecords]:
     """Every site's volumes with their label volumes, in the job's site order (see the
     module docstring). Raises DataError naming the site, the file and the problem."""
-    return [_volume_site(site, cfg, num_classes) for site in cfg.sites]
+    return [require_records(read_entries(i, cfg.on_bad_file), "its volumes") for i in index_volume_sites(cfg, num_classes)]
