@@ -119,8 +119,9 @@ def test_how_data_is_read_is_not_part_of_the_job(folder):
 # --------------------------------------------------------------------------- the disk cache
 
 
-def _train_plan(split) -> list[Planned]:
-    return [Planned(torch.arange(len(split)))]
+def _train_plan(split):
+    """Batches of 8 in order, as a generator (a plan of unknown length: the loader's workers read it)."""
+    return (Planned(torch.arange(i, min(i + 8, len(split)))) for i in range(0, len(split), 8))
 
 
 def _read_all(split) -> torch.Tensor:
@@ -277,7 +278,7 @@ def test_a_worker_that_dies_or_stalls_is_an_error_not_a_hang(how, expect):
                         (1, 4, 4), None, torch.zeros(4, dtype=torch.int64))
     t0 = time.monotonic()
     with pytest.raises(DataError, match=rf"site 'h': reading its data failed: .*({expect}).*data.loader.workers"):
-        list(split.batches([Planned(torch.arange(4))]))
+        list(split.batches(iter([Planned(torch.arange(2)), Planned(torch.arange(2, 4))])))
     assert time.monotonic() - t0 < 25
 
 
@@ -293,5 +294,23 @@ def test_an_example_of_another_shape_is_named(folder, tmp_path):
 def test_label_flipping_replaces_a_streamed_splits_labels(folder):
     split = build_sites(_job(folder, "none"))[0].train
     flipped = replace(split, labels=1 - split.labels)
-    (batch,) = flipped.batches(_train_plan(flipped))
-    assert torch.equal(batch.labels, 1 - split.labels)
+    labels = torch.cat([b.labels for b in flipped.batches(_train_plan(flipped))])
+    assert torch.equal(labels, 1 - split.labels)
+
+
+def test_a_plan_of_one_batch_is_read_without_forking(folder, monkeypatch):
+    split = replace(build_sites(_job(folder, "none", 2))[0].val, loader=LoaderConfig(workers=2, timeout=60))
+    seen = []
+    import torch.utils.data as tud
+
+    real = tud.DataLoader.__init__
+
+    def spy(self, *a, **k):
+        seen.append(k.get("num_workers"))
+        real(self, *a, **k)
+
+    monkeypatch.setattr(tud.DataLoader, "__init__", spy)
+    list(split.batches([Planned(torch.arange(len(split)))]))
+    list(split.batches([Planned(torch.arange(2)), Planned(torch.arange(2, 4))]))
+    list(split.batches(iter([Planned(torch.arange(2))])))
+    assert seen == [0, 2, 2]

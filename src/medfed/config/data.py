@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from medfed.config.limits import MAX_EXAMPLES, MAX_SITES, SYNTHETIC_MAX_BYTES, SiteName, unique_names
 from medfed.core.schema import Count, Frozen, NoBool, Real
@@ -381,23 +381,83 @@ class PairsData(_FileReading):
         return [s.name for s in self.sites]
 
 
+def _class_key(v: Any) -> int:
+    """A key of ``segments``: a class index 1, 2, ... (JSON writes it as a string)."""
+    try:
+        k = int(v) if not isinstance(v, (bool, float)) else 0
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1:
+        raise ValueError(f"keys are class indices 1, 2, ... (0 is the background), got {v!r}")
+    return k
+
+
+def _segment_refs(v: Any) -> Any:
+    """A value of ``segments``: one segment or a non-empty list of them."""
+    items = v if isinstance(v, list) else [v]
+    if not items:
+        raise ValueError("lists no segment")
+    for x in items:
+        if isinstance(x, bool) or not ((isinstance(x, int) and x >= 1) or (isinstance(x, str) and x.strip())):
+            raise ValueError(f"a segment is its label (text) or its number (1, 2, ...), got {x!r}")
+    return v
+
+
+# A DICOM SEG segment: its SegmentLabel (matched exactly) or its SegmentNumber.
+SegmentRef = Union[int, str]
+
+
 class VolumesData(_FileReading):
     """3D segmentation: image volumes and label volumes matched by name. ``format: nifti``
     reads ``.nii``/``.nii.gz`` files; ``format: dicom`` reads each sub-folder of the images
     folder as one series (or each file as a multi-frame volume). Masks are NIfTI label
     volumes named after the image (file stem or series folder name), holding class indices.
-    Spacing is kept; resample with a ``spacing`` preprocessing step."""
+    Spacing is kept; resample with a ``spacing`` preprocessing step.
+
+    ``masks_format: seg`` (with ``format: dicom``): the masks folder holds DICOM SEG files
+    instead, each matched to the series whose SOP instances it references, not by name.
+    ``segments`` maps class indices to the SEG segments that make them, by SegmentLabel or
+    segment number, one or a list (``{1: liver, 2: [tumour, 3]}``); segments it leaves out
+    are background. Without it, segment number k is class k."""
 
     source: Literal["volumes"]
     format: Literal["nifti", "dicom"] = "nifti"
     sites: list[FileSite] = Field(min_length=1, max_length=MAX_SITES)
     split: SplitConfig = SplitConfig()
     on_bad_file: OnBadFile = "error"
+    masks_format: Literal["nifti", "seg"] = "nifti"
+    # class index (keys are ints; JSON's string keys parse back to them) -> its segment(s)
+    segments: dict[Annotated[int, BeforeValidator(_class_key)],
+                   Annotated[SegmentRef | list[SegmentRef], BeforeValidator(_segment_refs)]] | None = None
 
     @field_validator("sites")
     @classmethod
     def _names_unique(cls, v: list[FileSite]) -> list[FileSite]:
         return _sites_with_masks(v, "volumes need a masks folder of label volumes")
+
+    @model_validator(mode="after")
+    def _seg_masks(self) -> "VolumesData":
+        if self.masks_format == "seg" and self.format != "dicom":
+            raise ValueError("masks_format: seg reads DICOM SEG masks of DICOM series; set format: dicom")
+        if self.segments is None:
+            return self
+        if self.masks_format != "seg":
+            raise ValueError("segments maps DICOM SEG segments to classes; it needs masks_format: seg")
+        if not self.segments:
+            raise ValueError("segments: give at least one class, e.g. {1: liver}, or leave it out (segment k is class k)")
+        seen: dict[Any, int] = {}
+        for cls_index, refs in self.segments.items():
+            for ref in refs if isinstance(refs, list) else [refs]:
+                if ref in seen:
+                    raise ValueError(f"segments: segment {ref!r} is given for class {seen[ref]} and class {cls_index}")
+                seen[ref] = cls_index
+        return self
+
+    def segment_map(self) -> dict[int, list[int | str]] | None:
+        """``segments`` with every class's segments as a list; None when not given."""
+        if self.segments is None:
+            return None
+        return {k: list(v) if isinstance(v, list) else [v] for k, v in self.segments.items()}
 
     @property
     def site_names(self) -> list[str]:

@@ -153,6 +153,13 @@ class Job(Frozen):
                 f"data.mask_values: {len(self.data.mask_values)} values {self.data.mask_values} but "
                 f"task.num_classes is {self.task.num_classes}; give one grey level per class"
             )
+        if isinstance(self.data, VolumesData) and self.data.segments:
+            top = max(self.data.segments)
+            if top >= self.task.num_classes:
+                raise ValueError(
+                    f"data.segments: class {top} but task.num_classes is {self.task.num_classes} "
+                    f"(classes 0..{self.task.num_classes - 1}, 0 the background)"
+                )
         if isinstance(self.data, SyntheticSegmentationData) and self.task.num_classes not in (2, 3):
             raise ValueError(
                 "task.num_classes: synthetic segmentation has 2 classes (background, organ) or 3 "

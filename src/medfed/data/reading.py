@@ -87,8 +87,8 @@ class FileReading:
         if cache == "memory":
             from medfed.data.readers.folder import read_entries
 
-            records = read_entries(index, self.data.on_bad_file)
-            return assemble_site(records, self.preprocess, self.data.split, self.job.seed, position, what)
+            records = read_entries(index, self.data.on_bad_file, self.preprocess)  # each preprocessed as read
+            return assemble_site(records, None, self.data.split, self.job.seed, position, what)
         root = None
         if cache == "disk":
             from medfed.data.cache import prepare_cache_dir

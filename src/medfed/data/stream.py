@@ -217,10 +217,14 @@ class StreamSplit:
     # ---------------------------------------------------------------- in the training process
 
     def batches(self, plan: Iterable[Planned], augment: Augment | None = None, pin: bool = False) -> Iterator[Batch]:
-        """The planned batches, read by the site's loader workers (see the module docstring)."""
+        """The planned batches, read by the site's loader workers (see the module docstring).
+        A plan of known length (a list) gets no more workers than it has batches, and none
+        for a single batch (forking would cost more than it saves)."""
         from torch.utils.data import DataLoader
 
         workers = self.loader.workers
+        if isinstance(plan, (list, tuple)):
+            workers = 0 if len(plan) <= 1 else min(workers, len(plan))
         source = _Source(self, augment)
         loader = DataLoader(
             source,

@@ -45,7 +45,7 @@ def evaluate_split(
     loss_sum = 0.0
     amp = device.type == "cuda"
     step = eval_batch_size(data)
-    plan = (Planned(torch.arange(start, min(start + step, len(data)))) for start in range(0, len(data), step))
+    plan = [Planned(torch.arange(start, min(start + step, len(data)))) for start in range(0, len(data), step)]
     seen = 0
     for batch in data.batches(plan, pin=device.type == "cuda"):
         if len(batch) == 0:  # every file of the batch skipped as unreadable

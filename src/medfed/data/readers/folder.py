@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,13 +360,17 @@ class ImageEntry:
         return (str(self.path),)
 
 
-def read_entries(index: SiteIndex, on_bad_file: str) -> SiteRecords:
-    """Every entry of ``index`` read; with ``on_bad_file: skip`` an unreadable file is left
-    out and listed in ``skipped``, else its :class:`UnreadableFile` is raised."""
+def read_entries(
+    index: SiteIndex, on_bad_file: str, prepare: Callable[[Record], Record] | None = None
+) -> SiteRecords:
+    """Every entry of ``index`` read (and passed through ``prepare`` as soon as it is read,
+    so only prepared records are held); with ``on_bad_file: skip`` an unreadable file is
+    left out and listed in ``skipped``, else its :class:`UnreadableFile` is raised."""
     out = SiteRecords(index.name)
     for entry in index.entries:
         try:
-            out.records.append(entry.read())
+            record = entry.read()
+            out.records.append(prepare(record) if prepare is not None else record)
         except UnreadableFile as e:
             if on_bad_file != "skip":
                 raise

@@ -25,6 +25,9 @@ one slice. The mask must have the image's array shape (size-1 axes aside) in the
 own voxel order: for DICOM that is (slice, row, column), not the (x, y, z) order that
 converters such as dcm2niix write.
 
+With ``masks_format: seg`` the masks are DICOM SEG files matched to their series by the
+SOP instances they reference, not by name (:mod:`.dicom_seg`).
+
 Every error names the site, the file or series and the problem. ``on_bad_file: skip``
 leaves out an image or mask that cannot be read on its own (corrupt, truncated, NaN
 voxels, bad spacing or series geometry, colour) and lists it in ``skipped``; unmatched
@@ -250,6 +253,11 @@ def load_dicom_series(folder: Path, site: str) -> Volume:
     by position along the slice normal; slice spacing from the positions. Files that
     disagree in size, pixel spacing or orientation, belong to several series, or two
     slices at one position, are an error naming the series (UnreadableFile)."""
+    return _dicom_series(folder, site)[0]
+
+
+def _dicom_series(folder: Path, site: str) -> tuple[Volume, list[str]]:
+    """:func:`load_dicom_series`, with the slices' SOP Instance UIDs in the volume's order."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden(p)) if folder.is_dir() else []
     if not files:
@@ -283,7 +291,8 @@ def load_dicom_series(folder: Path, site: str) -> Volume:
     gap = float(gaps[0]) if len(gaps) else _frame_gap(ds0)
     volume = np.stack([s[4] for s in slices])
     spacing = None if spacing0 is None or gap is None else (gap, *spacing0)
-    return Volume(volume, None if spacing is None else _check_spacing(spacing, site, folder))
+    uids = [str(s[5].get("SOPInstanceUID") or "") for s in slices]
+    return Volume(volume, None if spacing is None else _check_spacing(spacing, site, folder)), uids
 
 
 # --------------------------------------------------------------------------- sites
@@ -336,23 +345,32 @@ def _as_3d(vol: Volume, source: Path, site: str) -> Volume:
     return Volume(array, spacing, vol.affine)
 
 
-def _load_image(source: Path, fmt: str, site: str) -> Volume:
+def _load_image(source: Path, fmt: str, site: str) -> tuple[Volume, list[tuple[str, int | None]]]:
     """An image volume; a single-frame DICOM file becomes a volume of one slice (slice
-    spacing from SpacingBetweenSlices or SliceThickness)."""
+    spacing from SpacingBetweenSlices or SliceThickness). With it, for DICOM, what each
+    slice is: (SOP Instance UID, frame number of a multi-frame file, else None)."""
     if fmt == "nifti":
-        return _as_3d(load_nifti(source, site), source, site)
+        return _as_3d(load_nifti(source, site), source, site), []
     if source.is_dir():
-        return load_dicom_series(source, site)
+        vol, uids = _dicom_series(source, site)
+        return vol, [(u, None) for u in uids]
     vol, ds = _load_dicom(source, site)
+    uid = str(ds.get("SOPInstanceUID") or "")
     if vol.array.ndim == 2:
         gap = _frame_gap(ds)
         spacing = None if vol.spacing is None or gap is None else _check_spacing((gap, *vol.spacing), site, source)
-        vol = Volume(vol.array[None], spacing)
-    return vol
+        return Volume(vol.array[None], spacing), [(uid, None)]
+    return vol, [(uid, k + 1) for k in range(vol.array.shape[0])]
 
 
-def _volume_record(source: Path, mask_path: Path, fmt: str, site: str, num_classes: int):
-    vol = _load_image(source, fmt, site)
+def _volume_record(source: Path, mask_path: Path, fmt: str, site: str, num_classes: int,
+                   segments: tuple[tuple[int, int], ...] | None = None):
+    vol, refs = _load_image(source, fmt, site)
+    if segments is not None:  # a DICOM SEG
+        from medfed.data.readers.dicom_seg import read_seg_labels
+
+        target = read_seg_labels(mask_path, refs, vol.array.shape, segments, site, source)
+        return vol.array[None].astype(np.float32, copy=False), target, vol.spacing
     msk = load_nifti(mask_path, site)
     array = _fit_mask(vol.array.shape, msk.array, source, mask_path, site, dicom=fmt == "dicom")
     if fmt == "nifti" and array is msk.array and not np.allclose(vol.spacing, msk.spacing[:3], rtol=1e-3):
@@ -364,7 +382,8 @@ def _volume_record(source: Path, mask_path: Path, fmt: str, site: str, num_class
 @dataclass(frozen=True, eq=False)
 class VolumeEntry:
     """One image volume (file or DICOM series folder) with its label volume (an index row;
-    see :class:`~medfed.data.base.Entry`)."""
+    see :class:`~medfed.data.base.Entry`). ``segments``: for a DICOM SEG mask, its
+    (segment number, class) pairs; None for a NIfTI label volume."""
 
     name: str
     split: str | None
@@ -374,9 +393,11 @@ class VolumeEntry:
     num_classes: int
     site: str
     target: None = None
+    segments: tuple[tuple[int, int], ...] | None = None
 
     def read(self) -> Record:
-        image, target, spacing = _volume_record(self.source, self.mask, self.format, self.site, self.num_classes)
+        image, target, spacing = _volume_record(self.source, self.mask, self.format, self.site, self.num_classes,
+                                                self.segments)
         return Record(self.name, image, target, spacing, self.split)
 
     def files(self) -> tuple[str, ...]:
@@ -394,6 +415,9 @@ def index_volume_sites(cfg: VolumesData, num_classes: int) -> list[SiteIndex]:
         for set_name, fs in site.file_sets().items():
             assert fs.masks is not None  # the schema requires a masks folder
             images = _named(fs.images, site.name, "image", dicom)
+            if cfg.masks_format == "seg":
+                _index_seg(index, cfg, set_name, images, fs.images, fs.masks, num_classes)
+                continue
             masks = _named(fs.masks, site.name, "mask", dicom=False)
             for name, source, mask_path in _match(images, masks, fs, site.name):
                 index.entries.append(VolumeEntry(
@@ -401,6 +425,21 @@ def index_volume_sites(cfg: VolumesData, num_classes: int) -> list[SiteIndex]:
                 ))
         out.append(index)
     return out
+
+
+def _index_seg(index: SiteIndex, cfg: VolumesData, set_name: str, images: dict[str, Path], image_dir: Path,
+               masks: Path, num_classes: int) -> None:
+    """The entries of one file set whose masks are DICOM SEG files (see :mod:`.dicom_seg`)."""
+    from medfed.data.readers.dicom_seg import RefusedEntry, match_seg_masks
+
+    site, split = index.name, set_split(set_name)
+    matches, refused = match_seg_masks(images, image_dir, masks, site, cfg.segment_map(), num_classes,
+                                       cfg.on_bad_file == "skip")
+    for m in matches:
+        index.entries.append(VolumeEntry(record_name(set_name, m.name), split, images[m.name], m.seg, cfg.format,
+                                         num_classes, site, segments=m.classes))
+    for name, path, reason in refused:
+        index.entries.append(RefusedEntry(record_name(set_name, name), split, site, path, reason))
 
 
 def read_volume_sites(cfg: VolumesData, num_classes: int) -> list[SiteRecords]:
