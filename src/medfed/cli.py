@@ -271,7 +271,7 @@ def site(
         if reconnect_max is not None and not (math.isfinite(reconnect_max) and reconnect_max > 0):
             raise ConfigError(f"--reconnect-max must be a number of seconds > 0, got {reconnect_max:g}")
         k = load_kit(kit, role="site")
-        remote = RemoteSite(k.name, data, max_epsilon)  # checks the data file before connecting
+        remote = RemoteSite(k.name, data, max_epsilon, kit=k)  # checks the data file before connecting
         conn = Connection(f"{k.server_host}:{k.server_port}", k.ca_pem, k.cert_pem, k.key_pem, k.name,
                           reconnect_max=reconnect_max or RECONNECT_MAX)
 

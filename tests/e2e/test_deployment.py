@@ -170,6 +170,8 @@ def test_deployed_update_path_equals_the_simulation(tmp_path, over):
     if "privacy" in over:  # key exchange and unmasking travel as their own exchanges
         assert {r["status"] for r in audit if r["kind"] == "exchange"} == {"accepted"}
         assert len([r for r in audit if r["kind"] == "exchange"]) == 2 * 3 * 3
+        for s in SITES:  # signed with the kits' keys, checked against the CA (privacy/secagg/signing.py)
+            assert "signs its keys with its kit key" in " ".join((tmp_path / f"{s}.log").read_text().split())
 
 
 def test_deployed_central_dp_spends_the_budget_it_reports(tmp_path):

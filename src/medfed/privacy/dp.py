@@ -14,9 +14,10 @@ recurrent language models", ICLR 2018).
 * :class:`LocalDP` (a site filter): each site clips and adds noise of std ``z * C``
   itself, trusting nobody.
 
-Epsilon is computed in accounting.py with the same ``z``. Noise comes from
-``torch.Generator`` (Mersenne Twister) seeded from the OS, or from a fixed seed in
-simulations: not a cryptographic sampler, and floating-point Gaussian sampling has known
+Epsilon is computed in accounting.py with the same ``z``. Noise (privacy/noise.py) comes
+from a ChaCha20 keystream under fresh keys from the OS in a deployment
+(:class:`~medfed.privacy.noise.SecureNoise`), and from ``torch.Generator`` seeded from the
+job seed in a simulation, so that runs repeat. Floating-point Gaussian sampling has known
 side channels (Mironov, CCS 2012); state that when reporting guarantees.
 """
 
@@ -24,11 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from medfed.algorithms.base import Combiner
@@ -37,6 +36,8 @@ from medfed.core.params import apply_delta, clip_to_norm, delta, l2_norm
 from medfed.core.types import Encoding, Metric, Params, RoundPlan, Update
 from medfed.privacy.accounting import adaptive_noise_multiplier
 from medfed.privacy.base import UpdateFilter
+from medfed.privacy.noise import SecureNoise, SeededNoise, noise_source
+from medfed.privacy.noise import seeded_generator as seeded_generator  # its home before noise.py
 
 
 def central_noise_std(noise_multiplier: float, clip: float, num_updates: int) -> float:
@@ -53,20 +54,9 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name}: must be a finite number > 0, got {value}")
 
 
-def seeded_generator(seed: int | None, *words: int) -> torch.Generator:
-    """A generator seeded from the OS (``seed`` None) or reproducibly from ``(seed, *words)``."""
-    g = torch.Generator()
-    if seed is None:
-        g.manual_seed(secrets.randbits(63))
-    else:
-        state = np.random.SeedSequence([seed, *words]).generate_state(2, dtype=np.uint32)
-        g.manual_seed((int(state[0]) << 31) ^ int(state[1]))
-    return g
-
-
-def _add_noise(d: Params, std: float, g: torch.Generator) -> Params:
+def _add_noise(d: Params, std: float, noise: SeededNoise | SecureNoise) -> Params:
     """``d`` plus i.i.d. N(0, std^2) in every coordinate, in each entry's dtype."""
-    return {k: t + torch.randn(t.shape, generator=g, dtype=t.dtype) * std for k, t in d.items()}
+    return {k: t + noise.normal(t.shape, t.dtype) * std for k, t in d.items()}
 
 
 def _split(update: Update, global_params: Params) -> tuple[Params, Params]:
@@ -106,8 +96,8 @@ class CentralDP(Combiner):
     ``z`` (> 0), the multiplier the accountant uses. ``adaptive``: move ``C`` each round
     (then the updates get ``z_delta = adaptive_noise_multiplier(z, sigma_b) > z`` so the
     total stays ``z``); None keeps ``C`` fixed. ``seed``: None draws each round's noise
-    seed from the OS (deployments); an int makes round ``r``'s noise a function of
-    ``(seed, r)`` (reproducible simulations).
+    from a cryptographic generator (ChaCha20 under fresh OS keys; deployments); an int
+    makes round ``r``'s noise a function of ``(seed, r)`` (reproducible simulations).
 
     The mean is uniform, not example-weighted, so that one site moves it by at most
     ``C / m``; ``m`` is assumed public (fixed-size site sampling). Non-float entries
@@ -141,7 +131,7 @@ class CentralDP(Combiner):
         if not updates:
             raise ValueError("dp_central: no updates to combine")
         m, bound = len(updates), self.clip
-        g = seeded_generator(self.seed, rnd)
+        g = noise_source(self.seed, rnd)  # seed None (a deployment): a cryptographic generator
 
         # ---- clip each site's delta, note whether it was within the bound
         deltas, fulls, unclipped = [], [], 0
@@ -167,7 +157,7 @@ class CentralDP(Combiner):
         self._metrics = {Metric.CLIP: bound}
         if self.adaptive is not None:
             a = self.adaptive
-            noise_b = float(torch.randn((), generator=g, dtype=torch.float64)) * a.count_noise_multiplier
+            noise_b = float(g.normal((), torch.float64)) * a.count_noise_multiplier
             b_bar = (unclipped + noise_b) / m
             self.clip = bound * math.exp(-a.lr * (b_bar - a.target_quantile))
             # only the noisy share is released: the exact count would leak
@@ -196,7 +186,8 @@ class CentralDP(Combiner):
 # --------------------------------------------------------------------------- site side
 
 
-def _clip_and_noise(update: Update, global_params: Params, bound: float, std: float, g: torch.Generator | None) -> Update:
+def _clip_and_noise(update: Update, global_params: Params, bound: float, std: float,
+                    g: SeededNoise | SecureNoise | None) -> Update:
     """The update with its float delta clipped to L2 norm ``bound`` and, if ``std`` > 0,
     N(0, std^2) added to every coordinate; non-float entries pass whole."""
     if update.encoding is not Encoding.FULL:
@@ -248,8 +239,9 @@ class LocalDP(UpdateFilter):
     """Local DP at the site: clip the delta to ``clip`` (> 0) and add N(0, (z * clip)^2)
     to every coordinate before it leaves.
 
-    ``secure``: True draws the noise seed from the OS (deployments); False seeds it from
-    ``plan.train.seed`` (reproducible simulations).
+    ``secure``: True draws the noise from a cryptographic generator (ChaCha20 under fresh
+    OS keys, :class:`~medfed.privacy.noise.SecureNoise`; deployments); False from a torch
+    generator seeded from ``plan.train.seed`` (reproducible simulations).
 
     Accounting (server/update_path.py): the server sees each site's noisy update and who
     sent it, so neighbouring data sets of a site swap one clipped delta for another:
@@ -266,5 +258,5 @@ class LocalDP(UpdateFilter):
     def apply(self, update: Update, global_params: Params, plan: RoundPlan) -> Update:
         bound = self.clip
         # a word of its own keeps this stream apart from training's use of the same seed
-        g = seeded_generator(None) if self.secure else seeded_generator(plan.train.seed, 0x4C445031)
+        g = SecureNoise() if self.secure else noise_source(plan.train.seed, 0x4C445031)
         return _clip_and_noise(update, global_params, bound, self.noise_multiplier * bound, g)

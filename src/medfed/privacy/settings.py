@@ -78,7 +78,10 @@ class SecureAggregation(Frozen):
     the sites' updates. Each site's weighted change is clipped coordinate-wise to
     ``[-clip_range, clip_range]``, quantized to a ring and masked; the masks cancel in the
     sum. Up to n - ``threshold`` sites may drop after sending their keys; with fewer
-    survivors the round is aborted. Default threshold: a majority of the round's sites."""
+    survivors the round is aborted. Default threshold: a majority of the round's sites.
+    In a deployment only, each site signs its keys with its kit key and refuses a round
+    with a key it cannot verify against the consortium CA (a server substituting keys); a
+    simulation signs nothing (privacy/secagg/signing.py)."""
 
     threshold: Count | None = Field(None, ge=2)
     clip_range: Real = Field(1.0, gt=0)

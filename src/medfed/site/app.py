@@ -6,6 +6,8 @@ process it is called by the pool worker, in a deployment by the network client.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -23,6 +25,9 @@ from medfed.site.train import TrainStats, train_local
 from medfed.site.update_path import poisoned_data, sample_dp_for, site_filters
 from medfed.tasks import build_task
 
+if TYPE_CHECKING:
+    from medfed.privacy.secagg.signing import Credentials
+
 
 class SiteApp:
     """One site: its data, a model buffer and the algorithm's site hook.
@@ -35,7 +40,8 @@ class SiteApp:
     """
 
     def __init__(
-        self, data: SiteData, job: Job, device: torch.device, model: nn.Module | None = None, secure: bool = False
+        self, data: SiteData, job: Job, device: torch.device, model: nn.Module | None = None, secure: bool = False,
+        credentials: Credentials | None = None,
     ):
         self.name = data.name
         self.data = poisoned_data(job, data)  # unchanged unless the job simulates a label-flipping attack here
@@ -50,8 +56,9 @@ class SiteApp:
         self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
         self._local_keys = algorithm.local_keys
         self._kept: Params = {}  # this site's values of the local keys, after its first fit
-        # the update path of federated rounds (secure: noise seeds from the OS, in a deployment)
-        self.filters = site_filters(job, self.name, secure, buffer_keys(self.model))
+        # the update path of federated rounds (a deployment: secure noise, and the kit's
+        # credentials for secure aggregation)
+        self.filters = site_filters(job, self.name, secure, buffer_keys(self.model), credentials)
         self.private = sample_dp_for(job, secure)
 
     def _load(self, params: Params, with_kept: bool) -> None:

@@ -21,7 +21,10 @@ parse as YAML, fit the schema and name this site.
 
 What the site accepts from the server is bounded by what it knows: a model task may hold at
 most :func:`model_limit` bytes of its own model (the server declares the size first; a
-larger one is refused before any memory is set aside for it).
+larger one is refused before any memory is set aside for it). Under secure aggregation the
+site signs its keys with its kit's key and checks every other site's against the kit's CA
+(privacy/secagg/signing.py); a protocol message naming another job is refused. DP noise
+comes from a cryptographic generator (privacy/noise.py).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -42,6 +45,9 @@ from medfed.core.schema import Frozen
 from medfed.transport.base import describe_exception
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.hub import SITE_LOCAL
+
+if TYPE_CHECKING:
+    from medfed.transport.pki import Kit
 
 log = logging.getLogger("medfed")
 
@@ -112,10 +118,12 @@ def _differences(job_data: Any, local: Any, site: str) -> list[str]:
 class RemoteSite:
     """What ``medfed site`` runs: sets up the job the server names, answers its tasks."""
 
-    def __init__(self, name: str, data_file: Path | None, max_epsilon: float | None = None):
+    def __init__(self, name: str, data_file: Path | None, max_epsilon: float | None = None, kit: Kit | None = None):
         """Checks ``data_file`` at once (see :func:`load_site_data`): a site with a broken
-        data file stops before it connects."""
+        data file stops before it connects. ``kit``: the site's startup kit
+        (:class:`~medfed.transport.pki.Kit`), whose key signs its secure-aggregation keys."""
         self.name = name
+        self.kit = kit
         self.data_file = data_file
         self.local_data = load_site_data(data_file, name) if data_file is not None else None
         self.max_epsilon = max_epsilon  # this site's own privacy limit, whatever the job says
@@ -166,7 +174,15 @@ class RemoteSite:
         self._check_privacy(job, len(data.train))
         patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
         check_input_size(job.model, data.train.shape[1:], patch)
-        self.app, self.job, self.job_id = SiteApp(data, job, device, secure=True), job, job_id
+        credentials = None
+        if self.kit is not None and job.privacy.secure_aggregation is not None:
+            from medfed.privacy.secagg.signing import Credentials
+
+            credentials = Credentials.from_kit(self.kit)
+            log.info("site '%s': secure aggregation: signs its keys with its kit key and checks every other site's "
+                     "against the consortium CA", self.name)
+        self.app = SiteApp(data, job, device, secure=True, credentials=credentials)
+        self.job, self.job_id = job, job_id
         self.max_model = model_limit(self.app.model.state_dict())
         summary = describe_sites([data], job.task, job.held_out)[0]
         if data.skipped:
@@ -201,6 +217,8 @@ class RemoteSite:
         try:
             if hdr.get("kind") == "exchange":  # a protocol message of the update path (JSON both ways)
                 body = wire.decode_json_object(blob, "exchange task")
+                if "job_id" in body and body["job_id"] != self.job_id:
+                    raise DataError(f"a protocol message for job {body['job_id']!r}, this site runs job {self.job_id}")
                 reply = self.app.exchange(str(hdr.get("topic")), int(hdr.get("round")), body)
                 return "exchange", json.dumps(reply).encode()
             params, extras = codec.decode_model(blob, self._decoded)

@@ -12,11 +12,15 @@ Sample-level DP-SGD is not a filter: it changes the local training step itself
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from medfed.config import Job
 from medfed.core.types import Encoding
 from medfed.data.base import SiteData
 from medfed.privacy.base import UpdateFilter
+
+if TYPE_CHECKING:
+    from medfed.privacy.secagg.signing import Credentials
 
 
 def attacking(job: Job, site: str) -> bool:
@@ -38,11 +42,13 @@ def poisoned_data(job: Job, data: SiteData) -> SiteData:
     return replace(data, train=replace(data.train, labels=labels))
 
 
-def site_filters(job: Job, site: str, secure: bool, buffers: frozenset[str] = frozenset()) -> list[UpdateFilter]:
+def site_filters(job: Job, site: str, secure: bool, buffers: frozenset[str] = frozenset(),
+                 credentials: Credentials | None = None) -> list[UpdateFilter]:
     """The outgoing filters of ``site`` (one object each for the whole run). ``secure``:
-    draw noise seeds from the OS (a deployment) instead of the round's seed (a
-    simulation, repeatable); ``buffers``: the model's buffer names (compression sends them
-    whole)."""
+    draw DP noise from a cryptographic generator (a deployment) instead of the round's
+    seed (a simulation, repeatable); ``buffers``: the model's buffer names (compression
+    sends them whole); ``credentials``: the site's kit (a deployment), with which secure
+    aggregation signs this site's keys and checks the other sites'."""
     out: list[UpdateFilter] = []
     if job.attack is not None and job.attack.kind != "label_flip" and attacking(job, site):
         from medfed.robust.attacks import PoisonFilter
@@ -65,7 +71,7 @@ def site_filters(job: Job, site: str, secure: bool, buffers: frozenset[str] = fr
     if sa is not None:
         from medfed.privacy.secagg.integration import SecAggClient
 
-        out.append(SecAggClient(job, site))
+        out.append(SecAggClient(job, site, credentials))
     return out
 
 

@@ -1,6 +1,7 @@
 """Secure aggregation: the server learns the sum of the sites' updates, not any one of them.
 
-Bonawitz et al. (CCS 2017), semi-honest server, as pure transport-free code:
+Bonawitz et al. (CCS 2017), semi-honest server; in a deployment the sites also sign their
+keys, so a server cannot substitute them. As pure transport-free code:
 
 - :mod:`.shamir`   -- Shamir secret sharing over GF(2**521 - 1)
 - :mod:`.masking`  -- fixed-point ring encoding in Z_{2^32}, ChaCha20 PRG, mask helpers
@@ -8,6 +9,7 @@ Bonawitz et al. (CCS 2017), semi-honest server, as pure transport-free code:
   in-memory :func:`run_round`
 - :mod:`.messages` -- its messages, typed, parsed and checked where they arrive
 - :mod:`.sessions` -- the per-site and server sessions
+- :mod:`.signing`  -- signed key advertisements with the sites' kits (deployments)
 - :mod:`.integration` -- the protocol on the update path, over any transport
 """
 

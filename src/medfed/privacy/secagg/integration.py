@@ -19,14 +19,18 @@ Round r, for the sites drawn S (server: :class:`SecureSum`, site: :class:`SecAgg
 
 Fewer survivors than the threshold abort the round (a RoundError). Keys and masks come
 from the OS; the stochastic rounding is seeded from the round's training seed, so a
-deployment computes exactly what its simulation does.
+deployment computes exactly what its simulation does. In a deployment each site's
+:class:`SecAggClient` has its kit's :class:`~.signing.Credentials`: it signs its keys and
+refuses a roster with a key it cannot verify (signing.py); the server passes the
+signatures on and checks none.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,6 +43,9 @@ from medfed.privacy.secagg.masking import FixedPoint
 from medfed.privacy.secagg.protocol import SecAggError, ServerSession, SiteSession
 from medfed.privacy.settings import SiteLevelDP
 from medfed.transport.base import Transport
+
+if TYPE_CHECKING:
+    from medfed.privacy.secagg.signing import Credentials
 
 log = logging.getLogger("medfed")
 
@@ -96,12 +103,15 @@ def _rounding_generator(seed: int) -> torch.Generator:
 
 
 class SecAggClient(UpdateFilter, ProtocolParty):
-    """A site's part: answers the key exchange and unmasking, masks its update."""
+    """A site's part: answers the key exchange and unmasking, masks its update.
+    ``credentials``: the site's kit (a deployment), to sign its keys and check the others'."""
 
     topics = TOPICS
 
-    def __init__(self, job: Job, site: str):
+    def __init__(self, job: Job, site: str, credentials: Credentials | None = None):
         self.site = site
+        self.members = frozenset(job.site_names)
+        self.credentials = credentials
         sa = job.privacy.secure_aggregation
         self.codec = FixedPoint(sa.clip_range, job.sites_per_round)
         self._session: SiteSession | None = None
@@ -114,13 +124,18 @@ class SecAggClient(UpdateFilter, ProtocolParty):
 
     def answer(self, topic: str, rnd: int, body: dict) -> dict:
         if topic == "secagg/advertise":  # a new round: fresh keys, the last round's session is gone
-            self._session, self._round = SiteSession(self.site, str(body.get("job_id")), rnd), rnd
+            self._session = SiteSession(self.site, str(body.get("job_id")), rnd, self.credentials)
+            self._round = rnd
             return self._session.advertise()
         if topic == "secagg/share":
-            threshold = body.get("threshold")
+            threshold, roster = body.get("threshold"), body.get("roster")
             if isinstance(threshold, bool) or not isinstance(threshold, int):
                 raise SecAggError(f"site '{self.site}': threshold must be an integer, got {threshold!r}", self.site)
-            return self._current(rnd).share_keys(body.get("roster"), threshold)
+            strangers = sorted(set(roster) - self.members) if isinstance(roster, Mapping) else []
+            if strangers:
+                raise SecAggError(f"site '{self.site}', field 'roster': sites {strangers} are not sites of this job",
+                                  self.site)
+            return self._current(rnd).share_keys(roster, threshold)
         if topic == "secagg/unmask":
             survivors, dropped = body.get("survivors"), body.get("dropped")
             reply = self._current(rnd).unmask(survivors, dropped)
@@ -241,11 +256,12 @@ class SecureSum(Combiner):
     def _noise(self, n: int, m: int, rnd: int) -> torch.Tensor:
         """Central DP's Gaussian noise on the mean of m changes each clipped (at the
         sites) to the bound: std ``noise_multiplier * clip / m`` per coordinate."""
-        from medfed.privacy.dp import central_noise_std, seeded_generator
+        from medfed.privacy.dp import central_noise_std
+        from medfed.privacy.noise import noise_source
 
         std = central_noise_std(self.central.noise_multiplier, self.central.clip, m)
-        g = seeded_generator(self.noise_seed, rnd, 0x5EC)
-        return torch.randn(n, generator=g, dtype=torch.float64) * std
+        # noise_seed None (a deployment): a cryptographic generator, else repeatable
+        return noise_source(self.noise_seed, rnd, 0x5EC).normal((n,), torch.float64) * std
 
     def round_metrics(self) -> dict[str, float]:
         out = {"secagg_survivors": float(self._survivors)}

@@ -125,27 +125,72 @@ def _shares_wire(shares: Mapping[str, int]) -> dict[str, str]:
 # --- messages ------------------------------------------------------------------------------
 
 
+MAX_CERT = 4096  # bytes of a site certificate (DER; a kit's is about 600)
+MAX_SIGNATURE = 256  # bytes of a signature (DER; ECDSA P-256: at most 72)
+MAX_JOB_ID = 256  # characters
+
+
+@dataclass(frozen=True)
+class Signed:
+    """What a deployed site adds to its advertisement (signing.py): the job and round it
+    signed for, its kit certificate (DER) and its signature over the job, the round, its
+    name and its two keys. The server routes it untouched; every other site checks it."""
+
+    job_id: str
+    round: int
+    cert: bytes
+    sig: bytes
+
+    @classmethod
+    def parse(cls, raw: object, site: str, field: str) -> Signed:
+        d = _object(raw, site, field, ("job_id", "round", "cert", "sig"))
+        job_id, rnd = d["job_id"], d["round"]
+        if not isinstance(job_id, str) or not 0 < len(job_id) <= MAX_JOB_ID:
+            raise SecAggError(f"site '{site}', field '{field}.job_id': expected a job id of 1 to {MAX_JOB_ID} "
+                              "characters", site)
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd < 2**31:
+            raise SecAggError(f"site '{site}', field '{field}.round': expected a round number, got {rnd!r}", site)
+        return cls(job_id, rnd, unb64(d["cert"], site, f"{field}.cert", bounds=(1, MAX_CERT)),
+                   unb64(d["sig"], site, f"{field}.sig", bounds=(1, MAX_SIGNATURE)))
+
+    def to_wire(self) -> dict[str, object]:
+        return {"job_id": self.job_id, "round": self.round, "cert": b64(self.cert), "sig": b64(self.sig)}
+
+
 @dataclass(frozen=True)
 class Advertisement:
     """advertise (site -> server): the site's two public keys of the round,
-    ``{"c_pk": b64(32), "s_pk": b64(32)}``; ``c_pk`` encrypts shares, ``s_pk`` seeds masks."""
+    ``{"c_pk": b64(32), "s_pk": b64(32)}``; ``c_pk`` encrypts shares, ``s_pk`` seeds masks.
+    In a deployment also ``"signed": {"job_id", "round", "cert": b64(DER), "sig": b64(DER)}``
+    (:class:`Signed`)."""
 
     c_pk: bytes
     s_pk: bytes
+    signed: Signed | None = None
 
     @classmethod
     def parse(cls, raw: object, site: str, field: str = "advertisement") -> Advertisement:
-        d = _object(raw, site, field, ("c_pk", "s_pk"))
-        return cls(unb64(d["c_pk"], site, f"{field}.c_pk", KEY_BYTES), unb64(d["s_pk"], site, f"{field}.s_pk", KEY_BYTES))
+        keys = ("c_pk", "s_pk", "signed") if isinstance(raw, Mapping) and "signed" in raw else ("c_pk", "s_pk")
+        d = _object(raw, site, field, keys)
+        signed = Signed.parse(d["signed"], site, f"{field}.signed") if "signed" in d else None
+        return cls(unb64(d["c_pk"], site, f"{field}.c_pk", KEY_BYTES), unb64(d["s_pk"], site, f"{field}.s_pk", KEY_BYTES),
+                   signed)
 
-    def to_wire(self) -> dict[str, str]:
-        return {"c_pk": b64(self.c_pk), "s_pk": b64(self.s_pk)}
+    @property
+    def public_keys(self) -> tuple[bytes, bytes]:
+        return self.c_pk, self.s_pk
+
+    def to_wire(self) -> dict[str, object]:
+        out: dict[str, object] = {"c_pk": b64(self.c_pk), "s_pk": b64(self.s_pk)}
+        if self.signed is not None:
+            out["signed"] = self.signed.to_wire()
+        return out
 
 
 @dataclass(frozen=True)
 class Roster:
-    """roster (server -> sites): U1 with its keys, ``{site: {"c_pk": b64, "s_pk": b64}}``
-    (the threshold travels beside it)."""
+    """roster (server -> sites): U1 with its advertisements as the sites sent them,
+    ``{site: {"c_pk": b64, "s_pk": b64[, "signed": {...}]}}`` (the threshold travels beside it)."""
 
     keys: Mapping[str, Advertisement]
 
@@ -153,7 +198,7 @@ class Roster:
     def parse(cls, raw: object, site: str) -> Roster:
         return cls({v: Advertisement.parse(e, site, f"roster.{v}") for v, e in _object(raw, site, "roster").items()})
 
-    def to_wire(self) -> dict[str, dict[str, str]]:
+    def to_wire(self) -> dict[str, dict[str, object]]:
         return {v: k.to_wire() for v, k in self.keys.items()}
 
 

@@ -16,8 +16,9 @@ site and the field. Stages and who takes part in each:
 
 Messages (``b64`` = standard base64 string; ``share`` = b64 of a 66-byte Shamir value):
 
-- advertise:        ``{"c_pk": b64(32), "s_pk": b64(32)}``
-- roster (server):  ``{site: {"c_pk": b64, "s_pk": b64}}`` over U1, plus the threshold
+- advertise:        ``{"c_pk": b64(32), "s_pk": b64(32)}``; in a deployment also
+  ``"signed": {"job_id": str, "round": int, "cert": b64(DER), "sig": b64(DER)}``
+- roster (server):  ``{site: advertisement as sent}`` over U1, plus the threshold
 - share_keys:       ``{"shares": {other_site: b64(nonce 12 | AES-GCM ciphertext)}}``
 - ciphertexts_for:  ``{from_site: b64}`` (the U2 senders' ciphertexts for that site)
 - unmask_request:   ``{"survivors": [site, ...], "dropped": [site, ...]}``
@@ -31,14 +32,18 @@ U2 \\ U3 from t Shamir shares (x = 1 + the site's index in the sorted U1) and re
 is left, giving ``sum_{u in U3} x_u``. A site never gives both a ``b`` and an ``s_sk``
 share of the same site, so no input is ever unmasked alone.
 
-Threat model: the server and the sites are honest-but-curious (they follow the protocol
-and try to learn from what they see). The server, even together with fewer than ``t``
-sites, learns only the sum of the U3 inputs (and who dropped). What is secret: each site's
-``x``, ``b_u``, ``c_sk``, ``s_sk`` and the shares it holds. NOT defended: an active server.
-Public keys are not signed (no PKI in this layer), so a malicious server could substitute
-keys and read the shares; it could also tell different sites different survivor lists
-(the paper's malicious variant adds signatures and a consistency round). Run the
-transport over mutually authenticated TLS and keep the threshold above n/2.
+Threat model: the sites are honest-but-curious (they follow the protocol and try to learn
+from what they see). The server, even together with fewer than ``t`` sites, learns only
+the sum of the U3 inputs (and who dropped). What is secret: each site's ``x``, ``b_u``,
+``c_sk``, ``s_sk`` and the shares it holds. Against an active server, in a deployment:
+each site signs its advertisement with its kit key and checks every other site's against
+the consortium CA (signing.py), so a server that substitutes, invents, renames or replays
+keys makes the honest sites refuse the round instead of using the keys. NOT defended: a
+server that shows different sites different rosters or survivor lists (the paper's
+malicious variant adds a signed consistency round; here each site answers the unmasking
+once and never gives both secrets of one site, so with ``t > n/2`` the honest sites' answers
+cannot hold t shares of both), a server colluding with ``t`` or more sites, and a
+simulation, where nothing is signed. Keep the threshold above n/2.
 
 Where it is: the messages, typed and checked where they arrive, in messages.py; the two
 parties, :class:`SiteSession` and :class:`ServerSession`, in sessions.py; below, a whole
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -59,6 +65,9 @@ from medfed.privacy.secagg.messages import (
     default_threshold,
 )
 from medfed.privacy.secagg.sessions import ServerSession, SiteSession
+
+if TYPE_CHECKING:
+    from medfed.privacy.secagg.signing import Credentials
 
 __all__ = ["KEY_BYTES", "SecAggError", "ServerSession", "SiteSession", "check_threshold", "default_threshold",
            "run_round"]
@@ -75,6 +84,7 @@ def run_round(
     job_id: str = "job",
     rnd: int = 1,
     drop_before_sharing: Iterable[str] = (),
+    credentials: Mapping[str, Credentials] | None = None,
 ) -> torch.Tensor:
     """One whole round in memory; every message goes through ``json.dumps``/``loads``.
 
@@ -83,6 +93,7 @@ def run_round(
     keys but send no masked input (their input is left out); in ``drop_after_masking``
     send their masked input (it is counted) but do not answer the unmasking. Returns the
     ring sum of the counted inputs; raises :class:`SecAggError` when too few remain.
+    ``credentials`` (site -> :class:`~.signing.Credentials`): signed advertisements.
 
     Example, with ``deltas`` mapping site to a float tensor::
 
@@ -103,7 +114,7 @@ def run_round(
         return json.loads(json.dumps(msg))
 
     server = ServerSession(job_id, rnd, threshold, length)
-    sites = {v: SiteSession(v, job_id, rnd) for v in sorted(inputs)}
+    sites = {v: SiteSession(v, job_id, rnd, (credentials or {}).get(v)) for v in sorted(inputs)}
     for v, s in sites.items():
         server.receive_advertisement(v, wire(s.advertise()))
     roster = wire(server.roster())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from cryptography.hazmat.primitives import hashes
@@ -32,6 +33,9 @@ from medfed.privacy.secagg.messages import (
     check_name,
     check_threshold,
 )
+
+if TYPE_CHECKING:
+    from medfed.privacy.secagg.signing import Credentials
 
 # --- key derivation ------------------------------------------------------------------------------
 
@@ -73,12 +77,16 @@ class SiteSession:
     """One site's side of one round. Call, once each and in order: :meth:`advertise`,
     :meth:`share_keys`, :meth:`mask`, :meth:`unmask`. Holds this round's secrets (two
     X25519 private keys, the self-mask seed, the shares of other sites' secrets); make a
-    new session each round."""
+    new session each round. ``credentials`` (a deployment; signing.py): sign this site's
+    advertisement and check every other one; None (a simulation): neither."""
 
-    def __init__(self, site: str, job_id: str, rnd: int):
+    def __init__(self, site: str, job_id: str, rnd: int, credentials: Credentials | None = None):
         self.site = check_name(site, "site")
         self.job_id = check_name(job_id, "job_id")
         self.round = _check_round(rnd, site)
+        if credentials is not None and credentials.site != self.site:
+            raise SecAggError(f"site '{self.site}': given the credentials of site '{credentials.site}'", self.site)
+        self._credentials = credentials
         self._c_sk = X25519PrivateKey.generate()  # encrypts the shares (c for "channel")
         self._s_sk = X25519PrivateKey.generate()  # seeds the pairwise masks
         self._stage = 0
@@ -99,11 +107,15 @@ class SiteSession:
     def _keys(self) -> Advertisement:
         return Advertisement(self._c_sk.public_key().public_bytes_raw(), self._s_sk.public_key().public_bytes_raw())
 
-    def advertise(self) -> dict[str, str]:
-        """This round's two public keys: ``{"c_pk": b64(32), "s_pk": b64(32)}``."""
+    def advertise(self) -> dict[str, object]:
+        """This round's two public keys, ``{"c_pk": b64(32), "s_pk": b64(32)}``; with
+        credentials also ``"signed"`` (messages.py :class:`~.messages.Signed`)."""
         self._enter(0, "advertise")
         self._stage = 1
-        return self._keys().to_wire()
+        ad = self._keys()
+        if self._credentials is not None:
+            ad = self._credentials.sign(ad, self.job_id, self.round)
+        return ad.to_wire()
 
     def share_keys(self, roster: Mapping[str, Mapping[str, str]], threshold: int) -> dict[str, dict[str, str]]:
         """``{"shares": {v: b64 ciphertext}}`` for every other roster site v: t-of-n Shamir
@@ -111,14 +123,19 @@ class SiteSession:
         with AES-GCM under HKDF(X25519(c_sk_u, c_pk_v)), bound to job, round, u and v.
 
         ``roster`` (U1, the server's broadcast) must list this site with the keys it
-        advertised, hold at least ``threshold`` sites and no repeated key."""
+        advertised, hold at least ``threshold`` sites and no repeated key; with
+        credentials, every advertisement must pass :meth:`.Credentials.check` (else
+        SecAggError naming the site and why; this site shares nothing this round)."""
         self._enter(1, "share_keys")
         me = self.site
         parsed = Roster.parse(roster, me)
         if me not in parsed.keys:
             raise SecAggError(f"site '{me}', field 'roster': this site is not in it", me)
-        if parsed.keys[me] != self._keys():
+        if parsed.keys[me].public_keys != self._keys().public_keys:
             raise SecAggError(f"site '{me}', field 'roster.{me}': not the keys this site advertised", me)
+        if self._credentials is not None:  # before any key of the roster is used
+            for v in sorted(parsed.keys):
+                self._credentials.check(v, parsed.keys[v], self.job_id, self.round)
         all_keys = [k for a in parsed.keys.values() for k in (a.c_pk, a.s_pk)]
         if len(set(all_keys)) != len(all_keys):
             raise SecAggError(f"site '{me}', field 'roster': a public key appears twice", me)
@@ -252,7 +269,8 @@ class ServerSession:
             raise SecAggError(f"site '{site}': its {what} came after that stage closed", site)
 
     def receive_advertisement(self, site: str, msg: Mapping[str, str]) -> None:
-        """Stage 0: ``msg = {"c_pk": b64(32), "s_pk": b64(32)}`` from ``site``."""
+        """Stage 0: ``msg = {"c_pk": b64(32), "s_pk": b64(32)[, "signed": {...}]}`` from
+        ``site``; a signature is passed on unchecked (the sites check it)."""
         site = check_name(site, "site")
         self._check_stage(site, 0, "key advertisement")
         if site in self._keys:
