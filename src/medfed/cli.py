@@ -116,9 +116,9 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
 
 def _print_summary(run_dir: Path, job: Job) -> None:
     from medfed.tracking.metrics import read_metrics
-    from medfed.tracking.report import summary_table
+    from medfed.tracking.tables import summary_table
 
-    out.print(summary_table(read_metrics(run_dir / "metrics.jsonl"), job.task.monitor))
+    out.print(summary_table(read_metrics(run_dir / "metrics.jsonl"), job.task.monitor, job.held_out))
 
 
 @app.command()
@@ -132,7 +132,7 @@ def validate(job_file: Path = typer.Argument(..., help="Job YAML to check.")) ->
         return
     out.print(
         f"[green]ok[/]: '{job.name}', {len(job.site_names)} sites ({', '.join(job.site_names)}), "
-        f"{job.algorithm.name}, {job.rounds} rounds, model {job.model.name}"
+        f"{job.algorithm.name}, {job.rounds} rounds, model {job.model.label}"
         + (f", compared with {', '.join(job.compare)}" if job.compare else ""),
         highlight=False,
     )
@@ -147,7 +147,7 @@ def _check_model_and_algorithm(job: Job) -> None:
     model = build_model(job.model, job.task, getattr(job.data, "channels", 1), spatial_dims=job.data_dims or 2)
     if job.transforms.patch is not None:
         check_input_size(job.model, tuple(job.transforms.patch), tuple(job.transforms.patch))
-    build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum)
+    build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum, lr=job.train.lr)
 
 
 @app.command()

@@ -1,4 +1,6 @@
-"""Networks by name: a small CNN for CPU runs and MONAI networks for real work.
+"""The job's network: by name (a small CNN for CPU runs and MONAI networks for real work),
+any class of ``monai.networks.nets`` or the user's factory (both built by
+:mod:`medfed.networks`), with the job's frozen parameters fixed (:mod:`medfed.weights`).
 
 Every network works on 2D images (B, C, H, W) and on 3D volumes (B, C, D, H, W), as
 ``spatial_dims`` says. Classifiers return logits of shape (B, K), K being 1 for a binary
@@ -15,8 +17,9 @@ import math
 import torch
 from torch import nn
 
-from medfed.config import CLASSIFIERS, SEGMENTERS, ModelConfig, SegmentationTaskConfig, TaskConfig
+from medfed.config import CLASSIFIERS, SEGMENTERS, ModelConfig, ModelSettings, SegmentationTaskConfig, TaskConfig
 from medfed.core.errors import ModelError
+from medfed.weights import freeze
 
 AnyTask = TaskConfig | SegmentationTaskConfig
 
@@ -83,9 +86,42 @@ def num_outputs(task: AnyTask) -> int:
     return 1 if task.labels == "binary" else task.num_classes  # type: ignore[union-attr]
 
 
-def build_model(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims: int = 2) -> nn.Module:
-    """An untrained network for ``in_channels``-channel images of ``spatial_dims`` (2 or 3)
-    spatial dimensions and ``task``.
+def build_model(cfg: ModelSettings, task: AnyTask, in_channels: int, spatial_dims: int = 2) -> nn.Module:
+    """An untrained network of ``cfg`` for ``in_channels``-channel images of ``spatial_dims``
+    (2 or 3) spatial dimensions and ``task``, with the parameters under ``cfg.freeze``
+    fixed (``requires_grad`` off; a prefix matching none is a ConfigError).
+
+    A MONAI class or a factory is built by :func:`medfed.networks.build_network` (its
+    arguments checked against its signature first); a network by name by
+    :func:`build_named`. The weights of ``cfg.init`` are not loaded here: the server loads
+    them into its first model (:func:`medfed.weights.load_init`) and sends them."""
+    if in_channels < 1:
+        raise ModelError(f"model '{cfg.label}': input must have at least 1 channel, got {in_channels}")
+    if spatial_dims not in (2, 3):
+        raise ModelError(f"model '{cfg.label}': images must have 2 or 3 spatial dimensions, got {spatial_dims}")
+    if isinstance(cfg, ModelConfig):
+        model = build_named(cfg, task, in_channels, spatial_dims)
+    else:
+        from medfed.networks import build_network
+
+        model = build_network(cfg, in_channels, num_outputs(task), spatial_dims)
+    if cfg.freeze:
+        freeze(model, cfg.freeze)
+    return model
+
+
+def check_model(cfg: ModelSettings) -> None:
+    """What can be checked of ``cfg`` without data or building it: a MONAI class or a
+    factory is found and its arguments checked against its signature (ConfigError naming
+    the field). Nothing to do for a network by name, which the job schema checks."""
+    if not isinstance(cfg, ModelConfig):
+        from medfed.networks import check_network
+
+        check_network(cfg)
+
+
+def build_named(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims: int = 2) -> nn.Module:
+    """One of medfed's networks by name (no layer frozen).
 
     Segmenters, with w = ``cfg.width``:
 
@@ -102,10 +138,6 @@ def build_model(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims:
     :class:`SmallCNN`) and ``unet``; ``segresnet`` always uses group norm. The MONAI
     classifiers have no such option: asking for it there raises ModelError.
     """
-    if in_channels < 1:
-        raise ModelError(f"model '{cfg.name}': input must have at least 1 channel, got {in_channels}")
-    if spatial_dims not in (2, 3):
-        raise ModelError(f"model '{cfg.name}': images must have 2 or 3 spatial dimensions, got {spatial_dims}")
     seg = is_segmentation(task)
     if seg and cfg.name not in SEGMENTERS:
         raise ModelError(f"model '{cfg.name}' is a classifier; a segmentation task needs one of {list(SEGMENTERS)}")
@@ -161,11 +193,11 @@ def get_params(model: nn.Module) -> dict[str, torch.Tensor]:
 SEGMENTER_STRIDE = 8  # unet and segresnet halve the image three times
 
 
-def check_input_size(cfg: ModelConfig, spatial_shape: tuple[int, ...], patch: tuple[int, ...] | None) -> None:
+def check_input_size(cfg: ModelSettings, spatial_shape: tuple[int, ...], patch: tuple[int, ...] | None) -> None:
     """Refuse inputs a segmenter cannot take: it halves them three times, so every side it
     sees (the training patch, else the image) must be a multiple of 8. Raises ModelError."""
-    if cfg.name not in ("unet", "segresnet"):
-        return
+    if not isinstance(cfg, ModelConfig) or cfg.name not in ("unet", "segresnet"):
+        return  # a MONAI class or a factory says itself what it cannot take, when it runs
     seen = tuple(patch) if patch is not None else tuple(spatial_shape)
     if any(int(s) % SEGMENTER_STRIDE for s in seen):
         what = "transforms.patch" if patch is not None else "the images"

@@ -64,7 +64,10 @@ def test_run_writes_a_complete_run_folder(tmp_path):
             assert (arm, site, "test") in final and (arm, site, "val") in final
     side = json.loads((run / "model_best.json").read_text())
     assert side["metric"] == "val_auc" and side["round"] in (1, 2) and len(side["job_hash"]) == 64
-    assert "federated" in res.output  # the summary table
+    assert "federated" in res.output  # the summary table, with the spread across sites
+    assert all(label in res.output for label in ("worst site", "best site", "std across sites", "gap (best"))
+    html = (run / "report.html").read_text()
+    assert '<tr class="spread"><td>worst site</td>' in html and "<td>gap (best − worst)</td>" in html
     assert not list(tmp_path.glob(".run.partial-*"))
 
 
@@ -121,7 +124,7 @@ def test_validate_and_report_commands(tmp_path):
      {"name": "fedyogi", "server_lr": 0.01}, {"name": "fedadagrad", "server_lr": 0.01}, {"name": "scaffold"},
      {"name": "fedbn"}, {"name": "fednova"}, {"name": "feddyn", "alpha": 0.01},
      {"name": "fedper", "personal_layers": ["head"]}, {"name": "ditto", "lam": 0.1},
-     {"name": "moon", "mu": 1.0}, {"name": "fedrep", "personal_layers": ["head"]}],
+     {"name": "moon", "mu": 1.0}, {"name": "fedrep", "personal_layers": ["head"]}, {"name": "qfedavg", "q": 1.0}],
 )
 def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
     train = {"batch_size": 8, "lr": 0.05, "momentum": 0.0 if algorithm["name"] == "scaffold" else 0.9}
@@ -131,6 +134,11 @@ def test_every_algorithm_runs_end_to_end(tmp_path, algorithm):
     final = [r for r in _records(tmp_path / "run") if r["round"] == 2 and r["site"] == "all" and r["split"] == "test"]
     assert {r["metric"] for r in final} >= {"auc", "accuracy", "loss"}
     assert "left out" not in (tmp_path / "run" / "run.log").read_text()
+    if algorithm["name"] == "qfedavg":  # each site sent its loss before training (8 bytes) with its model
+        recs = _records(tmp_path / "run")
+        model = {r["round"]: r["value"] for r in recs if r["metric"] == "model_bytes"}
+        sent = [(r["round"], r["value"]) for r in recs if r["metric"] == "bytes_sent"]
+        assert len(sent) == 6 and all(v == model[rnd] + 8 for rnd, v in sent)
     if algorithm["name"] == "ditto":
         personal = [r for r in _records(tmp_path / "run") if r["arm"] == "personalized" and r["split"] == "test"]
         assert {r["round"] for r in personal} == {1, 2} and {r["site"] for r in personal} == {"a", "b", "c", "all", "median"}

@@ -7,7 +7,8 @@ from rich.console import Console
 
 from medfed.core.errors import ConfigError, RunDirError
 from medfed.tracking.metrics import MetricsWriter
-from medfed.tracking.report import fmt, render_report, summary_table, write_report
+from medfed.tracking.report import fmt, render_report, write_report
+from medfed.tracking.tables import summary_table
 
 SITES = ["north", "south"]
 

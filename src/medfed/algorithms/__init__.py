@@ -15,6 +15,7 @@ from medfed.algorithms.fedrep import FedRep
 from medfed.algorithms.moon import Moon
 from medfed.algorithms.fedopt import FedOpt
 from medfed.algorithms.fedprox import FedProx
+from medfed.algorithms.qfedavg import QFedAvg
 from medfed.algorithms.scaffold import Scaffold
 from medfed.config import (
     AlgorithmConfig,
@@ -28,16 +29,19 @@ from medfed.config import (
     FedProxConfig,
     FedRepConfig,
     MoonConfig,
+    QFedAvgConfig,
     ScaffoldConfig,
 )
 from medfed.core.errors import ConfigError
 
 
 def build_algorithm(
-    cfg: AlgorithmConfig, model: nn.Module, num_sites: int, momentum: float = 0.0, combiner: Combiner | None = None
+    cfg: AlgorithmConfig, model: nn.Module, num_sites: int, momentum: float = 0.0, combiner: Combiner | None = None,
+    lr: float | None = None,
 ) -> Algorithm:
     """The algorithm object for a validated config, for ``model`` (its trainable and
-    batch-norm names), a job of ``num_sites`` sites and local SGD ``momentum``.
+    batch-norm names), a job of ``num_sites`` sites, local SGD ``momentum`` and learning
+    rate ``lr`` (q-FedAvg's default ``L = 1 / lr``; the server passes it, a site need not).
     ``combiner``: how the rules built on the mean combine the updates (default: the
     weighted mean); the job's validation lets a robust rule, DP or secure aggregation
     through only for those (FedAvg's family and the server optimizers)."""
@@ -72,6 +76,9 @@ def build_algorithm(
         return FedDyn(cfg.alpha, num_sites, trainable)
     if isinstance(cfg, ScaffoldConfig):
         return Scaffold(cfg.server_lr, num_sites, trainable)
+    if isinstance(cfg, QFedAvgConfig):
+        lipschitz = cfg.lipschitz if cfg.lipschitz is not None else (1.0 / lr if lr else None)
+        return QFedAvg(cfg.q, lipschitz, trainable)
     raise TypeError(f"no algorithm for config {type(cfg).__name__}")
 
 

@@ -46,6 +46,15 @@ class Phase:
 class SiteHook:
     """Site-side half of an algorithm. The defaults give plain local training."""
 
+    # True when the hook needs the task loss of the model a phase starts from (the global
+    # model, for the first) on the site's training split, e.g. q-FedAvg's F_k: the training
+    # step measures it in eval mode before its first step and calls on_start_loss.
+    wants_start_loss: bool = False
+
+    def on_start_loss(self, loss: float | None) -> None:
+        """The mean task loss of the starting model on the training split (hooks with
+        ``wants_start_loss`` only); None when the model's outputs are not finite."""
+
     def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
         """Called once per round after the global parameters are loaded into ``model``
         (and by a phase's own hook when that phase starts)."""

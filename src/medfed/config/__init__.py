@@ -19,7 +19,9 @@ One module per section of the job, each importing only those listed before it:
 - ``limits``: the bounds above, :data:`SiteName`, :func:`unique_names`
 - ``data``: the ``data`` section (synthetic, medmnist, folder, pairs, volumes), partitions, splits
 - ``transforms``: preprocessing and augmentation steps, :class:`TransformsConfig`
-- ``model``: :class:`ModelConfig` and the task (:class:`TaskConfig`, :class:`SegmentationTaskConfig`)
+- ``model``: the network (:class:`ModelConfig` by name, :class:`MonaiModelConfig`,
+  :class:`ImportModelConfig`; any of them :data:`AnyModelConfig`), its init and frozen
+  layers, and the task (:class:`TaskConfig`, :class:`SegmentationTaskConfig`)
 - ``algorithms``: one settings class per algorithm, with what it does beyond the mean declared on it
 - ``job``: :class:`Job` (top-level fields, :class:`TrainConfig`, :class:`SamplingConfig`, checks across sections)
 - ``messages``: pydantic errors as ``field.path: what, got value``
@@ -46,6 +48,7 @@ from medfed.config.algorithms import (
     FedProxConfig,
     FedRepConfig,
     MoonConfig,
+    QFedAvgConfig,
     ScaffoldConfig,
     algorithm_names,
     mean_algorithm_names,
@@ -74,7 +77,16 @@ from medfed.config.data import (
     synthetic_size_problem,
     without_reading,
 )
-from medfed.config.files import builtin_job_path, load_job, map_paths, parse_job, read_yaml, resolve_paths
+from medfed.config.files import (
+    SITE_LOCAL,
+    builtin_job_path,
+    load_job,
+    map_paths,
+    parse_job,
+    read_yaml,
+    resolve_paths,
+    with_init_hash,
+)
 from medfed.config.job import Job, SamplingConfig, TrainConfig
 from medfed.config.limits import (
     MAX_BATCH,
@@ -94,11 +106,19 @@ from medfed.config.limits import (
 from medfed.config.messages import describe_error, format_validation_error
 from medfed.config.model import (
     CLASSIFIERS,
+    INIT_SUFFIXES,
     SEGMENTERS,
+    AnyModelConfig,
     AnyTaskConfig,
+    ArgValue,
+    ImportModelConfig,
     ModelConfig,
+    ModelSettings,
+    MonaiModelConfig,
     SegmentationTaskConfig,
     TaskConfig,
+    hashed_model,
+    model_kind,
     task_kind,
 )
 from medfed.config.transforms import (
@@ -123,6 +143,7 @@ from medfed.config.transforms import (
 
 __all__ = [
     "CLASSIFIERS",
+    "INIT_SUFFIXES",
     "MAX_BATCH",
     "MAX_EPOCHS",
     "MAX_EXAMPLES",
@@ -135,11 +156,14 @@ __all__ = [
     "RESERVED_SITE_NAMES",
     "SEGMENTATION_SOURCES",
     "SEGMENTERS",
+    "SITE_LOCAL",
     "SYNTHETIC_MAX_BYTES",
     "WINDOW_PRESETS",
     "AlgorithmConfig",
     "AlgorithmSettings",
+    "AnyModelConfig",
     "AnyTaskConfig",
+    "ArgValue",
     "CacheMode",
     "READING_FIELDS",
     "LoaderConfig",
@@ -162,10 +186,13 @@ __all__ = [
     "FlipStep",
     "FolderData",
     "ImageSize",
+    "ImportModelConfig",
     "IntensityStep",
     "Job",
     "MedMNISTData",
     "ModelConfig",
+    "ModelSettings",
+    "MonaiModelConfig",
     "MoonConfig",
     "NoiseStep",
     "NormalizeStep",
@@ -173,6 +200,7 @@ __all__ = [
     "PairsData",
     "PartitionConfig",
     "PreprocessStep",
+    "QFedAvgConfig",
     "ResizeStep",
     "Rotate90Step",
     "RotateStep",
@@ -197,14 +225,17 @@ __all__ = [
     "builtin_job_path",
     "describe_error",
     "format_validation_error",
+    "hashed_model",
     "load_job",
     "map_paths",
     "mean_algorithm_names",
+    "model_kind",
     "parse_job",
     "read_yaml",
     "resolve_paths",
     "synthetic_size_problem",
     "without_reading",
+    "with_init_hash",
     "task_kind",
     "unique_names",
 ]

@@ -28,10 +28,15 @@ class AlgorithmSettings(Frozen):
     ``gradient_change``: None when local training follows the gradients of the task loss
     alone; else how the algorithm changes them ("adds a proximal loss term"), which DP-SGD,
     clipping and noising only the per-example gradients of the task loss, cannot bound.
+
+    ``outside_update``: None when the server rule uses nothing a site computes from its
+    data besides its update; else what it uses ("weights each update by the site's
+    training loss"), which DP-SGD, privatizing only the update, does not cover.
     """
 
     beyond_mean: ClassVar[str | None] = None
     gradient_change: ClassVar[str | None] = None
+    outside_update: ClassVar[str | None] = None
 
     @property
     def uses_mean(self) -> bool:
@@ -152,12 +157,27 @@ class FedPerConfig(AlgorithmSettings):
     personal_layers: list[str] = Field(min_length=1)
 
 
+class QFedAvgConfig(AlgorithmSettings):
+    """q-FedAvg (Li, Sanjabi, Beirami and Smith, ICLR 2020), the solver of q-FFL: each site
+    also sends the loss of the global model on its training data, and the server weights
+    each site's change by that loss to the power ``q``, so the sites the model serves worst
+    pull it hardest. ``q = 0`` is the unweighted mean of the sites' models; larger ``q`` is
+    fairer (less spread across sites) at some cost to the mean. ``lipschitz``: the
+    constant ``L`` of the step (default ``1 / train.lr``)."""
+
+    name: Literal["qfedavg"]
+    beyond_mean: ClassVar[str | None] = "weights each site's update by its own training loss"
+    outside_update: ClassVar[str | None] = "weights each update by the site's training loss"
+    q: Real = Field(1.0, ge=0)
+    lipschitz: Real | None = Field(None, gt=0)
+
+
 # One entry per algorithm; each is `name: Literal[...]` plus its hyperparameters, and declares
 # what it does beyond the mean as class attributes (see AlgorithmSettings).
 AlgorithmConfig = Annotated[
     Union[
         FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig, FedNovaConfig, FedDynConfig,
-        FedPerConfig, FedRepConfig, DittoConfig, MoonConfig,
+        FedPerConfig, FedRepConfig, DittoConfig, MoonConfig, QFedAvgConfig,
     ],
     Field(discriminator="name"),
 ]

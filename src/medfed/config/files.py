@@ -15,10 +15,14 @@ from medfed.config.job import Job
 from medfed.config.limits import MAX_YAML_NODES
 from medfed.config.messages import format_validation_error
 from medfed.core.errors import ConfigError
+from medfed.core.files import sha256_file
+
+SITE_LOCAL = Path("<site-local>")  # stands for every file path when the job travels to sites
 
 
 def parse_job(raw: Any, source: str = "job", base_dir: Path | None = None) -> Job:
-    """Validate a mapping (parsed YAML) as a Job. Relative data paths resolve against base_dir."""
+    """Validate a mapping (parsed YAML) as a Job. Relative data paths and ``model.init``
+    resolve against base_dir; the init file's SHA-256 is filled in (see :func:`with_init_hash`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a job must be a mapping of fields, got {type(raw).__name__}")
     try:
@@ -26,8 +30,30 @@ def parse_job(raw: Any, source: str = "job", base_dir: Path | None = None) -> Jo
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
     if base_dir is not None:
-        job = job.model_copy(update={"data": resolve_paths(job.data, base_dir)})
-    return job
+        job = job.model_copy(update={"data": resolve_paths(job.data, base_dir),
+                                     "model": resolve_paths(job.model, base_dir)})
+    return with_init_hash(job, source)
+
+
+def with_init_hash(job: Job, source: str = "job") -> Job:
+    """``job`` with ``model.init_sha256`` set to the SHA-256 of the ``model.init`` file.
+
+    A job that arrived at a site (its paths ``<site-local>``) keeps the server's hash. A
+    file that cannot be read, or whose content differs from a pinned ``init_sha256``, is a
+    ConfigError naming the field."""
+    m = job.model
+    if m.init is None or m.init == SITE_LOCAL:
+        return job
+    try:
+        digest = sha256_file(m.init)
+    except OSError as e:
+        raise ConfigError(f"{source}: model.init: cannot read '{m.init}': {e.strerror or e}") from None
+    if m.init_sha256 is not None and m.init_sha256 != digest:
+        raise ConfigError(
+            f"{source}: model.init_sha256: the job pins {m.init_sha256}, but '{m.init}' has SHA-256 {digest}; "
+            "give the file the job was written for, or remove init_sha256 to accept this one"
+        )
+    return job.model_copy(update={"model": m.model_copy(update={"init_sha256": digest})})
 
 
 def map_paths(value: Any, fn: Callable[[Path], Path]) -> Any:
@@ -53,7 +79,7 @@ def map_paths(value: Any, fn: Callable[[Path], Path]) -> Any:
 
 
 def resolve_paths(value: Any, base_dir: Path) -> Any:
-    """A copy of a data config with every relative path made absolute against base_dir."""
+    """A copy of a config section with every relative path made absolute against base_dir."""
     return map_paths(value, lambda p: p if p.is_absolute() else (base_dir / p).resolve())
 
 

@@ -27,7 +27,7 @@ from medfed.config.data import (
     without_reading,
 )
 from medfed.config.limits import MAX_BATCH, MAX_EPOCHS, MAX_ROUND_TIMEOUT, MAX_ROUNDS, MAX_SITES, SiteName, unique_names
-from medfed.config.model import CLASSIFIERS, SEGMENTERS, AnyTaskConfig, ModelConfig
+from medfed.config.model import CLASSIFIERS, SEGMENTERS, AnyModelConfig, AnyTaskConfig, ModelConfig, hashed_model
 from medfed.config.transforms import TransformsConfig
 from medfed.core.schema import Count, Frozen, Real
 from medfed.privacy.settings import CompressionConfig, PrivacyConfig
@@ -91,7 +91,7 @@ class Job(Frozen):
     transforms: TransformsConfig = TransformsConfig()
     feature_shift: dict[SiteName, ScannerConfig] = Field(default_factory=dict)
     held_out: list[SiteName] = Field(default_factory=list)
-    model: ModelConfig
+    model: AnyModelConfig
     task: AnyTaskConfig
     algorithm: AlgorithmConfig = FedAvgConfig()
     train: TrainConfig = TrainConfig()
@@ -142,9 +142,10 @@ class Job(Frozen):
         if seg_data != seg_task:
             want = "task.kind: segmentation" if seg_data else "a classification task"
             raise ValueError(f"data.source: '{self.data.source}' data needs {want}, got task.kind '{self.task.kind}'")
-        if seg_task and self.model.name not in SEGMENTERS:
+        named = isinstance(self.model, ModelConfig)  # a MONAI class or a factory: its outputs are filled in
+        if named and seg_task and self.model.name not in SEGMENTERS:
             raise ValueError(f"model.name: a segmentation task needs one of {list(SEGMENTERS)}, got '{self.model.name}'")
-        if not seg_task and self.model.name not in CLASSIFIERS:
+        if named and not seg_task and self.model.name not in CLASSIFIERS:
             raise ValueError(
                 f"model.name: '{self.model.name}' segments; a classification task needs one of {list(CLASSIFIERS)}"
             )
@@ -206,10 +207,16 @@ class Job(Frozen):
                 raise ValueError(
                     f"model.norm: site-level DP adds noise to every entry the sites share, batch-norm running "
                     f"variances included, which it can drive below zero; use small_cnn or unet with norm: group, "
-                    f"segresnet, or algorithm fedbn (batch-norm layers stay at each site); got {self.model.name} "
+                    f"segresnet, or algorithm fedbn (batch-norm layers stay at each site); got {self.model.label} "
                     f"with batch norm"
                 )
         if p.dp_sgd is not None:
+            if a.outside_update is not None:
+                raise ValueError(
+                    f"algorithm.name: '{algo}' {a.outside_update}, which DP-SGD does not privatize (it covers "
+                    "the update only), so the model's privacy cost is not accounted for; use fedavg, a server "
+                    "optimizer, fednova, fedper or fedrep"
+                )
             if a.gradient_change is not None:
                 raise ValueError(
                     f"algorithm.name: '{algo}' {a.gradient_change} outside the per-example gradients that "
@@ -221,10 +228,12 @@ class Job(Frozen):
                     "task.kind: DP-SGD bounds each example's gradient, but the segmentation loss (Dice over the "
                     "batch) mixes examples; DP-SGD is for classification tasks"
                 )
-            if not (self.model.name == "small_cnn" and self.model.norm == "group"):
+            m = self.model
+            if not (isinstance(m, ModelConfig) and m.name == "small_cnn" and m.norm == "group"):
+                got = f"{m.name} with {m.norm} norm" if isinstance(m, ModelConfig) else m.label
                 raise ValueError(
                     f"model.norm: DP-SGD needs per-example gradients, which batch norm mixes; use small_cnn with "
-                    f"norm: group (got {self.model.name} with {self.model.norm} norm)"
+                    f"norm: group (got {got})"
                 )
         sa = p.secure_aggregation
         if sa is not None:
@@ -262,8 +271,12 @@ class Job(Frozen):
 
     @property
     def has_batch_norm(self) -> bool:
-        """True when the job's network has batch-norm layers."""
+        """True when the job's network, one of medfed's by name, has batch-norm layers. False
+        for a MONAI class or a factory, which are known only once built: the run checks
+        those when it builds its first model (server/runner.py ``initial_model``)."""
         m = self.model
+        if not isinstance(m, ModelConfig):
+            return False
         return m.name in ("densenet121", "resnet18", "resnet50") or (m.name in ("small_cnn", "unet") and m.norm == "batch")
 
     @property
@@ -311,9 +324,18 @@ class Job(Frozen):
 
     def job_hash(self) -> str:
         """SHA-256 of everything that affects results (the output folder and how the data
-        is read, :data:`~medfed.config.data.READING_FIELDS`, do not)."""
+        is read, :data:`~medfed.config.data.READING_FIELDS`, do not). The init weights count
+        by their content (``model.init_sha256``), not their path (see
+        :func:`~medfed.config.model.hashed_model`)."""
         body = self.model_dump(mode="json", exclude={"output"})
         body["data"] = without_reading(body["data"])
+        m = self.model
+        if m.init is not None and m.init_sha256 is None and m.init.name != "<site-local>":
+            # built without parse_job (which fills it in): hash the file now
+            from medfed.core.files import sha256_file
+
+            body["model"]["init_sha256"] = sha256_file(m.init)
+        body["model"] = hashed_model(body["model"])
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     @property

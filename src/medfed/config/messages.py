@@ -46,20 +46,24 @@ def _union_tags(union: Any, field: str) -> set[str]:
 # data source or transform never needs listing here.
 _UNION_TAGS = (
     _union_tags(DataConfig, "source") | _union_tags(AlgorithmConfig, "name") | _union_tags(PreprocessStep, "name")
-    | _union_tags(AugmentStep, "name") | {"classification", "segmentation"}
+    | _union_tags(AugmentStep, "name") | {"classification", "segmentation"} | {"named", "monai", "import"}
 )
-_UNION_PARENTS = ("data", "algorithm", "task", "]")
+_UNION_PARENTS = ("data", "algorithm", "task", "model", "]")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
+    tag_skipped = False  # one tag per union: ``model.monai`` after the tag ``monai`` is a field
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif parts and parts[-1].lstrip(".").endswith(_UNION_PARENTS) and item in _UNION_TAGS:
+        elif (not tag_skipped and parts and parts[-1].lstrip(".").endswith(_UNION_PARENTS)
+              and item in _UNION_TAGS):
+            tag_skipped = True
             continue  # pydantic adds the union tag; users never write it
         else:
             parts.append(("." if parts else "") + str(item))
+        tag_skipped = False
     return "".join(parts) or "(job)"
 
 

@@ -1,20 +1,111 @@
-"""The job's ``model`` and ``task`` sections: a network by name, and the task (classification
-or segmentation) that fixes its outputs, loss and metrics."""
+"""The job's ``model`` and ``task`` sections: the network (one of medfed's by name, any
+class of ``monai.networks.nets``, or the user's own factory), where its weights start, which
+stay fixed, and the task (classification or segmentation) that fixes its outputs, loss and
+metrics.
+
+Only names and settings are checked here (no torch, no MONAI: loading a job stays fast).
+Whether a MONAI class or a factory takes the job's arguments is checked against its
+signature by :func:`medfed.networks.check_network` when the job is validated and before a
+run starts; the init file's keys and shapes when the run builds its first model
+(:mod:`medfed.weights`).
+"""
 
 # No `from __future__ import annotations`: pydantic would parse every field type from a string
 # at import, which lengthens start-up (see the package docstring).
 
+import re
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import (
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+from typing_extensions import TypeAliasType
 
 from medfed.core.schema import Count, Frozen
 
 CLASSIFIERS = ("small_cnn", "densenet121", "resnet18", "resnet50")
 SEGMENTERS = ("unet", "segresnet")
+INIT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+# A value of ``model.args``: what YAML and JSON can hold (a list stands for a tuple).
+ArgValue = TypeAliasType(
+    "ArgValue", Union[None, bool, int, float, str, list["ArgValue"], dict[str, "ArgValue"]]  # type: ignore[misc]
+)
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_IMPORT_PATH = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ModelConfig(Frozen):
+class _Weights(Frozen):
+    """What every ``model`` form shares: where the weights start and which stay fixed.
+
+    ``init``: a weights file (``.safetensors``, or a PyTorch checkpoint ``.pt``/``.pth``
+    read with ``torch.load(weights_only=True)``: a state dict, or a dict holding one under
+    ``state_dict`` or ``model``) that round 1 starts from, at every site and in every arm;
+    a relative path is read against the job file's folder. In a deployment the server reads
+    it and sends the weights: sites need not have it. ``init_sha256``: the file's SHA-256,
+    filled in when the job is loaded (give it to pin the file: a file with another content
+    is then refused); it, not the path, goes into the job hash and ``run.json``.
+    ``init_keys``: ``strict`` (default) needs every entry of the model in the file with its
+    shape and nothing else; ``partial`` loads the entries that match in name and shape and
+    keeps the others as built (a new head on a pretrained encoder), with a table of what did
+    not match in run.log. ``freeze``: parameter-name prefixes (``encoder.`` or
+    ``features.0``) whose parameters no site trains, in any arm; a prefix matching no
+    parameter is an error. (A prefix is matched as text: ``layer1`` also matches
+    ``layer10.weight``; ``layer1.`` does not.)
+    """
+
+    init: Path | None = None
+    init_sha256: str | None = None
+    init_keys: Literal["strict", "partial"] = "strict"
+    freeze: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=1000)
+
+    @field_validator("init")
+    @classmethod
+    def _init_format(cls, v: Path | None) -> Path | None:
+        if v is not None and v.suffix.lower() not in INIT_SUFFIXES and v.name != "<site-local>":
+            raise ValueError(
+                f"must be a .safetensors file or a PyTorch checkpoint (.pt, .pth), got '{v}'"
+            )
+        return v
+
+    @field_validator("init_sha256")
+    @classmethod
+    def _sha_format(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA256.match(v):
+            raise ValueError(f"must be 64 lowercase hex digits (a SHA-256), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _init_given(self) -> "_Weights":
+        if self.init is None and self.init_sha256 is not None:
+            raise ValueError("init_sha256 pins the init file, but init is not set: give model.init too")
+        return self
+
+
+# Each form's own fields sit in a base listed after _Weights, so that they come first in a
+# dumped job (job.yaml reads ``name: unet`` before ``init: null``).
+
+
+class _ByName(Frozen):
+    name: Literal["small_cnn", "densenet121", "resnet18", "resnet50", "unet", "segresnet"]
+    width: Count = Field(16, ge=1, le=512)
+    norm: Literal["batch", "group"] = "batch"
+
+    @property
+    def label(self) -> str:
+        """How messages and summaries name the network."""
+        return self.name
+
+
+class ModelConfig(_Weights, _ByName):
     """A network by name, 2D or 3D as the data is. Classifiers: ``small_cnn`` (for CPU
     runs), MONAI ``densenet121``, ``resnet18``, ``resnet50``. Segmenters: MONAI ``unet``
     and ``segresnet``.
@@ -24,11 +115,96 @@ class ModelConfig(Frozen):
     its levels) and ``segresnet``. ``norm`` picks the normalization layers of ``small_cnn``
     and ``unet``: ``batch`` (default) or ``group`` (needed by sample-level DP-SGD, whose
     per-example gradients batch norm would mix; segresnet always uses group norm).
+    Then the fields every form shares (:class:`_Weights`: ``init``, ``init_keys``,
+    ``freeze``).
     """
 
-    name: Literal["small_cnn", "densenet121", "resnet18", "resnet50", "unet", "segresnet"]
-    width: Count = Field(16, ge=1, le=512)
-    norm: Literal["batch", "group"] = "batch"
+
+class _Monai(Frozen):
+    monai: Annotated[str, Field(min_length=1, max_length=128)]
+    args: dict[str, ArgValue] = Field(default_factory=dict)
+
+    @field_validator("monai")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        if not re.fullmatch(_IDENT, v):
+            raise ValueError(f"must be a class name of monai.networks.nets such as SwinUNETR, got {v!r}")
+        return v
+
+    @property
+    def label(self) -> str:
+        return f"monai.networks.nets.{self.monai}"
+
+
+class MonaiModelConfig(_Weights, _Monai):
+    """Any network class of ``monai.networks.nets`` (``SwinUNETR``, ``DynUNet``,
+    ``DenseNet``...), built with ``args``. medfed fills the class's spatial dimensions
+    (``spatial_dims``, or ``dimensions``), input channels (``in_channels``,
+    ``n_input_channels``...) and outputs (``out_channels``, ``num_classes``...) from the data
+    and the task, unless ``args`` sets them; every other required argument (e.g.
+    ``img_size`` of UNETR) comes from ``args``. A YAML list stands for a tuple."""
+
+
+class _Import(Frozen):
+    factory: str = Field(alias="import", min_length=3, max_length=256)
+    args: dict[str, ArgValue] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _import_path(cls, v: str) -> str:
+        if not _IMPORT_PATH.match(v):
+            raise ValueError(f"must be 'package.module:factory' (a module path, a colon, a name in it), got {v!r}")
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.factory
+
+
+class ImportModelConfig(_Weights, _Import):
+    """A network from the user's own code: ``import: "package.module:factory"`` names a
+    class or function that returns a ``torch.nn.Module``, called with ``args``, plus the
+    sizes (as for MONAI classes) when its signature takes them. The package must be
+    installed, or on ``PYTHONPATH``, wherever the run happens (the server and every site):
+    medfed never sends code."""
+
+    # written ``import:`` (a Python keyword, so the field has another name), read and dumped so
+    model_config = ConfigDict(serialize_by_alias=True)
+
+
+def model_kind(v: Any) -> str:
+    """The form of a ``model`` section: ``named`` (``name:``), ``monai`` or ``import``."""
+    if isinstance(v, dict):
+        return "monai" if "monai" in v else "import" if "import" in v else "named"
+    return {MonaiModelConfig: "monai", ImportModelConfig: "import"}.get(type(v), "named")
+
+
+AnyModelConfig = Annotated[
+    Union[
+        Annotated[ModelConfig, Tag("named")],
+        Annotated[MonaiModelConfig, Tag("monai")],
+        Annotated[ImportModelConfig, Tag("import")],
+    ],
+    Discriminator(model_kind),
+]
+"""The job's ``model``: a network by name (:class:`ModelConfig`), a MONAI class
+(:class:`MonaiModelConfig`) or the user's factory (:class:`ImportModelConfig`)."""
+
+ModelSettings = Union[ModelConfig, MonaiModelConfig, ImportModelConfig]
+"""Any of the three, as code that takes a validated ``model`` section types it."""
+
+
+def hashed_model(dumped: dict[str, Any]) -> dict[str, Any]:
+    """The part of a dumped ``model`` section that goes into the job hash: the init file's
+    content (its SHA-256), not its path; the new fields left out when unused, so that a job
+    written before they existed keeps its hash."""
+    out = {k: v for k, v in dumped.items() if k != "init"}
+    if dumped.get("init") is None:
+        out.pop("init_sha256", None)
+        out.pop("init_keys", None)
+    if not dumped.get("freeze"):
+        out.pop("freeze", None)
+    return out
 
 
 class TaskConfig(Frozen):

@@ -89,3 +89,14 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666, durable: bool
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's content, in hex, read in 1 MiB parts (OSError as ``open``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for part in iter(lambda: f.read(1 << 20), b""):
+            h.update(part)
+    return h.hexdigest()

@@ -52,6 +52,16 @@ class Metric(enum.StrEnum):
         return f"{self.value}_class_{k}"
 
 
+# The evaluation figures where less is better (the others, AUC, accuracy, Dice, more).
+LOWER_IS_BETTER = frozenset({Metric.LOSS, Metric.HD95})
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of the figure named ``metric`` is better: ``loss``, ``hd95``
+    and their per-class figures (``hd95_class_1``)."""
+    return metric.partition("_class_")[0] in LOWER_IS_BETTER
+
+
 class Split(str, enum.Enum):
     TRAIN = "train"
     VAL = "val"

@@ -26,11 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from medfed import __version__
 from medfed.algorithms import Algorithm
-from medfed.config import Job
+from medfed.config import Job, with_init_hash
 from medfed.core.errors import ConfigError, RoundError, RunDirError
 from medfed.core.summary import SiteSummary, sites_json
 from medfed.core.types import Arm, Params
-from medfed.models import check_input_size, get_params
+from medfed.models import check_input_size, check_model, get_params
 from medfed.server.baselines import run_finetuned, run_local
 from medfed.core.files import PRIVATE, atomic_write_text, replacing
 from medfed.server.checkpoint import load_checkpoint
@@ -183,6 +183,8 @@ def serve_job(
     if job.attack is not None:
         raise ConfigError("attack: simulated attacks are for simulation studies (medfed run); remove the "
                           "attack section from a deployment job")
+    job = with_init_hash(job)  # the init file's hash, for a job built without parse_job
+    check_model(job.model)  # a MONAI class's or a factory's arguments, before any site is awaited
     output = job.output.resolve()
     created = not output.exists()
     _prepare_folder(output, resume)
@@ -259,8 +261,8 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         atomic_write_text(output / "sites.json", sites_json(rows), mode=PRIVATE)
 
         # ---- the model, the server rule and, when resuming, where the run stopped
-        model = initial_model(job, shape[0], len(shape) - 1)
-        params = get_params(model)
+        model = initial_model(job, shape[0], len(shape) - 1)  # with model.init: the server's file, sent to the sites
+        params = init_params = get_params(model)
         transport = GrpcTransport(hub)
         # DP noise from the OS: in a deployment nobody may know it in advance
         federation = build_federation(job, model, transport, {r.name: r.train for r in rows}, noise_seed=None)
@@ -289,8 +291,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         if "finetuned" in job.compare:
             run_finetuned(job, transport, final, store.write_metric, callback)
         if "local" in job.compare:
-            run_local(job, transport, get_params(initial_model(job, shape[0], len(shape) - 1)), store.write_metric,
-                      callback)
+            run_local(job, transport, init_params, store.write_metric, callback)
         if job.task.kind == "segmentation" and job.task.save_predictions > 0:
             log.warning("task.save_predictions: predicted masks are not written in a deployment (the test "
                         "images stay at the sites)")
@@ -306,6 +307,8 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
                   "job_hash": job.job_hash(), "started": started.isoformat(),
                   "finished": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
                   "rounds": job.rounds, "resumed": resume}
+        if job.model.init is not None:  # the weights round 1 started from, by content
+            marker["init_sha256"] = job.model.init_sha256
         atomic_write_text(output / RUN_MARKER, json.dumps(marker, indent=2) + "\n", mode=PRIVATE)
         write_report(output, mode=PRIVATE)
         hub.finish(grace=wire.POLL_WAIT + 2.0)  # only a finished job sends the sites home

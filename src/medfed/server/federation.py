@@ -33,13 +33,16 @@ class Federation:
     ``algorithm``: the server rule with its combiner (the weighted mean, a robust rule,
     central DP or the secure sum); ``incoming``: how the sites encode their federated
     updates; ``sampler``: the sites of each round; ``ledger``: epsilon after each round and
-    the last round the privacy budget allows (None without DP)."""
+    the last round the privacy budget allows (None without DP); ``frozen``: the job's
+    frozen parameters (``model.freeze``), which keep their starting values whatever DP
+    noise, secure aggregation's rounding or the server rule would make of them."""
 
     job: Job
     algorithm: Algorithm
     incoming: UpdateFormat
     sampler: SiteSampler
     ledger: PrivacyLedger | None = None
+    frozen: frozenset[str] = frozenset()
 
 
 def build_federation(
@@ -52,7 +55,8 @@ def build_federation(
     noise repeatable (a simulation), None draws it from the OS (a deployment)."""
     kept = local_keys(job.algorithm, model)
     combiner = combiner_for(job, noise_seed, exchange, train_sizes, kept)
-    algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum, combiner)
+    algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum, combiner,
+                                lr=job.train.lr)
     sizes = dict(train_sizes) if all(train_sizes.get(s, 0) > 0 for s in job.training_sites) else None
     try:
         sampler = SiteSampler(job, sizes)
@@ -60,4 +64,6 @@ def build_federation(
         missing = [s for s in job.training_sites if not train_sizes.get(s)]
         raise ConfigError(f"sampling.method: {e}; every training site must have joined (missing: "
                           f"{', '.join(missing) or 'none'})") from None
-    return Federation(job, algorithm, incoming_for(job, buffer_keys(model)), sampler, ledger_for(job, train_sizes))
+    frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)  # set by model.freeze
+    return Federation(job, algorithm, incoming_for(job, buffer_keys(model)), sampler, ledger_for(job, train_sizes),
+                      frozen)

@@ -187,6 +187,7 @@ def run_federated(
     sites = list(job.site_names)
     job_id = job.job_id
     global_params = init_params
+    pinned = {k: init_params[k] for k in federation.frozen if k in init_params}  # model.freeze: never change
     # sites that have trained (and so hold a personal model, for algorithms that keep one)
     personal: set[str] = {s for r in range(1, start_round) for _, s in sampler.select(r)}
     last = job.rounds if ledger is None else min(job.rounds, ledger.last_round)
@@ -222,6 +223,8 @@ def run_federated(
 
         # ---- 4. aggregate with the algorithm's server rule (its combiner: mean, robust rule, DP, secure sum)
         global_params = algorithm.aggregate(global_params, updates)
+        if pinned:  # what noise, rounding or the rule made of the frozen parameters is undone
+            global_params = {**global_params, **{k: v for k, v in pinned.items() if k in global_params}}
         loss, n_updates = mean_loss(updates), len(updates)
         del answers, updates  # let go of the updates (and their buffers) before the next round
         for name, value in algorithm.combiner.round_metrics().items():

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from medfed import __version__
-from medfed.config import Job
-from medfed.core.errors import RunDirError
+from medfed.config import Job, ModelConfig, with_init_hash
+from medfed.core.errors import ConfigError, RunDirError
 from medfed.core.summary import SiteSummary, sites_json
 from medfed.core.types import Arm, Params
 from medfed.data.base import SiteData
-from medfed.models import build_model, check_input_size, get_params
+from medfed.models import build_model, check_input_size, check_model, get_params
 from medfed.server.baselines import run_centralized, run_finetuned, run_local
 from medfed.core.files import PRIVATE, atomic_write_text
 from medfed.server.checkpoint import save_checkpoint
@@ -94,9 +94,36 @@ def make_transport(job: Job, sites: list[SiteData], device: torch.device) -> Tra
 
 
 def initial_model(job: Job, in_channels: int, spatial_dims: int = 2) -> nn.Module:
-    """The common starting point of every arm, fixed by the job seed."""
+    """The common starting point of every arm: the job's network built from the job seed
+    and, with ``model.init``, loaded with that file's weights (what did not match, under
+    ``init_keys: partial``, is logged as a table to run.log)."""
+    from medfed.weights import load_init
+
     torch.manual_seed(job.seed)
-    return build_model(job.model, job.task, in_channels, spatial_dims=spatial_dims)
+    model = build_model(job.model, job.task, in_channels, spatial_dims=spatial_dims)
+    _check_norm_layers(job, model)
+    if job.model.init is not None:
+        report = load_init(model, job.model)
+        total = len(model.state_dict())
+        log.info("%s (init_keys: %s)", report.summary(total), job.model.init_keys)
+        if not report.complete:  # one record a line: run.log escapes line breaks inside a record
+            log.info("model.init: the entries not loaded from the file:")
+            for line in report.table().splitlines():
+                log.info("%s", line)
+    return model
+
+
+def _check_norm_layers(job: Job, model: nn.Module) -> None:
+    """Site-level DP and batch norm, for a network known only once built (a MONAI class or
+    a factory; the job schema checks medfed's own by name)."""
+    if job.privacy.dp is None or job.algorithm.name == "fedbn" or isinstance(job.model, ModelConfig):
+        return
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(
+            f"model: site-level DP adds noise to every entry the sites share, batch-norm running variances included, "
+            f"which it can drive below zero; {job.model.label} has batch-norm layers: use a network with group or "
+            "instance norm, or algorithm fedbn (batch-norm layers stay at each site)"
+        )
 
 
 
@@ -170,6 +197,7 @@ def run_job(
     from medfed.tracking.metrics import MetricsWriter
     from medfed.tracking.report import write_report
 
+    job = with_init_hash(job)  # the init file's hash, for a job built without parse_job
     output = job.output.resolve()
     check_replaceable(output)
     check_output(output, overwrite)
@@ -177,6 +205,7 @@ def run_job(
     t0 = time.perf_counter()
     set_threads(job.num_threads)
     device = resolve_device(job.device)
+    check_model(job.model)  # a MONAI class's or a factory's arguments, before the data is read
     sites = build_sites(job)  # data errors surface before anything is written
     patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
     check_input_size(job.model, sites[0].train.shape[1:], patch)
@@ -232,6 +261,8 @@ def run_job(
         marker = {"status": "complete", "medfed_version": __version__, "job_hash": job.job_hash(),
                   "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
                   "elapsed_s": round(elapsed, 3), "rounds": job.rounds}
+        if job.model.init is not None:  # the weights round 1 started from, by content
+            marker["init_sha256"] = job.model.init_sha256
         atomic_write_text(staging / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
         write_report(staging)
     except BaseException as e:

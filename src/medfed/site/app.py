@@ -24,6 +24,7 @@ from medfed.privacy.dpsgd import SampleDP
 from medfed.site.train import TrainStats, train_local
 from medfed.site.update_path import poisoned_data, sample_dp_for, site_filters
 from medfed.tasks import build_task
+from medfed.weights import frozen_parameters
 
 if TYPE_CHECKING:
     from medfed.privacy.secagg.signing import Credentials
@@ -52,6 +53,8 @@ class SiteApp:
         # that run one after another in one process can share one (less memory, warmer caches)
         self.model = model if model is not None else model_for(job, data)
         self.model.to(device)
+        # the job's frozen parameters (model.freeze): trained by no phase of any arm
+        self.frozen = frozen_parameters(self.model, job.model.freeze)
         algorithm = build_algorithm(job.algorithm, self.model, len(job.training_sites), job.train.momentum)
         self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
         self._local_keys = algorithm.local_keys
@@ -112,7 +115,7 @@ class SiteApp:
         if phase.hook is not None:
             phase.hook.on_train_start(self.model, plan)
         return train_local(self.model, self.data.train, self.task, phase.settings, phase.hook or hook, self.device,
-                           phase.frozen, self.augment, private=private)
+                           phase.frozen | self.frozen, self.augment, private=private)
 
     def exchange(self, topic: str, rnd: int, body: dict) -> dict:
         """Answer a protocol message of the update path (secure aggregation's key exchange
@@ -142,7 +145,8 @@ class SiteApp:
 
 
 def model_for(job: Job, data: SiteData) -> nn.Module:
-    """An untrained network of ``job`` for the channels and spatial dims of ``data``."""
+    """An untrained network of ``job`` for the channels and spatial dims of ``data`` (its
+    frozen parameters fixed; ``model.init`` is the server's: its weights arrive with round 1)."""
     return build_model(job.model, job.task, data.train.shape[0], spatial_dims=data.train.spatial_dims)
 
 

@@ -27,6 +27,33 @@ def eval_batch_size(data: Examples) -> int:
     return max(1, min(EVAL_BATCH, VOXELS_PER_BATCH // per_example))
 
 
+def _plan(data: Examples) -> list[Planned]:
+    """The whole split in order, in evaluation batches."""
+    step = eval_batch_size(data)
+    return [Planned(torch.arange(start, min(start + step, len(data)))) for start in range(0, len(data), step)]
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, data: Examples, task: "Task", device: torch.device) -> float | None:
+    """The mean task loss of ``model`` (eval mode, as evaluation infers) on ``data``, e.g.
+    the global model's on a site's training split before it trains (q-FedAvg's F_k). None
+    when the model's outputs are not finite or no example could be read."""
+    model.eval()
+    loss_sum, seen = 0.0, 0
+    for batch in data.batches(_plan(data), pin=device.type == "cuda"):
+        if len(batch) == 0:
+            continue
+        x, y = batch.images.to(device), batch.labels.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            logits = task.infer(model, x)
+        logits = logits.float()
+        if not bool(torch.isfinite(logits).all()):
+            return None
+        loss_sum += float(task.loss(logits, y)) * len(x)
+        seen += len(x)
+    return loss_sum / seen if seen else None
+
+
 @torch.no_grad()
 def evaluate_split(
     model: nn.Module, data: Examples, task: "Task", device: torch.device, distances: bool = True,
@@ -44,10 +71,8 @@ def evaluate_split(
     broken = 0  # examples whose outputs are not finite
     loss_sum = 0.0
     amp = device.type == "cuda"
-    step = eval_batch_size(data)
-    plan = [Planned(torch.arange(start, min(start + step, len(data)))) for start in range(0, len(data), step)]
     seen = 0
-    for batch in data.batches(plan, pin=device.type == "cuda"):
+    for batch in data.batches(_plan(data), pin=device.type == "cuda"):
         if len(batch) == 0:  # every file of the batch skipped as unreadable
             continue
         x, y = batch.images.to(device), batch.labels.to(device)

@@ -19,6 +19,7 @@ from medfed.core.types import TrainSettings
 from medfed.data.base import Augment, Examples, Planned
 from medfed.privacy import dpsgd
 from medfed.privacy.dpsgd import SampleDP
+from medfed.site.evaluate import mean_loss
 
 if TYPE_CHECKING:
     from medfed.tasks import Task
@@ -96,7 +97,13 @@ def train_local(
     ValueError: that term's gradient would bypass the clipping. An empty Poisson batch
     (probability (1 - q)^n) skips the forward pass but still takes a noise-only step; it
     counts in ``num_steps`` but not in ``mean_loss``.
+
+    A hook with ``wants_start_loss`` first gets the task loss of ``model`` as it starts, on
+    ``data`` in eval mode (:func:`~medfed.site.evaluate.mean_loss`): one more pass over the
+    split, without augmentation.
     """
+    if hook.wants_start_loss:  # e.g. q-FedAvg: the loss of the model the site received, before training
+        hook.on_start_loss(mean_loss(model, data, task, device))
     params = dict(model.named_parameters())
     was = {n: params[n].requires_grad for n in frozen if n in params}
     for n in was:

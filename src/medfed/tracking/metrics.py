@@ -7,6 +7,9 @@ and test only: a figure no single site can move far), ``split`` is ``train`` (tr
 reported by the site), ``val`` or ``test``. ``value`` is ``null`` where the metric is
 undefined, e.g. AUC on a split holding one class, or a non-finite number.
 
+The spread across sites (worst and best site, standard deviation, gap) is not recorded:
+:func:`spreads` computes it when reading, from the per-site records, for every table.
+
 Appending lines keeps a crashed run's metrics readable up to its last complete record and
 makes two runs of the same job byte-identical.
 """
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 from medfed.core.errors import RunDirError
+from medfed.core.types import lower_is_better
 
 ARMS = ("local", "federated", "personalized", "finetuned", "centralized")  # display order: baseline, method(s), upper bound
 SPLITS = ("train", "val", "test")
@@ -140,6 +146,15 @@ def arms_present(records: list[dict]) -> list[str]:
     return [a for a in ARMS if a in present]
 
 
+def last_rounds(records: list[dict], split: str = "test") -> dict[str, int]:
+    """Per arm, the latest round it has any ``split`` record for."""
+    last: dict[str, int] = {}
+    for r in records:
+        if r["split"] == split:
+            last[r["arm"]] = max(last.get(r["arm"], 0), r["round"])
+    return last
+
+
 def comparison_rows(records: list[dict], monitor: str, split: str = "test") -> list[dict]:
     """Per site, the ``monitor`` metric on ``split`` at each arm's last round.
 
@@ -149,10 +164,7 @@ def comparison_rows(records: list[dict], monitor: str, split: str = "test") -> l
     :func:`site_order`; each is ``{"site", "local", "federated", "personalized", "finetuned", "centralized", "gain"}``
     with ``gain = federated - local`` (None if either is None).
     """
-    last: dict[str, int] = {}
-    for r in records:
-        if r["split"] == split:
-            last[r["arm"]] = max(last.get(r["arm"], 0), r["round"])
+    last = last_rounds(records, split)
     final: dict[tuple[str, str], float | None] = {}
     for r in records:
         if r["split"] == split and r["metric"] == monitor and r["round"] == last.get(r["arm"]):
@@ -186,3 +198,95 @@ def curves(records: list[dict], metric: str, split: str) -> dict[str, dict[str, 
                 rounds = sorted(points[site][arm])
                 out[site][arm] = (rounds, [points[site][arm][k] for k in rounds])
     return out
+
+
+# --------------------------------------------------------------------------- spread across sites
+
+SPREAD_ROWS = ("worst", "best", "std", "gap")  # the figures of a Spread, in table order
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How one arm's figure varies across the training sites at one round.
+
+    ``worst`` and ``best``: (site, value) by the figure's direction (the highest loss or
+    HD95 is the worst, the lowest AUC or Dice); a tie goes to the site listed first.
+    ``std``: the standard deviation of the sites' values, each site counting once
+    (population, ddof 0); ``gap``: how far apart the best and the worst are,
+    ``|best - worst|``. ``sites``: the sites with a defined value, over which all four
+    are taken; ``undefined``: training sites without one (no record at that round, or the
+    metric undefined there). The four are None when no site has a value."""
+
+    round: int
+    sites: tuple[str, ...]
+    undefined: tuple[str, ...]
+    worst: tuple[str, float] | None
+    best: tuple[str, float] | None
+    std: float | None
+    gap: float | None
+
+    def figure(self, name: str) -> float | None:
+        """The value of one of :data:`SPREAD_ROWS`."""
+        v = getattr(self, name)
+        return v[1] if isinstance(v, tuple) else v
+
+    def site(self, name: str) -> str | None:
+        """The site of ``worst`` or ``best`` (None for the others or without a value)."""
+        v = getattr(self, name)
+        return v[0] if isinstance(v, tuple) else None
+
+
+def site_spread(values: Mapping[str, float | None], metric: str, round: int = 0) -> Spread:
+    """The :class:`Spread` of ``metric`` over ``values`` (site -> value, None where undefined)."""
+    defined = [(s, v) for s, v in values.items() if v is not None]
+    undefined = tuple(s for s, v in values.items() if v is None)
+    if not defined:
+        return Spread(round, (), undefined, None, None, None, None)
+    lower = lower_is_better(metric)
+    # min/max keep the first of equal values: ties go to the site listed first
+    low, high = min(defined, key=lambda sv: sv[1]), max(defined, key=lambda sv: sv[1])
+    worst, best = (high, low) if lower else (low, high)
+    mean = sum(v for _, v in defined) / len(defined)
+    std = math.sqrt(sum((v - mean) ** 2 for _, v in defined) / len(defined))
+    return Spread(round, tuple(s for s, _ in defined), undefined, worst, best, std, high[1] - low[1])
+
+
+def spreads(
+    records: list[dict], metric: str, split: str = "test", held_out: Collection[str] = (), at_round: int | None = None
+) -> dict[str, Spread]:
+    """Per arm (in ``ARMS`` order), the spread of ``metric`` on ``split`` across the
+    training sites: every site with a ``split`` record, less the consortium figures and the
+    ``held_out`` sites (reported on their own rows, never in a spread). At each arm's last
+    round, as :func:`comparison_rows`, or at ``at_round`` (arms without a record then are
+    left out). The one computation of the spread that every table uses."""
+    sites = [s for s in site_order([r for r in records if r["split"] == split])
+             if s not in CONSORTIUM_SITES and s not in held_out]
+    rounds = last_rounds(records, split)
+    if at_round is not None:
+        rounds = {a: at_round for a in rounds if any(r["arm"] == a and r["round"] == at_round and r["split"] == split
+                                                      for r in records)}
+    values: dict[str, dict[str, float | None]] = {a: {} for a in rounds}
+    for r in records:
+        if r["split"] == split and r["metric"] == metric and r["round"] == rounds.get(r["arm"]):
+            values[r["arm"]][r["site"]] = r["value"]  # a repeated record: the later one wins
+    return {a: site_spread({s: values[a].get(s) for s in sites}, metric, rounds[a]) for a in ARMS if a in rounds}
+
+
+def spread_rows(
+    records: list[dict], metric: str, split: str = "test", held_out: Collection[str] = ()
+) -> list[dict]:
+    """The spread of :func:`spreads` as rows under :func:`comparison_rows`' (one per
+    :data:`SPREAD_ROWS` entry): ``{"site": "worst", <arm>: value, "where": {arm: site},
+    "gain": federated - local, "lower_is_better": bool}``; ``lower_is_better`` says which
+    way a gain is good (std and gap: a smaller spread is fairer)."""
+    by_arm = spreads(records, metric, split, held_out)
+    rows = []
+    for name in SPREAD_ROWS:
+        row: dict[str, Any] = {"site": name}
+        row |= {arm: by_arm[arm].figure(name) if arm in by_arm else None for arm in ARMS}
+        row["where"] = {arm: sp.site(name) for arm, sp in by_arm.items() if sp.site(name) is not None}
+        fed, loc = row["federated"], row["local"]
+        row["gain"] = fed - loc if fed is not None and loc is not None else None
+        row["lower_is_better"] = name in ("std", "gap") or lower_is_better(metric)
+        rows.append(row)
+    return rows

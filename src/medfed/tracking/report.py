@@ -1,5 +1,6 @@
 """The report of a run folder: one self-contained ``report.html`` (figures inlined as
-base64 PNG, no external CSS or JS), and the comparison table for the terminal.
+base64 PNG, no external CSS or JS). Its comparison table, like the terminal's, comes from
+tables.py.
 
 The report is rebuilt from the files of the run folder alone (``job.yaml``,
 ``metrics.jsonl``, ``sites.json``, ``run.json``, ``model_best.json`` and, for a deployed run,
@@ -22,18 +23,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
-from rich.table import Table
-from rich.text import Text
 
 from medfed.config import Job, load_job
 from medfed.core.errors import RunDirError
 from medfed.core.summary import SiteSummary
 from medfed.core.files import atomic_write_text
-from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEDIAN_SITE, MEAN_SITE, arms_present, comparison_rows, curves, read_metrics, site_order
+from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEAN_SITE, MEDIAN_SITE, curves, read_metrics, site_order
+from medfed.tracking.tables import MISSING, Cell, comparison_section, fmt, html_table
 from medfed.core.types import Metric
 
 REPORT_NAME = "report.html"
-MISSING = "–"  # en dash: a value that is absent or undefined
 ARM_STYLE = {
     "local": ("#d95f02", "--"), "federated": ("#1b6ec2", "-"), "finetuned": ("#7570b3", "-."), "personalized": ("#e7298a", "-."),
     "centralized": ("#1b9e77", ":"),
@@ -47,6 +46,7 @@ table { border-collapse: collapse; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; } tr.pooled td { font-weight: bold; background: #fafafa; }
+tr.spread td { font-style: italic; background: #fcfcf6; }
 .meta td { border: none; padding: 0.1em 1em 0.1em 0; text-align: left; }
 pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 img { max-width: 100%; } .note { color: #666; font-size: 0.9em; }
@@ -56,38 +56,11 @@ img { max-width: 100%; } .note { color: #666; font-size: 0.9em; }
 # --------------------------------------------------------------------------- formatting
 
 
-def fmt(value: float | None, signed: bool = False) -> str:
-    """Three decimals, or an en dash where the value is absent, NaN or infinite."""
-    if value is None or not math.isfinite(value):
-        return MISSING
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
 def _fmt_date(iso: Any) -> str:
     try:
         return datetime.fromisoformat(str(iso)).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
     except ValueError:
         return str(iso)
-
-
-Cell = str | tuple[str, str]  # plain text, or (text, title): the title shows on hover
-
-
-def _td(cell: Cell) -> str:
-    if isinstance(cell, tuple):
-        text, title = cell
-        return f'<td title="{escape(title)}">{escape(text)}</td>'
-    return f"<td>{escape(cell)}</td>"
-
-
-def _table(header: list[str], rows: list[list[Cell]], row_classes: list[str] | None = None) -> str:
-    """An HTML table; every cell is escaped here, so callers pass plain text (or (text, title))."""
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{escape(row_classes[i])}"' if row_classes and row_classes[i] else ""
-        body.append(f"<tr{cls}>" + "".join(_td(c) for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def fmt_bytes(n: Any) -> str:
@@ -228,33 +201,6 @@ def training_loss_figure(records: list[dict]) -> str | None:
 # --------------------------------------------------------------------------- sections
 
 
-def _comparison_columns(records: list[dict]) -> tuple[list[str], bool]:
-    """The arms to show (federated always) and whether to show the gain over local."""
-    present = set(arms_present(records))
-    arms = [a for a in ARMS if a in present or a == "federated"]
-    return arms, "local" in arms
-
-
-def _comparison_section(records: list[dict], monitor: str, best: dict | None) -> str:
-    rows = comparison_rows(records, monitor)
-    arms, gain = _comparison_columns(records)
-    header = ["site", *arms] + (["gain (federated − local)"] if gain else [])
-    cells = [[r["site"], *(fmt(r[a]) for a in arms)] + ([fmt(r["gain"], signed=True)] if gain else []) for r in rows]
-    classes = ["pooled" if r["site"] in CONSORTIUM_SITES else "" for r in rows]
-    parts = [f"<h2>Test {escape(monitor)} at the last round</h2>"]
-    parts.append(_table(header, cells, classes) if rows else '<p class="note">No test metrics recorded.</p>')
-    parts.append(f'<p class="note">Each arm at its last evaluated round; “all” is the mean over the training sites '
-                 f'weighted by test examples, “median” their median (a figure no single site can move far). {escape(MISSING)} = not run or undefined.</p>')
-    if best is not None:
-        metric = str(best.get("metric", "val metric")).replace("_", " ")
-        parts.append(
-            f"<p>Best model ({escape(str(best.get('arm', 'federated')))}, chosen on {escape(metric)}): "
-            f"round {escape(str(best.get('round', MISSING)))}, {escape(metric)} "
-            f"{escape(fmt(best.get('value')))}.</p>"
-        )
-    return "\n".join(parts)
-
-
 def _counts(counts: Any) -> str:
     return " / ".join(str(c) for c in counts) if isinstance(counts, list) else MISSING
 
@@ -281,7 +227,7 @@ def _sites_section(sites: dict | None, segmentation: bool = False) -> str:
             notes.append(f"{s.name}: ... and {len(s.skipped_files) - 20} more (see sites.json)")
     what = ("examples in which each class appears" if segmentation
             else "examples per class (binary, multi-class) or positives per label (multi-label)")
-    out = ("<h2>Sites</h2>" + _table(header, rows)
+    out = ("<h2>Sites</h2>" + html_table(header, rows)
            + f'<p class="note">Class counts: {what}, in class order. A held-out site never trains; it is '
              "evaluated with the models the other sites trained and left out of “all”.</p>")
     if notes:
@@ -361,7 +307,7 @@ def _audit_section(run_dir: Path) -> str:
                 str(r.get("reason") or ""),
             ])
         title = "calls refused before naming a task" if arm == "connection" else f"{arm}, round {rnd}"
-        parts.append(f"<h3>{escape(title)}</h3>" + _table(header, cells))
+        parts.append(f"<h3>{escape(title)}</h3>" + html_table(header, cells))
     if len(rows) > MAX_AUDIT_ROWS:
         parts.append(f'<p class="note">The first {MAX_AUDIT_ROWS} exchanges are shown; '
                      f"{len(rows) - MAX_AUDIT_ROWS} more are in audit.json.</p>")
@@ -447,7 +393,7 @@ def _update_path_section(job: Job, records: list[dict]) -> str:
         step = math.ceil(len(rounds) / MAX_ROUND_ROWS)
         rounds = rounds[::step] + ([rounds[-1]] if (len(rounds) - 1) % step else [])
     rows = [[str(r)] + [c(r) for c in cols] for r in rounds]
-    table = _table(header, rows) if len(header) > 1 else ""
+    table = html_table(header, rows) if len(header) > 1 else ""
     return "<h2>Privacy, robustness and communication</h2>\n" + "\n".join(notes) + table
 
 
@@ -484,7 +430,7 @@ def render_report(run_dir: Path) -> str:
     body = [
         _header(job.name, job_hash, run),
         _sites_section(_read_json(run_dir / "sites.json"), job.task.kind == "segmentation"),
-        _comparison_section(records, monitor, best),
+        comparison_section(records, monitor, best, job.held_out),
         _predictions_section(run_dir),
         f"<h2>Learning curves: test {escape(monitor)}</h2>", curves_img or no_data,
         _many_sites_note(records),
@@ -514,34 +460,3 @@ def write_report(run_dir: Path, mode: int = 0o666) -> Path:
     path = run_dir / REPORT_NAME
     atomic_write_text(path, html_text, mode=mode)
     return path
-
-
-# --------------------------------------------------------------------------- terminal
-
-
-def summary_table(records: list[dict], monitor: str) -> Table:
-    """The comparison of :func:`comparison_rows` as a rich table for the terminal.
-
-    With the local arm present, every arm the federation trained (federated, personalized,
-    finetuned) is followed by its gain: its value minus local's at that site, green where it
-    beats the site training alone, so that a failure and its fix read side by side.
-    """
-    arms, gain = _comparison_columns(records)
-    methods = [a for a in arms if a not in ("local", "centralized")] if gain else []
-    caption = f"gain: the {monitor} to its left minus local's" if methods else None
-    table = Table(title=f"test {monitor} at the last round", caption=caption)
-    table.add_column("site")
-    for arm in arms:
-        table.add_column(arm, justify="right")
-        if arm in methods:
-            table.add_column("gain", justify="right")
-    for r in comparison_rows(records, monitor):
-        cells: list[str | Text] = []
-        for arm in arms:
-            cells.append(fmt(r[arm]))
-            if arm in methods:
-                g = r[arm] - r["local"] if r[arm] is not None and r["local"] is not None else None
-                style = "green" if (g or 0) > 0 else "red" if (g or 0) < 0 else ""
-                cells.append(Text(fmt(g, signed=True), style=style))
-        table.add_row(Text(r["site"]), *cells, style="bold" if r["site"] in CONSORTIUM_SITES else None)
-    return table

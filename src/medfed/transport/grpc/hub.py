@@ -23,14 +23,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 from pydantic import ValidationError
 
 from medfed import __version__
-from medfed.config import Job, map_paths
+from medfed.config import SITE_LOCAL, Job, map_paths
 from medfed.core.summary import SiteSummary
 from medfed.core.types import SiteFailure
 from medfed.server.store import RunStore
@@ -47,7 +46,6 @@ __all__ = ["SITE_LOCAL", "TRANSFERS", "UPDATES_IN_MEMORY", "Hub", "SiteSummary",
 
 log = logging.getLogger("medfed")
 
-SITE_LOCAL = Path("<site-local>")  # stands for every file path when the job travels to sites
 # updates of one round kept in memory as they arrive (in model sizes); the others are
 # spooled to temporary files, so the server's memory does not grow with the number of sites
 UPDATES_IN_MEMORY = 3
