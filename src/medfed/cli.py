@@ -276,7 +276,15 @@ def site(
                           reconnect_max=reconnect_max or RECONNECT_MAX)
 
         def setup(job: dict, job_id: str) -> tuple[dict, float]:
-            summary, round_timeout = remote.setup(job, job_id)
+            try:
+                summary, round_timeout = remote.setup(job, job_id)
+            except MedfedError as e:  # the server is told why, without this site's folders
+                logging.getLogger("medfed").error("site '%s': cannot take part in job %s: %s", k.name, job_id, e)
+                try:
+                    told = type(e)(remote.redact(str(e)))
+                except TypeError:  # an error type built from parts (UnreadableFile)
+                    told = DataError(remote.redact(str(e)))
+                raise told from None
             conn.max_model = remote.max_model  # the largest model task accepted: sized on this site's own model
             return summary, round_timeout
 

@@ -120,3 +120,36 @@ def test_a_site_takes_a_job_within_its_privacy_limit(tmp_path):
     view = _view(tmp_path, privacy={"dp": {**DP, "noise_multiplier": 2.0, "max_epsilon": 5.0}}, model=GROUP)
     summary, _ = RemoteSite("hospital_a", None, max_epsilon=5.0).setup(view, "job1")
     assert summary["name"] == "hospital_a"
+
+
+def test_what_a_site_tells_the_server_names_no_folder_of_its_own(tmp_path):
+    """A failure's text reaches the server with the site's folders replaced by
+    <site-local> (a file's own name is kept); the site's log keeps the full text."""
+    import numpy as np
+    from PIL import Image
+
+    from medfed.core import codec
+    from medfed.models import get_params
+
+    data = tmp_path / "secret-ward" / "scans"
+    for sub in ("img", "msk"):
+        (data / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(data / "img" / f"c{i}.png")
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(data / "msk" / f"c{i}.png")
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({"data": {"source": "pairs", "mask_values": [0, 255], "cache": "none",
+                                             "loader": {"workers": 0},
+                                             "sites": [{"name": "hospital_a", "images": str(data / "img"),
+                                                        "masks": str(data / "msk")}]}}))
+    site = RemoteSite("hospital_a", path)
+    site.setup(_pairs_job(tmp_path), "job1")
+    for i in range(10):  # damaged after the site indexed them
+        (data / "img" / f"c{i}.png").write_bytes(b"not a png")
+    blob = codec.encode_model(get_params(site.app.model), {})
+    kind, text = site.answer({"kind": "evaluate", "round": 1, "splits": ["test"], "arm": "federated"}, blob)
+    told = text.decode()
+    assert kind == "error" and "cannot be read as an image" in told, told
+    assert str(tmp_path) not in told and "secret-ward" not in told and "<site-local>" in told and ".png" in told
+    assert site.redact(f"'{data / 'img' / 'c3.png'}' and '{path}'") == "'<site-local>/c3.png' and '<site-local>/site.yaml'"

@@ -233,4 +233,25 @@ class RemoteSite:
             return "evaluate", codec.encode_eval_results(results)
         except Exception as e:  # reported to the server with the cause; the site keeps serving
             log.warning("site '%s': task of round %s failed: %s", self.name, hdr.get("round"), describe_exception(e))
-            return "error", describe_exception(e).encode()
+            return "error", self.redact(describe_exception(e)).encode()
+
+    def local_folders(self) -> list[str]:
+        """The folders of this site's own files: its data file's and every path in it, and
+        the user's disk cache (longest first)."""
+        from medfed.data.reading import user_cache_root
+
+        found: list[Path] = [user_cache_root()]
+        if self.data_file is not None:
+            found.append(Path(self.data_file).resolve().parent)
+        if self.local_data is not None:
+            map_paths(self.local_data, lambda p: found.append(p) or p)
+        folders = {str(p if p.is_dir() or not p.suffix else p.parent) for p in found}
+        return sorted((f for f in folders if len(f) > 1), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """``text`` as the server may read it: this site's folders replaced by
+        ``<site-local>`` (a file's name under them is kept, to say which one). The full
+        text stays in this site's own log."""
+        for folder in self.local_folders():
+            text = text.replace(folder, str(SITE_LOCAL))
+        return text
