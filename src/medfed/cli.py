@@ -1,4 +1,4 @@
-"""The command line: ``medfed run | validate | report | provision | server | site``.
+"""The command line: ``medfed run | validate | report | loso | provision | server | site``.
 
 Errors that a user can cause are printed as one clear message (no traceback) and the
 command exits with status 2 (bad job or data) or 1 (a run that failed on the way).
@@ -119,6 +119,39 @@ def _print_summary(run_dir: Path, job: Job) -> None:
     from medfed.tracking.tables import summary_table
 
     out.print(summary_table(read_metrics(run_dir / "metrics.jsonl"), job.task.monitor, job.held_out))
+
+
+@app.command()
+def loso(
+    job_file: Path = typer.Argument(..., help="Job YAML with 3 or more training sites."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: <job output>-loso)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing loso or run folder."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Runs at once, each in its own process."),
+    with_run: Optional[Path] = typer.Option(
+        None, "--with", help="A finished run of this job to take the sites' figures when they train from (else run)."
+    ),
+) -> None:
+    """Leave one site out: run the job with each training site held out in turn; each site's metric unseen vs trained."""
+    from medfed.server.loso import FULL_RUN, run_loso
+    from medfed.tracking.loso import rich_table
+
+    _setup_logging()
+    try:
+        job = load_job(job_file)
+
+        def on_run(name: str, seconds: float) -> None:
+            what = "full run (every site trains)" if name == FULL_RUN else f"'{escape(name)}' left out"
+            out.print(f"  done: {what}  (at {seconds:.1f} s)", highlight=False)
+
+        result = run_loso(job, output, overwrite, parallel, with_run, on_run)
+    except MedfedError as e:
+        _fail(e)
+        return
+    out.print(rich_table(result.table))
+    for note in result.table["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    out.print(f"loso folder: [bold]{result.out_dir}[/]  ({result.elapsed_s:.1f} s)")
+    out.print(f"table:       [bold]{result.out_dir / 'loso.md'}[/], figure: [bold]{result.out_dir / 'loso.png'}[/]")
 
 
 @app.command()
