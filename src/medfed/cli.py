@@ -172,10 +172,14 @@ def validate(job_file: Path = typer.Argument(..., help="Job YAML to check.")) ->
 
 
 def _check_model_and_algorithm(job: Job) -> None:
-    """Build the model and the algorithm once: catches what needs the model (e.g. a
-    personal layer name that is not a layer of it). The data is not read here."""
+    """Build the model, the task's loss and the algorithm once: catches what needs them (a
+    personal layer name that is not a layer of the model, an imported loss that cannot be
+    imported). The data is not read here."""
     from medfed.algorithms import build_algorithm
     from medfed.models import build_model, check_input_size
+    from medfed.tasks import build_task
+
+    build_task(job)
 
     model = build_model(job.model, job.task, getattr(job.data, "channels", 1), spatial_dims=job.data_dims or 2)
     if job.transforms.patch is not None:

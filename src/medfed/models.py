@@ -12,7 +12,9 @@ should ensure.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,6 +24,10 @@ from medfed.core.errors import ModelError
 from medfed.weights import freeze
 
 AnyTask = TaskConfig | SegmentationTaskConfig
+
+# the network of a run driven from Python (``medfed.run(..., model=...)``): called with no
+# arguments, once per model the run needs, in place of the job's ``model`` section
+ModelFactory = Callable[[], nn.Module]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -108,6 +114,27 @@ def build_model(cfg: ModelSettings, task: AnyTask, in_channels: int, spatial_dim
     if cfg.freeze:
         freeze(model, cfg.freeze)
     return model
+
+
+def build_user_model(factory: ModelFactory) -> nn.Module:
+    """The network of a user's factory: a ModelError when it raises or returns something
+    other than a ``torch.nn.Module``."""
+    try:
+        model = factory()
+    except Exception as e:  # the user's code: any failure is theirs to fix, said in one line
+        raise ModelError(f"model: the factory given to medfed.run raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"model: the factory given to medfed.run must return a torch.nn.Module, got {type(model).__name__}"
+        )
+    return model
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the state dict's entry names, shapes and dtypes (not the values): which
+    network a run trained, when the job's ``model`` section does not say."""
+    text = "\n".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in model.state_dict().items())
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def check_model(cfg: ModelSettings) -> None:

@@ -110,24 +110,26 @@ def _monai_class(cfg: MonaiModelConfig) -> Network:
     return _signature("model.monai", cfg.label, found)
 
 
-def _factory(cfg: ImportModelConfig) -> Network:
-    module_name, _, attr = cfg.factory.partition(":")
+def import_callable(path: str, field: str) -> Callable[..., object]:
+    """The class or function that ``path`` ("package.module:name") names, imported here;
+    a ConfigError naming ``field`` when the module or name is missing or not callable."""
+    module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise ConfigError(
-                f"model.import: no module named '{module_name}' here (missing: '{e.name}'); install the package "
+                f"{field}: no module named '{module_name}' here (missing: '{e.name}'); install the package "
                 "that holds it, or put its folder on PYTHONPATH, wherever the run happens (the server and every "
                 "site): medfed never sends code from the server"
             ) from None
         raise ConfigError(
-            f"model.import: importing '{module_name}' failed: it needs module '{e.name}', which is not installed "
+            f"{field}: importing '{module_name}' failed: it needs module '{e.name}', which is not installed "
             "here; install it where the run happens"
         ) from None
     except Exception as e:  # the user's module failed while it was imported
         said = " ".join(str(e).split())
-        raise ConfigError(f"model.import: importing '{module_name}' failed: {type(e).__name__}: {said}") from None
+        raise ConfigError(f"{field}: importing '{module_name}' failed: {type(e).__name__}: {said}") from None
     found: object = module
     for i, part in enumerate(attr.split(".")):
         if not hasattr(found, part):
@@ -135,11 +137,15 @@ def _factory(cfg: ImportModelConfig) -> Network:
             public = [n for n in dir(found) if not n.startswith("_")]
             close = _close(part, public)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"model.import: '{owner}' has no attribute '{part}'{hint}")
+            raise ConfigError(f"{field}: '{owner}' has no attribute '{part}'{hint}")
         found = getattr(found, part)
     if not callable(found):
-        raise ConfigError(f"model.import: '{cfg.factory}' is of type {type(found).__name__}, not a class or function")
-    return _signature("model.import", f"factory '{cfg.factory}'", found)
+        raise ConfigError(f"{field}: '{path}' is of type {type(found).__name__}, not a class or function")
+    return found
+
+
+def _factory(cfg: ImportModelConfig) -> Network:
+    return _signature("model.import", f"factory '{cfg.factory}'", import_callable(cfg.factory, "model.import"))
 
 
 def resolve_network(cfg: CustomModelConfig) -> Network:

@@ -27,7 +27,7 @@ from medfed.config.data import (
     without_reading,
 )
 from medfed.config.limits import MAX_BATCH, MAX_EPOCHS, MAX_ROUND_TIMEOUT, MAX_ROUNDS, MAX_SITES, SiteName, unique_names
-from medfed.config.model import CLASSIFIERS, SEGMENTERS, AnyModelConfig, AnyTaskConfig, ModelConfig, hashed_model
+from medfed.config.model import CLASSIFIERS, SEGMENTERS, AnyModelConfig, AnyTaskConfig, ModelConfig, hashed_model, hashed_task
 from medfed.config.transforms import TransformsConfig
 from medfed.core.schema import Count, Frozen, Real
 from medfed.privacy.settings import CompressionConfig, PrivacyConfig
@@ -228,6 +228,11 @@ class Job(Frozen):
                     "task.kind: DP-SGD bounds each example's gradient, but the segmentation loss (Dice over the "
                     "batch) mixes examples; DP-SGD is for classification tasks"
                 )
+            if self.task.class_weights is not None or not isinstance(self.task.loss, str):
+                raise ValueError(
+                    "task.loss: DP-SGD needs the loss to be the plain batch mean of per-example losses; class_weights "
+                    "(a weighted mean, normalised over the batch) and an imported loss are not, so leave them out"
+                )
             m = self.model
             if not (isinstance(m, ModelConfig) and m.name == "small_cnn" and m.norm == "group"):
                 got = f"{m.name} with {m.norm} norm" if isinstance(m, ModelConfig) else m.label
@@ -336,6 +341,7 @@ class Job(Frozen):
 
             body["model"]["init_sha256"] = sha256_file(m.init)
         body["model"] = hashed_model(body["model"])
+        body["task"] = hashed_task(body["task"])
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     @property

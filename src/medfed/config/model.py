@@ -27,7 +27,7 @@ from pydantic import (
 )
 from typing_extensions import TypeAliasType
 
-from medfed.core.schema import Count, Frozen
+from medfed.core.schema import Count, Frozen, Real
 
 CLASSIFIERS = ("small_cnn", "densenet121", "resnet18", "resnet50")
 SEGMENTERS = ("unet", "segresnet")
@@ -207,26 +207,71 @@ def hashed_model(dumped: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class ImportLossConfig(_Import):
+    """The user's own loss: ``import: "package.module:factory"`` names a class or function
+    that, called with ``args``, returns a callable ``(logits, target) -> scalar tensor``
+    (targets as medfed holds them: class indices (B,), 0/1 rows (B, K) or masks (B, *sp)).
+    Imported where the run happens, like a model factory: medfed never sends code."""
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
+
+def _loss_kind(v: Any) -> str:
+    return "import" if isinstance(v, (dict, ImportLossConfig)) else "named"
+
+
+SEGMENTATION_LOSSES = ("dice_ce", "dice", "dice_focal", "focal", "tversky")
+ClassificationLoss = Annotated[
+    Union[Annotated[Literal["cross_entropy"], Tag("named")], Annotated[ImportLossConfig, Tag("import")]],
+    Discriminator(_loss_kind),
+]
+SegmentationLoss = Annotated[
+    Union[
+        Annotated[Literal["dice_ce", "dice", "dice_focal", "focal", "tversky"], Tag("named")],
+        Annotated[ImportLossConfig, Tag("import")],
+    ],
+    Discriminator(_loss_kind),
+]
+
+
 class TaskConfig(Frozen):
     """Classification. ``binary`` uses one logit; ``multiclass`` one logit per class with
     softmax; ``multilabel`` one independent logit per label. ``num_classes`` is the number
-    of classes (2 for binary) or of labels. ``monitor`` picks the best model on val."""
+    of classes (2 for binary) or of labels. ``monitor`` picks the best model on val.
+
+    ``loss``: ``cross_entropy`` (binary cross-entropy on the one logit or on each label,
+    softmax cross-entropy for multi-class), or ``{import: ...}`` (:class:`ImportLossConfig`).
+    ``class_weights``: one weight > 0 per class (per label for multi-label) for
+    cross-entropy: a weighted mean over the batch, each example weighted by its class
+    (binary, multi-class), or each label's term by its weight (multi-label)."""
 
     kind: Literal["classification"] = "classification"
     labels: Literal["binary", "multiclass", "multilabel"]
     num_classes: Count = Field(2, ge=2, le=1000)
     monitor: Literal["auc", "accuracy"] = "auc"
+    loss: ClassificationLoss = "cross_entropy"
+    class_weights: list[Annotated[Real, Field(gt=0, le=1e6)]] | None = Field(None, max_length=1000)
 
     @model_validator(mode="after")
     def _binary_has_two(self) -> "TaskConfig":
         if self.labels == "binary" and self.num_classes != 2:
             raise ValueError(f"num_classes must be 2 for binary labels, got {self.num_classes}")
+        if self.class_weights is not None:
+            if len(self.class_weights) != self.num_classes:
+                raise ValueError(
+                    f"class_weights: one weight per class ({self.num_classes}), got {len(self.class_weights)}"
+                )
+            if not isinstance(self.loss, str):
+                raise ValueError("class_weights: weights cross_entropy; an imported loss takes its own in loss.args")
         return self
 
 
 class SegmentationTaskConfig(Frozen):
     """Segmentation, 2D or 3D: one softmax logit per class per pixel, class 0 the
-    background. Loss: Dice + cross-entropy. Metrics: Dice per class and their mean over
+    background. ``loss``: one of MONAI's on softmax outputs, the background left out of
+    the Dice terms and the Dice taken over the whole batch: ``dice_ce`` (Dice +
+    cross-entropy, the default), ``dice``, ``dice_focal``, ``focal`` (all classes),
+    ``tversky``; or ``{import: ...}`` (:class:`ImportLossConfig`). Metrics: Dice per class and their mean over
     the foreground classes (``dice``), and on the test split the 95% Hausdorff distance
     (``hd95``, in mm when the data's spacing is known, else in pixels or voxels; costly,
     ``hd95: false`` turns it off).
@@ -238,6 +283,20 @@ class SegmentationTaskConfig(Frozen):
     monitor: Literal["dice"] = "dice"
     hd95: bool = True
     save_predictions: Count = Field(4, ge=0, le=1000)
+    loss: SegmentationLoss = "dice_ce"
+
+
+def hashed_task(dumped: dict[str, Any]) -> dict[str, Any]:
+    """The part of a dumped ``task`` section that goes into the job hash: ``loss`` and
+    ``class_weights`` left out at their defaults, so a job written before they existed
+    keeps its hash."""
+    default = "dice_ce" if dumped.get("kind") == "segmentation" else "cross_entropy"
+    out = dict(dumped)
+    if out.get("loss") == default:
+        out.pop("loss")
+    if out.get("class_weights", 0) is None:
+        out.pop("class_weights")
+    return out
 
 
 def task_kind(v: Any) -> str:

@@ -27,7 +27,9 @@ from medfed.core.errors import ConfigError, RunDirError
 from medfed.core.summary import SiteSummary, sites_json
 from medfed.core.types import Arm, Params
 from medfed.data.base import SiteData
-from medfed.models import build_model, check_input_size, check_model, get_params
+from medfed.models import (
+    ModelFactory, build_model, build_user_model, check_input_size, check_model, get_params, model_fingerprint,
+)
 from medfed.server.baselines import run_centralized, run_finetuned, run_local
 from medfed.core.files import PRIVATE, atomic_write_text
 from medfed.server.checkpoint import save_checkpoint
@@ -81,7 +83,9 @@ def check_replaceable(output: Path) -> None:
         )
 
 
-def make_transport(job: Job, sites: list[SiteData], device: torch.device) -> Transport:
+def make_transport(
+    job: Job, sites: list[SiteData], device: torch.device, factory: ModelFactory | None = None
+) -> Transport:
     pooled = CENTRALIZED_SITE if "centralized" in job.compare else None
     if job.transport == "pool":
         from medfed.transport.pool import PoolTransport
@@ -90,18 +94,24 @@ def make_transport(job: Job, sites: list[SiteData], device: torch.device) -> Tra
     from medfed.site.app import build_site_apps
     from medfed.transport.inprocess import InProcessTransport
 
-    return InProcessTransport(build_site_apps(job, sites, device, pooled_name=pooled))
+    return InProcessTransport(build_site_apps(job, sites, device, pooled_name=pooled, factory=factory))
 
 
-def initial_model(job: Job, in_channels: int, spatial_dims: int = 2) -> nn.Module:
-    """The common starting point of every arm: the job's network built from the job seed
-    and, with ``model.init``, loaded with that file's weights (what did not match, under
-    ``init_keys: partial``, is logged as a table to run.log)."""
+def initial_model(
+    job: Job, in_channels: int, spatial_dims: int = 2, factory: ModelFactory | None = None
+) -> nn.Module:
+    """The common starting point of every arm: the job's network (or ``factory``'s, for a
+    run from Python) built from the job seed and, with ``model.init``, loaded with that
+    file's weights (what did not match, under ``init_keys: partial``, is logged as a table
+    to run.log)."""
     from medfed.weights import load_init
 
     torch.manual_seed(job.seed)
-    model = build_model(job.model, job.task, in_channels, spatial_dims=spatial_dims)
-    _check_norm_layers(job, model)
+    if factory is not None:
+        model = build_user_model(factory)
+    else:
+        model = build_model(job.model, job.task, in_channels, spatial_dims=spatial_dims)
+    _check_norm_layers(job, model, user=factory is not None)
     if job.model.init is not None:
         report = load_init(model, job.model)
         total = len(model.state_dict())
@@ -113,10 +123,10 @@ def initial_model(job: Job, in_channels: int, spatial_dims: int = 2) -> nn.Modul
     return model
 
 
-def _check_norm_layers(job: Job, model: nn.Module) -> None:
+def _check_norm_layers(job: Job, model: nn.Module, user: bool = False) -> None:
     """Site-level DP and batch norm, for a network known only once built (a MONAI class or
     a factory; the job schema checks medfed's own by name)."""
-    if job.privacy.dp is None or job.algorithm.name == "fedbn" or isinstance(job.model, ModelConfig):
+    if job.privacy.dp is None or job.algorithm.name == "fedbn" or (isinstance(job.model, ModelConfig) and not user):
         return
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise ConfigError(
@@ -191,13 +201,22 @@ def run_job(
     overwrite: bool = False,
     on_round: RoundCallback | None = None,
     on_sites: Callable[[list[SiteSummary]], None] | None = None,
+    *,
+    sites: list[SiteData] | None = None,
+    model_factory: ModelFactory | None = None,
 ) -> RunResult:
-    """Run the federation and the baselines of ``job``; return where the run was written."""
+    """Run the federation and the baselines of ``job``; return where the run was written.
+
+    From Python (:func:`medfed.run`): ``sites`` replaces the job's data source (in the
+    job's site order, each checked by :func:`~medfed.data.sites.check_site`), and
+    ``model_factory`` the job's network; neither can cross to the processes of
+    ``transport: pool``."""
     from medfed.data.sites import build_sites, describe_sites
     from medfed.tracking.metrics import MetricsWriter
     from medfed.tracking.report import write_report
 
     job = with_init_hash(job)  # the init file's hash, for a job built without parse_job
+    given = sites is not None
     output = job.output.resolve()
     check_replaceable(output)
     check_output(output, overwrite)
@@ -205,10 +224,21 @@ def run_job(
     t0 = time.perf_counter()
     set_threads(job.num_threads)
     device = resolve_device(job.device)
-    check_model(job.model)  # a MONAI class's or a factory's arguments, before the data is read
-    sites = build_sites(job)  # data errors surface before anything is written
+    if job.transport == "pool" and (sites is not None or model_factory is not None):
+        raise ConfigError(
+            "transport: pool runs each site in its own process, which cannot receive datasets or a model factory "
+            "held in this Python session; use transport: inprocess with medfed.run's datasets= or model="
+        )
+    if model_factory is None:
+        check_model(job.model)  # a MONAI class's or a factory's arguments, before the data is read
+    build_task(job)  # an imported task.loss is found and built, before the data is read
+    if sites is None:
+        sites = build_sites(job)  # data errors surface before anything is written
+    else:
+        _check_given_sites(job, sites)
     patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
-    check_input_size(job.model, sites[0].train.shape[1:], patch)
+    if model_factory is None:
+        check_input_size(job.model, sites[0].train.shape[1:], patch)
     summary = describe_sites(sites, job.task, job.held_out)
     if on_sites is not None:
         on_sites(summary)
@@ -230,7 +260,7 @@ def run_job(
                 )
         atomic_write_text(staging / "job.yaml", job.to_yaml())
         atomic_write_text(staging / "sites.json", sites_json(summary))
-        model = initial_model(job, sites[0].train.shape[0], sites[0].train.spatial_dims)
+        model = initial_model(job, sites[0].train.shape[0], sites[0].train.spatial_dims, model_factory)
         init = get_params(model)
         tracker = _BestTracker(staging, job)
 
@@ -240,7 +270,10 @@ def run_job(
                 on_round(s, params)
 
         sizes = {row.name: row.train for row in summary}
-        with MetricsWriter(staging / "metrics.jsonl") as metrics, make_transport(job, sites, device) as transport:
+        with (
+            MetricsWriter(staging / "metrics.jsonl") as metrics,
+            make_transport(job, sites, device, model_factory) as transport,
+        ):
             # DP noise drawn from the job seed: a simulation is repeatable run after run
             federation = build_federation(job, model, transport, sizes, noise_seed=job.seed)
             final = run_federated(federation, transport, init, metrics.write, callback)
@@ -263,6 +296,10 @@ def run_job(
                   "elapsed_s": round(elapsed, 3), "rounds": job.rounds}
         if job.model.init is not None:  # the weights round 1 started from, by content
             marker["init_sha256"] = job.model.init_sha256
+        if model_factory is not None:  # the job's model section did not say which network trained
+            marker["user_model"] = {"class": type(model).__name__, "fingerprint": model_fingerprint(model)}
+        if given:  # nor did its data section say which data
+            marker["user_datasets"] = True
         atomic_write_text(staging / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
         write_report(staging)
     except BaseException as e:
@@ -277,6 +314,17 @@ def run_job(
     except OSError as e:
         raise RunDirError(f"cannot move the finished run into '{output}': {e}; it is left in '{staging}'") from None
     return RunResult(run_dir=output, elapsed_s=time.perf_counter() - t0)
+
+
+def _check_given_sites(job: Job, sites: list[SiteData]) -> None:
+    """Sites handed over from Python: exactly the job's sites, in its order, each valid."""
+    from medfed.data.sites import check_site
+
+    names = [s.name for s in sites]
+    if names != list(job.site_names):
+        raise ConfigError(f"datasets: the sites given are {names}, but the job's sites are {job.site_names}")
+    for site in sites:
+        check_site(site, job.task)
 
 
 def _move_into_place(staging: Path, output: Path) -> None:

@@ -17,7 +17,7 @@ from medfed.config import Job
 from medfed.core.errors import SiteError
 from medfed.core.types import Arm, EvalResult, Metric, Params, RoundPlan, Split, Update
 from medfed.data.base import SiteData
-from medfed.models import build_model, get_params
+from medfed.models import ModelFactory, build_model, build_user_model, get_params
 from medfed.privacy.base import ProtocolParty
 from medfed.site.evaluate import evaluate_split
 from medfed.privacy.dpsgd import SampleDP
@@ -144,9 +144,12 @@ class SiteApp:
         return out
 
 
-def model_for(job: Job, data: SiteData) -> nn.Module:
+def model_for(job: Job, data: SiteData, factory: ModelFactory | None = None) -> nn.Module:
     """An untrained network of ``job`` for the channels and spatial dims of ``data`` (its
-    frozen parameters fixed; ``model.init`` is the server's: its weights arrive with round 1)."""
+    frozen parameters fixed; ``model.init`` is the server's: its weights arrive with round 1),
+    or the network of ``factory`` when given (a run from Python with its own model)."""
+    if factory is not None:
+        return build_user_model(factory)
     return build_model(job.model, job.task, data.train.shape[0], spatial_dims=data.train.spatial_dims)
 
 
@@ -175,13 +178,15 @@ def pooled_site_data(sites: list[SiteData], name: str) -> SiteData:
 
 
 def build_site_apps(
-    job: Job, sites: list[SiteData], device: torch.device, pooled_name: str | None = None
+    job: Job, sites: list[SiteData], device: torch.device, pooled_name: str | None = None,
+    factory: ModelFactory | None = None,
 ) -> dict[str, SiteApp]:
     """One app per site; plus the pooled pseudo-site when ``pooled_name`` is given. The
-    apps run one at a time in this process, so they share one model buffer."""
+    apps run one at a time in this process, so they share one model buffer (built by
+    ``factory`` when given, else from the job)."""
     if not sites:
         return {}
-    shared = model_for(job, sites[0])
+    shared = model_for(job, sites[0], factory)
     apps = {s.name: SiteApp(s, job, device, shared) for s in sites}
     if pooled_name is not None:
         training = [s for s in sites if s.name not in job.held_out]

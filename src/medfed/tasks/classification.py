@@ -27,16 +27,14 @@ class ClassificationTask:
         self.labels = cfg.labels
         self.num_classes = cfg.num_classes
         self.monitor = cfg.monitor
-        self._ce = nn.CrossEntropyLoss()
-        self._bce = nn.BCEWithLogitsLoss()
+        from medfed.tasks.losses import classification_loss
+
+        self._loss = classification_loss(cfg)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the batch: BCE-with-logits (binary, multi-label) or cross-entropy."""
-        if self.labels == "binary":
-            return self._bce(logits[:, 0], labels.to(logits.dtype))
-        if self.labels == "multiclass":
-            return self._ce(logits, labels)
-        return self._bce(logits, labels.to(logits.dtype))
+        """Mean loss over the batch: the job's ``task.loss`` (default: BCE-with-logits for
+        binary and multi-label, cross-entropy for multi-class; see tasks/losses.py)."""
+        return self._loss(logits, labels)
 
     def infer(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Logits of ``model`` (in eval mode) for a batch of images."""

@@ -33,22 +33,18 @@ class SegmentationTask:
     """
 
     def __init__(self, cfg: SegmentationTaskConfig, patch: tuple[int, ...] | None = None):
-        from monai.losses import DiceCELoss  # MONAI is imported only where used
+        from medfed.tasks.losses import segmentation_loss
 
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.monitor = cfg.monitor
         self.patch = tuple(int(p) for p in patch) if patch is not None else None
-        # Dice on the foreground classes only (the background would dominate it and the
-        # metric ignores it too); cross-entropy on all classes, background included. The
-        # Dice is computed over the whole batch (batch=True), so an image where a class is
-        # absent (no lesion) neither gives a meaningless per-image term nor is ignored.
-        self._loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+        self._loss = segmentation_loss(cfg)  # default Dice + cross-entropy (tasks/losses.py)
 
     def loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Dice + cross-entropy of logits (B, K, *sp) against int64 masks (B, *sp): a
-        scalar. Computed in float32 with autocast off, so float16 logits from a CUDA
-        autocast region neither overflow nor lose the small Dice terms."""
+        """The job's loss (default Dice + cross-entropy) of logits (B, K, *sp) against
+        int64 masks (B, *sp): a scalar. Computed in float32 with autocast off, so float16
+        logits from a CUDA autocast region neither overflow nor lose the small Dice terms."""
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} class logits, got shape {tuple(logits.shape)}")
         with torch.autocast(device_type=logits.device.type, enabled=False):
