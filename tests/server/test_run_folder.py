@@ -117,14 +117,14 @@ def test_a_folder_that_changes_while_the_job_runs_is_not_replaced(tmp_path, monk
     target = tmp_path / "run"
     assert cli.invoke(app, ["run", str(job), "-q", "-o", str(target)]).exit_code == 0
     files: dict[str, str] = {}
-    real = run_mod._move_into_place
+    real = run_mod.move_into_place
 
     def meanwhile(staging, output):  # the user swaps the run for their own files during the run
         (output / RUN_MARKER).unlink()
         files.update(_user_files(output))
         return real(staging, output)
 
-    monkeypatch.setattr(run_mod, "_move_into_place", meanwhile)
+    monkeypatch.setattr(run_mod, "move_into_place", meanwhile)
     res = cli.invoke(app, ["run", str(job), "-q", "-o", str(target), "--overwrite"])
     assert res.exit_code == 2, res.output
     assert "nothing was replaced" in res.output

@@ -30,7 +30,7 @@ from medfed.core.errors import ConfigError, MedfedError, RunDirError
 from medfed.core.files import atomic_write_text
 from medfed.server.runner import (
     RUN_MARKER,
-    _move_into_place,
+    move_into_place,
     check_output,
     check_replaceable,
     run_job,
@@ -201,7 +201,7 @@ def run_loso(
             raise RunDirError(f"cannot write next to '{out}': {e}; nothing was written") from None
         raise
     try:
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     except OSError as e:
         raise RunDirError(f"cannot move the finished folder into '{out}': {e}; it is left in '{staging}'") from None
     return LosoResult(out_dir=out, table=table, elapsed_s=time.perf_counter() - t0)

@@ -310,7 +310,7 @@ def run_job(
         raise
     close_run_log(handler)
     try:
-        _move_into_place(staging, output)
+        move_into_place(staging, output)
     except OSError as e:
         raise RunDirError(f"cannot move the finished run into '{output}': {e}; it is left in '{staging}'") from None
     return RunResult(run_dir=output, elapsed_s=time.perf_counter() - t0)
@@ -327,7 +327,7 @@ def _check_given_sites(job: Job, sites: list[SiteData]) -> None:
         check_site(site, job.task)
 
 
-def _move_into_place(staging: Path, output: Path) -> None:
+def move_into_place(staging: Path, output: Path) -> None:
     """Put the finished run at ``output``, replacing what is there only if it is a run
     (checked again: the folder may have changed while the job ran)."""
     if output.exists():  # check_output let it through: empty, or a run with overwrite=True
