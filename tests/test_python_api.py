@@ -172,3 +172,10 @@ def test_example_script_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "federated test AUC by site: hospital_a" in out.stdout
     assert (tmp_path / "ex" / "run.json").is_file()
+
+
+def test_init_and_freeze_are_not_silently_dropped_with_a_factory(tmp_path):
+    job = _job(tmp_path, model={"name": "small_cnn", "width": 4, "freeze": ["features"]})
+    with pytest.raises(ConfigError, match="model.init and model.freeze apply to the job's own network"):
+        medfed.run(job, datasets=_datasets(("a", "b")), model=TinyNet, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -231,6 +231,11 @@ def run_job(
         )
     if model_factory is None:
         check_model(job.model)  # a MONAI class's or a factory's arguments, before the data is read
+    elif job.model.init is not None or job.model.freeze:
+        raise ConfigError(
+            "model.init and model.freeze apply to the job's own network, but medfed.run was given model=: load "
+            "the weights and turn off requires_grad inside the factory, or leave model= out"
+        )
     build_task(job)  # an imported task.loss is found and built, before the data is read
     if sites is None:
         sites = build_sites(job)  # data errors surface before anything is written
