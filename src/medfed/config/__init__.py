@@ -17,8 +17,11 @@ aliases expand to more than :data:`MAX_YAML_NODES` values is refused before it i
 One module per section of the job, each importing only those listed before it:
 
 - ``limits``: the bounds above, :data:`SiteName`, :func:`unique_names`
-- ``data``: the ``data`` section (synthetic, medmnist, folder, pairs, volumes), partitions, splits
+- ``reading``: how a file source is read (``cache``, ``loader``), kept out of the job's hash
 - ``transforms``: preprocessing and augmentation steps, :class:`TransformsConfig`
+- ``dicom``: DICOM settings of the file sources (the VOI window, with the ``window``
+  step's presets; DICOM SEG segments)
+- ``data``: the ``data`` section (synthetic, medmnist, folder, pairs, volumes), partitions, splits
 - ``model``: the network (:class:`ModelConfig` by name, :class:`MonaiModelConfig`,
   :class:`ImportModelConfig`; any of them :data:`AnyModelConfig`), its init and frozen
   layers, and the task (:class:`TaskConfig`, :class:`SegmentationTaskConfig`)
@@ -54,15 +57,11 @@ from medfed.config.algorithms import (
     mean_algorithm_names,
 )
 from medfed.config.data import (
-    READING_FIELDS,
     SEGMENTATION_SOURCES,
-    CacheMode,
     DataConfig,
-    DicomWindow,
     FileSet,
     FileSite,
     FolderData,
-    LoaderConfig,
     MedMNISTData,
     OnBadFile,
     PairsData,
@@ -75,8 +74,9 @@ from medfed.config.data import (
     SyntheticSite,
     VolumesData,
     synthetic_size_problem,
-    without_reading,
 )
+from medfed.config.dicom import DicomWindow
+from medfed.config.reading import READING_FIELDS, CacheMode, LoaderConfig, without_reading
 from medfed.config.files import (
     SITE_LOCAL,
     builtin_job_path,

@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from medfed.config.dicom import DicomWindow, SegmentRef, class_key, segment_refs
 from medfed.config.limits import MAX_EXAMPLES, MAX_SITES, SYNTHETIC_MAX_BYTES, SiteName, unique_names
+from medfed.config.reading import CacheMode, LoaderConfig
 from medfed.core.schema import Count, Frozen, NoBool, Real
 
 
@@ -134,20 +136,6 @@ class FileSet(Frozen):
     csv: Path | None = None
 
 
-CacheMode = Literal["auto", "memory", "disk", "none"]
-READING_FIELDS = ("cache", "cache_dir", "loader")  # how a site reads, not what: outside the job's hash
-
-
-class LoaderConfig(Frozen):
-    """How a streamed site reads its files (``cache: disk`` or ``none``): ``workers``
-    processes (0: in the training process) each preparing ``prefetch`` batches ahead;
-    ``timeout`` seconds bound the wait for one batch."""
-
-    workers: Count = Field(2, ge=0, le=64)
-    prefetch: Count = Field(2, ge=1, le=64)
-    timeout: Real = Field(600.0, gt=0, le=86_400)
-
-
 class FileSite(Frozen):
     """One site's files: ``images`` (with ``masks`` or ``csv``) holding all its examples,
     or ``train`` with optional ``val`` and ``test`` sets (missing ones are drawn from
@@ -243,53 +231,6 @@ class _FileReading(Frozen):
         return self.cache, self.loader
 
 
-def without_reading(dumped: Any) -> Any:
-    """A dumped ``data`` section without how it is read (:data:`READING_FIELDS`, also per
-    site): what must agree between a job and a site's data file, and what the job's hash
-    covers."""
-    if not isinstance(dumped, dict):
-        return dumped
-    out = {k: v for k, v in dumped.items() if k not in READING_FIELDS}
-    if isinstance(out.get("sites"), list):
-        out["sites"] = [
-            {k: v for k, v in s.items() if k not in READING_FIELDS} if isinstance(s, dict) else s for s in out["sites"]
-        ]
-    return out
-
-
-class DicomWindow(Frozen):
-    """The VOI window put on every grey DICOM image of a folder job, in place of the
-    files' own windows and VOI LUTs: values from ``center - width / 2`` to
-    ``center + width / 2``, after the modality transform (Hounsfield units for CT), map
-    linearly onto [0, 1]; values outside are clipped. Give ``center`` and ``width``, or a
-    CT ``preset`` with the values of the ``window`` preprocessing step (center / width):
-    ``ct_abdomen`` 40 / 400, ``ct_liver`` 75 / 200, ``ct_lung`` -600 / 1500,
-    ``ct_mediastinum`` 50 / 350, ``ct_brain`` 40 / 80, ``ct_bone`` 300 / 1500."""
-
-    center: Real | None = None
-    width: Real | None = Field(None, gt=0)
-    preset: Literal["ct_abdomen", "ct_liver", "ct_lung", "ct_mediastinum", "ct_brain", "ct_bone"] | None = None
-
-    @model_validator(mode="after")
-    def _one_way(self) -> "DicomWindow":
-        numbers = [n for n in ("center", "width") if getattr(self, n) is not None]
-        if self.preset is not None and numbers:
-            raise ValueError(f"give a preset or center and width, not both (got preset and {' and '.join(numbers)})")
-        if self.preset is None and len(numbers) != 2:
-            raise ValueError("give center and width (e.g. {center: 40, width: 400}), or a preset (e.g. ct_lung)")
-        return self
-
-    @property
-    def center_width(self) -> tuple[float, float]:
-        """(center, width) of the window, from the preset or as given."""
-        if self.preset is not None:
-            from medfed.config.transforms import WINDOW_PRESETS
-
-            low, high = WINDOW_PRESETS[self.preset]
-            return (low + high) / 2, high - low
-        return float(self.center), float(self.width)  # type: ignore[arg-type]
-
-
 class FolderData(_FileReading):
     """Image files (PNG, JPEG, TIFF, DICOM) with a CSV of labels, for classification.
 
@@ -381,32 +322,6 @@ class PairsData(_FileReading):
         return [s.name for s in self.sites]
 
 
-def _class_key(v: Any) -> int:
-    """A key of ``segments``: a class index 1, 2, ... (JSON writes it as a string)."""
-    try:
-        k = int(v) if not isinstance(v, (bool, float)) else 0
-    except (TypeError, ValueError):
-        k = 0
-    if k < 1:
-        raise ValueError(f"keys are class indices 1, 2, ... (0 is the background), got {v!r}")
-    return k
-
-
-def _segment_refs(v: Any) -> Any:
-    """A value of ``segments``: one segment or a non-empty list of them."""
-    items = v if isinstance(v, list) else [v]
-    if not items:
-        raise ValueError("lists no segment")
-    for x in items:
-        if isinstance(x, bool) or not ((isinstance(x, int) and x >= 1) or (isinstance(x, str) and x.strip())):
-            raise ValueError(f"a segment is its label (text) or its number (1, 2, ...), got {x!r}")
-    return v
-
-
-# A DICOM SEG segment: its SegmentLabel (matched exactly) or its SegmentNumber.
-SegmentRef = Union[int, str]
-
-
 class VolumesData(_FileReading):
     """3D segmentation: image volumes and label volumes matched by name. ``format: nifti``
     reads ``.nii``/``.nii.gz`` files; ``format: dicom`` reads each sub-folder of the images
@@ -427,8 +342,8 @@ class VolumesData(_FileReading):
     on_bad_file: OnBadFile = "error"
     masks_format: Literal["nifti", "seg"] = "nifti"
     # class index (keys are ints; JSON's string keys parse back to them) -> its segment(s)
-    segments: dict[Annotated[int, BeforeValidator(_class_key)],
-                   Annotated[SegmentRef | list[SegmentRef], BeforeValidator(_segment_refs)]] | None = None
+    segments: dict[Annotated[int, BeforeValidator(class_key)],
+                   Annotated[SegmentRef | list[SegmentRef], BeforeValidator(segment_refs)]] | None = None
 
     @field_validator("sites")
     @classmethod

@@ -24,9 +24,9 @@ from medfed.config.data import (
     SyntheticSegmentationData,
     VolumesData,
     synthetic_size_problem,
-    without_reading,
 )
 from medfed.config.limits import MAX_BATCH, MAX_EPOCHS, MAX_ROUND_TIMEOUT, MAX_ROUNDS, MAX_SITES, SiteName, unique_names
+from medfed.config.reading import without_reading
 from medfed.config.model import CLASSIFIERS, SEGMENTERS, AnyModelConfig, AnyTaskConfig, ModelConfig, hashed_model, hashed_task
 from medfed.config.transforms import TransformsConfig
 from medfed.core.schema import Count, Frozen, Real
