@@ -33,6 +33,7 @@ import torch
 from medfed.config import LoaderConfig
 from medfed.core.errors import DataError
 from medfed.data.base import ArraySplit, Augment, Batch, Entry, Planned, Record
+from medfed.data.readers.folder import UnreadableFile
 
 log = logging.getLogger("medfed")
 
@@ -57,8 +58,6 @@ class Pipeline:
         self.key = key
 
     def __call__(self, entry: Entry) -> dict[str, Any]:
-        from medfed.data.readers.folder import UnreadableFile
-
         try:
             record = entry.read()
             if self.preprocess is not None and not getattr(entry, "prepared", False):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,9 +29,10 @@ from medfed.core.errors import ConfigError, MedfedError, RunDirError
 from medfed.core.files import atomic_write_text
 from medfed.server.runner import (
     RUN_MARKER,
-    move_into_place,
     check_output,
     check_replaceable,
+    make_staging,
+    move_into_place,
     run_job,
 )
 
@@ -172,13 +172,7 @@ def run_loso(
     check_output(out, overwrite)
     loso_jobs(job, out)  # every refusal before anything is written or run
     reused = _check_full_run(full_run, job, out) if full_run is not None else None
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    except OSError as e:
-        raise RunDirError(f"cannot create the folder '{out}': {e.strerror or e}") from None
+    staging = make_staging(out, "the folder")
     try:
         runs = loso_jobs(job, staging)
         todo = dict(runs) if reused is not None else {FULL_RUN: job.model_copy(update={"output": staging / FULL_RUN}),

@@ -248,13 +248,7 @@ def run_job(
     if on_sites is not None:
         on_sites(summary)
 
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    except OSError as e:
-        raise RunDirError(f"cannot create the run folder '{output}': {e.strerror or e}") from None
+    staging = make_staging(output, "the run folder")
     handler = open_run_log(staging)
     try:
         for site in sites:
@@ -330,6 +324,20 @@ def _check_given_sites(job: Job, sites: list[SiteData]) -> None:
         raise ConfigError(f"datasets: the sites given are {names}, but the job's sites are {job.site_names}")
     for site in sites:
         check_site(site, job.task)
+
+
+def make_staging(output: Path, what: str) -> Path:
+    """A fresh, empty hidden folder next to ``output`` to build it in (see
+    :func:`move_into_place`); a RunDirError naming ``what`` and ``output`` when it cannot
+    be made."""
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as e:
+        raise RunDirError(f"cannot create {what} '{output}': {e.strerror or e}") from None
+    return staging
 
 
 def move_into_place(staging: Path, output: Path) -> None:
