@@ -33,10 +33,11 @@ def make_kits(folder: Path, sites=SITES, port: int | None = None) -> tuple[Path,
     return folder / "kits", port
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    """A medfed command in its own process, its output in ``log``."""
+def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A medfed command in its own process, its output in ``log``; ``env``: its environment
+    (default: this process's)."""
     with open(log, "wb") as f:
-        return subprocess.Popen([*CLI, *args], stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen([*CLI, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:

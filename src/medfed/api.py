@@ -114,11 +114,10 @@ def run(
     renders in notebooks). Raises a :class:`~medfed.core.errors.MedfedError` naming the
     field, site, split or item that is wrong."""
     parsed = _parse(job, datasets, own_model=model is not None)
-    if parsed.transport == "pool" and (datasets is not None or model is not None):
-        raise ConfigError(
-            "transport: pool runs each site in its own process, which cannot receive datasets or a model factory "
-            "held in this Python session; use transport: inprocess with medfed.run's datasets= or model="
-        )
+    if parsed.transport != "inprocess" and (datasets is not None or model is not None):
+        from medfed.transport.base import separate_sites_refusal
+
+        raise ConfigError(separate_sites_refusal(parsed.transport))
     if model is not None and not callable(model):
         raise ConfigError(f"model: expected a function of no arguments returning a torch.nn.Module, got "
                           f"{type(model).__name__}")

@@ -1,4 +1,5 @@
-"""The command line: ``medfed run | validate | report | loso | provision | server | site``.
+"""The command line: ``medfed run | validate | report | compare | loso | provision | server | site |
+dashboard``.
 
 Errors that a user can cause are printed as one clear message (no traceback) and the
 command exits with status 2 (bad job or data) or 1 (a run that failed on the way).
@@ -19,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from medfed.config import Job, builtin_job_path, load_job
 from medfed.core.errors import ConfigError, DataError, MedfedError, ModelError, NetworkError, RunDirError
+from medfed.site.commands import site_app
 
 if TYPE_CHECKING:
     from medfed.core.summary import SiteSummary
@@ -97,7 +99,8 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
                     extra += f"  [yellow]{r.skipped} file(s) skipped[/]"
                 progress.console.print(
                     f"  site [bold]{escape(r.name)}[/]: train {r.train}, val {r.val}, test {r.test} "
-                    f"(train class counts {counts}){extra}", highlight=False
+                    + ("" if job.task.kind == "reconstruction" else f"(train class counts {counts})")  # targets are images
+                    + extra, highlight=False
                 )
 
         def on_round(s, _params) -> None:
@@ -115,10 +118,14 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
 
 
 def _print_summary(run_dir: Path, job: Job) -> None:
+    from medfed.tracking.contribution import contribution_table, read_contribution
     from medfed.tracking.metrics import read_metrics
     from medfed.tracking.tables import summary_table
 
     out.print(summary_table(read_metrics(run_dir / "metrics.jsonl"), job.task.monitor, job.held_out))
+    contribution = read_contribution(run_dir)
+    if contribution is not None:
+        out.print(contribution_table(contribution))
 
 
 @app.command()
@@ -165,7 +172,8 @@ def validate(job_file: Path = typer.Argument(..., help="Job YAML to check.")) ->
         return
     out.print(
         f"[green]ok[/]: '{job.name}', {len(job.site_names)} sites ({', '.join(job.site_names)}), "
-        f"{job.algorithm.name}, {job.rounds} rounds, model {job.model.label}"
+        f"{job.algorithm.name}" + (f" by {job.topology.label}" if job.topology.kind != "server" else "")
+        + f", {job.rounds} rounds, model {job.model.label}"
         + (f", compared with {', '.join(job.compare)}" if job.compare else ""),
         highlight=False,
     )
@@ -174,17 +182,49 @@ def validate(job_file: Path = typer.Argument(..., help="Job YAML to check.")) ->
 def _check_model_and_algorithm(job: Job) -> None:
     """Build the model, the task's loss and the algorithm once: catches what needs them (a
     personal layer name that is not a layer of the model, an imported loss that cannot be
-    imported). The data is not read here."""
+    imported), the tracking tools a job asks for and Ray for transport: ray. The data is not read here."""
     from medfed.algorithms import build_algorithm
     from medfed.models import build_model, check_input_size
     from medfed.tasks import build_task
+    from medfed.tracking.external import check_tracking
+    from medfed.transport.ray import check_ray
 
+    check_tracking(job)
+    check_ray(job)  # transport: ray with Ray installed
     build_task(job)
 
     model = build_model(job.model, job.task, getattr(job.data, "channels", 1), spatial_dims=job.data_dims or 2)
     if job.transforms.patch is not None:
         check_input_size(job.model, tuple(job.transforms.patch), tuple(job.transforms.patch))
     build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum, lr=job.train.lr)
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(
+        ..., metavar="RUN_DIR", help="Run folders written by `medfed run`, of the same task."
+    ),
+    output: Path = typer.Option(
+        Path("compare.png"), "--output", "-o", help="The figure (PNG; a folder: FOLDER/compare.png)."
+    ),
+    metric: Optional[str] = typer.Option(None, "--metric", help="The metric (default: the first run's task.monitor)."),
+    split: str = typer.Option("test", "--split", help="test, val or train."),
+) -> None:
+    """Several runs side by side: each arm's mean over the sites and its spread; a figure by round."""
+    from medfed.tracking.compare import check_metric, compare_rows, default_metric, figure, load_runs, rich_table
+
+    try:
+        if split not in ("train", "val", "test"):
+            raise ConfigError(f"--split: must be train, val or test, got '{split}'")
+        runs = load_runs(run_dirs)
+        metric = metric or default_metric(runs)
+        check_metric(runs, metric, split)
+        out.print(rich_table(compare_rows(runs, metric, split), metric, split))
+        path = figure(runs, metric, split, output)
+    except MedfedError as e:
+        _fail(e)
+        return
+    out.print(f"figure: [bold]{escape(str(path))}[/]", highlight=False)
 
 
 @app.command()
@@ -198,6 +238,34 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by `me
         _fail(e)
         return
     out.print(f"report: [bold]{path}[/]")
+
+
+@app.command()
+def dashboard(
+    run_dir: Path = typer.Argument(..., help="A run folder: the output of `medfed run` (followed from its staging "
+                                   "folder while it runs) or of `medfed server`."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; any other than 127.0.0.1 exposes the "
+                             "run to the network."),
+) -> None:
+    """A live web page of a run, in progress or finished (Ctrl-C stops it)."""
+    from medfed.dashboard.server import exposure_warning, is_loopback, start
+
+    _setup_logging(logging.INFO)
+    try:
+        server = start(run_dir, host, port)
+    except MedfedError as e:
+        _fail(e)
+        return
+    if not is_loopback(host):
+        err.print(f"[bold yellow]warning:[/] {escape(exposure_warning(server))}", highlight=False)
+    out.print(f"dashboard of {escape(str(run_dir))}: {escape(server.url)}", highlight=False, soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command()
@@ -268,6 +336,9 @@ def server(
     _setup_logging(logging.INFO)
     try:
         job = load_job(job_file)
+        if job.tracking is not None:  # the deployed server keeps its metrics in state.sqlite, not yet sent on
+            logging.getLogger("medfed").warning("tracking: a deployed run does not log to TensorBoard or MLflow yet; "
+                                                "its metrics.jsonl is in the run folder (medfed compare reads it)")
         result = serve_job(job, load_kit(kit, role="server"), resume=resume, listen=listen, join_timeout=join_timeout)
     except MedfedError as e:
         _fail(e)
@@ -277,9 +348,10 @@ def server(
     out.print(f"report:     [bold]{result.run_dir / 'report.html'}[/]")
 
 
-@app.command()
+@site_app.callback(invoke_without_command=True)
 def site(
-    kit: Path = typer.Option(..., "--kit", help="This site's startup kit folder (from `medfed provision`)."),
+    ctx: typer.Context,
+    kit: Optional[Path] = typer.Option(None, "--kit", help="This site's startup kit folder (from `medfed provision`)."),
     data: Optional[Path] = typer.Option(
         None, "--data", help="This site's data file: the job's data section with local paths (not needed for generated data)."
     ),
@@ -295,10 +367,30 @@ def site(
         None, "--max-epsilon", min=0.0,
         help="This site's privacy limit: refuse a job without differential privacy, or one whose epsilon would pass it.",
     ),
+    bundle: Optional[Path] = typer.Option(
+        None, "--bundle",
+        help="The MONAI Bundle folder this site runs for a job with model: {bundle: ...} (the server never sends "
+             "one: a bundle's configs are code); it must have the job's bundle_sha256.",
+    ),
+    policy: Optional[Path] = typer.Option(
+        None, "--policy",
+        help="This site's policy (YAML): the tasks, models, algorithms, privacy and peers it allows, what of its "
+             "data summary it discloses, and approve: auto|manual; checked against the job before any data is read.",
+    ),
+    approval_timeout: Optional[float] = typer.Option(
+        None, "--approval-timeout", callback=_join_seconds,
+        help="Under approve: manual, seconds to wait for `medfed site approve` (default: the job's round_timeout).",
+    ),
 ) -> None:
-    """Take part in the consortium's job: connect out to the server, train and evaluate on local data."""
+    """Take part in the consortium's job: connect out to the server, train and evaluate on local data.
+    `medfed site approve|reject JOB_HASH --kit KIT`: decide on a job the site showed (policy approve: manual)."""
+    if ctx.invoked_subcommand is not None:  # medfed site approve|reject: not the site itself
+        return
+    if kit is None:
+        _fail(ConfigError("medfed site needs --kit: this site's startup kit folder (from `medfed provision`)"))
     import math
 
+    from medfed.site.policy import gate_for
     from medfed.site.remote import RemoteSite
     from medfed.transport.grpc.client import RECONNECT_MAX, Connection, serve_tasks
     from medfed.transport.pki import load_kit
@@ -308,7 +400,8 @@ def site(
         if reconnect_max is not None and not (math.isfinite(reconnect_max) and reconnect_max > 0):
             raise ConfigError(f"--reconnect-max must be a number of seconds > 0, got {reconnect_max:g}")
         k = load_kit(kit, role="site")
-        remote = RemoteSite(k.name, data, max_epsilon, kit=k)  # checks the data file before connecting
+        gate = gate_for(policy, k.path, k.name, approval_timeout) if policy is not None else None
+        remote = RemoteSite(k.name, data, max_epsilon, kit=k, bundle=bundle, gate=gate)  # checks data and bundle first
         conn = Connection(f"{k.server_host}:{k.server_port}", k.ca_pem, k.cert_pem, k.key_pem, k.name,
                           reconnect_max=reconnect_max or RECONNECT_MAX)
 
@@ -333,6 +426,9 @@ def site(
         _fail(e)
         return
     out.print(f"site [bold]{k.name}[/]: job finished")
+
+
+app.add_typer(site_app, name="site")  # medfed site [--kit ...] | site approve | site reject
 
 
 def main() -> None:

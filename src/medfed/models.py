@@ -19,7 +19,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from medfed.config import CLASSIFIERS, SEGMENTERS, ModelConfig, ModelSettings, SegmentationTaskConfig, TaskConfig
+from medfed.config import (
+    CLASSIFIERS,
+    SEGMENTERS,
+    BundleModelConfig,
+    ModelConfig,
+    ModelSettings,
+    SegmentationTaskConfig,
+    TaskConfig,
+)
 from medfed.core.errors import ModelError
 from medfed.weights import freeze
 
@@ -89,6 +97,8 @@ def num_outputs(task: AnyTask) -> int:
     labels) or per pixel (segmentation: the number of classes, background included)."""
     if is_segmentation(task):
         return task.num_classes
+    if getattr(task, "kind", None) == "reconstruction":  # one image out, as one in
+        return 1
     return 1 if task.labels == "binary" else task.num_classes  # type: ignore[union-attr]
 
 
@@ -98,8 +108,8 @@ def build_model(cfg: ModelSettings, task: AnyTask, in_channels: int, spatial_dim
     fixed (``requires_grad`` off; a prefix matching none is a ConfigError).
 
     A MONAI class or a factory is built by :func:`medfed.networks.build_network` (its
-    arguments checked against its signature first); a network by name by
-    :func:`build_named`. The weights of ``cfg.init`` are not loaded here: the server loads
+    arguments checked against its signature first); a MONAI Bundle's ``network_def`` by
+    :func:`medfed.bundles.build_bundle_network`; a network by name by :func:`build_named`. The weights of ``cfg.init`` are not loaded here: the server loads
     them into its first model (:func:`medfed.weights.load_init`) and sends them."""
     if in_channels < 1:
         raise ModelError(f"model '{cfg.label}': input must have at least 1 channel, got {in_channels}")
@@ -107,13 +117,38 @@ def build_model(cfg: ModelSettings, task: AnyTask, in_channels: int, spatial_dim
         raise ModelError(f"model '{cfg.label}': images must have 2 or 3 spatial dimensions, got {spatial_dims}")
     if isinstance(cfg, ModelConfig):
         model = build_named(cfg, task, in_channels, spatial_dims)
+    elif isinstance(cfg, BundleModelConfig):
+        from medfed.bundles import build_bundle_network
+
+        model = build_bundle_network(cfg)  # the bundle fixes its own sizes
     else:
         from medfed.networks import build_network
 
         model = build_network(cfg, in_channels, num_outputs(task), spatial_dims)
     if cfg.freeze:
         freeze(model, cfg.freeze)
+    if getattr(task, "kind", None) == "reconstruction" and task.residual:  # type: ignore[union-attr]
+        make_residual(model)
     return model
+
+
+RESIDUAL_SCALE = "residual_scale"
+
+
+def make_residual(model: nn.Module) -> nn.Module:
+    """Make ``model`` return ``input + residual_scale * network(input)``, with the learned
+    scalar ``residual_scale`` starting at 0 (ReZero, Bachlechner et al. 2021): a
+    reconstruction network then starts from the zero-filled image and learns the correction
+    to it (``task.residual``). A forward hook and one parameter on the network itself, not
+    a wrapper, so the state dict keeps the network's own names (``model.freeze`` names them
+    as usual) plus ``residual_scale``."""
+    model.register_parameter(RESIDUAL_SCALE, nn.Parameter(torch.zeros(())))
+    model.register_forward_hook(_add_input)
+    return model
+
+
+def _add_input(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return args[0] + getattr(module, RESIDUAL_SCALE) * output
 
 
 def build_user_model(factory: ModelFactory) -> nn.Module:
@@ -140,8 +175,13 @@ def model_fingerprint(model: nn.Module) -> str:
 def check_model(cfg: ModelSettings) -> None:
     """What can be checked of ``cfg`` without data or building it: a MONAI class or a
     factory is found and its arguments checked against its signature (ConfigError naming
-    the field). Nothing to do for a network by name, which the job schema checks."""
-    if not isinstance(cfg, ModelConfig):
+    the field); a bundle's config is found and holds a ``network_def``. Nothing to do for a
+    network by name, which the job schema checks."""
+    if isinstance(cfg, BundleModelConfig):
+        from medfed.bundles import check_bundle
+
+        check_bundle(cfg)
+    elif not isinstance(cfg, ModelConfig):
         from medfed.networks import check_network
 
         check_network(cfg)
@@ -165,9 +205,10 @@ def build_named(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims:
     :class:`SmallCNN`) and ``unet``; ``segresnet`` always uses group norm. The MONAI
     classifiers have no such option: asking for it there raises ModelError.
     """
-    seg = is_segmentation(task)
+    kind = getattr(task, "kind", "classification")
+    seg = kind in ("segmentation", "reconstruction")  # image to image: the segmenters, K or 1 channels out
     if seg and cfg.name not in SEGMENTERS:
-        raise ModelError(f"model '{cfg.name}' is a classifier; a segmentation task needs one of {list(SEGMENTERS)}")
+        raise ModelError(f"model '{cfg.name}' is a classifier; a {kind} task needs one of {list(SEGMENTERS)}")
     if not seg and cfg.name not in CLASSIFIERS:
         raise ModelError(f"model '{cfg.name}' segments; a classification task needs one of {list(CLASSIFIERS)}")
     if cfg.norm == "group" and cfg.name not in ("small_cnn", "unet", "segresnet"):

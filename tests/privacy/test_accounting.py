@@ -155,3 +155,17 @@ def test_adaptive_noise_multiplier_refuses_a_count_that_spends_everything():
         adaptive_noise_multiplier(1.0, 0.5)
     with pytest.raises(ValueError, match="count_noise_multiplier"):
         adaptive_noise_multiplier(1.0, 0.0)
+
+
+def test_rounds_released_again_come_first_in_the_composition():
+    """A resumed deployment that redid one round after releasing in it: round r costs what
+    round r + 1 of the plain schedule does, and the budget allows one round fewer."""
+    schedule = [0.1, 0.2, 0.3, 0.4]
+    plain = PrivacyLedger(schedule[:3], 1e-5, 0.35, "dp")
+    again = PrivacyLedger(schedule, 1e-5, 0.35, "dp", released_again=1)
+    assert plain.last_round == 3 and again.last_round == 2
+    assert [again.epsilon(r) for r in (1, 2, 3)] == [0.2, 0.3, 0.4]
+    with pytest.raises(ValueError, match="round: must be in 1..3"):
+        again.epsilon(4)
+    spent = PrivacyLedger([0.5, 0.6], 1e-5, 0.35, "dp", released_again=1)
+    assert spent.last_round == 0  # the earlier releases used the whole budget

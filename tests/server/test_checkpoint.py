@@ -57,3 +57,30 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monk
     assert load_checkpoint(tmp_path / "model_final")[1] == {"round": 1}
     assert names[0] != names[1]  # a fresh random name each time
     assert all(Path(n).parent == tmp_path for n in names)  # in the same folder, so os.replace is atomic
+
+
+def test_the_run_checkpoints_every_round_hashing_the_job_once(tmp_path, monkeypatch):
+    """The job hash serializes the whole job, every site of it: the per-round checkpoint
+    takes it from the start of the run, so a round's cost does not grow with the sites."""
+    from medfed.config import Job, parse_job
+    from medfed.core.types import Arm
+    from medfed.server.loop import RoundSummary
+    from medfed.server.runner import _BestTracker
+
+    job = parse_job({
+        "name": "t", "output": str(tmp_path / "out"), "rounds": 3,
+        "data": {"source": "synthetic", "image_size": 16,
+                 "sites": [{"name": f"s{i}", "n_train": 4, "n_val": 2, "n_test": 2} for i in range(3)]},
+        "model": {"name": "small_cnn", "width": 2}, "task": {"labels": "binary"},
+    })
+    expected = job.job_hash()
+    calls = []
+    real = Job.job_hash
+    monkeypatch.setattr(Job, "job_hash", lambda self: calls.append(1) or real(self))
+    tracker = _BestTracker(tmp_path, job)
+    for rnd in (1, 2, 3):
+        tracker(RoundSummary(Arm.FEDERATED, rnd, 0.5, {"val": {"auc": 0.1 * rnd}}), {"w": torch.ones(2)})
+    assert len(calls) == 1
+    for stem in ("model_final", "model_best"):
+        assert load_checkpoint(tmp_path / stem)[1]["job_hash"] == expected
+        assert load_checkpoint(tmp_path / stem)[1]["round"] == 3

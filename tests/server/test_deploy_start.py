@@ -1,6 +1,7 @@
 """A deployed run that stops before its first round leaves nothing behind; a run folder
 that cannot be written is a clear error; a site whose images differ in shape from the
-others' is left out of the run with the reason, not the whole run stopped."""
+others' is left out of the run with the reason, not the whole run stopped; so is one that
+built another model (the reason says which code to install)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import grpc
 import pytest
 
 from deploy_kits import make_kits
-from medfed.config import builtin_job_path, load_job
+from medfed.config import ImportModelConfig, builtin_job_path, load_job
 from medfed.core.errors import NetworkError, RunDirError
 from medfed.server import deploy
 from medfed.server.deploy import _common_shape, serve_job
@@ -123,3 +124,13 @@ def test_a_resume_before_any_round_was_saved_redoes_round_one_without_replays(tm
         done, params = deploy.resume_point(tmp_path / "run", job, store, FedAvg(), _BestTracker(tmp_path / "run", job))
         assert done == 1 and torch.equal(params["w"], torch.ones(2))
         assert not store.seen_update("cd" * 32)
+
+
+def test_a_different_model_is_explained_by_the_code_that_builds_it(tmp_path):
+    job = _job(tmp_path)
+    assert "another medfed or MONAI version (model 'small_cnn')" in deploy._model_hint(job)
+    mine = job.model_copy(update={"model": ImportModelConfig.model_validate({"import": "mynets.models:build"})})
+    assert deploy._model_hint(mine).startswith("the site runs another version of 'mynets.models:build'")
+    said = deploy._absences({"hospital_b": "no module named 'mynets'"}, {"hospital_c": "it built a different model"})
+    assert said == ("; site 'hospital_b' cannot take part in the job: no module named 'mynets'; "
+                    "site 'hospital_c' is left out: it built a different model")

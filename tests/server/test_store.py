@@ -286,4 +286,20 @@ def test_report_audit_is_capped(tmp_path):
 
 def test_report_without_audit_json_has_no_audit_section(tmp_path):
     html = render_report(_run_folder(tmp_path, 0))
-    assert "Audit" not in html
+    assert "<h2>Audit</h2>" not in html and "exchanges (" not in html
+
+
+def test_rounds_released_before_a_crash_are_counted_once_per_redo(store):
+    """What a resume redoes: the rounds after the one saved in which an update or an
+    evaluation was accepted; counted into a total that survives further resumes."""
+    store.audit("federated", 1, "north", "fit", "accepted", 1, 1, "a1", 0.1)
+    store.audit("federated", 2, "north", "fit", "accepted", 1, 1, "a2", 0.1)
+    store.audit("federated", 2, "south", "evaluate", "accepted", 1, 1, None, 0.1)
+    store.audit("federated", 3, "north", "fit", "refused", 1, 1, "a3", 0.1)  # nothing released
+    assert store.released_after("federated", 1) == 1
+    assert store.add_released_again(store.released_after("federated", 1)) == 1
+    store.drop_after("federated", 1)
+    assert store.released_after("federated", 1) == 0  # marked redone: not counted a second time
+    store.audit("federated", 2, "north", "fit", "accepted", 1, 1, "b2", 0.1)  # round 2 again, then a crash
+    assert store.add_released_again(store.released_after("federated", 1)) == 2
+    assert store.add_released_again(0) == 2

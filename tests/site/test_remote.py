@@ -24,6 +24,11 @@ def test_a_site_sets_up_its_own_share_of_generated_data(tmp_path):
     assert summary["name"] == "hospital_b" and (summary["train"], summary["val"], summary["test"]) == (300, 60, 200)
     assert summary["shape"] == [1, 32, 32] and summary["skipped"] == 0 and timeout == 600.0
     assert site.job_id == "job1" and site.app.name == "hospital_b"
+    # with the summary goes the description of the model it built, for the server to compare
+    from medfed.models import model_fingerprint
+
+    assert summary["model"]["fingerprint"] == model_fingerprint(site.app.model)
+    assert [e[0] for e in summary["model"]["entries"]] == list(site.app.model.state_dict())
 
 
 def test_the_job_travels_without_paths(tmp_path):

@@ -144,8 +144,8 @@ def test_comparison_takes_each_arms_last_round_and_computes_gain():
     rows = comparison_rows(RECORDS, "auc")
     assert [r["site"] for r in rows] == ["a", "b", "all"]
     a, b, pooled = rows
-    assert a == {"site": "a", "local": 0.75, "federated": 0.80, "personalized": None, "finetuned": None, "centralized": None, "gain": pytest.approx(0.05)}
-    assert b == {"site": "b", "local": 0.60, "federated": None, "personalized": None, "finetuned": None, "centralized": None, "gain": None}
+    assert a == {"site": "a", "zero_filled": None, "local": 0.75, "federated": 0.80, "personalized": None, "finetuned": None, "centralized": None, "gain": pytest.approx(0.05)}
+    assert b == {"site": "b", "zero_filled": None, "local": 0.60, "federated": None, "personalized": None, "finetuned": None, "centralized": None, "gain": None}
     assert pooled["federated"] == 0.80 and pooled["local"] == 0.675
     assert pooled["gain"] == pytest.approx(0.125)
 

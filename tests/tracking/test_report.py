@@ -94,7 +94,8 @@ def test_report_is_written_and_self_contained(tmp_path):
     # figures inline, nothing fetched from elsewhere
     assert len(re.findall(r'<img alt="figure" src="data:image/png;base64,[A-Za-z0-9+/=]+">', html)) == 2
     assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', html)
-    assert "<script" not in html and "<link" not in html
+    assert "<link" not in html and not re.search(r"<script[^>]*\bsrc=", html)  # inline scripts only
+    assert "<h2>Interactive charts</h2>" in html
     # the job itself
     assert "small_cnn" in html and "<pre>" in html
 

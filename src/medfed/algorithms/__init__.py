@@ -15,6 +15,7 @@ from medfed.algorithms.fedrep import FedRep
 from medfed.algorithms.moon import Moon
 from medfed.algorithms.fedopt import FedOpt
 from medfed.algorithms.fedprox import FedProx
+from medfed.algorithms.fedce import FedCE
 from medfed.algorithms.qfedavg import QFedAvg
 from medfed.algorithms.scaffold import Scaffold
 from medfed.config import (
@@ -22,6 +23,7 @@ from medfed.config import (
     DittoConfig,
     FedAvgConfig,
     FedBNConfig,
+    FedCEConfig,
     FedDynConfig,
     FedNovaConfig,
     FedOptConfig,
@@ -79,6 +81,8 @@ def build_algorithm(
     if isinstance(cfg, QFedAvgConfig):
         lipschitz = cfg.lipschitz if cfg.lipschitz is not None else (1.0 / lr if lr else None)
         return QFedAvg(cfg.q, lipschitz, trainable)
+    if isinstance(cfg, FedCEConfig):
+        return FedCE(cfg.mode, trainable)
     raise TypeError(f"no algorithm for config {type(cfg).__name__}")
 
 

@@ -55,6 +55,16 @@ class SiteHook:
         """The mean task loss of the starting model on the training split (hooks with
         ``wants_start_loss`` only); None when the model's outputs are not finite."""
 
+    def probe(self, global_params: Params, plan: RoundPlan) -> Params | None:
+        """A model to score on the site's validation split before the round's training
+        (FedCE: the global model without this site's last contribution), or None (the
+        default: nothing to score). The site then calls :meth:`on_probe` with its score."""
+        return None
+
+    def on_probe(self, value: float | None) -> None:
+        """The task's monitored metric of :meth:`probe`'s model on the validation split
+        (None where undefined, e.g. an AUC on one class)."""
+
     def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
         """Called once per round after the global parameters are loaded into ``model``
         (and by a phase's own hook when that phase starts)."""
@@ -152,6 +162,11 @@ class Algorithm(ABC):
 
     def round_extras(self, global_params: Params) -> Params:
         """Tensors sent to every selected site with this round's plan."""
+        return {}
+
+    def site_extras(self, site: str) -> Params:
+        """Tensors sent to ``site`` alone with this round's plan (e.g. FedCE's coefficient
+        of that site), on top of :meth:`round_extras`."""
         return {}
 
     def update_problem(self, update: Update, global_params: Params) -> str | None:

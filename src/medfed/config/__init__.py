@@ -22,10 +22,15 @@ One module per section of the job, each importing only those listed before it:
 - ``dicom``: DICOM settings of the file sources (the VOI window, with the ``window``
   step's presets; DICOM SEG segments)
 - ``data``: the ``data`` section (synthetic, medmnist, folder, pairs, volumes), partitions, splits
+- ``reconstruction``: the reconstruction task, its phantom source and its checks across sections
 - ``model``: the network (:class:`ModelConfig` by name, :class:`MonaiModelConfig`,
-  :class:`ImportModelConfig`; any of them :data:`AnyModelConfig`), its init and frozen
+  :class:`ImportModelConfig`, :class:`BundleModelConfig`; any of them :data:`AnyModelConfig`), its init and frozen
   layers, and the task (:class:`TaskConfig`, :class:`SegmentationTaskConfig`)
+- ``topology``: how the sites' training is combined: a server (default), cyclic, swarm
 - ``algorithms``: one settings class per algorithm, with what it does beyond the mean declared on it
+- ``contribution``: per-site contribution (Shapley values, leave-one-out) and what it cannot go with
+- ``tracking``: where results are also logged (TensorBoard, MLflow), kept out of the job's dumps and hash
+- ``ray``: where ``transport: ray`` runs its sites (a local Ray instance or a cluster), :class:`RayConfig`
 - ``job``: :class:`Job` (top-level fields, :class:`TrainConfig`, :class:`SamplingConfig`, checks across sections)
 - ``messages``: pydantic errors as ``field.path: what, got value``
 - ``files``: reading YAML (aliases bounded), :func:`load_job`, :func:`parse_job`, path mapping
@@ -44,6 +49,7 @@ from medfed.config.algorithms import (
     DittoConfig,
     FedAvgConfig,
     FedBNConfig,
+    FedCEConfig,
     FedDynConfig,
     FedNovaConfig,
     FedOptConfig,
@@ -76,10 +82,21 @@ from medfed.config.data import (
     synthetic_size_problem,
 )
 from medfed.config.dicom import DicomWindow
+from medfed.config.reconstruction import (
+    RECONSTRUCTION_SOURCES,
+    RECONSTRUCTORS,
+    FastMRIData,
+    FastMRISite,
+    PhantomData,
+    PhantomSite,
+    ReconstructionTaskConfig,
+    reconstruction_problem,
+)
 from medfed.config.reading import READING_FIELDS, CacheMode, LoaderConfig, without_reading
 from medfed.config.files import (
     SITE_LOCAL,
     builtin_job_path,
+    checked_bundle_digest,
     load_job,
     map_paths,
     parse_job,
@@ -88,6 +105,18 @@ from medfed.config.files import (
     with_init_hash,
 )
 from medfed.config.job import Job, SamplingConfig, TrainConfig
+from medfed.config.contribution import ContributionConfig, contribution_metric
+from medfed.config.generalization import GeneralizationConfig
+from medfed.config.topology import (
+    PEER_ALGORITHMS,
+    AnyTopology,
+    CyclicTopology,
+    ServerTopology,
+    SwarmTopology,
+    TopologyConfig,
+)
+from medfed.config.tracking import MlflowConfig, TrackingConfig
+from medfed.config.ray import RAY_EXTRA, RayConfig
 from medfed.config.limits import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -109,6 +138,7 @@ from medfed.config.model import (
     INIT_SUFFIXES,
     SEGMENTERS,
     AnyModelConfig,
+    BundleModelConfig,
     AnyTaskConfig,
     ArgValue,
     ImportModelConfig,
@@ -145,6 +175,8 @@ from medfed.config.transforms import (
 )
 
 __all__ = [
+    "ContributionConfig",
+    "contribution_metric",
     "CLASSIFIERS",
     "INIT_SUFFIXES",
     "MAX_BATCH",
@@ -157,6 +189,8 @@ __all__ = [
     "MAX_VOXELS",
     "MAX_YAML_NODES",
     "RESERVED_SITE_NAMES",
+    "RECONSTRUCTION_SOURCES",
+    "RECONSTRUCTORS",
     "SEGMENTATION_SOURCES",
     "SEGMENTERS",
     "SITE_LOCAL",
@@ -165,6 +199,9 @@ __all__ = [
     "AlgorithmConfig",
     "AlgorithmSettings",
     "AnyModelConfig",
+    "AnyTopology",
+    "BundleModelConfig",
+    "CyclicTopology",
     "AnyTaskConfig",
     "ArgValue",
     "CacheMode",
@@ -178,6 +215,8 @@ __all__ = [
     "DittoConfig",
     "FedAvgConfig",
     "FedBNConfig",
+    "FedCEConfig",
+    "GeneralizationConfig",
     "FedDynConfig",
     "FedNovaConfig",
     "FedOptConfig",
@@ -193,7 +232,9 @@ __all__ = [
     "IntensityStep",
     "Job",
     "MedMNISTData",
+    "MlflowConfig",
     "ModelConfig",
+    "PEER_ALGORITHMS",
     "ModelSettings",
     "MonaiModelConfig",
     "MoonConfig",
@@ -204,14 +245,24 @@ __all__ = [
     "PartitionConfig",
     "PreprocessStep",
     "QFedAvgConfig",
+    "RAY_EXTRA",
+    "RayConfig",
     "ResizeStep",
     "Rotate90Step",
     "RotateStep",
     "SamplingConfig",
+    "ServerTopology",
+    "SwarmTopology",
     "ScaffoldConfig",
     "ScannerConfig",
     "ImportLossConfig",
     "SEGMENTATION_LOSSES",
+    "FastMRIData",
+    "FastMRISite",
+    "PhantomData",
+    "PhantomSite",
+    "ReconstructionTaskConfig",
+    "reconstruction_problem",
     "SegmentationTaskConfig",
     "SiteName",
     "SitesBy",
@@ -221,6 +272,8 @@ __all__ = [
     "SyntheticSegmentationData",
     "SyntheticSite",
     "TaskConfig",
+    "TopologyConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TransformsConfig",
     "VolumesData",
@@ -228,6 +281,7 @@ __all__ = [
     "ZoomStep",
     "algorithm_names",
     "builtin_job_path",
+    "checked_bundle_digest",
     "describe_error",
     "format_validation_error",
     "hashed_model",

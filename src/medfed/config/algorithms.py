@@ -172,12 +172,31 @@ class QFedAvgConfig(AlgorithmSettings):
     lipschitz: Real | None = Field(None, gt=0)
 
 
+class FedCEConfig(AlgorithmSettings):
+    """FedCE (Jiang et al., CVPR 2023, "Fair Federated Medical Image Segmentation via
+    Client Contribution Estimation"): the server weights each site's update by an estimate
+    of its contribution, in gradient space (how far the site's change points from the
+    others' combined change: one minus their cosine, averaged over the rounds) and in data
+    space (how badly the others' model does on the site's validation data: one minus the
+    monitored metric of the global model without the site's last contribution, averaged
+    over the rounds, measured by the site). ``mode``: the two estimates multiplied
+    (``times``, the default) or added (``plus``). Every training site takes part in every
+    round (the estimates compare each site with all the others)."""
+
+    name: Literal["fedce"]
+    beyond_mean: ClassVar[str | None] = "weights each site's update by its estimated contribution"
+    outside_update: ClassVar[str | None] = (
+        "weights each update by how the others' model does on the site's validation data"
+    )
+    mode: Literal["times", "plus"] = "times"
+
+
 # One entry per algorithm; each is `name: Literal[...]` plus its hyperparameters, and declares
 # what it does beyond the mean as class attributes (see AlgorithmSettings).
 AlgorithmConfig = Annotated[
     Union[
         FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig, FedNovaConfig, FedDynConfig,
-        FedPerConfig, FedRepConfig, DittoConfig, MoonConfig, QFedAvgConfig,
+        FedPerConfig, FedRepConfig, DittoConfig, MoonConfig, QFedAvgConfig, FedCEConfig,
     ],
     Field(discriminator="name"),
 ]

@@ -1,6 +1,6 @@
 """The job's ``data`` section: where each site's examples come from.
 
-Generated data (``synthetic``, ``synthetic_segmentation``), a MedMNIST file split into
+Generated data (``synthetic``, ``synthetic_segmentation``, ``synthetic_phantoms``), a MedMNIST file split into
 sites (``medmnist``), image files with a CSV of labels (``folder``), image/mask pairs
 (``pairs``) and image/label volumes (``volumes``); how one data set is split into sites
 (:class:`PartitionConfig`) and a site's files into train/val/test (:class:`SplitConfig`).
@@ -19,6 +19,7 @@ from medfed.config.dicom import DicomWindow, SegmentRef, class_key, segment_refs
 from medfed.config.limits import MAX_EXAMPLES, MAX_SITES, SYNTHETIC_MAX_BYTES, SiteName, unique_names
 from medfed.config.reading import CacheMode, LoaderConfig
 from medfed.core.schema import Count, Frozen, NoBool, Real
+from medfed.config.reconstruction import FastMRIData, PhantomData
 
 
 class ScannerConfig(Frozen):
@@ -412,6 +413,8 @@ def synthetic_size_problem(data: Any) -> str | None:
         shape, per_pixel = (1, data.image_size, data.image_size), 4
     elif isinstance(data, SyntheticSegmentationData):
         shape, per_pixel = (1,) + (data.image_size,) * data.dims, 4 + 8
+    elif isinstance(data, PhantomData):  # the zero-filled input and the ground truth
+        shape, per_pixel = (1, data.image_size, data.image_size), 4 + 4
     else:
         return None
     per_example = math.prod(shape) * per_pixel
@@ -430,7 +433,10 @@ def synthetic_size_problem(data: Any) -> str | None:
 
 
 DataConfig = Annotated[
-    Union[SyntheticData, MedMNISTData, FolderData, PairsData, VolumesData, SyntheticSegmentationData],
+    Union[
+        SyntheticData, MedMNISTData, FolderData, PairsData, VolumesData, SyntheticSegmentationData, PhantomData,
+        FastMRIData,
+    ],
     Field(discriminator="source"),
 ]
 

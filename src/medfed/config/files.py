@@ -15,7 +15,7 @@ from medfed.config.job import Job
 from medfed.config.limits import MAX_YAML_NODES
 from medfed.config.messages import format_validation_error
 from medfed.core.errors import ConfigError
-from medfed.core.files import sha256_file
+from medfed.core.files import bundle_sha256, sha256_file
 
 SITE_LOCAL = Path("<site-local>")  # stands for every file path when the job travels to sites
 
@@ -36,11 +36,13 @@ def parse_job(raw: Any, source: str = "job", base_dir: Path | None = None) -> Jo
 
 
 def with_init_hash(job: Job, source: str = "job") -> Job:
-    """``job`` with ``model.init_sha256`` set to the SHA-256 of the ``model.init`` file.
+    """``job`` with ``model.init_sha256`` set to the SHA-256 of the ``model.init`` file
+    (and a bundle's ``bundle_sha256``, :func:`with_bundle_hash`).
 
     A job that arrived at a site (its paths ``<site-local>``) keeps the server's hash. A
     file that cannot be read, or whose content differs from a pinned ``init_sha256``, is a
     ConfigError naming the field."""
+    job = with_bundle_hash(job, source)
     m = job.model
     if m.init is None or m.init == SITE_LOCAL:
         return job
@@ -54,6 +56,42 @@ def with_init_hash(job: Job, source: str = "job") -> Job:
             "give the file the job was written for, or remove init_sha256 to accept this one"
         )
     return job.model_copy(update={"model": m.model_copy(update={"init_sha256": digest})})
+
+
+def with_bundle_hash(job: Job, source: str = "job") -> Job:
+    """``job`` with ``model.bundle_sha256`` set to the bundle's digest
+    (:func:`~medfed.core.files.bundle_sha256`) when its model is a MONAI Bundle. A job that
+    arrived at a site keeps the server's digest (the site checks its own bundle against it).
+    A folder that is not a bundle, or whose digest differs from a pinned one, is a
+    ConfigError naming the field."""
+    m = job.model
+    if getattr(m, "bundle", None) is None or m.bundle == SITE_LOCAL:  # type: ignore[union-attr]
+        return job
+    folder = m.bundle  # type: ignore[union-attr]
+    digest = checked_bundle_digest(folder, f"{source}: model.bundle")
+    pinned = m.bundle_sha256  # type: ignore[union-attr]
+    if pinned is not None and pinned != digest:
+        raise ConfigError(
+            f"{source}: model.bundle_sha256: the job pins {pinned}, but the bundle '{folder}' has SHA-256 {digest} "
+            "(of its configs/ and scripts/); give the bundle the job was written for, or remove bundle_sha256 to "
+            "accept this one"
+        )
+    return job.model_copy(update={"model": m.model_copy(update={"bundle_sha256": digest})})
+
+
+def checked_bundle_digest(folder: Path, where: str) -> str:
+    """The digest of the MONAI Bundle at ``folder`` (see :func:`with_bundle_hash`), after
+    checking that it is one: a folder with ``configs/metadata.json``. ConfigError naming
+    ``where`` otherwise."""
+    if not folder.is_dir():
+        raise ConfigError(f"{where}: '{folder}' is not a folder; give the folder of a MONAI Bundle (it holds "
+                          "configs/metadata.json)")
+    if not (folder / "configs" / "metadata.json").is_file():
+        raise ConfigError(f"{where}: '{folder}' is not a MONAI Bundle: it has no configs/metadata.json")
+    try:
+        return bundle_sha256(folder)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the bundle '{folder}': {e.strerror or e}") from None
 
 
 def map_paths(value: Any, fn: Callable[[Path], Path]) -> Any:

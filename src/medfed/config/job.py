@@ -27,15 +27,28 @@ from medfed.config.data import (
 )
 from medfed.config.limits import MAX_BATCH, MAX_EPOCHS, MAX_ROUND_TIMEOUT, MAX_ROUNDS, MAX_SITES, SiteName, unique_names
 from medfed.config.reading import without_reading
+from medfed.config.reconstruction import RECONSTRUCTION_ONLY, reconstruction_problem
 from medfed.config.model import CLASSIFIERS, SEGMENTERS, AnyModelConfig, AnyTaskConfig, ModelConfig, hashed_model, hashed_task
 from medfed.config.transforms import TransformsConfig
+from medfed.config.generalization import GeneralizationConfig
+from medfed.config.topology import PEER_ALGORITHMS, ServerTopology, TopologyConfig
+from medfed.config.tracking import TrackingConfig
+from medfed.config.ray import RayConfig
+from medfed.config.contribution import ContributionConfig, contribution_problem
 from medfed.core.schema import Count, Frozen, Real
 from medfed.privacy.settings import CompressionConfig, PrivacyConfig
 from medfed.robust.settings import AttackConfig, RobustConfig
 
 
 class TrainConfig(Frozen):
-    """The local training step, the same at every site and for the baselines."""
+    """The local training step, the same at every site and for the baselines.
+
+    ``engine``: ``medfed`` (default) trains with medfed's loop and these settings;
+    ``bundle`` (with ``model: {bundle: ...}``) with the MONAI Bundle's own trainer, through
+    MONAI's federated client (``monai.fl.client.MonaiAlgo``): its optimizer, loss, inferer,
+    random transforms and handlers, for ``local_epochs`` epochs a round, on the examples as
+    medfed read them. Then ``batch_size``, ``lr``, ``optimizer``, ``momentum`` and
+    ``weight_decay`` are the bundle's, not these."""
 
     local_epochs: Count = Field(1, ge=1, le=MAX_EPOCHS)
     batch_size: Count = Field(32, ge=1, le=MAX_BATCH)
@@ -43,23 +56,35 @@ class TrainConfig(Frozen):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: Real = Field(0.9, ge=0, lt=1)
     weight_decay: Real = Field(0.0, ge=0)
+    engine: Literal["medfed", "bundle"] = "medfed"
 
 
 class SamplingConfig(Frozen):
     """Which sites train in a round. Give ``fraction`` of the sites (rounded up) or a
     ``count``, never both; at least ``minimum`` are drawn. ``uniform`` draws every site
     with equal chance; ``size`` with chance proportional to its training examples. The
-    draw is repeatable: it depends only on the job seed and the round."""
+    draw is repeatable: it depends only on the job seed and the round.
+
+    ``loss`` (power of choice, Cho, Wang and Joshi, 2022, in its variant that uses the
+    losses sites already sent): ``candidates`` sites are drawn uniformly (default twice
+    the round's count, at most every training site), and the round's sites are those of
+    them with the highest training loss in their last round; a site that has not trained
+    yet comes first. Repeatable too: the draw depends on the job seed and the round, the
+    choice on the losses the run recorded."""
 
     fraction: Real | None = Field(None, gt=0, le=1)
     count: Count | None = Field(None, ge=1, le=MAX_SITES)
     minimum: Count = Field(1, ge=1, le=MAX_SITES)
-    method: Literal["uniform", "size"] = "uniform"
+    method: Literal["uniform", "size", "loss"] = "uniform"
+    candidates: Count | None = Field(None, ge=1, le=MAX_SITES)
 
     @model_validator(mode="after")
     def _one_of(self) -> "SamplingConfig":
         if self.fraction is not None and self.count is not None:
             raise ValueError("give either fraction or count, not both")
+        if self.candidates is not None and self.method != "loss":
+            raise ValueError(f"candidates: is for method: loss (the draw the highest losses are chosen from), "
+                             f"but method is {self.method}")
         return self
 
 
@@ -81,7 +106,7 @@ class Job(Frozen):
     rounds: Count = Field(ge=1, le=MAX_ROUNDS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Count | None = Field(None, ge=1, le=512)
-    transport: Literal["inprocess", "pool"] = "inprocess"
+    transport: Literal["inprocess", "pool", "ray"] = "inprocess"
     workers: Count | None = Field(None, ge=1, le=256)
     round_timeout: Real = Field(600.0, gt=0, le=MAX_ROUND_TIMEOUT)
     min_sites: Count | None = Field(None, ge=1, le=MAX_SITES)
@@ -94,6 +119,8 @@ class Job(Frozen):
     model: AnyModelConfig
     task: AnyTaskConfig
     algorithm: AlgorithmConfig = FedAvgConfig()
+    topology: TopologyConfig = ServerTopology()
+    generalization: GeneralizationConfig | None = None
     train: TrainConfig = TrainConfig()
     compare: list[Literal["local", "centralized", "finetuned"]] = Field(default_factory=list)
     finetune_epochs: Count = Field(1, ge=1, le=MAX_EPOCHS)
@@ -101,6 +128,11 @@ class Job(Frozen):
     compression: CompressionConfig | None = None
     robust: RobustConfig | None = None
     attack: AttackConfig | None = None
+    contribution: ContributionConfig | None = None  # per-site Shapley values (config/contribution.py)
+    ray: RayConfig | None = None  # where transport: ray runs (config/ray.py)
+    # where results are also logged, not what is computed: left out of every dump (job.yaml, the
+    # job hash, what sites receive); see config/tracking.py
+    tracking: TrackingConfig | None = Field(None, exclude=True)
 
     @field_validator("compare")
     @classmethod
@@ -119,6 +151,11 @@ class Job(Frozen):
                 "train.momentum: scaffold's control variates assume plain SGD local steps; "
                 f"set train.optimizer: sgd and train.momentum: 0 (got {self.train.optimizer}, momentum {self.train.momentum:g})"
             )
+        if self.algorithm.name == "fedce" and self.sites_per_round < n:
+            raise ValueError(
+                f"sampling: fedce compares every site with all the others each round, but only "
+                f"{self.sites_per_round} of the {n} training sites train in a round; leave sampling out"
+            )
         if isinstance(self.algorithm, FedNovaConfig) and self.train.optimizer != "sgd":
             raise ValueError(
                 "train.optimizer: fednova normalizes by the number of SGD steps; "
@@ -128,15 +165,31 @@ class Job(Frozen):
         if problem is not None:
             raise ValueError(problem)
         self._check_task_fits()
+        self._check_engine()
+        self._check_topology()
+        self._check_generalization()
         self._check_site_refs()
         self._check_update_path()
+        if self.ray is not None and self.transport != "ray":
+            raise ValueError(f"ray: settings of transport: ray, but the job's transport is '{self.transport}'; "
+                             "set transport: ray or remove the ray section")
+        if (problem := contribution_problem(self)) is not None:
+            raise ValueError(problem)
         if self.sampling.count is not None and self.sampling.count > n:
             raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} training sites")
+        c = self.sampling.candidates
+        if c is not None and not self.sites_per_round <= c <= n:
+            raise ValueError(f"sampling.candidates: is {c} but must be at least the {self.sites_per_round} site(s) "
+                             f"of a round and at most the {n} training sites")
         if self.sampling.minimum > n:
             raise ValueError(f"sampling.minimum: is {self.sampling.minimum} but the job has only {n} training sites")
         return self
 
     def _check_task_fits(self) -> None:
+        if self.task.kind == "reconstruction" or self.data.source in RECONSTRUCTION_ONLY:
+            if (problem := reconstruction_problem(self)) is not None:
+                raise ValueError(problem)
+            return
         seg_task = self.task.kind == "segmentation"
         seg_data = self.data.source in SEGMENTATION_SOURCES
         if seg_data != seg_task:
@@ -176,6 +229,94 @@ class Job(Frozen):
             raise ValueError(f"transforms.patch: needs {dims} sizes for {dims}D data, got {patch}")
         if patch is not None and not seg_task:
             raise ValueError("transforms.patch: patch training is for segmentation tasks")
+
+    def _check_engine(self) -> None:
+        """A MONAI Bundle's preprocessing replaces the job's; ``train.engine: bundle`` runs
+        the bundle's trainer: refuse what either would ignore."""
+        bundle = getattr(self.model, "bundle", None) is not None
+        if bundle and self.model.bundle_transforms and self.transforms.preprocess:  # type: ignore[union-attr]
+            raise ValueError("model.bundle_transforms: the bundle's preprocessing reads every example; leave "
+                             "transforms.preprocess out, or set bundle_transforms: false")
+        if self.train.engine != "bundle":
+            return
+        if not bundle:
+            raise ValueError("train.engine: 'bundle' trains with a MONAI Bundle's own trainer; set model: {bundle: FOLDER}")
+        a = self.algorithm
+        if a.gradient_change is not None or a.outside_update is not None or a.beyond_mean is not None or a.name == "fedrep":
+            raise ValueError(
+                f"train.engine: the bundle's trainer runs the plain training its authors wrote, but '{a.name}' needs "
+                "medfed's loop (it changes or adds to local training); use fedavg, a server optimizer, fedbn or "
+                "fedper, or train.engine: medfed"
+            )
+        ignored = [
+            (self.model.freeze, "model.freeze", "the bundle's optimizer trains every parameter it was given"),
+            (self.privacy.dp_sgd is not None, "privacy.dp_sgd", "DP-SGD wraps medfed's optimizer, not the bundle's"),
+            (self.transforms.augment or self.transforms.patch is not None, "transforms.augment",
+             "the bundle's random transforms augment (and crop) in its trainer"),
+            (self.generalization is not None, "generalization", "the bundle's trainer reads its own augmentation"),
+            (self.task.loss not in ("cross_entropy", "dice_ce") or getattr(self.task, "class_weights", None) is not None,
+             "task.loss", "the bundle's trainer uses its own loss"),
+        ]
+        for used, field, why in ignored:
+            if used:
+                raise ValueError(f"{field}: not used with train.engine: bundle ({why}); leave it out")
+
+    def _check_generalization(self) -> None:
+        """FedDG shares amplitude spectra: refuse the settings whose promise that would break."""
+        g = self.generalization
+        if g is None:
+            return
+        p = self.privacy
+        for used, field, promise in ((p.secure_aggregation is not None, "privacy.secure_aggregation",
+                                      "that the server sees only the sum of the updates"),
+                                     (p.dp is not None or p.dp_sgd is not None, "privacy.dp",
+                                      "a privacy budget that counts everything a site releases")):
+            if used:
+                raise ValueError(
+                    f"generalization: feddg sends each site's amplitude spectra to the server and the other sites, "
+                    f"outside what {field} covers, which would break its promise ({promise}); choose one"
+                )
+        if self.data_dims == 3:
+            raise ValueError("generalization: feddg mixes 2D amplitude spectra; this job's images are 3D volumes")
+
+    def _check_topology(self) -> None:
+        """Refuse what does not fit a topology without a central aggregator, naming both
+        fields and why."""
+        t = self.topology
+        if t.kind == "server":
+            return
+        how = ("passes one model from site to site" if t.kind == "cyclic"
+               else f"has the sites merge models among themselves ({t.merge})")  # type: ignore[union-attr]
+        where = f"topology.kind: {t.kind}"
+        if self.algorithm.name not in PEER_ALGORITHMS:
+            raise ValueError(
+                f"algorithm.name: '{self.algorithm.name}' needs a central server's rule or state, but {where} {how}; "
+                f"use one of {list(PEER_ALGORITHMS)}"
+            )
+        p = self.privacy
+        if p.secure_aggregation is not None:
+            raise ValueError(
+                f"privacy.secure_aggregation: a secure sum hides each update inside the sum one party computes over "
+                f"many; {where} {how}, and masked merging between sites is not built; leave it out"
+            )
+        if p.dp is not None:
+            raise ValueError(
+                f"privacy.dp: site-level DP accounts for a server's noisy mean of sampled sites' updates; {where} "
+                f"{how}, which that accounting does not cover; use DP-SGD (privacy.dp_sgd), which bounds each "
+                "example's influence on every model a site passes on"
+            )
+        if self.compression is not None:
+            raise ValueError(
+                f"compression: updates are encoded against the model a server sent; {where} {how}; leave it out"
+            )
+        if self.robust is not None and not (t.kind == "swarm" and t.merge in ("leader", "gossip")):  # type: ignore[union-attr]
+            raise ValueError(
+                f"robust: a robust rule merges several sites' models at once; {where} {how}, where no such merge "
+                "happens; use topology.kind: swarm with merge: leader or gossip, or leave robust out"
+            )
+        n = len(self.training_sites)
+        if t.kind == "swarm" and t.merge == "gossip" and t.peers >= n:  # type: ignore[union-attr]
+            raise ValueError(f"topology.peers: {t.peers} peers, but a site has only {n - 1} other training site(s)")  # type: ignore[union-attr]
 
     def _check_site_refs(self) -> None:
         names = set(self.site_names)
@@ -340,6 +481,23 @@ class Job(Frozen):
             from medfed.core.files import sha256_file
 
             body["model"]["init_sha256"] = sha256_file(m.init)
+        bundle = getattr(m, "bundle", None)
+        if bundle is not None and m.bundle_sha256 is None and bundle.name != "<site-local>":  # type: ignore[union-attr]
+            from medfed.core.files import bundle_sha256
+
+            body["model"]["bundle_sha256"] = bundle_sha256(bundle)
+        if body.get("topology") == {"kind": "server"}:  # left out at its default, likewise
+            body.pop("topology")
+        if body.get("ray") is None:  # left out when not given: older jobs keep their hash
+            body.pop("ray", None)
+        if body.get("contribution") is None:  # left out when not asked for: older jobs keep their hash
+            body.pop("contribution", None)
+        if body.get("generalization", 0) is None:  # left out unset, likewise
+            body.pop("generalization")
+        if body["sampling"].get("candidates") is None:  # left out unset, likewise
+            body["sampling"].pop("candidates", None)
+        if body["train"].get("engine") == "medfed":  # left out at its default: older jobs keep their hash
+            body["train"].pop("engine")
         body["model"] = hashed_model(body["model"])
         body["task"] = hashed_task(body["task"])
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -46,9 +46,10 @@ def _union_tags(union: Any, field: str) -> set[str]:
 # data source or transform never needs listing here.
 _UNION_TAGS = (
     _union_tags(DataConfig, "source") | _union_tags(AlgorithmConfig, "name") | _union_tags(PreprocessStep, "name")
-    | _union_tags(AugmentStep, "name") | {"classification", "segmentation"} | {"named", "monai", "import"}
+    | _union_tags(AugmentStep, "name") | {"classification", "segmentation", "reconstruction"} | {"named", "monai", "import", "bundle"}
+    | {"server", "cyclic", "swarm"}
 )
-_UNION_PARENTS = ("data", "algorithm", "task", "model", "]")
+_UNION_PARENTS = ("data", "algorithm", "task", "model", "topology", "]")
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

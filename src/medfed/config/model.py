@@ -28,6 +28,7 @@ from pydantic import (
 from typing_extensions import TypeAliasType
 
 from medfed.core.schema import Count, Frozen, Real
+from medfed.config.reconstruction import ReconstructionTaskConfig
 
 CLASSIFIERS = ("small_cnn", "densenet121", "resnet18", "resnet50")
 SEGMENTERS = ("unet", "segresnet")
@@ -41,6 +42,13 @@ ArgValue = TypeAliasType(
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _IMPORT_PATH = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _sha256_or_none(v: str | None) -> str | None:
+    """A field validator: None, or a SHA-256 in lowercase hex."""
+    if v is not None and not _SHA256.match(v):
+        raise ValueError(f"must be 64 lowercase hex digits (a SHA-256), got {v!r}")
+    return v
 
 
 class _Weights(Frozen):
@@ -76,12 +84,7 @@ class _Weights(Frozen):
             )
         return v
 
-    @field_validator("init_sha256")
-    @classmethod
-    def _sha_format(cls, v: str | None) -> str | None:
-        if v is not None and not _SHA256.match(v):
-            raise ValueError(f"must be 64 lowercase hex digits (a SHA-256), got {v!r}")
-        return v
+    _init_sha_format = field_validator("init_sha256")(_sha256_or_none)
 
     @model_validator(mode="after")
     def _init_given(self) -> "_Weights":
@@ -172,11 +175,56 @@ class ImportModelConfig(_Weights, _Import):
     model_config = ConfigDict(serialize_by_alias=True)
 
 
+class _Bundle(Frozen):
+    bundle: Path
+    bundle_sha256: str | None = None
+    config: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    bundle_transforms: bool = False
+
+    _bundle_sha_format = field_validator("bundle_sha256")(_sha256_or_none)
+
+    @field_validator("config")
+    @classmethod
+    def _config_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+\.(json|yaml|yml)", v):
+            raise ValueError(f"must be a file name in the bundle's configs folder such as train.json, got {v!r}")
+        return v
+
+    @property
+    def label(self) -> str:
+        return f"MONAI Bundle '{self.bundle.name}'"
+
+
+class BundleModelConfig(_Weights, _Bundle):
+    """A MONAI Bundle: ``bundle`` is its folder (``configs/metadata.json`` and a train or
+    inference config), read with ``monai.bundle.ConfigParser``. Its ``network_def`` is the
+    network, taken from ``configs/<config>`` when ``config`` names a file, else from
+    ``configs/train.json`` (or ``.yaml``), else ``configs/inference.json``.
+
+    ``bundle_sha256``: the SHA-256 of the bundle's code-bearing files (``configs/`` and
+    ``scripts/``; not its weights), filled in when the job is loaded; give it to pin the
+    bundle. It, not the path, goes into the job hash; in a deployment every site checks its
+    own copy of the bundle against it. A bundle runs the code its configs name, so a
+    deployed site runs only the bundle its operator gives (``medfed site --bundle``): the
+    server never sends one.
+
+    ``bundle_transforms``: read every example through the bundle's deterministic
+    preprocessing (``validate#preprocessing`` of the config, else ``preprocessing`` of
+    ``configs/inference.json``) in place of ``transforms.preprocess``; its loading steps
+    (``LoadImage``, ``EnsureChannelFirst``) are left out, medfed's readers having read the
+    files. With ``train.engine: bundle`` the bundle's own trainer trains (see
+    :class:`~medfed.config.job.TrainConfig`)."""
+
+
 def model_kind(v: Any) -> str:
-    """The form of a ``model`` section: ``named`` (``name:``), ``monai`` or ``import``."""
+    """The form of a ``model`` section: ``named`` (``name:``), ``monai``, ``import`` or
+    ``bundle``."""
     if isinstance(v, dict):
-        return "monai" if "monai" in v else "import" if "import" in v else "named"
-    return {MonaiModelConfig: "monai", ImportModelConfig: "import"}.get(type(v), "named")
+        for kind in ("monai", "import", "bundle"):
+            if kind in v:
+                return kind
+        return "named"
+    return {MonaiModelConfig: "monai", ImportModelConfig: "import", BundleModelConfig: "bundle"}.get(type(v), "named")
 
 
 AnyModelConfig = Annotated[
@@ -184,21 +232,23 @@ AnyModelConfig = Annotated[
         Annotated[ModelConfig, Tag("named")],
         Annotated[MonaiModelConfig, Tag("monai")],
         Annotated[ImportModelConfig, Tag("import")],
+        Annotated[BundleModelConfig, Tag("bundle")],
     ],
     Discriminator(model_kind),
 ]
 """The job's ``model``: a network by name (:class:`ModelConfig`), a MONAI class
-(:class:`MonaiModelConfig`) or the user's factory (:class:`ImportModelConfig`)."""
+(:class:`MonaiModelConfig`), the user's factory (:class:`ImportModelConfig`) or a MONAI
+Bundle (:class:`BundleModelConfig`)."""
 
-ModelSettings = Union[ModelConfig, MonaiModelConfig, ImportModelConfig]
-"""Any of the three, as code that takes a validated ``model`` section types it."""
+ModelSettings = Union[ModelConfig, MonaiModelConfig, ImportModelConfig, BundleModelConfig]
+"""Any of the four, as code that takes a validated ``model`` section types it."""
 
 
 def hashed_model(dumped: dict[str, Any]) -> dict[str, Any]:
     """The part of a dumped ``model`` section that goes into the job hash: the init file's
-    content (its SHA-256), not its path; the new fields left out when unused, so that a job
-    written before they existed keeps its hash."""
-    out = {k: v for k, v in dumped.items() if k != "init"}
+    and the bundle's content (their SHA-256), not their paths; the new fields left out when
+    unused, so that a job written before they existed keeps its hash."""
+    out = {k: v for k, v in dumped.items() if k not in ("init", "bundle")}
     if dumped.get("init") is None:
         out.pop("init_sha256", None)
         out.pop("init_keys", None)
@@ -290,7 +340,7 @@ def hashed_task(dumped: dict[str, Any]) -> dict[str, Any]:
     """The part of a dumped ``task`` section that goes into the job hash: ``loss`` and
     ``class_weights`` left out at their defaults, so a job written before they existed
     keeps its hash."""
-    default = "dice_ce" if dumped.get("kind") == "segmentation" else "cross_entropy"
+    default = {"segmentation": "dice_ce", "reconstruction": "l1"}.get(dumped.get("kind"), "cross_entropy")
     out = dict(dumped)
     if out.get("loss") == default:
         out.pop("loss")
@@ -306,6 +356,10 @@ def task_kind(v: Any) -> str:
 
 
 AnyTaskConfig = Annotated[
-    Union[Annotated[TaskConfig, Tag("classification")], Annotated[SegmentationTaskConfig, Tag("segmentation")]],
+    Union[
+        Annotated[TaskConfig, Tag("classification")],
+        Annotated[SegmentationTaskConfig, Tag("segmentation")],
+        Annotated[ReconstructionTaskConfig, Tag("reconstruction")],
+    ],
     Discriminator(task_kind),
 ]

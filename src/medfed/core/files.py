@@ -91,6 +91,29 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o666, durable: bool
         raise
 
 
+BUNDLE_CODE_FOLDERS = ("configs", "scripts")  # what of a MONAI Bundle runs: its configs and its Python
+
+
+def bundle_sha256(folder: Path) -> str:
+    """The SHA-256 of a MONAI Bundle's code-bearing files: every file under its
+    ``configs/`` and ``scripts/`` folders (``__pycache__`` left out), by relative path and
+    content, in sorted order. Its weights (``models/``) and outputs do not count.
+    OSError as ``open``; a file that is not regular (a link to outside) counts by its target."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in BUNDLE_CODE_FOLDERS:
+        root = folder / part
+        if not root.is_dir():
+            continue
+        files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        for f in files:
+            rel = f.relative_to(folder).as_posix()
+            h.update(f"{len(rel)}:{rel}:".encode())
+            h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     """The SHA-256 of a file's content, in hex, read in 1 MiB parts (OSError as ``open``)."""
     import hashlib

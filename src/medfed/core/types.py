@@ -28,6 +28,7 @@ class Arm(str, enum.Enum):
     CENTRALIZED = "centralized"  # all sites' training data pooled in one place
     FINETUNED = "finetuned"  # the final federated model fine-tuned at each site on its own data
     PERSONALIZED = "personalized"  # each site's personal model kept alongside the global one (Ditto)
+    ZERO_FILLED = "zero_filled"  # reconstruction: the undersampled input itself, scored as a model (no training)
 
 
 class Metric(enum.StrEnum):
@@ -39,6 +40,9 @@ class Metric(enum.StrEnum):
     AUC = "auc"  # ROC AUC, the mean over classes or labels where defined
     DICE = "dice"  # mean over the foreground classes
     HD95 = "hd95"  # 95th-percentile Hausdorff distance, mm (or voxels)
+    PSNR = "psnr"  # reconstruction: peak signal-to-noise ratio, dB, peak 1 (images scaled to [0, 1])
+    SSIM = "ssim"  # reconstruction: structural similarity, at most 1
+    NMSE = "nmse"  # reconstruction: ||recon - truth||^2 / ||truth||^2
     EPSILON = "epsilon"  # privacy spent so far, at the job's delta
     MODEL_BYTES = "model_bytes"  # tensor bytes of the global model
     BYTES_SENT = "bytes_sent"  # tensor bytes a site sent, as encoded
@@ -53,12 +57,12 @@ class Metric(enum.StrEnum):
 
 
 # The evaluation figures where less is better (the others, AUC, accuracy, Dice, more).
-LOWER_IS_BETTER = frozenset({Metric.LOSS, Metric.HD95})
+LOWER_IS_BETTER = frozenset({Metric.LOSS, Metric.HD95, Metric.NMSE})
 
 
 def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of the figure named ``metric`` is better: ``loss``, ``hd95``
-    and their per-class figures (``hd95_class_1``)."""
+    """Whether a smaller value of the figure named ``metric`` is better: ``loss``, ``hd95``,
+    ``nmse`` and their per-class figures (``hd95_class_1``)."""
     return metric.partition("_class_")[0] in LOWER_IS_BETTER
 
 

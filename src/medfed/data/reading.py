@@ -72,7 +72,9 @@ class FileReading:
     def __init__(self, job: Job, data: FileData, preprocess: Preprocess | None, cache_root: Path):
         self.job, self.data, self.preprocess, self.cache_root = job, data, preprocess, cache_root
         self.segmentation = job.task.kind == "segmentation"
-        spec = [step.model_dump(mode="json") for step in job.transforms.preprocess]
+        spec: list = [step.model_dump(mode="json") for step in job.transforms.preprocess]
+        if getattr(job.model, "bundle_transforms", False):  # read through the bundle's preprocessing
+            spec.append({"bundle_sha256": job.model.bundle_sha256})  # type: ignore[union-attr]
         self.pipeline = Pipeline(preprocess, pipeline_key(spec, job.data_dims or 2, self.segmentation))
 
     def site(self, index: SiteIndex, position: int, what: str | None = None) -> SiteData:

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from medfed.config import (
+    FastMRIData,
     FolderData,
     Job,
     MedMNISTData,
     PairsData,
+    PhantomData,
     SyntheticData,
     SyntheticSegmentationData,
     TaskConfig,
@@ -48,6 +50,15 @@ def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | Non
     :func:`default_cache_root`).
     """
     index = {n: i for i, n in enumerate(order if order is not None else job.site_names)}
+    if job.task.kind == "reconstruction" and not isinstance(job.data, (PhantomData, FastMRIData)):
+        # an image source: read as its own task would read it, then its images become ground truth
+        from medfed.data.kspace import image_source_task, reconstruction_sites
+
+        read = build_sites(job.model_copy(update={"task": image_source_task(job.data)}), order, cache_root)
+        sites = reconstruction_sites(read, job.task, job.seed, index)
+        for site in sites:
+            check_site(site, job.task)
+        return sites
     seg = job.task.kind == "segmentation"
     dims = job.data_dims or 2
     preprocess = None
@@ -55,6 +66,10 @@ def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | Non
         from medfed.data.transforms import build_preprocess
 
         preprocess = build_preprocess(job.transforms.preprocess, dims, seg)
+    elif getattr(job.model, "bundle_transforms", False):  # the MONAI Bundle's own preprocessing
+        from medfed.bundles import bundle_preprocess
+
+        preprocess = bundle_preprocess(job.model, dims, seg)  # type: ignore[arg-type]
     data = job.data
     if isinstance(data, SyntheticData):
         if job.task.kind != "classification" or job.task.labels != "binary" or job.task.num_classes != 2:
@@ -66,6 +81,14 @@ def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | Non
         from medfed.data.synthetic import make_synthetic_sites
 
         sites = [preprocess_site(s, preprocess) for s in make_synthetic_sites(data, job.seed)]
+    elif isinstance(data, PhantomData):  # reconstruction: zero-filled input, ground-truth target
+        from medfed.data.phantoms import make_phantom_sites
+
+        sites = make_phantom_sites(data, job.task, job.seed)  # type: ignore[arg-type]
+    elif isinstance(data, FastMRIData):
+        from medfed.data.readers.fastmri import make_fastmri_sites
+
+        sites = make_fastmri_sites(data, job.task, job.seed)  # type: ignore[arg-type]
     elif isinstance(data, SyntheticSegmentationData):
         from medfed.data.synthetic_seg import make_synthetic_seg_sites
 
@@ -147,6 +170,18 @@ def _check_masks(split: ArraySplit, num_classes: int, where: str) -> None:
         raise DataError(f"{where}: mask values must be class indices in 0..{num_classes - 1}, found {lo}..{hi}")
 
 
+def _check_targets(split: ArraySplit, where: str) -> None:
+    """Reconstruction: one-channel 2D images, and ground-truth images of their shape."""
+    y = split.labels
+    if split.images.ndim != 4 or split.images.shape[1] != 1:
+        raise DataError(f"{where}: reconstruction takes 1-channel 2D images (N, 1, H, W), got {tuple(split.images.shape)}")
+    if not y.dtype.is_floating_point or tuple(y.shape) != tuple(split.images.shape):
+        raise DataError(f"{where}: ground-truth images must be float of the inputs' shape "
+                        f"{tuple(split.images.shape)}, got {y.dtype} {tuple(y.shape)}")
+    if not bool(torch.isfinite(y).all()):
+        raise DataError(f"{where}: ground-truth images hold NaN or Inf")
+
+
 def check_site(site: SiteData, task) -> None:
     """Every split non-empty, images float32 of one shape and finite, labels (or masks)
     valid for ``task``. Raises DataError naming the site and split. A streamed split's
@@ -170,6 +205,8 @@ def check_site(site: SiteData, task) -> None:
             raise DataError(f"{where}: {bad} pixel value(s) are NaN or Inf")
         if task.kind == "segmentation":
             _check_masks(split, task.num_classes, where)
+        elif task.kind == "reconstruction":
+            _check_targets(split, where)
         else:
             _check_labels(split.labels, task, where)
 
@@ -178,7 +215,7 @@ def class_counts_of(labels: torch.Tensor | None, task) -> list[int] | None:
     """Classification: examples per class or positives per label. Segmentation: the
     number of examples in which each class appears. None for a streamed segmentation
     split (its masks are not read at start)."""
-    if labels is None:
+    if labels is None or task.kind == "reconstruction":  # a reconstruction's targets are images
         return None
     if task.kind == "segmentation":
         flat = labels.reshape(len(labels), -1)

@@ -134,14 +134,21 @@ def adaptive_noise_multiplier(noise_multiplier: float, count_noise_multiplier: f
 
 @dataclass(frozen=True)
 class PrivacyLedger:
-    """What a run spends: ``schedule[r - 1]`` is epsilon after round ``r`` at ``delta``;
-    ``max_epsilon`` the budget (None: no budget, every scheduled round is allowed);
-    ``what`` says which guarantee it is, e.g. ``"site-level, central noise"``."""
+    """What a run spends: ``schedule[r - 1 + released_again]`` is epsilon after round ``r``
+    at ``delta``; ``max_epsilon`` the budget (None: no budget, every scheduled round is
+    allowed); ``what`` says which guarantee it is, e.g. ``"site-level, central noise"``.
+
+    ``released_again``: rounds whose release happened twice (a deployed run resumed after
+    a crash redoes the round it was in; whatever left a site or the server in the first
+    attempt was released all the same), each counted as one more round of the
+    composition, before the run's own rounds. ``schedule`` holds the rounds of the run plus
+    those."""
 
     schedule: list[float]
     delta: float
     max_epsilon: float | None
     what: str
+    released_again: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.delta < 1:
@@ -150,17 +157,19 @@ class PrivacyLedger:
             raise ValueError(f"max_epsilon: must be > 0 or None, got {self.max_epsilon}")
 
     def epsilon(self, rnd: int) -> float:
-        """Epsilon spent after round ``rnd`` (counted from 1)."""
-        if not 1 <= rnd <= len(self.schedule):
-            raise ValueError(f"round: must be in 1..{len(self.schedule)}, got {rnd}")
-        return self.schedule[rnd - 1]
+        """Epsilon spent after round ``rnd`` (counted from 1), releases made again included."""
+        rounds = len(self.schedule) - self.released_again
+        if not 1 <= rnd <= rounds:
+            raise ValueError(f"round: must be in 1..{rounds}, got {rnd}")
+        return self.schedule[rnd - 1 + self.released_again]
 
     @property
     def last_round(self) -> int:
         """The last round the budget allows (0: not even the first)."""
+        rounds = len(self.schedule) - self.released_again
         if self.max_epsilon is None:
-            return len(self.schedule)
-        return rounds_within(self.schedule, self.max_epsilon)
+            return rounds
+        return max(0, rounds_within(self.schedule, self.max_epsilon) - self.released_again)
 
     def allowed(self, rnd: int) -> bool:
         """Whether round ``rnd`` (from 1) can run without passing the budget."""

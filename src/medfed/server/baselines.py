@@ -4,6 +4,7 @@ the same model initialisation and the same budget of local epochs as the federat
 * local: each site trains alone on its own data, round after round, never sharing.
 * centralized: one model trained on all sites' training data pooled.
 * finetuned: the final federated model, fine-tuned at each site on its own data.
+* zero_filled (reconstruction): the undersampled input itself, scored with no network.
 Both are evaluated on every site's own val and test splits, like the federated model.
 """
 
@@ -24,6 +25,14 @@ from medfed.server.loop import (
 )
 from medfed.tracking.metrics import MEAN_SITE
 from medfed.transport.base import CENTRALIZED_SITE, Transport
+
+
+def run_zero_filled(job: Job, transport: Transport, params: Params, record: Recorder) -> dict[str, dict[str, float | None]]:
+    """Reconstruction: score every site's zero-filled input as it is (the sites evaluate
+    the identity, whatever ``params`` are), recorded as the ``zero_filled`` arm at the last
+    round, so every table shows what a network adds. Nothing trains; the input is the same
+    in every arm (data/kspace.py)."""
+    return evaluate_round(transport, {s: params for s in job.site_names}, job, Arm.ZERO_FILLED, job.rounds, record)
 
 
 def run_local(

@@ -27,13 +27,15 @@ from safetensors.torch import load_file, save_file
 from medfed import __version__
 from medfed.algorithms import Algorithm
 from medfed.config import Job, with_init_hash
+from medfed.config.model import model_kind
 from medfed.core.errors import ConfigError, RoundError, RunDirError
+from medfed.core.modelspec import ModelSpec
 from medfed.core.summary import SiteSummary, sites_json
-from medfed.core.types import Arm, Params
+from medfed.core.types import Arm, Metric, Params
 from medfed.models import check_input_size, check_model, get_params
 from medfed.server.baselines import run_finetuned, run_local
 from medfed.core.files import PRIVATE, atomic_write_text, replacing
-from medfed.server.checkpoint import load_checkpoint
+from medfed.server.checkpoint import load_checkpoint, model_record
 from medfed.server.federation import build_federation
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
 from medfed.server.runner import (
@@ -46,6 +48,7 @@ from medfed.server.runner import (
     open_run_log,
 )
 from medfed.server.store import STORE_NAME, RunStore
+from medfed.server.update_path import ledger_for
 from medfed.transport.pki import Kit
 
 log = logging.getLogger("medfed")
@@ -131,6 +134,11 @@ def resume_point(output: Path, job: Job, store: RunStore, algorithm: Algorithm,
         log.info("resuming job '%s' after round %d of %d", job.name, done, job.rounds)
     else:
         log.info("resuming job '%s' from round 1: it stopped before a round was saved", job.name)
+    # what the rounds about to be redone released counts again in the privacy ledger
+    again = store.add_released_again(store.released_after(Arm.FEDERATED.value, done))
+    if again and (job.privacy.dp is not None or job.privacy.dp_sgd is not None):
+        log.warning("privacy: %d round(s) released before a crash and redone count twice in the privacy ledger",
+                    again)
     for arm in (Arm.FEDERATED, Arm.PERSONALIZED):
         store.drop_after(arm.value, done)
     return done, params
@@ -147,6 +155,29 @@ def _common_shape(job: Job, summaries: dict[str, Any]) -> tuple[tuple[int, ...],
                "preprocess to one shape (transforms.preprocess)")
            for s, sh in shapes.items() if sh != common}
     return common, odd
+
+
+def _model_hint(job: Job) -> str:
+    """What to do about a site that built another model than the server: the code that
+    builds the job's ``model`` differs between them."""
+    kind, label = model_kind(job.model), job.model.label
+    if kind == "import":
+        return (f"the site runs another version of '{label}' (or of a package it uses): install the same code at "
+                "every site and the server")
+    if kind == "bundle":
+        return f"the site holds another version of {label}: give every site and the server the same bundle"
+    if kind == "monai":
+        return (f"the site runs another MONAI version ({label}): install the same versions of medfed and MONAI at "
+                "every site and the server")
+    return (f"the site runs another medfed or MONAI version (model '{label}'): install the same versions at "
+            "every site and the server")
+
+
+def _absences(declined: dict[str, str], left_out: dict[str, str]) -> str:
+    """Why sites are not there, for the quorum error: those that declined the job, those left out."""
+    said = [f"site '{s}' cannot take part in the job: {why}" for s, why in declined.items()]
+    said += [f"site '{s}' is left out: {why}" for s, why in left_out.items()]
+    return "".join(f"; {x}" for x in said)
 
 
 def _forget_fresh_run(output: Path, created: bool) -> None:
@@ -183,6 +214,18 @@ def serve_job(
     if job.attack is not None:
         raise ConfigError("attack: simulated attacks are for simulation studies (medfed run); remove the "
                           "attack section from a deployment job")
+    if job.contribution is not None:  # evaluating every subset's model would send each site many extra models
+        raise ConfigError("contribution: computed by simulations (medfed run) only for now; remove the section "
+                          "from a deployment job")
+    if job.generalization is not None:  # the amplitude bank is shared before round 1 in simulation only
+        raise ConfigError("generalization: feddg runs in simulation only for now (medfed run); a deployment would "
+                          "need its amplitude bank sent to sites that join late; remove the section here")
+    if job.topology.kind != "server":
+        raise ConfigError(
+            f"topology.kind: {job.topology.kind} runs in simulation only for now (medfed run): in a deployment the "
+            "sites' models would pass through the server as signed, sealed relayed messages, which are not built "
+            "yet; use topology.kind: server here"
+        )
     job = with_init_hash(job)  # the init file's hash, for a job built without parse_job
     check_model(job.model)  # a MONAI class's or a factory's arguments, before any site is awaited
     output = job.output.resolve()
@@ -235,33 +278,43 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
                      wait_s, len(members), ", ".join(members))
         hub.wait_ready(expected, wait_s, (lambda r: on_sites(r, expected)) if on_sites else None)
         summaries = hub.summaries()
+        left_out: dict[str, str] = {}
+        model = None
         if summaries:  # a site whose images differ in shape from the others' is left out, with the reason
-            shape, odd = _common_shape(job, summaries)
-            for site, why in odd.items():
+            shape, left_out = _common_shape(job, summaries)
+            for site, why in left_out.items():
                 hub.exclude(site, why)
+            patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
+            check_input_size(job.model, shape[1:], patch)
+            # ---- the model: with model.init, the server's file, sent to the sites. A site that
+            # built another one (other code installed there) is left out, naming the first difference
+            model = initial_model(job, shape[0], len(shape) - 1)
+            left_out |= hub.expect_model(ModelSpec.of(model.state_dict()), _model_hint(job))
             summaries = hub.summaries()
         ready = [s for s in job.site_names if s in summaries]
         missing = [s for s in job.site_names if s not in summaries]
         training = [s for s in job.training_sites if s in ready]
-        if len(training) < job.quorum:
+        if len(training) < job.quorum or model is None:
             raise RoundError(
                 f"only {len(training)} training site(s) joined within {wait_s:g} s "
-                f"(missing: {', '.join(missing)}); the quorum is {job.quorum}"
+                f"(missing: {', '.join(missing)}); the quorum is {job.quorum}{_absences(hub.declined(), left_out)}"
             )
         gone = [s for s in members if s in missing]
         if gone:
             log.warning("resuming without site(s) %s, which had joined before the stop: not back within %g s; "
                         "they may join later", ", ".join(gone), wait_s)
-        if len(gone) < len(missing):
+        declined = hub.declined()
+        later = [s for s in missing if s not in gone and s not in left_out]  # the left out never come back
+        if [s for s in later if s in declined]:
+            log.warning("starting without site(s) %s, which cannot take part in the job (see above): they may join "
+                        "later, once fixed", ", ".join(s for s in later if s in declined))
+        if [s for s in later if s not in declined]:
             log.warning("starting without site(s) %s: they may join later",
-                        ", ".join(s for s in missing if s not in gone))
-        patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
-        check_input_size(job.model, shape[1:], patch)
+                        ", ".join(s for s in later if s not in declined))
         rows = _site_rows(job, summaries)
         atomic_write_text(output / "sites.json", sites_json(rows), mode=PRIVATE)
 
-        # ---- the model, the server rule and, when resuming, where the run stopped
-        model = initial_model(job, shape[0], len(shape) - 1)  # with model.init: the server's file, sent to the sites
+        # ---- the server rule and, when resuming, where the run stopped
         params = init_params = get_params(model)
         transport = GrpcTransport(hub)
         # DP noise from the OS: in a deployment nobody may know it in advance
@@ -272,6 +325,10 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         if resume:
             done, saved = resume_point(output, job, store, algorithm, tracker)
             params = saved if saved is not None else params
+            # sampling by loss goes on from each site's last recorded training loss
+            federation.sampler.observe_losses(store.last_values(Arm.FEDERATED.value, "train", Metric.LOSS))
+            # the privacy ledger counts the rounds released before a crash and redone
+            federation.ledger = ledger_for(job, {r.name: r.train for r in rows}, store.add_released_again(0))
         start = done + 1
         for arm in (Arm.LOCAL, Arm.FINETUNED):  # baselines run whole after the federation: redone from scratch
             store.drop_after(arm.value, 0)
@@ -307,8 +364,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
                   "job_hash": job.job_hash(), "started": started.isoformat(),
                   "finished": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
                   "rounds": job.rounds, "resumed": resume}
-        if job.model.init is not None:  # the weights round 1 started from, by content
-            marker["init_sha256"] = job.model.init_sha256
+        marker.update(model_record(job))  # the network, and what its weights and code were
         atomic_write_text(output / RUN_MARKER, json.dumps(marker, indent=2) + "\n", mode=PRIVATE)
         write_report(output, mode=PRIVATE)
         hub.finish(grace=wire.POLL_WAIT + 2.0)  # only a finished job sends the sites home

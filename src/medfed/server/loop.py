@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,14 +31,19 @@ from medfed.core.types import (
     Update,
 )
 from medfed.server.federation import Federation
+from medfed.server.sampling import SiteSampler
 from medfed.server.update_path import UpdateFormat
 from medfed.server.validate import update_problem
 from medfed.tracking.metrics import MEDIAN_SITE, MEAN_SITE
 from medfed.transport.base import Transport
 
+if TYPE_CHECKING:
+    from medfed.privacy.accounting import PrivacyLedger
+
 
 log = logging.getLogger("medfed")
 
+CHOSEN = "chosen"  # sampling by loss: 1 for a candidate chosen in its round, 0 for one passed over
 _ARM_CODE = {Arm.FEDERATED: 0, Arm.LOCAL: 1, Arm.CENTRALIZED: 2, Arm.FINETUNED: 3, Arm.PERSONALIZED: 4}
 EVAL_SPLITS = (Split.VAL, Split.TEST)
 
@@ -173,6 +179,7 @@ def run_federated(
     record: Recorder,
     on_round: RoundCallback | None = None,
     start_round: int = 1,
+    on_updates: Callable[[int, Params, list[Update]], None] | None = None,
 ) -> Params:
     """Run rounds ``start_round`` .. ``job.rounds`` of federated training from
     ``init_params``; return the final global params.
@@ -181,7 +188,8 @@ def run_federated(
     evaluates the global model. A resumed run passes the checkpointed params and the round
     after the checkpoint. The algorithm's combiner says how updates are combined; the
     ledger (with DP) gives each round's epsilon and stops training before the budget is
-    passed."""
+    passed. ``on_updates`` sees each round's start model and valid updates before they
+    are aggregated (server/contribution.py)."""
     job, algorithm, incoming, sampler, ledger = (
         federation.job, federation.algorithm, federation.incoming, federation.sampler, federation.ledger)
     sites = list(job.site_names)
@@ -195,6 +203,7 @@ def run_federated(
         # ---- 1. select the sites of this round
         selected = sampler.select(rnd)
         log.info("federated round %d/%d started: %s", rnd, job.rounds, ", ".join(s for _, s in selected))
+        record_choice(sampler, rnd, selected, record)
 
         # ---- 2. send the global parameters and the round plan; sites train locally
         extras = algorithm.round_extras(global_params)
@@ -202,7 +211,8 @@ def run_federated(
         expect = incoming.spec(global_params, algorithm.local_keys)  # what each update must look like
         requests = [
             FitRequest(site=s, params=global_params,
-                       plan=make_plan(job, job_id, Arm.FEDERATED, rnd, i, extras, prepared.get(s)),
+                       plan=make_plan(job, job_id, Arm.FEDERATED, rnd, i, {**extras, **algorithm.site_extras(s)},
+                                      prepared.get(s)),
                        expect=expect, encoding=incoming.encoding)
             for i, s in selected
         ]
@@ -217,9 +227,13 @@ def run_federated(
         updates, failed = collect_updates(
             answers, global_params, rnd, job.quorum, Arm.FEDERATED, algorithm, incoming
         )
+        sampler.observe(updates)  # sampling by loss chooses the next rounds' sites by these losses
         for u in updates:
             record(rnd, Arm.FEDERATED.value, u.site, "train", Metric.LOSS, u.metrics.get(Metric.LOSS))
             personal.add(u.site)  # has trained once: holds a personal model if the algorithm keeps one
+
+        if on_updates is not None:  # the round's start model and valid updates, e.g. per-site contribution
+            on_updates(rnd, global_params, updates)
 
         # ---- 4. aggregate with the algorithm's server rule (its combiner: mean, robust rule, DP, secure sum)
         global_params = algorithm.aggregate(global_params, updates)
@@ -247,13 +261,28 @@ def run_federated(
             on_round(RoundSummary(Arm.FEDERATED, rnd, loss, means, failed, eps), global_params)
         spent = f", epsilon {eps:.3g} at delta {ledger.delta:g}" if ledger is not None else ""
         log.info("federated round %d/%d done (%d sites, %d failed%s)", rnd, job.rounds, n_updates, len(failed), spent)
-    if last < job.rounds:
+    stopped_early(ledger, last, job.rounds)
+    return global_params
+
+
+def record_choice(sampler: SiteSampler, rnd: int, selected: list[tuple[int, str]], record: Recorder) -> None:
+    """``sampling.method: loss``: record, for each candidate of the round, whether it was
+    chosen (metric ``chosen``, 1 or 0), so that the run shows who was picked over whom."""
+    if sampler.method != "loss" or sampler.k >= len(sampler.names):
+        return
+    picked = {s for _, s in selected}
+    for site in sampler.candidates_of(rnd):
+        record(rnd, Arm.FEDERATED.value, site, "train", CHOSEN, 1.0 if site in picked else 0.0)
+
+
+def stopped_early(ledger: "PrivacyLedger | None", last: int, rounds: int) -> None:
+    """Log that training stopped after round ``last`` of ``rounds`` for the privacy budget."""
+    if ledger is not None and last < rounds:
         log.warning(
             "federated training stopped after round %d of %d: round %d would pass the privacy budget "
-            "(epsilon %.3g > max_epsilon %g, %s)", last, job.rounds, last + 1, ledger.epsilon(last + 1),
+            "(epsilon %.3g > max_epsilon %g, %s)", last, rounds, last + 1, ledger.epsilon(last + 1),
             ledger.max_epsilon, ledger.what,
         )
-    return global_params
 
 
 def mean_loss(updates: Sequence[Update]) -> float | None:

@@ -166,6 +166,11 @@ def run_loso(
 
     if parallel < 1:
         raise ConfigError(f"--parallel: needs 1 or more processes, got {parallel}")
+    if job.tracking is not None:  # its runs are built in a staging folder, then moved: not logged to the tools yet
+        import logging
+
+        logging.getLogger("medfed").warning("tracking: the runs of medfed loso are not logged to TensorBoard or MLflow")
+        job = job.model_copy(update={"tracking": None})
     t0 = time.perf_counter()
     out = (output if output is not None else default_output(job)).resolve()
     check_replaceable(out)

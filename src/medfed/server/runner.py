@@ -30,14 +30,17 @@ from medfed.data.base import SiteData
 from medfed.models import (
     ModelFactory, build_model, build_user_model, check_input_size, check_model, get_params, model_fingerprint,
 )
-from medfed.server.baselines import run_centralized, run_finetuned, run_local
+from medfed.server.baselines import run_centralized, run_finetuned, run_local, run_zero_filled
 from medfed.core.files import PRIVATE, atomic_write_text
-from medfed.server.checkpoint import save_checkpoint
+from medfed.server.checkpoint import model_record, save_checkpoint
 from medfed.server.federation import build_federation
-from medfed.server.loop import RoundCallback, RoundSummary, run_federated
+from medfed.server.contribution import contribution_tracker
+from medfed.server.loop import RoundCallback, RoundSummary
+from medfed.server.generalization import share_amplitudes
+from medfed.server.topologies import train_federation
 from medfed.site.device import resolve_device, set_threads
 from medfed.tasks import build_task
-from medfed.transport.base import CENTRALIZED_SITE, Transport
+from medfed.transport.base import CENTRALIZED_SITE, Transport, separate_sites_refusal
 
 log = logging.getLogger("medfed")
 
@@ -91,6 +94,10 @@ def make_transport(
         from medfed.transport.pool import PoolTransport
 
         return PoolTransport(job, pooled=pooled)
+    if job.transport == "ray":  # the actors build their sites' data: ``sites`` is not used
+        from medfed.transport.ray import RayTransport
+
+        return RayTransport(job, pooled=pooled)
     from medfed.site.app import build_site_apps
     from medfed.transport.inprocess import InProcessTransport
 
@@ -178,13 +185,15 @@ class _BestTracker:
         self.run_dir, self.job = run_dir, job
         self.metric = f"val_{job.task.monitor}"
         self.best: float | None = None
+        # hashed once: the hash serializes the whole job, sites included (10 ms at 1,000 sites)
+        self.job_hash = job.job_hash()
 
     def __call__(self, s: RoundSummary, params: Params) -> None:
         if s.arm is not Arm.FEDERATED:
             return
         value = s.means.get("val", {}).get(self.job.task.monitor)
         meta = {"round": s.round, "arm": s.arm.value, "metric": self.metric, "value": value,
-                "job_hash": self.job.job_hash()}
+                "job_hash": self.job_hash}
         save_checkpoint(self.run_dir / "model_final", params, meta)
         if value is not None and (self.best is None or value > self.best):
             self.best = value
@@ -210,8 +219,10 @@ def run_job(
     From Python (:func:`medfed.run`): ``sites`` replaces the job's data source (in the
     job's site order, each checked by :func:`~medfed.data.sites.check_site`), and
     ``model_factory`` the job's network; neither can cross to the processes of
-    ``transport: pool``."""
+    ``transport: pool`` or ``ray``."""
     from medfed.data.sites import build_sites, describe_sites
+    from medfed.tracking.external import build_trackers, check_tracking
+    from medfed.tracking.contribution import write_contribution
     from medfed.tracking.metrics import MetricsWriter
     from medfed.tracking.report import write_report
 
@@ -224,11 +235,8 @@ def run_job(
     t0 = time.perf_counter()
     set_threads(job.num_threads)
     device = resolve_device(job.device)
-    if job.transport == "pool" and (sites is not None or model_factory is not None):
-        raise ConfigError(
-            "transport: pool runs each site in its own process, which cannot receive datasets or a model factory "
-            "held in this Python session; use transport: inprocess with medfed.run's datasets= or model="
-        )
+    if job.transport != "inprocess" and (sites is not None or model_factory is not None):
+        raise ConfigError(separate_sites_refusal(job.transport))
     if model_factory is None:
         check_model(job.model)  # a MONAI class's or a factory's arguments, before the data is read
     elif job.model.init is not None or job.model.freeze:
@@ -237,29 +245,36 @@ def run_job(
             "the weights and turn off requires_grad inside the factory, or leave model= out"
         )
     build_task(job)  # an imported task.loss is found and built, before the data is read
-    if sites is None:
-        sites = build_sites(job)  # data errors surface before anything is written
+    check_tracking(job, reach=True)  # the tracking tools installed, a server answering: before the data is read
+    remote = None  # transport: ray: its actors build the sites' data where they run; this process reads none
+    if sites is None and job.transport == "ray":
+        remote, summary = _remote_sites(job)
     else:
-        _check_given_sites(job, sites)
+        if sites is None:
+            sites = build_sites(job)  # data errors surface before anything is written
+        else:
+            _check_given_sites(job, sites)
+        summary = describe_sites(sites, job.task, job.held_out)
     patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
     if model_factory is None:
-        check_input_size(job.model, sites[0].train.shape[1:], patch)
-    summary = describe_sites(sites, job.task, job.held_out)
+        check_input_size(job.model, tuple(summary[0].shape[1:]), patch)
     if on_sites is not None:
         on_sites(summary)
 
     staging = make_staging(output, "the run folder")
     handler = open_run_log(staging)
+    trackers = build_trackers(job)
     try:
-        for site in sites:
-            if site.skipped:
+        for row in summary:
+            if row.skipped:
                 log.warning(
-                    "site '%s': %d unreadable file(s) skipped (on_bad_file: skip): %s", site.name, len(site.skipped),
-                    "; ".join(f"{f} ({why})" for f, why in site.skipped),
+                    "site '%s': %d unreadable file(s) skipped (on_bad_file: skip): %s", row.name, row.skipped,
+                    "; ".join(f"{f.file} ({f.reason})" for f in row.skipped_files),
                 )
         atomic_write_text(staging / "job.yaml", job.to_yaml())
         atomic_write_text(staging / "sites.json", sites_json(summary))
-        model = initial_model(job, sites[0].train.shape[0], sites[0].train.spatial_dims, model_factory)
+        trackers.start(job, staging)  # TensorBoard, MLflow: before any training
+        model = initial_model(job, summary[0].shape[0], len(summary[0].shape) - 1, model_factory)
         init = get_params(model)
         tracker = _BestTracker(staging, job)
 
@@ -270,12 +285,17 @@ def run_job(
 
         sizes = {row.name: row.train for row in summary}
         with (
-            MetricsWriter(staging / "metrics.jsonl") as metrics,
-            make_transport(job, sites, device, model_factory) as transport,
+            MetricsWriter(staging / "metrics.jsonl", on_record=trackers.record if trackers else None) as metrics,
+            remote if remote is not None else make_transport(job, sites, device, model_factory) as transport,
         ):
             # DP noise drawn from the job seed: a simulation is repeatable run after run
             federation = build_federation(job, model, transport, sizes, noise_seed=job.seed)
-            final = run_federated(federation, transport, init, metrics.write, callback)
+            share_amplitudes(job, transport, tuple(summary[0].shape))  # FedDG's bank, before round 1
+            contribution = contribution_tracker(job, federation, transport)  # None unless the job asks for it
+            final = train_federation(federation, transport, init, metrics.write, callback,
+                                     on_updates=contribution.observe if contribution is not None else None)
+            if contribution is not None:
+                write_contribution(staging, contribution.result())
             tracker.finish()
             if "finetuned" in job.compare:
                 run_finetuned(job, transport, final, metrics.write, callback)
@@ -283,25 +303,41 @@ def run_job(
                 run_local(job, transport, init, metrics.write, callback)
             if "centralized" in job.compare:
                 run_centralized(job, transport, init, metrics.write, callback)
-        if job.task.kind == "segmentation" and job.task.save_predictions > 0:
+            if job.task.kind == "reconstruction":
+                run_zero_filled(job, transport, init, metrics.write)
+            if remote is not None and job.task.kind == "segmentation" and job.task.save_predictions > 0:
+                from medfed.tracking.predictions import PREDICTIONS_DIR
+
+                remote.save_predictions(final, staging / PREDICTIONS_DIR, job.task.save_predictions, job.round_timeout)
+        if sites is not None and job.task.kind == "segmentation" and job.task.save_predictions > 0:
             from medfed.tracking.predictions import PREDICTIONS_DIR, save_predictions
 
             model.load_state_dict(final)
             model.to(device)
             save_predictions(model, sites, build_task(job), staging / PREDICTIONS_DIR, job.task.save_predictions, device)
+        if job.task.kind == "reconstruction" and job.task.save_predictions > 0:
+            from medfed.tracking.reconstructions import RECONSTRUCTIONS_DIR, save_reconstructions
+
+            model.load_state_dict(final)
+            model.to(device)
+            save_reconstructions(model, sites, staging / RECONSTRUCTIONS_DIR, job.task.save_predictions, device)
         elapsed = time.perf_counter() - t0
         marker = {"status": "complete", "medfed_version": __version__, "job_hash": job.job_hash(),
                   "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
                   "elapsed_s": round(elapsed, 3), "rounds": job.rounds}
-        if job.model.init is not None:  # the weights round 1 started from, by content
-            marker["init_sha256"] = job.model.init_sha256
-        if model_factory is not None:  # the job's model section did not say which network trained
+        if model_factory is None:  # the network the job names, and what its weights and code were
+            marker.update(model_record(job))
+        else:  # the job's model section did not say which network trained
             marker["user_model"] = {"class": type(model).__name__, "fingerprint": model_fingerprint(model)}
         if given:  # nor did its data section say which data
             marker["user_datasets"] = True
+        if trackers:  # where the run was also logged
+            marker["tracking"] = trackers.describe()
         atomic_write_text(staging / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
         write_report(staging)
+        trackers.finish(staging)  # the report, metrics and final model as artifacts
     except BaseException as e:
+        trackers.finish(staging, e)  # the tool's run marked failed
         close_run_log(handler)
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError):  # disk full, folder made read-only or removed while the run went on
@@ -313,6 +349,20 @@ def run_job(
     except OSError as e:
         raise RunDirError(f"cannot move the finished run into '{output}': {e}; it is left in '{staging}'") from None
     return RunResult(run_dir=output, elapsed_s=time.perf_counter() - t0)
+
+
+def _remote_sites(job: Job) -> tuple:
+    """``transport: ray``: the transport, whose actors build their sites' data where they
+    run, and each site's summary from them (once built); this process reads no data."""
+    from medfed.transport.ray import RayTransport
+
+    transport = make_transport(job, [], torch.device("cpu"))
+    assert isinstance(transport, RayTransport)
+    try:
+        return transport, transport.summaries(job.round_timeout)
+    except BaseException:
+        transport.close()
+        raise
 
 
 def _check_given_sites(job: Job, sites: list[SiteData]) -> None:

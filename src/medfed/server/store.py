@@ -319,6 +319,32 @@ class RunStore:
                 "ON CONFLICT (round, arm, site, split, metric) DO UPDATE SET value = excluded.value",
                 (int(round), arm, site, split, metric, _clean(value)))
 
+    def last_values(self, arm: str, split: str, metric: str) -> dict[str, float]:
+        """Each site's value of ``metric`` in the last round it has one (a resumed run's
+        memory of, e.g., each site's last training loss); None values left out."""
+        with self._lock:
+            rows = self._query("SELECT site, value FROM metrics WHERE arm = ? AND split = ? AND metric = ? "
+                               "AND value IS NOT NULL ORDER BY round", (arm, split, metric))
+        return {r["site"]: float(r["value"]) for r in rows}
+
+    def released_after(self, arm: str, rnd: int) -> int:
+        """How many rounds of ``arm`` after ``rnd`` released something: an accepted update
+        or evaluation in the audit (what a resume redoes, and so releases again)."""
+        with self._lock:
+            rows = self._query("SELECT COUNT(DISTINCT round) AS n FROM audit WHERE arm = ? AND round > ? "
+                               "AND status = 'accepted' AND kind IN ('fit', 'evaluate')", (arm, int(rnd)))
+        return int(rows[0]["n"])
+
+    def add_released_again(self, n: int) -> int:
+        """Add ``n`` to the run's count of rounds released twice (kept across resumes, for
+        the privacy ledger); return the new count."""
+        with self._lock, self._tx() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'released_again'").fetchone()
+            total = (int(row[0]) if row is not None else 0) + int(n)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('released_again', ?) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(total),))
+        return total
+
     def drop_after(self, arm: str, rnd: int) -> None:
         """Forget the rounds of ``arm`` after ``rnd`` (on resume they are redone): delete
         their metrics and round rows. Their audit rows stay, as evidence of what was

@@ -100,10 +100,12 @@ def combiner_for(
     return WeightedMean()
 
 
-def ledger_for(job: Job, train_sizes: Mapping[str, int]):
+def ledger_for(job: Job, train_sizes: Mapping[str, int], released_again: int = 0):
     """The privacy ledger of the job (None without DP): epsilon after each round, and the
     last round the budget allows. ``train_sizes``: training examples per site (DP-SGD's
-    sampling rates)."""
+    sampling rates); ``released_again``: rounds a resumed deployment redid after releasing
+    something in them (see :class:`~medfed.privacy.accounting.PrivacyLedger`)."""
+    rounds = job.rounds + released_again
     from medfed.privacy.accounting import PrivacyLedger, epsilon_schedule
 
     dp, sgd = job.privacy.dp, job.privacy.dp_sgd
@@ -117,9 +119,9 @@ def ledger_for(job: Job, train_sizes: Mapping[str, int]):
             # each site's noisy update is released as it is and the server sees that it came:
             # neighbouring data sets swap one update for another (sensitivity 2C), no sampling
             z, q = dp.noise_multiplier / 2, 1.0
-        schedule = epsilon_schedule(z, q, 1, job.rounds, dp.delta, dp.accountant)
+        schedule = epsilon_schedule(z, q, 1, rounds, dp.delta, dp.accountant)
         what = f"site-level, {dp.noise} noise"
-        return _checked(PrivacyLedger(schedule, dp.delta, dp.max_epsilon, what), "dp")
+        return _checked(PrivacyLedger(schedule, dp.delta, dp.max_epsilon, what, released_again), "dp")
     if sgd is not None:
         from medfed.privacy.dpsgd import sample_rate, steps_per_round
 
@@ -130,19 +132,21 @@ def ledger_for(job: Job, train_sizes: Mapping[str, int]):
                 continue
             steps = steps_per_round(size, job.train.batch_size, job.train.local_epochs)
             schedule = epsilon_schedule(
-                sgd.noise_multiplier, sample_rate(size, job.train.batch_size), steps, job.rounds, sgd.delta,
+                sgd.noise_multiplier, sample_rate(size, job.train.batch_size), steps, rounds, sgd.delta,
                 sgd.accountant,
             )
             worst = schedule if worst is None else [max(a, b) for a, b in zip(worst, schedule)]
         if worst is None:
             return None
-        return _checked(PrivacyLedger(worst, sgd.delta, sgd.max_epsilon, "sample-level (DP-SGD), worst site"), "dp_sgd")
+        return _checked(PrivacyLedger(worst, sgd.delta, sgd.max_epsilon, "sample-level (DP-SGD), worst site",
+                                      released_again), "dp_sgd")
     return None
 
 
 def _checked(ledger, field: str):
-    """Refuse a budget that not even the first round fits."""
-    if ledger.last_round < 1:
+    """Refuse a budget that not even the first round fits (a resumed run whose earlier
+    releases used it up stops where the loop finds the budget passed, saying so)."""
+    if ledger.last_round < 1 and not ledger.released_again:
         raise ConfigError(
             f"privacy.{field}.max_epsilon: {ledger.max_epsilon:g} is passed after round 1 already "
             f"(epsilon {ledger.epsilon(1):.3g} at delta {ledger.delta:g}); raise it or the noise multiplier"

@@ -17,6 +17,7 @@ from medfed.config import Job
 from medfed.core.errors import SiteError
 from medfed.core.types import Arm, EvalResult, Metric, Params, RoundPlan, Split, Update
 from medfed.data.base import SiteData
+from medfed.data.frequency import AMPLITUDES_TOPIC, FEDDG_TOPICS
 from medfed.models import ModelFactory, build_model, build_user_model, get_params
 from medfed.privacy.base import ProtocolParty
 from medfed.site.evaluate import evaluate_split
@@ -48,6 +49,10 @@ class SiteApp:
         self.data = poisoned_data(job, data)  # unchanged unless the job simulates a label-flipping attack here
         self.device = device
         self.task = build_task(job)
+        self.monitor = job.task.monitor  # the metric a hook's probe model is scored by
+        self.generalization = job.generalization  # FedDG: amplitudes shared before round 1
+        self.mixed = None  # FedDG: the augmentation with the consortium's amplitudes (federated training only)
+        self.seed = job.seed
         self.augment = build_site_augment(job, data.train.spatial_dims)
         # ``model`` is a work buffer: every request loads its parameters first, so sites
         # that run one after another in one process can share one (less memory, warmer caches)
@@ -63,6 +68,11 @@ class SiteApp:
         # credentials for secure aggregation)
         self.filters = site_filters(job, self.name, secure, buffer_keys(self.model), credentials)
         self.private = sample_dp_for(job, secure)
+        self.engine = None  # train.engine: bundle: the bundle's own trainer, built on the first round
+        if job.train.engine == "bundle":
+            from medfed.bundles import BundleTrainer
+
+            self.engine = BundleTrainer(job.model, self.name, device, job.task.kind == "segmentation")  # type: ignore[arg-type]
 
     def _load(self, params: Params, with_kept: bool) -> None:
         if with_kept and self._kept:
@@ -73,9 +83,12 @@ class SiteApp:
             raise SiteError(self.name, f"parameters do not fit the model: {e}") from None
 
     def fit(self, params: Params, plan: RoundPlan) -> Update:
+        hook = self._hooks.get(plan.arm) or SiteHook()  # baselines train plainly
+        probe = hook.probe(params, plan)
+        if probe is not None:  # e.g. FedCE: the others' model, scored on this site's validation data
+            hook.on_probe(self._score(probe))
         # federated training and fine-tuning start from this site's own local layers
         self._load(params, with_kept=plan.arm in (Arm.FEDERATED, Arm.FINETUNED))
-        hook = self._hooks.get(plan.arm) or SiteHook()  # baselines train plainly
         hook.on_train_start(self.model, plan)
         phases = hook.phases(plan.train, params)
         private = self.private if plan.arm is Arm.FEDERATED else None  # baselines train without DP-SGD
@@ -108,24 +121,55 @@ class SiteApp:
                 update = f.apply(update, sent, plan)
         return update
 
+    def _score(self, params: Params) -> float | None:
+        """The task's monitored metric of ``params`` (with this site's local layers) on the
+        site's validation split."""
+        self._load(params, with_kept=True)
+        metrics = evaluate_split(self.model, self.data.val, self.task, self.device, distances=False,
+                                 where=f"site '{self.name}', probe model, val split")
+        return metrics.get(self.monitor)
+
     def _run(self, phase: Phase, hook: SiteHook, plan: RoundPlan, private: SampleDP | None) -> TrainStats:
         """One phase of local training: from its starting point, with its hook."""
         if phase.start is not None:
             self._load(phase.start, with_kept=False)
         if phase.hook is not None:
             phase.hook.on_train_start(self.model, plan)
+        if self.engine is not None:  # the job refuses algorithms whose phases need medfed's loop
+            steps, loss = self.engine.train(self.model, self.data.train, phase.settings.local_epochs, phase.settings.seed)
+            return TrainStats(num_steps=steps, mean_loss=loss)
+        augment = self.mixed if self.mixed is not None and plan.arm is Arm.FEDERATED else self.augment
         return train_local(self.model, self.data.train, self.task, phase.settings, phase.hook or hook, self.device,
-                           phase.frozen | self.frozen, self.augment, private=private)
+                           phase.frozen | self.frozen, augment, private=private)
 
     def exchange(self, topic: str, rnd: int, body: dict) -> dict:
         """Answer a protocol message of the update path (secure aggregation's key exchange
-        and unmasking) for round ``rnd``."""
+        and unmasking) for round ``rnd``, or of FedDG's amplitude sharing before round 1."""
+        if topic in FEDDG_TOPICS and self.generalization is not None:
+            return self._feddg(topic, body)
         for f in self.filters:
             if isinstance(f, ProtocolParty) and topic in f.topics:
                 return f.answer(topic, rnd, body)
         raise SiteError(self.name, f"no part of this site's update path answers '{topic}'")
 
+    def _feddg(self, topic: str, body: dict) -> dict:
+        """FedDG (generalization: feddg): send this site's band amplitudes, or take the
+        consortium's bank and mix it into the training images from now on."""
+        from medfed.data.frequency import AmplitudeMix, band_half, check_bank, site_bank
+
+        g = self.generalization
+        if topic == AMPLITUDES_TOPIC:
+            bank = site_bank(self.data.train, g.bank_per_site, g.ratio, self.seed)
+            return {"amplitudes": bank.tolist()}
+        shape = self.data.train.shape
+        limit = g.bank_per_site * int(body.get("sites", 1))
+        bank = check_bank(body.get("bank"), shape[0], band_half(shape[1:], g.ratio), limit)
+        self.mixed = AmplitudeMix(bank, g.ratio, g.probability, g.strength, then=self.augment)
+        return {"ok": True, "spectra": int(bank.shape[0])}
+
     def evaluate(self, params: Params, splits: tuple[Split, ...], arm: Arm) -> list[EvalResult]:
+        if arm is Arm.ZERO_FILLED:  # reconstruction: the undersampled input itself, whatever was sent
+            return self._evaluate(nn.Identity(), splits, arm)
         if arm is Arm.PERSONALIZED:  # the site's own personal model, whatever was sent
             personal = self._hooks[Arm.FEDERATED].personal_model()
             if personal is None:
@@ -134,11 +178,14 @@ class SiteApp:
         # a fine-tuned model comes back whole, local layers included; only the federated
         # model needs this site's local layers put back
         self._load(params, with_kept=arm is Arm.FEDERATED)
+        return self._evaluate(self.model, splits, arm)
+
+    def _evaluate(self, model: nn.Module, splits: tuple[Split, ...], arm: Arm) -> list[EvalResult]:
         out = []
         for split in splits:
             data = self.data.split(split.value)
             # surface distances (HD95) on test only: val picks the best model by its Dice
-            metrics = evaluate_split(self.model, data, self.task, self.device, distances=split is Split.TEST,
+            metrics = evaluate_split(model, data, self.task, self.device, distances=split is Split.TEST,
                                      where=f"site '{self.name}', {arm.value} model, {split.value} split")
             out.append(EvalResult(site=self.name, split=split, num_examples=len(data), metrics=metrics))
         return out

@@ -2,8 +2,14 @@
 
 The job arrives from the server as configuration only, with every file path replaced by
 ``<site-local>``; the site reads its data from the paths of its own data file, so paths
-never travel. A job naming a model, algorithm or reader this medfed does not have fails
-validation here and is refused: a site runs only medfed's built-in methods.
+never travel. Nor does code: a job naming a model, algorithm or reader this site cannot
+build (one this medfed does not have, or the module of ``model: {import: ...}`` when it is
+not installed here) is refused, naming what is missing. A site started with ``--policy``
+checks the job against its own rules, and under ``approve: manual`` waits for its
+operator's decision, before it reads any data (site/policy.py); its refusal is declined like
+any other. The site reports, with its data summary, a description of the model it built
+(entry names, shapes and dtypes and their fingerprint, core/modelspec.py); the server
+leaves the site out before round 1 when it differs from the server's own model.
 
 The data file (YAML) restates the job's ``data`` section with this site's local paths::
 
@@ -36,10 +42,22 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from medfed.config import DataConfig, Job, format_validation_error, map_paths, parse_job, read_yaml, resolve_paths, without_reading
+from medfed.config import (
+    BundleModelConfig,
+    DataConfig,
+    Job,
+    checked_bundle_digest,
+    format_validation_error,
+    map_paths,
+    parse_job,
+    read_yaml,
+    resolve_paths,
+    without_reading,
+)
 from medfed.core import codec
 from medfed.core.buffers import BufferPool
-from medfed.core.errors import ConfigError, DataError
+from medfed.core.errors import ConfigError, DataError, MedfedError
+from medfed.core.modelspec import ModelSpec
 from medfed.core.types import Arm, Split
 from medfed.core.schema import Frozen
 from medfed.transport.base import describe_exception
@@ -47,6 +65,7 @@ from medfed.transport.grpc import wire
 from medfed.transport.grpc.hub import SITE_LOCAL
 
 if TYPE_CHECKING:
+    from medfed.site.policy import Gate
     from medfed.transport.pki import Kit
 
 log = logging.getLogger("medfed")
@@ -118,15 +137,27 @@ def _differences(job_data: Any, local: Any, site: str) -> list[str]:
 class RemoteSite:
     """What ``medfed site`` runs: sets up the job the server names, answers its tasks."""
 
-    def __init__(self, name: str, data_file: Path | None, max_epsilon: float | None = None, kit: Kit | None = None):
-        """Checks ``data_file`` at once (see :func:`load_site_data`): a site with a broken
-        data file stops before it connects. ``kit``: the site's startup kit
-        (:class:`~medfed.transport.pki.Kit`), whose key signs its secure-aggregation keys."""
+    def __init__(self, name: str, data_file: Path | None, max_epsilon: float | None = None, kit: Kit | None = None,
+                 bundle: Path | None = None, gate: Gate | None = None):
+        """Checks ``data_file`` and ``bundle`` at once (see :func:`load_site_data`): a site
+        with a broken data file or bundle stops before it connects. ``kit``: the site's
+        startup kit (:class:`~medfed.transport.pki.Kit`), whose key signs its
+        secure-aggregation keys. ``bundle``: the MONAI Bundle folder this site's operator
+        lets jobs run (``--bundle``); a bundle's configs are code, so the server never
+        names one for the site."""
         self.name = name
         self.kit = kit
         self.data_file = data_file
         self.local_data = load_site_data(data_file, name) if data_file is not None else None
+        self.bundle = bundle.resolve() if bundle is not None else None
+        self.bundle_sha256 = checked_bundle_digest(self.bundle, "--bundle") if self.bundle is not None else None
         self.max_epsilon = max_epsilon  # this site's own privacy limit, whatever the job says
+        # its policy (--policy): checked before any data is read, each decision in its audit log
+        self.gate = gate
+        self.epsilon_rule = ""  # what sets max_epsilon, when it is the policy
+        policy_eps = gate.policy.privacy.max_epsilon if gate is not None else None
+        if policy_eps is not None and (max_epsilon is None or policy_eps < max_epsilon):
+            self.max_epsilon, self.epsilon_rule = policy_eps, "policy.privacy.max_epsilon: "
         self.max_model: int | None = None  # bytes a model task may have: set by setup, from this site's model
         self.app = None
         self.job: Job | None = None
@@ -135,16 +166,36 @@ class RemoteSite:
         self._decoded = BufferPool(keep=1)  # the model received, as tensors
 
     def setup(self, job_dict: dict[str, Any], job_id: str) -> tuple[dict[str, Any], float]:
-        """Validate the job, read this site's data; return its summary and round timeout."""
+        """:meth:`_setup`; with a policy, a refusal for any other reason than its rules goes
+        into the site's audit log too."""
+        from medfed.site.approvals import Decision
+        from medfed.site.policy import PolicyRefusal
+
+        try:
+            return self._setup(job_dict, job_id)
+        except MedfedError as e:
+            if self.gate is not None and not isinstance(e, PolicyRefusal):
+                self.gate.audit.record(Decision.REFUSED, "site", str(e), job_id=job_id)
+            raise
+
+    def _setup(self, job_dict: dict[str, Any], job_id: str) -> tuple[dict[str, Any], float]:
+        """Validate the job, read this site's data, build the model; return the summary to
+        report (with the description of the model built, under ``"model"``) and the job's
+        round timeout. A ConfigError names what the job needs that this site lacks, e.g. the
+        module of ``model: {import: ...}`` when it is not installed here: code never travels."""
         from medfed.data.reading import user_cache_root
         from medfed.data.sites import build_sites, describe_sites
         from medfed.models import check_input_size
         from medfed.site.app import SiteApp
+        from medfed.site.policy import disclosed
         from medfed.site.device import resolve_device, set_threads
 
         job = parse_job(job_dict, source=f"job {job_id} from the server")
         if self.name not in job.site_names:
             raise ConfigError(f"job {job_id} has no site '{self.name}' (its sites: {job.site_names})")
+        if self.gate is not None:  # the site's policy and its operator: before any data is read
+            self.gate.admit(job, job_id)
+        job = self._with_own_bundle(job, job_id)
         data_job = job
         if self.local_data is not None:
             local = self.local_data  # read and checked when the site started
@@ -190,7 +241,31 @@ class RemoteSite:
                         "; ".join(f"{f} ({why})" for f, why in data.skipped))
         log.info("site '%s': data ready: %d train, %d val, %d test", self.name, summary.train, summary.val,
                  summary.test)
-        return summary.for_the_server(), job.round_timeout  # file names stay at the site
+        # file names stay at the site; the model it built goes along, described (no values),
+        # for the server to compare with its own before round 1
+        model = ModelSpec.of(self.app.model.state_dict())
+        told = disclosed(summary.for_the_server(), self.gate.policy if self.gate is not None else None)
+        return {**told, "model": model.to_wire()}, job.round_timeout
+
+    def _with_own_bundle(self, job: Job, job_id: str) -> Job:
+        """``job`` with its MONAI Bundle read from this site's own copy (``--bundle``),
+        which must have the digest the job carries; a job without a bundle as it is.
+        ConfigError when the site has no bundle or another version of it."""
+        m = job.model
+        if not isinstance(m, BundleModelConfig):
+            return job
+        if self.bundle is None:
+            raise ConfigError(
+                f"job {job_id} runs a MONAI Bundle (model.bundle, SHA-256 {m.bundle_sha256}); a bundle runs the code "
+                "its configs name, so a site runs only the bundle its operator gives: start this site with "
+                "--bundle FOLDER"
+            )
+        if self.bundle_sha256 != m.bundle_sha256:
+            raise ConfigError(
+                f"--bundle '{self.bundle}': its SHA-256 (of configs/ and scripts/) is {self.bundle_sha256}, but job "
+                f"{job_id} runs the bundle {m.bundle_sha256}; install the consortium's version of the bundle here"
+            )
+        return job.model_copy(update={"model": m.model_copy(update={"bundle": self.bundle})})
 
     def _check_privacy(self, job: Job, train_size: int) -> None:
         """Refuse a job that would spend more privacy than this site allows."""
@@ -201,14 +276,14 @@ class RemoteSite:
         ledger = ledger_for(job, {self.name: train_size})
         if ledger is None:
             raise ConfigError(
-                f"site '{self.name}' allows epsilon <= {self.max_epsilon:g}, but the job has no differential "
-                "privacy (privacy.dp or privacy.dp_sgd); refused"
+                f"{self.epsilon_rule}site '{self.name}' allows epsilon <= {self.max_epsilon:g}, but the job has no "
+                "differential privacy (privacy.dp or privacy.dp_sgd); refused"
             )
         eps = ledger.epsilon(ledger.last_round)
         if eps > self.max_epsilon:
             raise ConfigError(
-                f"site '{self.name}' allows epsilon <= {self.max_epsilon:g}, but the job reaches {eps:.3g} at delta "
-                f"{ledger.delta:g} after round {ledger.last_round} ({ledger.what}); refused"
+                f"{self.epsilon_rule}site '{self.name}' allows epsilon <= {self.max_epsilon:g}, but the job reaches "
+                f"{eps:.3g} at delta {ledger.delta:g} after round {ledger.last_round} ({ledger.what}); refused"
             )
         log.info("site '%s': the job spends epsilon %.3g of this site's %g", self.name, eps, self.max_epsilon)
 
@@ -236,11 +311,13 @@ class RemoteSite:
             return "error", self.redact(describe_exception(e)).encode()
 
     def local_folders(self) -> list[str]:
-        """The folders of this site's own files: its data file's and every path in it, and
-        the user's disk cache (longest first)."""
+        """The folders of this site's own files: its data file's and every path in it, its
+        bundle's, and the user's disk cache (longest first)."""
         from medfed.data.reading import user_cache_root
 
         found: list[Path] = [user_cache_root()]
+        if self.bundle is not None:
+            found.append(self.bundle)
         if self.data_file is not None:
             found.append(Path(self.data_file).resolve().parent)
         if self.local_data is not None:

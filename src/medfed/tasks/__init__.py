@@ -19,15 +19,21 @@ from typing import TYPE_CHECKING, Union
 from medfed.core.types import Metric
 
 if TYPE_CHECKING:
-    from medfed.config import Job, SegmentationTaskConfig, TaskConfig
+    from medfed.config import Job, ReconstructionTaskConfig, SegmentationTaskConfig, TaskConfig
     from medfed.tasks.classification import ClassificationTask
+    from medfed.tasks.reconstruction import ReconstructionTask
     from medfed.tasks.segmentation import SegmentationTask
 
-    Task = Union[ClassificationTask, SegmentationTask]
+    Task = Union[ClassificationTask, SegmentationTask, ReconstructionTask]
 
 
 def build_task(job: "Job") -> "Task":
-    """The task object of ``job``: classification, or segmentation with the job's patch."""
+    """The task object of ``job``: classification, segmentation with the job's patch, or
+    reconstruction."""
+    if job.task.kind == "reconstruction":
+        from medfed.tasks.reconstruction import ReconstructionTask
+
+        return ReconstructionTask(job.task)
     if job.task.kind == "segmentation":
         from medfed.tasks.segmentation import SegmentationTask
 
@@ -41,12 +47,17 @@ def build_task(job: "Job") -> "Task":
 UNIT = (0.0, 1.0)
 
 
-def metric_bounds(task: "TaskConfig | SegmentationTaskConfig") -> dict[str, tuple[float, float]]:
+def metric_bounds(
+    task: "TaskConfig | SegmentationTaskConfig | ReconstructionTaskConfig",
+) -> dict[str, tuple[float, float]]:
     """Every metric an evaluation of ``task`` (the job's task section) can report, with the
     closed range its values lie in: what the server accepts from a site (names outside this
     table, or values outside their range, are refused). Every evaluation also reports the
     mean ``loss`` (site/evaluate.py)."""
     loss = {Metric.LOSS.value: (0.0, math.inf)}
+    if task.kind == "reconstruction":  # PSNR capped at tasks/reconstruction.PSNR_CAP_DB
+        return loss | {Metric.PSNR.value: (-math.inf, 100.0), Metric.SSIM.value: (-1.0, 1.0),
+                       Metric.NMSE.value: (0.0, math.inf)}
     if task.kind == "segmentation":
         fg = range(1, task.num_classes)
         out = loss | {Metric.DICE.value: UNIT} | {Metric.DICE.of_class(c): UNIT for c in fg}

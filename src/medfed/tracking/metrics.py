@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +27,8 @@ from typing import IO, Any
 from medfed.core.errors import RunDirError
 from medfed.core.types import lower_is_better
 
-ARMS = ("local", "federated", "personalized", "finetuned", "centralized")  # display order: baseline, method(s), upper bound
+# display order: the zero-filled input (reconstruction), baseline, method(s), upper bound
+ARMS = ("zero_filled", "local", "federated", "personalized", "finetuned", "centralized")
 SPLITS = ("train", "val", "test")
 MEAN_SITE = "all"  # the example-weighted mean over the training sites
 MEDIAN_SITE = "median"  # the median over the training sites
@@ -52,10 +53,15 @@ class MetricsWriter:
 
         with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
             metrics.write(1, "federated", "hospital_a", "test", "auc", 0.81)
+
+    ``on_record`` (optional) is called with each record once it is written: the job's
+    experiment trackers (:class:`~medfed.tracking.external.Trackers`) see every record
+    through it, and nothing else.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, on_record: Callable[[dict], None] | None = None):
         self.path = Path(path)
+        self.on_record = on_record
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
 
     def write(self, round: int, arm: str, site: str, split: str, metric: str, value: float | None) -> None:
@@ -70,6 +76,8 @@ class MetricsWriter:
                   "value": _clean(value)}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        if self.on_record is not None:
+            self.on_record(record)
 
     def close(self) -> None:
         if self._file is not None:
@@ -161,7 +169,7 @@ def comparison_rows(records: list[dict], monitor: str, split: str = "test") -> l
     An arm's last round is the latest round it has any ``split`` record for, the same for
     every site, so a table never mixes rounds. A value is None where the arm is absent,
     the site has no record at that round, or the metric was undefined. Rows follow
-    :func:`site_order`; each is ``{"site", "local", "federated", "personalized", "finetuned", "centralized", "gain"}``
+    :func:`site_order`; each is ``{"site", "zero_filled", "local", "federated", "personalized", "finetuned", "centralized", "gain"}``
     with ``gain = federated - local`` (None if either is None).
     """
     last = last_rounds(records, split)

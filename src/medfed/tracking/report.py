@@ -3,8 +3,8 @@ base64 PNG, no external CSS or JS). Its comparison table, like the terminal's, c
 tables.py.
 
 The report is rebuilt from the files of the run folder alone (``job.yaml``,
-``metrics.jsonl``, ``sites.json``, ``run.json``, ``model_best.json`` and, for a deployed run,
-``audit.json``), so ``medfed report`` can redo it at any time; only ``job.yaml`` and
+``metrics.jsonl``, ``sites.json``, ``run.json``, ``model_best.json``, ``contribution.json`` and, for a
+deployed run, ``audit.json``), so ``medfed report`` can redo it at any time; only ``job.yaml`` and
 ``metrics.jsonl`` are required.
 """
 
@@ -28,14 +28,16 @@ from medfed.config import Job, load_job
 from medfed.core.errors import RunDirError
 from medfed.core.summary import SiteSummary
 from medfed.core.files import atomic_write_text
+from medfed.tracking.contribution import contribution_section, read_contribution
 from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEAN_SITE, MEDIAN_SITE, curves, read_metrics, site_order
+from medfed.tracking.reconstructions import reconstructions_section
 from medfed.tracking.tables import MISSING, Cell, comparison_section, fmt, html_table
 from medfed.core.types import Metric
 
 REPORT_NAME = "report.html"
 ARM_STYLE = {
     "local": ("#d95f02", "--"), "federated": ("#1b6ec2", "-"), "finetuned": ("#7570b3", "-."), "personalized": ("#e7298a", "-."),
-    "centralized": ("#1b9e77", ":"),
+    "centralized": ("#1b9e77", ":"), "zero_filled": ("#777777", ":"),
 }
 
 _CSS = """
@@ -141,6 +143,10 @@ def learning_curves_figure(records: list[dict], monitor: str) -> str | None:
     for ax, (site, arms) in zip(axes.flat, by_site.items()):
         for arm, (rounds, values) in arms.items():
             color, style = ARM_STYLE[arm]
+            if arm == "zero_filled" and len(rounds) == 1:  # scored once, the same every round: a level
+                if values[0] is not None:
+                    ax.axhline(values[0], linestyle=style, color=color, label=arm)
+                continue
             ax.plot(rounds, _nan(values), style, color=color, label=arm, marker="o" if len(rounds) <= 20 else None,
                     markersize=3)
         ax.set_title("all sites (weighted)" if site == MEAN_SITE else site, fontsize=9)
@@ -261,6 +267,18 @@ def _predictions_section(run_dir: Path) -> str:
 MAX_AUDIT_ROWS = 200  # shown in the report; all of them stay in audit.json
 
 
+def _charts_section(job: Job, records: list[dict], run_dir: Path) -> str:
+    """The dashboard's interactive charts (learning curves per site and arm, epsilon against
+    the budget, bytes per round), inline: its script and style are in the page, its data a
+    JSON block; nothing is fetched."""
+    from medfed.dashboard.page import static_charts
+    from medfed.dashboard.snapshot import charts, job_summary
+
+    audit = _read_json(run_dir / "audit.json")
+    rows = audit.get("rows") if isinstance(audit, dict) and isinstance(audit.get("rows"), list) else None
+    return "<h2>Interactive charts</h2>\n" + static_charts(charts(records, job_summary(job), rows))
+
+
 def _audit_section(run_dir: Path) -> str:
     """The exchanges of a deployed run (``audit.json``, written by the server's run store), per
     arm and round; nothing for a simulated run, which has no audit.json."""
@@ -350,8 +368,6 @@ def _update_path_section(job: Job, records: list[dict]) -> str:
             stopped = f" Training stopped after round {last} of {job.rounds}: the next round would pass the budget."
         notes.append(f"<p><b>Differential privacy</b> ({escape(unit)}, noise multiplier {dp.noise_multiplier:g}, "
                      f"Opacus {escape(dp.accountant.upper())} accountant): {escape(spent)}{escape(budget)}.{escape(stopped)}</p>")
-        header.append("ε")
-        cols.append(lambda r: fmt(eps.get(r)))
         clip = _per_round(records, "clip")
         if clip:
             unclipped = _per_round(records, "unclipped_fraction")
@@ -364,6 +380,12 @@ def _update_path_section(job: Job, records: list[dict]) -> str:
         notes.append(f"<p><b>Secure aggregation</b>: the server saw only the sum of each round's updates "
                      f"(threshold {job.secagg_threshold} of {job.sites_per_round} sites, coordinates clipped to "
                      f"±{p.secure_aggregation.clip_range:g}).</p>")
+    if job.topology.kind != "server":
+        notes.append(f"<p><b>Topology</b>: {escape(job.topology.label)}.</p>")
+        spread = _per_round(records, "consensus_distance")
+        if spread:  # gossip, BrainTorrent: how far the sites' own models are from their consensus
+            header.append("consensus distance")
+            cols.append(lambda r: fmt(spread.get(r)))
     if job.robust is not None:
         notes.append(f"<p><b>Robust aggregation</b>: {escape(job.robust.rule)} in place of the weighted mean.</p>")
     if job.attack is not None:
@@ -381,8 +403,7 @@ def _update_path_section(job: Job, records: list[dict]) -> str:
         if r["arm"] == "federated" and r["metric"] == Metric.BYTES_SENT and r["site"] != MEAN_SITE:
             counts[r["round"]] = counts.get(r["round"], 0) + 1
     if sent:
-        header += ["bytes sent by sites", "per site / model"]
-        cols.append(lambda r: fmt_bytes(sent.get(r)))
+        header += ["per site / model"]  # epsilon and bytes per round: the interactive charts above
         cols.append(lambda r: fmt(sent[r] / counts[r] / model[r]) if r in sent and model.get(r) else MISSING)
         total = sum(sent.values())
         method = f"compression: {job.compression.method}" if job.compression is not None else "no compression"
@@ -432,10 +453,13 @@ def render_report(run_dir: Path) -> str:
         _sites_section(_read_json(run_dir / "sites.json"), job.task.kind == "segmentation"),
         comparison_section(records, monitor, best, job.held_out),
         _predictions_section(run_dir),
+        reconstructions_section(run_dir),
         f"<h2>Learning curves: test {escape(monitor)}</h2>", curves_img or no_data,
         _many_sites_note(records),
         "<h2>Training loss (federated)</h2>", loss_img or no_data,
+        _charts_section(job, records, run_dir),
         _update_path_section(job, records),
+        contribution_section(read_contribution(run_dir), _png),
         _audit_section(run_dir),
         "<h2>Job</h2>", f"<pre>{escape(job_text)}</pre>",
     ]

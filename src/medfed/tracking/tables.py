@@ -132,7 +132,7 @@ def summary_table(records: list[dict], monitor: str, held_out: Collection[str] =
     failure and its fix read side by side.
     """
     arms, gain = comparison_columns(records)
-    methods = [a for a in arms if a not in ("local", "centralized")] if gain else []
+    methods = [a for a in arms if a not in ("zero_filled", "local", "centralized")] if gain else []
     rows = comparison_rows(records, monitor)
     caption = "spread: across the training sites, each counting once" if rows else ""
     if methods:

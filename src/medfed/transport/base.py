@@ -1,4 +1,4 @@
-"""The one transport interface. In-process, process-pool (and later gRPC) implement it.
+"""The one transport interface. In-process, process-pool, Ray and gRPC implement it.
 
 A transport sends each request to its site and returns one answer per request, in the
 order of the requests, so that everything above it is deterministic. A site that raises
@@ -42,6 +42,23 @@ class Transport(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ELSEWHERE = {
+    "pool": "runs each site in a worker process of its own",
+    "ray": "runs each site in a Ray actor, a process of its own, perhaps on another machine",
+}
+
+
+def separate_sites_refusal(transport: str) -> str:
+    """Why datasets or a model factory held in this Python session cannot go with a
+    transport whose sites run elsewhere: they would have to be pickled, code and all."""
+    where = _ELSEWHERE.get(transport, "runs each site outside this process")
+    return (
+        f"transport: {transport} {where}, which cannot receive datasets or a model factory held in this Python "
+        "session (they would have to be pickled, code and all); use transport: inprocess with medfed.run's "
+        "datasets= or model="
+    )
 
 
 def describe_exception(e: BaseException) -> str:

@@ -73,6 +73,13 @@ class Audit:
         if self.store is not None:
             self.store.audit(arm, rnd, site, kind, "refused", 0, 0, None, 0.0, reason)
 
+    def declined(self, site: str, reason: str) -> None:
+        """The row of a site that said it cannot take part in the job (status ``failed``)."""
+        if self.store is not None:
+            arm, rnd, kind = CONNECTION
+            self.store.audit(arm, rnd, site, kind, "failed", 0, 0, None, 0.0,
+                             f"cannot take part in the job: {reason}")
+
     def task(self, task: Task, status: str, nbytes: int, digest: str | None, seconds: float,
              reason: str | None) -> None:
         """The row of ``task``, closed with ``status`` after ``seconds``: ``nbytes`` of answer

@@ -6,7 +6,8 @@ The hub wires the parts that do the work, which share one condition variable:
 
 * ``auth.py``     who is calling: a certificate of the consortium CA (checked by TLS) whose
                   site is in the job and not left out of the run; a header naming that site
-* ``sessions.py`` each site's session: joined, ready with its data summary, still polling
+* ``sessions.py`` each site's session: joined, ready with its data summary and the
+                  description of the model it built, or declined the job; still polling
 * ``tasks.py``    the task board: queues, open and closed tasks, the wait for a batch
 * ``intake.py``   an answer read and checked before it is used, the memory budget of updates
 * ``audit.py``    the audit trail, and every refusal logged with the site, its address and
@@ -30,6 +31,8 @@ from pydantic import ValidationError
 
 from medfed import __version__
 from medfed.config import SITE_LOCAL, Job, map_paths
+from medfed.core.errors import CodecError
+from medfed.core.modelspec import ModelSpec, model_mismatch
 from medfed.core.summary import SiteSummary
 from medfed.core.types import SiteFailure
 from medfed.server.store import RunStore
@@ -56,6 +59,26 @@ TRANSFERS = 4
 _ENDED = "the call had ended"
 
 
+def _read_summary(raw: Any) -> tuple[SiteSummary, ModelSpec | None]:
+    """A ready message's ``summary``: the site's data summary, and under ``"model"`` the
+    description of the model it built (None when absent: the server leaves such a site out
+    once it compares models). Refused naming the field when either does not fit."""
+    model = None
+    if isinstance(raw, dict) and "model" in raw:
+        raw = dict(raw)
+        try:
+            model = ModelSpec.from_wire(raw.pop("model"))
+        except CodecError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad model description: {e}") from None
+    try:
+        summary = SiteSummary.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "summary"
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad data summary: {where}: {err['msg']}") from None
+    return summary, model
+
+
 def site_view(job: Job) -> dict[str, Any]:
     """The job as sites receive it: every file path replaced by ``<site-local>``."""
     return map_paths(job, lambda _p: SITE_LOCAL).model_dump(mode="json")
@@ -78,6 +101,7 @@ class Hub:
         self.audit = Audit(store)
         self.guard = Guard()  # each site's open calls and transfers, and the bounds on them
         self._sending = threading.BoundedSemaphore(TRANSFERS)  # held while a model chunk is sent
+        self._model: tuple[ModelSpec, str] | None = None  # the server's model and what to do about another
 
     # ------------------------------------------------------------------ gRPC methods
 
@@ -111,24 +135,29 @@ class Hub:
                 hdr = read_header(self.guard.first(call, messages, "ready request"), "ready")
             self.callers.check(hdr, site)
             if "error" in hdr:
-                log.warning("site '%s' cannot take part in the job: %s", site, str(hdr["error"])[:2000])
+                cause = str(hdr["error"])[:2000]
+                if self.sessions.decline(site, cause):  # nobody waits for it any more; a repeat is not told again
+                    log.warning("site '%s' cannot take part in the job: %s", site, cause)
+                    self.audit.declined(site, cause)
                 return wire.encode_header({"ok": True})
-            try:
-                summary = SiteSummary.model_validate(hdr.get("summary"))
-            except ValidationError as e:
-                err = e.errors()[0]
-                where = ".".join(str(x) for x in err["loc"]) or "summary"
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad data summary: {where}: {err['msg']}") from None
+            summary, model = _read_summary(hdr.get("summary"))
             if summary.name != site:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"data summary names site {summary.name!r}")
             if summary.skipped_files:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               "data summary names files: file names stay at the site (send the count only)")
-            self.sessions.ready(site, summary)
+            with self._cv:  # checked against the server's model once it is known (expect_model)
+                why = model_mismatch(model, *self._model) if self._model is not None else None
+                if why is None:
+                    self.sessions.ready(site, summary, model)
         except Refused as e:
             self._refuse(context, "ready", site, e, call)
-        log.info("site '%s' is ready: %d train, %d val, %d test, shape %s",
-                 site, summary.train, summary.val, summary.test, summary.shape)
+        if why is not None:  # a site that joins after the check: left out as those before it were
+            self.exclude(site, why)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this site is left out of the run: {why}")
+        log.info("site '%s' is ready: %d train, %d val, %d test, shape %s, model %s",
+                 site, summary.train, summary.val, summary.test, summary.shape,
+                 model.fingerprint[:12] if model is not None else "not described")
         return wire.encode_header({"ok": True})
 
     def poll(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -298,8 +327,9 @@ class Hub:
 
     def wait_ready(self, sites: list[str], timeout: float,
                    on_change: Callable[[list[str]], None] | None = None) -> list[str]:
-        """Wait until every site in ``sites`` is ready or ``timeout`` s pass; return the
-        ready ones. ``on_change(ready)`` is called whenever the set grows."""
+        """Wait until every site in ``sites`` is ready or has said it cannot take part in the
+        job, or ``timeout`` s pass; return the ready ones. ``on_change(ready)`` is called
+        whenever the set grows."""
         return self.sessions.wait_ready(sites, timeout, on_change)
 
     def exclude(self, site: str, reason: str) -> None:
@@ -311,8 +341,24 @@ class Hub:
         log.warning("site '%s' is left out of the run: %s", site, reason)
         self.audit.refused("connection", 0, site, "call", f"left out of the run: {reason}")
 
+    def expect_model(self, model: ModelSpec, hint: str) -> dict[str, str]:
+        """The server's own model is ``model``: leave out every ready site that built
+        another one (or did not describe its model), and every site that becomes ready from
+        now on likewise; ``hint`` says what to do about it. Returns the sites left out, with
+        why (the first difference: see core/modelspec.py)."""
+        with self._cv:  # a site's Ready either comes before (checked here) or after (checked there)
+            self._model = (model, hint)
+            odd = {s: why for s, m in self.sessions.models().items() if (why := model_mismatch(m, model, hint))}
+        for site, why in odd.items():
+            self.exclude(site, why)
+        return odd
+
     def summaries(self) -> dict[str, SiteSummary]:
         return self.sessions.summaries()
+
+    def declined(self) -> dict[str, str]:
+        """The sites that said they cannot take part in the job, and why."""
+        return self.sessions.declined()
 
     def finish(self, grace: float) -> None:
         """Tell polling sites the job is done; wait up to ``grace`` s for them to hear it."""

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
+from medfed.core.modelspec import ModelSpec
 from medfed.core.summary import SiteSummary
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.guard import Refused
@@ -26,6 +27,8 @@ class Session:
     fingerprint: str
     joined: float
     summary: SiteSummary | None = None
+    model: ModelSpec | None = None  # the description of the model it built (None: it sent none)
+    declined: str | None = None  # why it cannot take part in the job, when it said so
     got_done: bool = False
     last_seen: float = 0.0  # time.monotonic() of its last poll
     polling: int = 0  # polls open right now
@@ -44,15 +47,31 @@ class Sessions:
             self._sessions[site] = Session(site, address, fingerprint, when)
             self._cv.notify_all()
 
-    def ready(self, site: str, summary: SiteSummary) -> None:
-        """``site`` is ready with the data of ``summary``; Refused when it has not joined."""
+    def ready(self, site: str, summary: SiteSummary, model: ModelSpec | None = None) -> None:
+        """``site`` is ready with the data of ``summary`` and the model ``model`` describes;
+        Refused when it has not joined."""
         with self._cv:
             session = self._sessions.get(site)
             if session is None:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "call Join first")
-            session.summary = summary
+            session.summary, session.model, session.declined = summary, model, None
             session.last_seen = time.monotonic()
             self._cv.notify_all()
+
+    def decline(self, site: str, reason: str) -> bool:
+        """``site`` said it cannot take part in the job, for ``reason``: nobody waits for it
+        any more (until it joins again). False when its session had said so already (a
+        repeat, not to be told again); True otherwise, also without a session (the server
+        restarted while the site set the job up: its reason is still worth telling)."""
+        with self._cv:
+            session = self._sessions.get(site)
+            if session is None:
+                return True
+            if session.declined == reason:
+                return False
+            session.declined = reason
+            self._cv.notify_all()
+            return True
 
     def end(self, site: str) -> None:
         with self._cv:
@@ -102,24 +121,35 @@ class Sessions:
 
     def wait_ready(self, sites: list[str], timeout: float, on_change: Callable[[list[str]], None] | None = None
                    ) -> list[str]:
-        """Wait until every site in ``sites`` is ready or ``timeout`` s pass; return the
-        ready ones. ``on_change(ready)`` is called whenever the set grows."""
+        """Wait until every site in ``sites`` is ready or has declined the job, or ``timeout``
+        s pass; return the ready ones. ``on_change(ready)`` is called whenever the set grows."""
         deadline = time.monotonic() + timeout
         seen: list[str] = []
         with self._cv:
             while True:
                 ready = [s for s in sites if s in self._sessions and self._sessions[s].summary is not None]
+                declined = [s for s in sites if s in self._sessions and self._sessions[s].declined is not None]
                 if ready != seen and on_change is not None:
                     on_change(ready)
                 seen = ready
                 left = deadline - time.monotonic()
-                if len(ready) == len(sites) or left <= 0:
+                if len(set(ready) | set(declined)) == len(sites) or left <= 0:
                     return ready
                 self._cv.wait(min(left, 1.0))
 
     def summaries(self) -> dict[str, SiteSummary]:
         with self._cv:
             return {s: x.summary for s, x in self._sessions.items() if x.summary is not None}
+
+    def models(self) -> dict[str, ModelSpec | None]:
+        """The model each ready site described (None: it sent no description)."""
+        with self._cv:
+            return {s: x.model for s, x in self._sessions.items() if x.summary is not None}
+
+    def declined(self) -> dict[str, str]:
+        """Why each site that declined the job (and did not join again since) cannot take part."""
+        with self._cv:
+            return {s: x.declined for s, x in self._sessions.items() if x.declined is not None}
 
     def heard_done(self, session: Session) -> None:
         """``session``'s site was told the job is done."""

@@ -5,7 +5,9 @@ The service ``medfed.Federation`` has four methods; every message is bytes:
 * ``Join``   (unary)  site -> ``{"site", "medfed_version"}``; server -> ``{"job", "job_id"}``
   (the job with its file paths removed: paths never travel).
 * ``Ready``  (unary)  site -> ``{"site", "job_id", "summary"}`` (sizes and shape of its
-  data, no images); server -> ``{"ok": true}``.
+  data, no images; under ``"model"`` the description of the model it built: entry names,
+  shapes, dtypes and their fingerprint, see core/modelspec.py), or ``{"site", "job_id",
+  "error"}`` when it cannot take part in the job; server -> ``{"ok": true}``.
 * ``Poll``   (server streaming) site -> ``{"site", "job_id", "have"}`` (``have``: the id
   of the last model it received, or null); server -> a header ``{"kind": "fit" |
   "evaluate" | "exchange" | "wait" | "done", ...}`` then, for a task, its payload (the

@@ -1,0 +1,167 @@
+"""Single-coil Cartesian undersampling of magnitude images, for the reconstruction task.
+
+An image (1, H, W) in [0, 1] is taken to k-space by MONAI's centred FFT
+(``monai.data.fft_utils.fftn_centered``), multiplied by one of MONAI's k-space masks
+(``monai.apps.reconstruction.transforms.array.EquispacedKspaceMask`` or
+``RandomKspaceMask``: lines along the last axis, a centred band of ``center_fraction`` of
+them always kept, about 1/``acceleration`` kept in all) and brought back by the inverse FFT;
+its magnitude is the *zero-filled* image, the network's input. Nothing here is written
+again: the masks, the FFT and the magnitude are MONAI's.
+
+Each example's mask is drawn from its own seed, ``SeedSequence([job seed, site index,
+split index, example index])``, so the zero-filled input of an example is the same in every
+arm, every round and every run of the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from medfed.core.errors import DataError
+from medfed.data.base import ArraySplit, SiteData
+
+SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+_CHUNK = 512  # images transformed at a time
+
+
+def kspace_mask(kind: str, acceleration: float, center_fraction: float):
+    """MONAI's k-space mask transform of ``kind`` (``equispaced`` or ``random``) for 2D
+    complex k-space (..., H, W, 2), sampling lines along W. Its ``set_random_state`` fixes
+    the draw; after a call, its ``mask`` attribute holds the lines kept (1, ..., W, 1)."""
+    from monai.apps.reconstruction.transforms.array import EquispacedKspaceMask, RandomKspaceMask
+
+    cls = EquispacedKspaceMask if kind == "equispaced" else RandomKspaceMask
+    return cls(center_fractions=[center_fraction], accelerations=[acceleration], spatial_dims=2, is_complex=True)
+
+
+def to_kspace(image: torch.Tensor) -> torch.Tensor:
+    """Centred 2D k-space (..., H, W, 2) (real and imaginary parts last) of real images
+    (..., H, W): MONAI's ``fftn_centered``."""
+    from monai.data.fft_utils import fftn_centered
+
+    return torch.as_tensor(fftn_centered(torch.stack([image, torch.zeros_like(image)], dim=-1), spatial_dims=2))
+
+
+def example_seeds(seed: int, site_index: int, split: str, n: int) -> list[int]:
+    """The mask seed of each of ``n`` examples of a split: one 32-bit draw of
+    ``SeedSequence([seed, site_index, split index, i])`` per example ``i``."""
+    return [int(np.random.SeedSequence([seed, site_index, SPLIT_INDEX[split], i]).generate_state(1)[0])
+            for i in range(n)]
+
+
+def draw_masks(width: int, acceleration: float, center_fraction: float, mask: str, seeds: Sequence[int]) -> torch.Tensor:
+    """The lines kept (N, W) float32 0/1 of ``len(seeds)`` examples ``width`` lines wide:
+    MONAI's mask transform, its random state set from each seed in turn (it draws only from
+    the number of lines, so it runs on an empty line of k-space)."""
+    transform = kspace_mask(mask, acceleration, center_fraction)
+    empty = torch.zeros(1, 1, width, 2)
+    out = torch.empty(len(seeds), width)
+    for i, s in enumerate(seeds):
+        transform.set_random_state(seed=s)
+        transform(empty)
+        out[i] = torch.as_tensor(transform.mask).reshape(width)
+    return out
+
+
+def undersample(
+    kspace: torch.Tensor, acceleration: float, center_fraction: float, mask: str, seeds: Sequence[int]
+) -> torch.Tensor:
+    """The zero-filled magnitude (N, H, W) float32 of centred 2D k-space (N, H, W, 2) (real
+    and imaginary parts last), each slice's lines along W kept by its own mask drawn from
+    ``seeds[i]`` (:func:`draw_masks`): MONAI's inverse centred FFT and complex magnitude."""
+    from monai.apps.reconstruction.complex_utils import complex_abs
+    from monai.data.fft_utils import ifftn_centered
+
+    if len(seeds) != len(kspace):
+        raise ValueError(f"{len(kspace)} slices but {len(seeds)} mask seeds")
+    lines = draw_masks(int(kspace.shape[2]), acceleration, center_fraction, mask, seeds)  # (N, W)
+    out = torch.empty(kspace.shape[:3], dtype=torch.float32)
+    for lo in range(0, len(kspace), _CHUNK):
+        sl = slice(lo, lo + _CHUNK)
+        masked = kspace[sl].float() * lines[sl, None, :, None]
+        out[sl] = torch.as_tensor(complex_abs(ifftn_centered(masked, spatial_dims=2, is_complex=True)))
+    return out
+
+
+def zero_filled(
+    images: torch.Tensor, acceleration: float, center_fraction: float, mask: str, seeds: Sequence[int]
+) -> torch.Tensor:
+    """The zero-filled magnitude (N, 1, H, W) float32 of images (N, 1, H, W), each
+    undersampled by its own mask drawn from ``seeds[i]`` (:func:`undersample`). With
+    ``acceleration`` 1 a ``random`` mask keeps every line and the result is the image's
+    magnitude (the image itself when it is >= 0); MONAI's ``equispaced`` mask never keeps
+    the last line, so it misses that one."""
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise DataError(f"reconstruction undersamples 1-channel 2D images (N, 1, H, W), got {tuple(images.shape)}")
+    check_even(tuple(images.shape[2:]), "the images")
+    return undersample(to_kspace(images[:, 0].float()), acceleration, center_fraction, mask, seeds)[:, None]
+
+
+def check_even(size: tuple[int, ...], what: str) -> None:
+    """A DataError unless every side of ``size`` is even (the masks keep a centred band of lines)."""
+    if any(int(n) % 2 for n in size):
+        raise DataError(f"reconstruction needs {what} of even size (a centred band of k-space lines), got "
+                        f"{'x'.join(map(str, size))}; crop or resize them to an even size")
+
+
+def undersample_split(
+    truth: torch.Tensor, acceleration: float, center_fraction: float, mask: str, seeds: Sequence[int]
+) -> ArraySplit:
+    """A reconstruction split: images = the zero-filled input, labels = the ground truth
+    (both (N, 1, H, W) float32)."""
+    truth = truth.float().contiguous()
+    return ArraySplit(zero_filled(truth, acceleration, center_fraction, mask, seeds), truth)
+
+
+def undersample_site(
+    name: str, splits: dict[str, torch.Tensor], acceleration: float, center_fraction: float, mask: str,
+    seed: int, site_index: int,
+) -> SiteData:
+    """A site's ground-truth images by split, undersampled into reconstruction splits
+    (see :func:`undersample_split`), each example's mask from :func:`example_seeds`."""
+    made = {
+        split: undersample_split(truth, acceleration, center_fraction, mask, example_seeds(seed, site_index, split, len(truth)))
+        for split, truth in splits.items()
+    }
+    return SiteData(name=name, train=made["train"], val=made["val"], test=made["test"])
+
+
+def image_source_task(data) -> object:
+    """The task an image source is read with before its images become ground truth: its own
+    (pairs: segmentation with its mask values; MedMNIST: single-label classes, 2D). The
+    targets it reads are dropped."""
+    from medfed.config import SegmentationTaskConfig, TaskConfig
+
+    if getattr(data, "source", None) == "pairs":
+        return SegmentationTaskConfig(kind="segmentation", num_classes=len(data.mask_values), hd95=False)
+    return TaskConfig(labels="multiclass", num_classes=1000)
+
+
+def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str, int]) -> list[SiteData]:
+    """Sites of an image source (read and preprocessed as that source is, in memory) made
+    into reconstruction sites: each grey image scaled to [0, 1] by its own minimum and
+    maximum is the ground truth, its undersampling at the task's acceleration the input
+    (:func:`undersample_site`, the masks seeded by the site's position ``index``)."""
+    out = []
+    for site in sites:
+        truth = {}
+        for split in SPLIT_INDEX:
+            data = site.split(split)
+            where = f"site '{site.name}' {split} split"
+            if not isinstance(data, ArraySplit):
+                raise DataError(f"{where}: reconstruction undersamples images held in memory, but this site streams "
+                                "its files; set data.cache: memory")
+            images = data.images
+            if images.ndim != 4 or images.shape[1] != 1:
+                raise DataError(f"{where}: reconstruction takes grey 2D images (N, 1, H, W), got "
+                                f"{tuple(images.shape)}; set data.channels: 1 (and a 2D source)")
+            check_even(tuple(images.shape[2:]), f"{where}: the images")
+            lo = images.flatten(1).amin(1)[:, None, None, None]
+            span = (images.flatten(1).amax(1)[:, None, None, None] - lo).clamp_min(1e-12)
+            truth[split] = (images - lo) / span
+        out.append(undersample_site(site.name, truth, task.acceleration, task.center_fraction, task.mask, seed,
+                                    index[site.name]))
+    return out

@@ -1,0 +1,85 @@
+"""Reconstructions kept for inspection (reconstruction task).
+
+For the first ``task.save_predictions`` test slices of each site, the final federated
+model's reconstruction is drawn to ``reconstructions/<site>/test_<i>.png``: four grey
+panels side by side, the zero-filled input, the reconstruction, the ground truth (each
+clipped to [0, 1]) and the error map |reconstruction - ground truth|, white at
+:data:`ERROR_WHITE` or more. The report shows them (:func:`reconstructions_section`).
+"""
+
+from __future__ import annotations
+
+import base64
+from html import escape
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.data.base import Planned, SiteData
+
+RECONSTRUCTIONS_DIR = "reconstructions"
+ERROR_WHITE = 0.25  # an absolute error this large (images in [0, 1]) is drawn white
+MIN_PANEL = 128  # small images are enlarged (nearest neighbour) to at least this height
+MAX_REPORT_IMAGES = 4  # per site in the report; all of them stay in the folder
+
+
+def panels(zero_filled: np.ndarray, recon: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(H, k*W*4 + gaps) uint8: zero-filled, reconstruction, ground truth and error map
+    (each (H, W)) side by side, 2 px of white between them."""
+    k = max(1, MIN_PANEL // max(1, truth.shape[0]))
+    views = [np.clip(zero_filled, 0, 1), np.clip(recon, 0, 1), np.clip(truth, 0, 1),
+             np.clip(np.abs(recon - truth) / ERROR_WHITE, 0, 1)]
+    views = [(v * 255).astype(np.uint8).repeat(k, axis=0).repeat(k, axis=1) for v in views]
+    gap = np.full((views[0].shape[0], 2), 255, dtype=np.uint8)
+    out = [views[0]]
+    for v in views[1:]:
+        out += [gap, v]
+    return np.concatenate(out, axis=1)
+
+
+@torch.no_grad()
+def save_reconstructions(
+    model: nn.Module, sites: list[SiteData], out_dir: Path, count: int, device: torch.device
+) -> list[Path]:
+    """Draw the reconstructions of ``model`` for the first ``count`` test slices of every
+    site to ``out_dir/<site>/``; return the PNG files written."""
+    from PIL import Image
+
+    written: list[Path] = []
+    model.eval()
+    for site in sites:
+        test = site.test
+        folder = out_dir / site.name
+        folder.mkdir(parents=True, exist_ok=True)
+        plan = [Planned(torch.arange(0, min(count, len(test))))]
+        for batch in test.batches(plan):
+            recon = model(batch.images.to(device)).float().cpu().numpy()
+            for i in range(len(batch)):
+                path = folder / f"test_{i:03d}.png"
+                Image.fromarray(panels(batch.images[i, 0].numpy(), recon[i, 0], batch.labels[i, 0].numpy())).save(path)
+                written.append(path)
+    return written
+
+
+def reconstructions_section(run_dir: Path) -> str:
+    """The report's pictures of :func:`save_reconstructions`; empty when the run has none."""
+    folder = run_dir / RECONSTRUCTIONS_DIR
+    if not folder.is_dir():
+        return ""
+    parts = ["<h2>Reconstructions (test, final federated model)</h2>",
+             '<p class="note">Each picture: zero-filled input, reconstruction, ground truth, error map '
+             f"(|reconstruction − ground truth|, white at {ERROR_WHITE:g} or more). All of them are in the run "
+             f"folder under {RECONSTRUCTIONS_DIR}/.</p>"]
+    for site in sorted(p for p in folder.iterdir() if p.is_dir()):
+        pngs = sorted(site.glob("*.png"))[:MAX_REPORT_IMAGES]
+        if not pngs:
+            continue
+        parts.append(f"<h3>{escape(site.name)}</h3>")
+        for png in pngs:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(f'<figure style="display:inline-block;margin:0.3em"><img alt="{escape(png.name)}" '
+                         f'src="data:image/png;base64,{data}" style="image-rendering:pixelated;min-width:400px">'
+                         f'<figcaption class="note">{escape(png.stem)}</figcaption></figure>')
+    return "\n".join(parts)
