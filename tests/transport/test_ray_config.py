@@ -58,3 +58,38 @@ def test_user_datasets_and_model_factories_cannot_go_to_ray_actors(tmp_path):
     with pytest.raises(ConfigError, match="transport: ray runs each site in a Ray actor.*pickled.*transport: inprocess"):
         medfed.run(job, model=lambda: nn.Linear(1, 1), progress=False)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+class _FakeRay:
+    """Fails ``fail`` starts with ``message``, then starts."""
+
+    def __init__(self, fail: int, message: str):
+        self.fail, self.message, self.inits, self.shutdowns = fail, message, 0, 0
+
+    def init(self, **kwargs):
+        self.inits += 1
+        if self.inits <= self.fail:
+            raise Exception(self.message)
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def test_a_local_ray_that_does_not_come_up_in_time_is_tried_once_more(caplog):
+    import logging
+
+    import pytest
+
+    from medfed.core.errors import ConfigError
+    from medfed.transport.ray import _start_local
+
+    slow = _FakeRay(1, "The current node timed out during startup. This could happen ...")
+    with caplog.at_level(logging.WARNING, logger="medfed"):
+        _start_local(slow, 2, {})
+    assert slow.inits == 2 and slow.shutdowns == 1 and "trying once more" in caplog.text
+    with pytest.raises(ConfigError, match="the local Ray instance did not start"):
+        _start_local(_FakeRay(2, "timed out during startup"), 2, {})
+    other = _FakeRay(1, "no space left on device")
+    with pytest.raises(ConfigError, match="no space left on device"):
+        _start_local(other, 2, {})
+    assert other.inits == 1  # only the start-up timeout is tried again

@@ -78,7 +78,7 @@ class RayTransport(Transport):
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                       "logging_level": logging.WARNING}
             if cfg.address is None:
-                ray.init(num_cpus=job.num_threads, **kwargs)
+                _start_local(ray, job.num_threads, kwargs)
             else:
                 try:
                     ray.init(address=cfg.address, **kwargs)
@@ -331,3 +331,19 @@ def _decoded(site: str, decode: Callable[[], Any]) -> Any:
         return decode()
     except MedfedError as e:
         return SiteFailure(site, describe_exception(e))
+
+
+def _start_local(ray: Any, cpus: int, kwargs: dict[str, Any], attempts: int = 2) -> None:
+    """Start a local Ray instance of ``cpus`` CPUs. Ray gives its raylet 30 s to register,
+    which a loaded machine can pass: a start that times out is cleaned up and tried once
+    more (logged) before the error reaches the run."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=cpus, **kwargs)
+            return
+        except Exception as e:  # Ray raises a bare Exception when its node does not come up in time
+            ray.shutdown()
+            if attempt == attempts or "timed out during startup" not in str(e):
+                raise ConfigError(f"transport: ray: the local Ray instance did not start ({describe_exception(e)})") from None
+            log.warning("transport: ray: the local Ray instance did not start in time (%s); trying once more",
+                        describe_exception(e))
