@@ -71,8 +71,8 @@ def config_file(cfg: BundleModelConfig, stem: str | None = None) -> Path:
         for suffix in CONFIG_SUFFIXES:
             if (configs / f"{name}{suffix}").is_file():
                 return configs / f"{name}{suffix}"
-    raise ConfigError(f"{_where(cfg)}: the bundle has no configs/train.json or configs/inference.json "
-                      "(nor .yaml); name its config with model.config")
+    wanted = " or ".join(f"configs/{name}.json" for name in ((stem,) if stem else ("train", "inference")))
+    raise ConfigError(f"{_where(cfg)}: the bundle has no {wanted} (nor .yaml); name its config with model.config")
 
 
 def read_bundle(cfg: BundleModelConfig, path: Path | None = None) -> Any:
