@@ -43,7 +43,7 @@ class SiteApp:
 
     def __init__(
         self, data: SiteData, job: Job, device: torch.device, model: nn.Module | None = None, secure: bool = False,
-        credentials: Credentials | None = None,
+        credentials: Credentials | None = None, num_sites: int | None = None,
     ):
         self.name = data.name
         self.data = poisoned_data(job, data)  # unchanged unless the job simulates a label-flipping attack here
@@ -60,7 +60,9 @@ class SiteApp:
         self.model.to(device)
         # the job's frozen parameters (model.freeze): trained by no phase of any arm
         self.frozen = frozen_parameters(self.model, job.model.freeze)
-        algorithm = build_algorithm(job.algorithm, self.model, len(job.training_sites), job.train.momentum)
+        # ``num_sites``: the job's training sites, counted once by whoever builds many apps
+        n = num_sites if num_sites is not None else len(job.training_sites)
+        algorithm = build_algorithm(job.algorithm, self.model, n, job.train.momentum)
         self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
         self._local_keys = algorithm.local_keys
         self._kept: Params = {}  # this site's values of the local keys, after its first fit
@@ -234,8 +236,10 @@ def build_site_apps(
     if not sites:
         return {}
     shared = model_for(job, sites[0], factory)
-    apps = {s.name: SiteApp(s, job, device, shared) for s in sites}
+    n = len(job.training_sites)  # once: counting them per site would make building the apps O(N^2)
+    apps = {s.name: SiteApp(s, job, device, shared, num_sites=n) for s in sites}
     if pooled_name is not None:
-        training = [s for s in sites if s.name not in job.held_out]
-        apps[pooled_name] = SiteApp(pooled_site_data(training, pooled_name), job, device, shared)
+        held_out = set(job.held_out)
+        training = [s for s in sites if s.name not in held_out]
+        apps[pooled_name] = SiteApp(pooled_site_data(training, pooled_name), job, device, shared, num_sites=n)
     return apps
