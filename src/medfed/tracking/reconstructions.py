@@ -9,8 +9,6 @@ clipped to [0, 1]) and the error map |reconstruction - ground truth|, white at
 
 from __future__ import annotations
 
-import base64
-from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from medfed.data.base import Planned, SiteData
+from medfed.tracking.tables import pictures_section
 
 RECONSTRUCTIONS_DIR = "reconstructions"
 ERROR_WHITE = 0.25  # an absolute error this large (images in [0, 1]) is drawn white
@@ -65,21 +64,8 @@ def save_reconstructions(
 
 def reconstructions_section(run_dir: Path) -> str:
     """The report's pictures of :func:`save_reconstructions`; empty when the run has none."""
-    folder = run_dir / RECONSTRUCTIONS_DIR
-    if not folder.is_dir():
-        return ""
-    parts = ["<h2>Reconstructions (test, final federated model)</h2>",
-             '<p class="note">Each picture: zero-filled input, reconstruction, ground truth, error map '
-             f"(|reconstruction − ground truth|, white at {ERROR_WHITE:g} or more). All of them are in the run "
-             f"folder under {RECONSTRUCTIONS_DIR}/.</p>"]
-    for site in sorted(p for p in folder.iterdir() if p.is_dir()):
-        pngs = sorted(site.glob("*.png"))[:MAX_REPORT_IMAGES]
-        if not pngs:
-            continue
-        parts.append(f"<h3>{escape(site.name)}</h3>")
-        for png in pngs:
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            parts.append(f'<figure style="display:inline-block;margin:0.3em"><img alt="{escape(png.name)}" '
-                         f'src="data:image/png;base64,{data}" style="image-rendering:pixelated;min-width:400px">'
-                         f'<figcaption class="note">{escape(png.stem)}</figcaption></figure>')
-    return "\n".join(parts)
+    return pictures_section(
+        run_dir / RECONSTRUCTIONS_DIR, "Reconstructions (test, final federated model)",
+        "Each picture: zero-filled input, reconstruction, ground truth, error map (|reconstruction − ground "
+        f"truth|, white at {ERROR_WHITE:g} or more). All of them are in the run folder under "
+        f"{RECONSTRUCTIONS_DIR}/.", MAX_REPORT_IMAGES, 400)

@@ -31,7 +31,7 @@ from medfed.core.files import atomic_write_text
 from medfed.tracking.contribution import contribution_section, read_contribution
 from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEAN_SITE, MEDIAN_SITE, curves, read_metrics, site_order
 from medfed.tracking.reconstructions import reconstructions_section
-from medfed.tracking.tables import MISSING, Cell, comparison_section, fmt, html_table
+from medfed.tracking.tables import MISSING, Cell, comparison_section, fmt, html_table, pictures_section
 from medfed.core.types import Metric
 
 REPORT_NAME = "report.html"
@@ -245,23 +245,10 @@ MAX_PREDICTION_IMAGES = 4  # per site in the report; all of them stay in the fol
 
 
 def _predictions_section(run_dir: Path) -> str:
-    folder = run_dir / "predictions"
-    if not folder.is_dir():
-        return ""
-    parts = ["<h2>Predicted masks (test, final federated model)</h2>",
-             '<p class="note">Each picture: image, ground truth, prediction (3D: the middle slice). '
-             "All saved predictions are in the run folder under predictions/.</p>"]
-    for site in sorted(p for p in folder.iterdir() if p.is_dir()):
-        pngs = sorted(site.glob("*.png"))[:MAX_PREDICTION_IMAGES]
-        if not pngs:
-            continue
-        parts.append(f"<h3>{escape(site.name)}</h3>")
-        for png in pngs:
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            parts.append(f'<figure style="display:inline-block;margin:0.3em"><img alt="{escape(png.name)}" '
-                         f'src="data:image/png;base64,{data}" style="image-rendering:pixelated;min-width:300px">'
-                         f'<figcaption class="note">{escape(png.stem)}</figcaption></figure>')
-    return "\n".join(parts)
+    return pictures_section(
+        run_dir / "predictions", "Predicted masks (test, final federated model)",
+        "Each picture: image, ground truth, prediction (3D: the middle slice). All saved predictions are in "
+        "the run folder under predictions/.", MAX_PREDICTION_IMAGES, 300)
 
 
 MAX_AUDIT_ROWS = 200  # shown in the report; all of them stay in audit.json

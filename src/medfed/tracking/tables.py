@@ -7,9 +7,11 @@ reader of a run folder shows the same figures.
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Collection
 from html import escape
+from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
@@ -167,3 +169,24 @@ def _gain_cell(value: float | None, local: float | None, lower: bool) -> Text:
     g = value - local if value is not None and local is not None else None
     better = -(g or 0) if lower else (g or 0)
     return Text(fmt(g, signed=True), style="green" if better > 0 else "red" if better < 0 else "")
+
+
+def pictures_section(folder: Path, heading: str, note_html: str, limit: int, min_width: int) -> str:
+    """A report section of the PNG pictures a run saved per site under ``folder``
+    (``folder/<site>/*.png``), at most ``limit`` a site, inline; empty when there are none.
+    ``note_html`` is written as it is (the caller escapes what it takes from elsewhere)."""
+    if not folder.is_dir():
+        return ""
+    parts = [f"<h2>{escape(heading)}</h2>", f'<p class="note">{note_html}</p>']
+    for site in sorted(p for p in folder.iterdir() if p.is_dir()):
+        pngs = sorted(site.glob("*.png"))[:limit]
+        if not pngs:
+            continue
+        parts.append(f"<h3>{escape(site.name)}</h3>")
+        for png in pngs:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(f'<figure style="display:inline-block;margin:0.3em"><img alt="{escape(png.name)}" '
+                         f'src="data:image/png;base64,{data}" style="image-rendering:pixelated;min-width:{min_width}px">'
+                         f'<figcaption class="note">{escape(png.stem)}</figcaption></figure>')
+    return "\n".join(parts)
+
