@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from medfed.config import Job, builtin_job_path, load_job
 from medfed.core.errors import ConfigError, DataError, MedfedError, ModelError, NetworkError, RunDirError
+from medfed.privacy.he.commands import he_keys
 from medfed.site.commands import site_app
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (overrides the job's output)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run into this output that was stopped (killed, power loss, Ctrl-C), "
+                                "after its last completed round; the job file must be unchanged."),
 ) -> None:
     """Run a federated job with its baselines; write metrics, models and a report."""
     _setup_logging()
@@ -69,7 +73,9 @@ def run(
             job = load_job(job_file)
         if output is not None:
             job = job.model_copy(update={"output": output})
-        result = _run_with_progress(job, overwrite, quiet)
+        if resume and job_file is None:
+            raise ConfigError("--resume needs the job file of the stopped run, and its output (-o)")
+        result = _run_with_progress(job, overwrite, quiet, resume)
     except MedfedError as e:
         _fail(e)
         return
@@ -78,7 +84,7 @@ def run(
     out.print(f"report:     [bold]{result.run_dir / 'report.html'}[/]")
 
 
-def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
+def _run_with_progress(job: Job, overwrite: bool, quiet: bool, resume: bool = False):
     from medfed.server.runner import run_job
 
     arms = ["federated", *job.compare]
@@ -114,7 +120,7 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool):
                 parts.append(f"ε {s.epsilon:.3g}")
             progress.update(tasks[s.arm.value], completed=s.round, info="  ".join(parts))
 
-        return run_job(job, overwrite=overwrite, on_round=on_round, on_sites=on_sites)
+        return run_job(job, overwrite=overwrite, on_round=on_round, on_sites=on_sites, resume=resume)
 
 
 def _print_summary(run_dir: Path, job: Job) -> None:
@@ -328,6 +334,10 @@ def server(
         None, "--join-timeout", callback=_join_seconds,
         help="Seconds (> 0) to wait for the sites before round 1 (default: the job's round_timeout).",
     ),
+    he_context: Optional[Path] = typer.Option(
+        None, "--he-context",
+        help="For a job with privacy.he: the consortium's public CKKS context, he-public.ctx from `medfed he-keys`.",
+    ),
 ) -> None:
     """Serve a job to the consortium's sites over mutual TLS and aggregate their updates."""
     from medfed.server.deploy import serve_job
@@ -339,7 +349,8 @@ def server(
         if job.tracking is not None:  # the deployed server keeps its metrics in state.sqlite, not yet sent on
             logging.getLogger("medfed").warning("tracking: a deployed run does not log to TensorBoard or MLflow yet; "
                                                 "its metrics.jsonl is in the run folder (medfed compare reads it)")
-        result = serve_job(job, load_kit(kit, role="server"), resume=resume, listen=listen, join_timeout=join_timeout)
+        result = serve_job(job, load_kit(kit, role="server"), resume=resume, listen=listen, join_timeout=join_timeout,
+                           he_context=he_context)
     except MedfedError as e:
         _fail(e)
         return
@@ -362,6 +373,11 @@ def site(
         None, "--reconnect-max",
         help="Longest wait in seconds between two attempts to reach the server when it is away (default 1). "
              "The site is back within about 1.2 times this of the server listening.",
+    ),
+    he_context: Optional[Path] = typer.Option(
+        None, "--he-context",
+        help="For jobs with privacy.he: the consortium's secret CKKS context, he-secret.ctx from `medfed he-keys` "
+             "(never given to the server).",
     ),
     max_epsilon: Optional[float] = typer.Option(
         None, "--max-epsilon", min=0.0,
@@ -401,7 +417,8 @@ def site(
             raise ConfigError(f"--reconnect-max must be a number of seconds > 0, got {reconnect_max:g}")
         k = load_kit(kit, role="site")
         gate = gate_for(policy, k.path, k.name, approval_timeout) if policy is not None else None
-        remote = RemoteSite(k.name, data, max_epsilon, kit=k, bundle=bundle, gate=gate)  # checks data and bundle first
+        remote = RemoteSite(k.name, data, max_epsilon, kit=k, bundle=bundle, gate=gate,  # checks data and bundle first
+                            he_context=he_context)
         conn = Connection(f"{k.server_host}:{k.server_port}", k.ca_pem, k.cert_pem, k.key_pem, k.name,
                           reconnect_max=reconnect_max or RECONNECT_MAX)
 
@@ -416,10 +433,13 @@ def site(
                     told = DataError(remote.redact(str(e)))
                 raise told from None
             conn.max_model = remote.max_model  # the largest model task accepted: sized on this site's own model
+            if remote.max_exchange is not None:  # privacy.he: an encrypted sum to decrypt, model-sized
+                conn.max_exchange = remote.max_exchange
             return summary, round_timeout
 
         try:
             serve_tasks(conn, setup, remote.answer, give_up_after=give_up_after)
+            remote.finish()  # the job is done: its saved site state goes
         finally:
             conn.close()
     except MedfedError as e:
@@ -429,6 +449,7 @@ def site(
 
 
 app.add_typer(site_app, name="site")  # medfed site [--kit ...] | site approve | site reject
+app.command("he-keys")(he_keys)  # privacy/he/commands.py
 
 
 def main() -> None:

@@ -158,8 +158,11 @@ def test_a_site_killed_mid_round_does_not_stall_the_run_and_rejoins(tmp_path):
 
 @pytest.mark.parametrize("over", [
     {"privacy": {"secure_aggregation": {"clip_range": 0.5}}},
+    # SecAgg+'s code path (the drawn sites sent, the graph recomputed and checked at each
+    # site, per-site rosters); with three sites its graph (k = 2) is the complete one
+    {"privacy": {"secure_aggregation": {"clip_range": 0.5, "graph": "sparse", "neighbours": 2}}},
     {"compression": {"method": "topk", "fraction": 0.2}, "robust": {"rule": "trimmed_mean", "trim": 0.34}},
-], ids=["secure-aggregation", "topk-trimmed-mean"])
+], ids=["secure-aggregation", "secagg-plus", "topk-trimmed-mean"])
 def test_deployed_update_path_equals_the_simulation(tmp_path, over):
     job = _small(tmp_path, "deployed", rounds=2, compare=[], **over)
     run = _deploy(tmp_path, job)

@@ -130,6 +130,18 @@ def test_secure_aggregation_gives_the_plain_mean_and_the_pool_agrees(tmp_path):
     assert "Secure aggregation" in (secure / "report.html").read_text()
 
 
+def test_secagg_plus_gives_the_complete_graphs_model_in_process_and_in_the_pool(tmp_path):
+    """Five sites on a ring (SecAgg+, k = 2): each masks with two others, yet the model is
+    the complete graph's bit for bit, in process and in the process pool."""
+    sparse = {"rounds": 2, "privacy": {"secure_aggregation": {"clip_range": 0.5, "graph": "sparse", "neighbours": 2}}}
+    _, complete, _ = _run(tmp_path, "complete", rounds=2, privacy={"secure_aggregation": {"clip_range": 0.5}})
+    _, ring, recs = _run(tmp_path, "sparse", **sparse)
+    _, pooled, _ = _run(tmp_path, "sparse_pool", transport="pool", workers=2, **sparse)
+    c, s, q = (load_checkpoint(d / "model_final")[0] for d in (complete, ring, pooled))
+    assert all(torch.equal(s[k], c[k]) and torch.equal(s[k], q[k]) for k in c)
+    assert _values(recs, "secagg_survivors") == {1: 5.0, 2: 5.0}
+
+
 def test_dp_sgd_run_records_the_worst_sites_epsilon(tmp_path):
     from medfed.privacy.accounting import epsilon_schedule
     from medfed.privacy.dpsgd import sample_rate, steps_per_round

@@ -196,6 +196,33 @@ def test_a_noise_step_on_an_empty_batch_moves_by_noise_alone():
     assert not any(vars(p) for p in model.parameters())
 
 
+def test_secure_noise_comes_from_the_cryptographic_generator_with_the_right_std(monkeypatch):
+    """A deployment's DP-SGD noise is drawn by privacy/noise.SecureNoise, never by
+    PyTorch's generator (Opacus' own noise function fails here if called), with std z C / B."""
+    import opacus.optimizers.optimizer as opacus_optimizer
+
+    from medfed.privacy import noise
+
+    def refused(*args, **kwargs):
+        raise AssertionError("Opacus' PyTorch-generator noise was used")
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", refused)
+    drawn = []
+    normal = noise.SecureNoise.normal
+    monkeypatch.setattr(noise.SecureNoise, "normal", lambda self, shape, dtype: drawn.append(shape) or normal(
+        self, shape, dtype))
+    model = nn.Linear(400, 250).train()
+    before = model.weight.detach().clone()
+    dp = SampleDP(noise_multiplier=1.0, max_grad_norm=2.0, secure=True)
+    with dp_sgd(model, _plain_sgd(model), dp, expected_batch_size=4, generator=dp.noise_generator(0, CPU)) as opt:
+        noise_step(opt)
+    moved = model.weight.detach() - before
+    assert (4, 250, 400) in drawn  # four draws per value, summed and halved
+    assert moved.mean().abs() < 0.01
+    assert moved.std().item() == pytest.approx(1.0 * 2.0 / 4, rel=0.05)
+    assert not any(vars(p) for p in model.parameters())
+
+
 # ---- DP-SGD in the local training loop
 
 

@@ -65,3 +65,16 @@ def test_a_site_past_the_deadline_is_a_failure_and_the_pool_recovers(pool):
     assert all(isinstance(o, SiteFailure) and "no answer within round_timeout" in o.cause for o in out)
     out = pool.fit(reqs, timeout=120)  # workers were restarted
     assert all(isinstance(o, Update) for o in out)
+
+
+def test_a_replaced_worker_takes_its_sites_algorithm_state_up_from_their_files(tmp_path):
+    raw = JOB.model_dump(mode="json")
+    job = parse_job({**raw, "algorithm": {"name": "scaffold"}, "train": {**raw["train"], "momentum": 0.0}})
+    init = get_params(initial_model(job, 1))
+    with PoolTransport(job, workers=1, state_dir=tmp_path) as t:
+        first = t.fit([FitRequest("a", init, make_plan(job, "job", Arm.FEDERATED, 1, 0))], timeout=120)[0]
+        assert isinstance(first, Update) and first.state_round == 0
+        t._kill(0)  # the worker is gone; the next task starts a new one
+        second = t.fit([FitRequest("a", init, make_plan(job, "job", Arm.FEDERATED, 2, 0))], timeout=120)[0]
+    assert isinstance(second, Update) and second.state_round == 1, "the new worker took up round 1's state"
+    assert list(tmp_path.glob("site-*.safetensors"))

@@ -90,6 +90,29 @@ class SiteHook:
         own data as the ``personalized`` arm; None when it keeps none (yet)."""
         return None
 
+    # Names of the attributes (each a Params dict, or None before the site's first round)
+    # that make up the hook's state across rounds (SCAFFOLD's control variate, Ditto's
+    # personal model). The site keeps a copy with each round it trains, so that a round the
+    # server redoes after a crash starts from the same state, and a restarted site goes on.
+    state_fields: tuple[str, ...] = ()
+
+    def state(self) -> Params:
+        """The hook's state as one flat tensor dict (``<field>/<name>``), on the CPU."""
+        return {f"{f}/{n}": t.detach().to("cpu", copy=True)
+                for f in self.state_fields for n, t in (getattr(self, f) or {}).items()}
+
+    def load_state(self, state: Params) -> None:
+        """Restore what :meth:`state` returned; a field with no entry goes back to None (no
+        state yet). Unknown entries are a ValueError."""
+        fields: dict[str, Params] = {f: {} for f in self.state_fields}
+        for key, t in state.items():
+            f, _, n = key.partition("/")
+            if f not in fields or not n:
+                raise ValueError(f"{type(self).__name__}: unexpected site state entry '{key}'")
+            fields[f][n] = t.clone()
+        for f, values in fields.items():
+            setattr(self, f, values or None)
+
 
 class Combiner(ABC):
     """How a round's updates become one set of parameters, before the algorithm's own

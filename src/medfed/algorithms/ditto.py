@@ -22,6 +22,8 @@ class DittoHook(SiteHook):
     model (the global model in its first round), with the proximal pull towards the global
     model received, the same settings; the result stays at the site."""
 
+    state_fields = ("personal",)  # the personal model
+
     def __init__(self, lam: float):
         self.lam = lam
         self.personal: Params | None = None

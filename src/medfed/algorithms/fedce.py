@@ -50,6 +50,21 @@ class FedCEHook(SiteHook):
         self.last: Params | None = None  # the model this site sent in its last round
         self.scores: list[float] = []  # the others' model's metric each round (0 in the first)
 
+    def state(self) -> Params:
+        out = {f"last/{k}": v.clone() for k, v in (self.last or {}).items()}
+        if self.scores:
+            out["scores/all"] = torch.tensor(self.scores, dtype=torch.float64)
+        return out
+
+    def load_state(self, state: Params) -> None:
+        last = {k.removeprefix("last/"): v.clone() for k, v in state.items() if k.startswith("last/")}
+        wrong = [k for k in state if not k.startswith("last/") and k != "scores/all"]
+        if wrong:
+            raise ValueError(f"FedCEHook: unexpected site state entry '{wrong[0]}'")
+        self.last = last or None
+        scores = state.get("scores/all")
+        self.scores = [float(v) for v in scores.reshape(-1).tolist()] if scores is not None else []
+
     def probe(self, global_params: Params, plan: RoundPlan) -> Params | None:
         coef = plan.extras.get(COEF_KEY)
         if self.last is None or coef is None:

@@ -21,15 +21,18 @@ from medfed.core.types import Params, RoundPlan, Update
 
 
 class DynamicRegularizerHook(SiteHook):
+    state_fields = ("g",)  # the site's linear term
+
     def __init__(self, alpha: float):
         self.alpha = alpha
-        self.g: dict[str, torch.Tensor] = {}
+        self.g: dict[str, torch.Tensor] | None = None
         self.x: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
         self.x = {n: p.detach().clone() for n, p in model.named_parameters()}
-        for n, p in model.named_parameters():
-            self.g.setdefault(n, torch.zeros_like(p.detach()))
+        mine = self.g or {}  # zero before the site's first round
+        self.g = {n: mine[n].to(p.device) if n in mine else torch.zeros_like(p.detach())
+                  for n, p in model.named_parameters()}
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         linear = sum((self.g[n] * p).sum() for n, p in model.named_parameters())

@@ -21,7 +21,7 @@ from torch import nn
 
 from medfed.algorithms.base import Combiner, SiteHook
 from medfed.algorithms.fedavg import FedAvg
-from medfed.core.types import RoundPlan
+from medfed.core.types import Params, RoundPlan
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -55,12 +55,31 @@ class MoonHook(SiteHook):
     def __init__(self, mu: float, tau: float):
         self.mu, self.tau = mu, tau
         self.previous: nn.Module | None = None  # this site's model at the end of its last round
+        self._restored: Params | None = None  # ``previous`` from a saved site state, made a model at the next start
         self.glob: nn.Module | None = None
         self._x: torch.Tensor | None = None
         self._z: torch.Tensor | None = None
         self._handles: list = []
 
+    def state(self) -> Params:
+        if self._restored is not None:
+            return {f"previous/{k}": v.clone() for k, v in self._restored.items()}
+        if self.previous is None:
+            return {}
+        return {f"previous/{k}": v.detach().to("cpu", copy=True) for k, v in self.previous.state_dict().items()}
+
+    def load_state(self, state: Params) -> None:
+        wrong = [k for k in state if not k.startswith("previous/")]
+        if wrong:
+            raise ValueError(f"MoonHook: unexpected site state entry '{wrong[0]}'")
+        self.previous = None
+        self._restored = {k.removeprefix("previous/"): v.clone() for k, v in state.items()} or None
+
     def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
+        if self._restored is not None:  # the saved previous model, in a copy of this site's network
+            self.previous = copy.deepcopy(model).eval()
+            self.previous.load_state_dict(self._restored)
+            self._restored = None
         self.glob = copy.deepcopy(model).eval() if self.previous is not None else None
         self._handles = [
             model.register_forward_pre_hook(lambda _m, args: setattr(self, "_x", args[0])),

@@ -25,8 +25,10 @@ DC_PREFIX = "dc/"  # change of a site's control variate, sent back
 
 
 class ScaffoldHook(SiteHook):
+    state_fields = ("c_i",)  # the site's control variate
+
     def __init__(self) -> None:
-        self.c_i: dict[str, torch.Tensor] = {}
+        self.c_i: dict[str, torch.Tensor] | None = None
         self.c: dict[str, torch.Tensor] = {}
         self.x: dict[str, torch.Tensor] = {}
         self.lr = 0.0
@@ -35,8 +37,8 @@ class ScaffoldHook(SiteHook):
         named = dict(model.named_parameters())
         self.x = {n: p.detach().clone() for n, p in named.items()}
         self.c = {n: plan.extras.get(C_PREFIX + n, torch.zeros_like(p)).to(p.device, p.dtype) for n, p in named.items()}
-        for n, p in named.items():
-            self.c_i.setdefault(n, torch.zeros_like(p.detach()))
+        mine = self.c_i or {}  # zero before the site's first round
+        self.c_i = {n: mine[n].to(p.device) if n in mine else torch.zeros_like(p.detach()) for n, p in named.items()}
         self.lr = plan.train.lr
 
     def on_after_backward(self, model: nn.Module) -> None:

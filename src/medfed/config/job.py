@@ -35,6 +35,7 @@ from medfed.config.topology import PEER_ALGORITHMS, ServerTopology, TopologyConf
 from medfed.config.tracking import TrackingConfig
 from medfed.config.ray import RayConfig
 from medfed.config.contribution import ContributionConfig, contribution_problem
+from medfed.config.he import he_problem
 from medfed.core.schema import Count, Frozen, Real
 from medfed.privacy.settings import CompressionConfig, PrivacyConfig
 from medfed.robust.settings import AttackConfig, RobustConfig
@@ -174,6 +175,8 @@ class Job(Frozen):
             raise ValueError(f"ray: settings of transport: ray, but the job's transport is '{self.transport}'; "
                              "set transport: ray or remove the ray section")
         if (problem := contribution_problem(self)) is not None:
+            raise ValueError(problem)
+        if (problem := he_problem(self)) is not None:
             raise ValueError(problem)
         if self.sampling.count is not None and self.sampling.count > n:
             raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} training sites")
@@ -397,6 +400,8 @@ class Job(Frozen):
             if k < 2:
                 raise ValueError(f"privacy.secure_aggregation: needs at least 2 sites per round, the job has {k}")
             t = self.secagg_threshold
+            if sa.graph == "sparse":
+                _check_sparse_graph(sa.neighbours, self.secagg_neighbours, t, k)
             if t > k:
                 raise ValueError(f"privacy.secure_aggregation.threshold: is {t} but only {k} sites train in a round")
             if self.min_sites is not None and self.min_sites < t:
@@ -427,11 +432,30 @@ class Job(Frozen):
 
     @property
     def secagg_threshold(self) -> int:
-        """Secure aggregation's threshold: as set, or a majority of the round's sites."""
+        """Secure aggregation's threshold: as set, or a majority of the round's sites (with
+        ``graph: sparse``, of a site's closed neighbourhood, :attr:`secagg_neighbours` + 1)."""
         sa = self.privacy.secure_aggregation
         if sa is not None and sa.threshold is not None:
             return sa.threshold
+        if sa is not None and sa.graph == "sparse":
+            from medfed.privacy.secagg.graph import neighbourhood_threshold
+
+            return neighbourhood_threshold(self.secagg_neighbours)  # type: ignore[arg-type]
         return self.sites_per_round // 2 + 1
+
+    @property
+    def secagg_neighbours(self) -> int | None:
+        """SecAgg+'s degree k (``graph: sparse``): as set, or chosen from the round's sites
+        and ``dropout`` (privacy/secagg/graph.py ``choose_neighbours``); None otherwise."""
+        sa = self.privacy.secure_aggregation
+        if sa is None or sa.graph != "sparse":
+            return None
+        from medfed.privacy.secagg.graph import DEFAULT_DROPOUT, choose_neighbours
+
+        n = self.sites_per_round
+        if sa.neighbours is not None:
+            return sa.neighbours
+        return choose_neighbours(n, DEFAULT_DROPOUT if sa.dropout is None else sa.dropout, sa.threshold)
 
     @property
     def data_dims(self) -> int | None:
@@ -496,6 +520,12 @@ class Job(Frozen):
             body.pop("generalization")
         if body["sampling"].get("candidates") is None:  # left out unset, likewise
             body["sampling"].pop("candidates", None)
+        sa = (body.get("privacy") or {}).get("secure_aggregation")
+        if sa is not None and sa.get("graph") == "complete":  # SecAgg+'s fields left out at their defaults, likewise
+            for field in ("graph", "neighbours", "dropout"):
+                sa.pop(field, None)
+        if (body.get("privacy") or {}).get("he", 0) is None:  # privacy.he left out unset: older jobs keep their hash
+            body["privacy"].pop("he")
         if body["train"].get("engine") == "medfed":  # left out at its default: older jobs keep their hash
             body["train"].pop("engine")
         body["model"] = hashed_model(body["model"])
@@ -511,3 +541,15 @@ class Job(Frozen):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+
+def _check_sparse_graph(given: int | None, k: int | None, t: int, n: int) -> None:
+    """SecAgg+'s degree and threshold against the round's ``n`` sites (ValueError naming the field)."""
+    field = "privacy.secure_aggregation"
+    if given is not None and given > n - 1:
+        raise ValueError(f"{field}.neighbours: is {given} but a site has only {n - 1} other sites in a round")
+    if given is not None and given % 2 and given != n - 1:
+        raise ValueError(f"{field}.neighbours: must be even (the degree of a Harary graph) or {n - 1} (every other "
+                         f"site of a round: the complete graph), got {given}")
+    if k is not None and t > k + 1:
+        raise ValueError(f"{field}.threshold: is {t} but a site's neighbourhood holds only {k + 1} sites (its {k} "
+                         "neighbours and itself); raise neighbours or lower the threshold")

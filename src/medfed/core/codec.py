@@ -153,6 +153,8 @@ def encode_update(update: Update, pool: BufferPool | None = None) -> bytearray |
         "metrics": update.metrics,
         "encoding": update.encoding.value,
     }
+    if update.state_round is not None:
+        meta["state_round"] = update.state_round
     return payload.pack({"params": update.params, "extras": update.extras}, meta, pool)
 
 
@@ -184,9 +186,16 @@ def _update_from(groups: dict[str, Any], meta: dict[str, Any]) -> Update:
             metrics=metrics,
             extras=groups.get("extras", {}),
             encoding=Encoding(meta.get("encoding", "full")),
+            state_round=_state_round(meta.get("state_round")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CodecError(f"update: bad header field ({e})") from None
+
+
+def _state_round(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"state_round is {value!r}, not a round number")
+    return value
 
 
 def read_update_file(f: BinaryIO, size: int) -> Update:

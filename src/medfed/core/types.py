@@ -91,17 +91,18 @@ class TrainSettings:
 
 
 class Encoding(str, enum.Enum):
-    """How an update's ``params`` hold the site's model (see privacy/compression.py and
-    privacy/secagg/). Every encoding but ``full`` carries the change to the global model the
-    site received (the *delta*) rather than the values; compression sends the model's
-    buffers (batch-norm statistics, counters) whole, secure aggregation leaves the integer
-    ones out."""
+    """How an update's ``params`` hold the site's model (see privacy/compression.py,
+    privacy/secagg/ and privacy/he/). Every encoding but ``full`` carries the change to the
+    global model the site received (the *delta*) rather than the values; compression sends
+    the model's buffers (batch-norm statistics, counters) whole, secure aggregation and
+    homomorphic encryption leave the integer ones out."""
 
     FULL = "full"  # the parameters after training, in the model's dtypes
     FP16 = "fp16"  # the delta in float16
     INT8 = "int8"  # the delta quantized to int8 with one float32 scale per tensor
     TOPK = "topk"  # the k largest delta entries of each tensor: values and flat indices
     MASKED = "masked"  # secure aggregation: the weighted delta in a finite ring, masked
+    ENCRYPTED = "encrypted"  # homomorphic encryption: CKKS ciphertexts of the example-weighted delta
 
 
 # What a payload must hold: tensor name -> (shape, dtype). The server checks every update
@@ -166,6 +167,9 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     extras: Params = field(default_factory=dict)
     encoding: Encoding = Encoding.FULL
+    # the federated round the site's algorithm state was from when it trained (0: none
+    # yet); None when the algorithm keeps no state at the site (site/state.py)
+    state_round: int | None = None
 
 
 @dataclass(frozen=True)

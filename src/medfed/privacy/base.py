@@ -23,6 +23,16 @@ class UpdateFilter(ABC):
         (the sent names only); ``update.params`` are full values on entry unless an
         earlier filter encoded them."""
 
+    def state(self) -> Params:
+        """What the filter carries from round to round (e.g. an error-feedback residual),
+        for the site's saved state; empty by default."""
+        return {}
+
+    def load_state(self, state: Params) -> None:
+        """Restore what :meth:`state` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)[:3]}")
+
 
 class ProtocolParty(ABC):
     """A part of the site's update path that also answers protocol messages the server

@@ -353,6 +353,12 @@ class CompressionFilter(UpdateFilter):
             self._residual = {k: v[k] - sent[k] for k in v}
         return dataclasses.replace(update, params=packed, encoding=self.encoding)
 
+    def state(self) -> Params:
+        return {k: v.clone() for k, v in self._residual.items()}
+
+    def load_state(self, state: Params) -> None:
+        self._residual = {k: v.clone() for k, v in state.items()}
+
     def _carried(self, name: str, d: torch.Tensor) -> torch.Tensor | float:
         r = self._residual.get(name)
         if r is None or r.shape != d.shape:  # new name or reshaped model: start afresh

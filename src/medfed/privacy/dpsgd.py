@@ -44,10 +44,10 @@ class SampleDP:
     ``noise_multiplier`` (z > 0): noise std over the clipping bound. ``max_grad_norm``
     (C > 0): the L2 bound on each example's gradient, over all trained parameters
     together. ``secure`` (default False): False seeds the noise from the round's training
-    seed, so a simulation is reproducible; True seeds it from the operating system
-    (``secrets.randbits(63)``) and turns on Opacus' ``secure_mode`` noise, which resists
-    floating-point attacks — for deployments. (The generator is still PyTorch's, not a
-    cryptographic one.)
+    seed, so a simulation is reproducible; True (deployments) draws it from a
+    cryptographically secure generator (privacy/noise.py: ChaCha20 under fresh OS keys),
+    each value the sum of four draws halved, as Opacus' ``secure_mode`` does against
+    floating-point attacks (:func:`secure_dp_optimizer`).
     """
 
     noise_multiplier: float
@@ -69,7 +69,8 @@ class SampleDP:
 
         Not secure: seeded from ``seed`` (the round's training seed) through a hash, so the
         noise stream differs from the batch-sampling stream seeded with ``seed`` itself.
-        Secure: seeded with 63 bits from the operating system.
+        Secure: seeded with 63 bits from the operating system (then not used for the
+        noise, which :func:`secure_dp_optimizer` draws).
         """
         if self.secure:
             noise_seed = secrets.randbits(63)
@@ -200,13 +201,12 @@ def dp_sgd(
             gsm = GradSampleModule(model)  # strict: Opacus refuses trained layers with buffers
         except NotImplementedError as e:
             raise ModelError(f"the model cannot train with sample-level DP-SGD (dp_sgd): {e}") from e
-        dp_optimizer = DPOptimizer(
+        dp_optimizer = (secure_dp_optimizer() if dp.secure else DPOptimizer)(
             optimizer,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=expected_batch_size,
             generator=generator,
-            secure_mode=dp.secure,
         )
         if after_noise is not None:
             dp_optimizer.attach_step_hook(lambda _: after_noise())
@@ -229,6 +229,30 @@ def dp_sgd(
         _strip(model)
         for m, mark in marks.items():
             m._is_full_backward_hook = mark
+
+
+def secure_dp_optimizer() -> type:
+    """Opacus' ``DPOptimizer`` with its Gaussian noise from a cryptographically secure
+    generator (:class:`~medfed.privacy.noise.SecureNoise`) instead of PyTorch's: each noise
+    value is the sum of four N(0, 1) draws halved (still N(0, 1)), Opacus' ``secure_mode``
+    construction against floating-point attacks, times ``noise_multiplier *
+    max_grad_norm``. Clipping, accumulation and scaling stay Opacus'."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    from medfed.privacy.noise import SecureNoise
+
+    class SecureNoiseDPOptimizer(DPOptimizer):
+        def add_noise(self) -> None:
+            source, std = SecureNoise(), self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                g = p.summed_grad
+                z = source.normal((4, *g.shape), torch.float64).sum(0).mul_(0.5 * std)
+                p.grad = (g + z.to(device=g.device, dtype=g.dtype)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    return SecureNoiseDPOptimizer
 
 
 # What Opacus attaches to parameters (its GradSampleModule and DPOptimizer) and to layers

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from medfed.core.schema import Count, Frozen, Real
 
@@ -81,19 +81,64 @@ class SecureAggregation(Frozen):
     survivors the round is aborted. Default threshold: a majority of the round's sites.
     In a deployment only, each site signs its keys with its kit key and refuses a round
     with a key it cannot verify against the consortium CA (a server substituting keys); a
-    simulation signs nothing (privacy/secagg/signing.py)."""
+    simulation signs nothing (privacy/secagg/signing.py).
+
+    ``graph: sparse`` is SecAgg+ (Bell et al., CCS 2020; privacy/secagg/graph.py): each
+    site exchanges masks and key shares only with ``neighbours`` k sites, a Harary graph
+    over a permutation seeded by the job and the round; ``threshold`` then counts within
+    a site's k + 1 (its neighbours and itself), default a majority of them. ``neighbours``
+    None: the smallest even k whose failure bounds, for ``dropout`` (default 0.1) of the
+    round's sites dropped, are 2^-40 (a disconnected graph) and 2^-20 (a neighbourhood
+    short of t), else the complete graph. Only with ``graph: sparse``: ``neighbours``,
+    ``dropout`` (one or the other)."""
 
     threshold: Count | None = Field(None, ge=2)
     clip_range: Real = Field(1.0, gt=0)
+    graph: Literal["complete", "sparse"] = "complete"
+    neighbours: Count | None = Field(None, ge=2)
+    dropout: Real | None = Field(None, ge=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _graph_fields(self) -> "SecureAggregation":
+        for field in ("neighbours", "dropout"):
+            if self.graph == "complete" and getattr(self, field) is not None:
+                raise ValueError(f"{field}: only with graph: sparse (the complete graph joins every pair of sites)")
+        if self.neighbours is not None and self.dropout is not None:
+            raise ValueError("dropout: chooses neighbours when they are left out; give neighbours or dropout, not both")
+        return self
+
+
+class HomomorphicEncryption(Frozen):
+    """Additively homomorphic aggregation with CKKS (TenSEAL, the ``he`` extra): each site
+    encrypts ``n_i * (params - global)`` under the consortium's key, the server adds the
+    ciphertexts without decrypting and ``decryptors`` of the round's sites decrypt the sum
+    (privacy/he/). ``poly_modulus_degree``: the ring dimension (8192, 16384 or 32768;
+    half of it is the values per ciphertext); ``scale_bits``: CKKS's scale 2^bits, the
+    precision (higher: finer, but less room for large sums: 2^(57 - scale_bits) bounds
+    the sum of the weighted changes)."""
+
+    poly_modulus_degree: Count = 8192
+    scale_bits: Count = Field(32, ge=20, le=45)
+    decryptors: Count = Field(1, ge=1)
+
+    @field_validator("poly_modulus_degree")
+    @classmethod
+    def _degree(cls, v: int) -> int:
+        if v not in (8192, 16384, 32768):
+            raise ValueError(f"must be one of 8192, 16384, 32768, got {v}")
+        return v
 
 
 class PrivacyConfig(Frozen):
     """What protects the patients behind an update. Give ``dp`` (site-level) or ``dp_sgd``
-    (sample-level), not both; ``secure_aggregation`` can go with either or alone."""
+    (sample-level), not both; ``secure_aggregation`` can go with either or alone; ``he``
+    (homomorphic encryption) with local DP or DP-SGD, not with secure aggregation or central
+    DP (config/job.py refuses what it does not fit)."""
 
     dp: SiteLevelDP | None = None
     dp_sgd: SampleLevelDP | None = None
     secure_aggregation: SecureAggregation | None = None
+    he: HomomorphicEncryption | None = None
 
     @model_validator(mode="after")
     def _one_unit(self) -> "PrivacyConfig":

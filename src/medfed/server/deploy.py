@@ -21,8 +21,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from medfed import __version__
 from medfed.algorithms import Algorithm
@@ -34,8 +32,8 @@ from medfed.core.summary import SiteSummary, sites_json
 from medfed.core.types import Arm, Metric, Params
 from medfed.models import check_input_size, check_model, get_params
 from medfed.server.baselines import run_finetuned, run_local
-from medfed.core.files import PRIVATE, atomic_write_text, replacing
-from medfed.server.checkpoint import load_checkpoint, model_record
+from medfed.core.files import PRIVATE, atomic_write_text
+from medfed.server.checkpoint import STATE_FILE, load_checkpoint, load_state, model_record, save_state
 from medfed.server.federation import build_federation
 from medfed.server.loop import RoundCallback, RoundSummary, run_federated
 from medfed.server.runner import (
@@ -52,38 +50,6 @@ from medfed.server.update_path import ledger_for
 from medfed.transport.pki import Kit
 
 log = logging.getLogger("medfed")
-
-STATE_FILE = "state.safetensors"
-
-
-def save_state(run_dir: Path, rnd: int, params: Params, algorithm_state: Params, job_hash: str) -> None:
-    """The global model and the server rule's state after round ``rnd``, in one file
-    replaced atomically, so they always belong to the same round."""
-    tensors = {f"params/{k}": v.contiguous() for k, v in params.items()}
-    tensors |= {f"algorithm/{k}": v.contiguous() for k, v in algorithm_state.items()}
-    with replacing(run_dir / STATE_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"medfed": json.dumps({"round": rnd, "job_hash": job_hash})})
-
-
-def load_state(run_dir: Path, job_hash: str) -> tuple[int, Params, Params]:
-    """(round, params, algorithm state) of the last completed round."""
-    path = run_dir / STATE_FILE
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})["medfed"])
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError, KeyError, ValueError) as e:
-        raise RunDirError(f"cannot read the saved state '{path}': {e}") from None
-    if meta.get("job_hash") != job_hash:
-        raise RunDirError(f"'{path}' belongs to job {meta.get('job_hash')}, not to this job ({job_hash})")
-    groups: dict[str, Params] = {"params": {}, "algorithm": {}}
-    for key, t in tensors.items():
-        prefix, _, name = key.partition("/")
-        groups.setdefault(prefix, {})[name] = t
-    return int(meta["round"]), groups["params"], groups["algorithm"]
-
 
 def _prepare_folder(output: Path, resume: bool) -> None:
     if not resume:
@@ -199,8 +165,11 @@ def serve_job(
     join_timeout: float | None = None,
     on_round: RoundCallback | None = None,
     on_sites: Callable[[list[str], list[str]], None] | None = None,
+    he_context: Path | None = None,
 ) -> RunResult:
     """Serve ``job`` to the consortium's sites and run it; return the run folder.
+    ``he_context``: the consortium's public CKKS context (``he-public.ctx``), for a job
+    with ``privacy.he``.
 
     ``kit`` is the server's startup kit (see transport/pki.py); ``listen`` the address
     to bind (default ``0.0.0.0:<kit port>``). The server waits up to ``join_timeout``
@@ -220,6 +189,7 @@ def serve_job(
     if job.generalization is not None:  # the amplitude bank is shared before round 1 in simulation only
         raise ConfigError("generalization: feddg runs in simulation only for now (medfed run); a deployment would "
                           "need its amplitude bank sent to sites that join late; remove the section here")
+    he_key = _he_public(job, he_context)  # before anything is written or awaited
     if job.topology.kind != "server":
         raise ConfigError(
             f"topology.kind: {job.topology.kind} runs in simulation only for now (medfed run): in a deployment the "
@@ -232,7 +202,7 @@ def serve_job(
     created = not output.exists()
     _prepare_folder(output, resume)
     try:
-        return _serve(job, kit, output, resume, listen, join_timeout, on_round, on_sites)
+        return _serve(job, kit, output, resume, listen, join_timeout, on_round, on_sites, he_key)
     except BaseException as e:
         fresh = not resume and not (output / STATE_FILE).exists()
         if fresh:
@@ -245,8 +215,25 @@ def serve_job(
         raise
 
 
+def _he_public(job: Job, path: Path | None):
+    """The consortium's public CKKS context for a job with ``privacy.he`` (None otherwise):
+    ConfigError when it is missing, holds the secret key, or does not fit the job."""
+    if job.privacy.he is None:
+        if path is not None:
+            raise ConfigError("--he-context: the job has no privacy.he section; leave the option out")
+        return None
+    if path is None:
+        raise ConfigError("privacy.he: the server adds the sites' encrypted updates with the consortium's public "
+                          "context: medfed server --he-context he-public.ctx (written by medfed he-keys; the "
+                          "secret he-secret.ctx goes to the sites only)")
+    from medfed.privacy.he.ckks import read_key_file
+
+    return read_key_file(path, job.privacy.he, private=False)
+
+
 def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, join_timeout: float | None,
-           on_round: RoundCallback | None, on_sites: Callable[[list[str], list[str]], None] | None) -> RunResult:
+           on_round: RoundCallback | None, on_sites: Callable[[list[str], list[str]], None] | None,
+           he_key=None) -> RunResult:
     from medfed.tracking.report import write_report
     from medfed.transport.grpc import wire
     from medfed.transport.grpc.hub import Hub
@@ -318,7 +305,8 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         params = init_params = get_params(model)
         transport = GrpcTransport(hub)
         # DP noise from the OS: in a deployment nobody may know it in advance
-        federation = build_federation(job, model, transport, {r.name: r.train for r in rows}, noise_seed=None)
+        federation = build_federation(job, model, transport, {r.name: r.train for r in rows}, noise_seed=None,
+                                      he_context=he_key)
         algorithm = federation.algorithm
         tracker = _BestTracker(output, job)
         done = 0
@@ -329,6 +317,8 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
             federation.sampler.observe_losses(store.last_values(Arm.FEDERATED.value, "train", Metric.LOSS))
             # the privacy ledger counts the rounds released before a crash and redone
             federation.ledger = ledger_for(job, {r.name: r.train for r in rows}, store.add_released_again(0))
+            # each site's algorithm state should be from the last round the run kept its update from
+            federation.kept_rounds.update(store.kept_rounds(Arm.FEDERATED.value))
         start = done + 1
         for arm in (Arm.LOCAL, Arm.FINETUNED):  # baselines run whole after the federation: redone from scratch
             store.drop_after(arm.value, 0)

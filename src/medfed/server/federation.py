@@ -9,7 +9,7 @@ arrive, which sites train each round, and the privacy ledger.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -22,7 +22,9 @@ from medfed.server.sampling import SiteSampler
 from medfed.server.update_path import UpdateFormat, combiner_for, incoming_for, ledger_for
 from medfed.transport.base import Transport
 
-if TYPE_CHECKING:  # Opacus is imported only by jobs with differential privacy
+if TYPE_CHECKING:  # Opacus is imported only by jobs with differential privacy, TenSEAL by those with HE
+    import tenseal as ts
+
     from medfed.privacy.accounting import PrivacyLedger
 
 
@@ -35,7 +37,10 @@ class Federation:
     updates; ``sampler``: the sites of each round; ``ledger``: epsilon after each round and
     the last round the privacy budget allows (None without DP); ``frozen``: the job's
     frozen parameters (``model.freeze``), which keep their starting values whatever DP
-    noise, secure aggregation's rounding or the server rule would make of them."""
+    noise, secure aggregation's rounding or the server rule would make of them;
+    ``kept_rounds``: the last federated round whose update the run kept, per site (filled
+    as rounds go; a resumed run starts from its saved rounds), against which a site's
+    ``state_round`` is checked (site/state.py)."""
 
     job: Job
     algorithm: Algorithm
@@ -43,18 +48,21 @@ class Federation:
     sampler: SiteSampler
     ledger: PrivacyLedger | None = None
     frozen: frozenset[str] = frozenset()
+    kept_rounds: dict[str, int] = field(default_factory=dict)
 
 
 def build_federation(
-    job: Job, model: nn.Module, exchange: Transport, train_sizes: Mapping[str, int], noise_seed: int | None
+    job: Job, model: nn.Module, exchange: Transport, train_sizes: Mapping[str, int], noise_seed: int | None,
+    he_context: ts.Context | None = None,
 ) -> Federation:
     """The federation of ``job`` for ``model`` (its names: trainable, buffers, layers kept
     at the sites). ``exchange``: the transport, which carries secure aggregation's extra
     messages; ``train_sizes``: training examples per site that has reported them (the
     weights, sampling by size, DP-SGD's rates); ``noise_seed``: an int makes central DP
-    noise repeatable (a simulation), None draws it from the OS (a deployment)."""
+    noise repeatable (a simulation), None draws it from the OS (a deployment);
+    ``he_context``: a deployment's public CKKS context (``privacy.he``)."""
     kept = local_keys(job.algorithm, model)
-    combiner = combiner_for(job, noise_seed, exchange, train_sizes, kept)
+    combiner = combiner_for(job, noise_seed, exchange, train_sizes, kept, he_context)
     algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum, combiner,
                                 lr=job.train.lr)
     sizes = dict(train_sizes) if all(train_sizes.get(s, 0) > 0 for s in job.training_sites) else None

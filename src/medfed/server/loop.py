@@ -228,6 +228,7 @@ def run_federated(
             answers, global_params, rnd, job.quorum, Arm.FEDERATED, algorithm, incoming
         )
         sampler.observe(updates)  # sampling by loss chooses the next rounds' sites by these losses
+        check_site_states(updates, federation.kept_rounds, rnd)  # each site trained from its state of last round kept
         for u in updates:
             record(rnd, Arm.FEDERATED.value, u.site, "train", Metric.LOSS, u.metrics.get(Metric.LOSS))
             personal.add(u.site)  # has trained once: holds a personal model if the algorithm keeps one
@@ -263,6 +264,21 @@ def run_federated(
         log.info("federated round %d/%d done (%d sites, %d failed%s)", rnd, job.rounds, n_updates, len(failed), spent)
     stopped_early(ledger, last, job.rounds)
     return global_params
+
+
+def check_site_states(updates: Sequence[Update], kept_rounds: dict[str, int], rnd: int) -> None:
+    """Log each site whose algorithm state was not from the last round the run kept its
+    update from (it lost its state, or trained a round whose update was not kept): from
+    then on the run is not the one an uninterrupted run would give. Then remember ``rnd``
+    as the last round kept for these sites."""
+    for u in updates:
+        expected = kept_rounds.get(u.site, 0)
+        if u.state_round is not None and u.state_round != expected:
+            what = f"its state of round {u.state_round}" if u.state_round else "no state (lost or never saved)"
+            log.warning("federated round %d: site '%s' trained from %s, but the last update of it the run kept is "
+                        "from round %s: this run no longer continues exactly as an uninterrupted one", rnd, u.site,
+                        what, expected or "none")
+        kept_rounds[u.site] = rnd
 
 
 def record_choice(sampler: SiteSampler, rnd: int, selected: list[tuple[int, str]], record: Recorder) -> None:

@@ -2,7 +2,8 @@
 
 Nothing half-written: the run is built in a hidden staging folder next to the output
 folder and moved into place only when everything, report included, is written. A run
-that fails leaves the output folder as it was.
+that fails leaves the output folder as it was; one stopped or failed after a round keeps
+its staging folder for ``--resume`` (server/rundir.py, server/resume.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ from medfed.core.files import PRIVATE, atomic_write_text
 from medfed.server.checkpoint import model_record, save_checkpoint
 from medfed.server.federation import build_federation
 from medfed.server.contribution import contribution_tracker
+from medfed.server.checkpoint import STATE_FILE, save_state
+from medfed.server.resume import StoppedRun, check_resumable, site_state_dir
+from medfed.server.rundir import (  # noqa: F401 (RUN_MARKER, check_output: also imported from here)
+    RUN_MARKER, check_output, check_replaceable, make_staging, move_into_place, stopped_runs, take_over,
+)
 from medfed.server.loop import RoundCallback, RoundSummary
 from medfed.server.generalization import share_amplitudes
 from medfed.server.topologies import train_federation
@@ -44,56 +50,23 @@ from medfed.transport.base import CENTRALIZED_SITE, Transport, separate_sites_re
 
 log = logging.getLogger("medfed")
 
-RUN_MARKER = "run.json"
-
-
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
     elapsed_s: float
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse an output folder that already holds something, unless ``overwrite`` and it
-    holds a run medfed wrote (its ``run.json`` marker): medfed never replaces a folder of
-    the user's own files."""
-    if output.exists() and not output.is_dir():
-        raise RunDirError(f"output '{output}' exists and is not a folder")
-    if not output.is_dir() or not any(output.iterdir()):
-        return
-    if not (output / RUN_MARKER).is_file():
-        hint = ("--overwrite replaces only a run folder medfed wrote (one with run.json); choose a new output "
-                "folder" if overwrite else "choose another output")
-        raise RunDirError(f"output folder '{output}' already holds files that are not a medfed run; {hint}")
-    if not overwrite:
-        raise RunDirError(
-            f"output folder '{output}' already holds a run; choose another output or pass --overwrite"
-        )
-
-
-def check_replaceable(output: Path) -> None:
-    """Refuse to replace the current folder, the home folder, or a folder above either: a
-    run's output is moved into place over the old folder, so it must be a folder of its own
-    (``-o .`` or ``-o ~`` would otherwise take everything in it)."""
-    output = output.resolve()
-    protected = {Path.cwd().resolve(), Path.home().resolve()}
-    for p in list(protected):
-        protected.update(p.parents)
-    if output in protected or output == Path(output.anchor):
-        raise RunDirError(
-            f"output '{output}' is the current folder, the home folder or a folder above them; a run replaces "
-            "its output folder, so name a new folder for it (e.g. -o runs/my-run)"
-        )
-
-
 def make_transport(
-    job: Job, sites: list[SiteData], device: torch.device, factory: ModelFactory | None = None
+    job: Job, sites: list[SiteData], device: torch.device, factory: ModelFactory | None = None,
+    state_dir: Path | None = None,
 ) -> Transport:
+    """The transport of ``job``'s sites; ``state_dir``: where each site with algorithm state
+    keeps it after every round (site/state.py), so that a stopped run can be resumed."""
     pooled = CENTRALIZED_SITE if "centralized" in job.compare else None
     if job.transport == "pool":
         from medfed.transport.pool import PoolTransport
 
-        return PoolTransport(job, pooled=pooled)
+        return PoolTransport(job, pooled=pooled, state_dir=state_dir)
     if job.transport == "ray":  # the actors build their sites' data: ``sites`` is not used
         from medfed.transport.ray import RayTransport
 
@@ -101,7 +74,8 @@ def make_transport(
     from medfed.site.app import build_site_apps
     from medfed.transport.inprocess import InProcessTransport
 
-    return InProcessTransport(build_site_apps(job, sites, device, pooled_name=pooled, factory=factory))
+    return InProcessTransport(build_site_apps(job, sites, device, pooled_name=pooled, factory=factory,
+                                              state_dir=state_dir))
 
 
 def initial_model(
@@ -213,8 +187,11 @@ def run_job(
     *,
     sites: list[SiteData] | None = None,
     model_factory: ModelFactory | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run the federation and the baselines of ``job``; return where the run was written.
+    ``resume``: continue the run into the job's output that was stopped (killed, power
+    loss, Ctrl-C) after its last saved round (server/resume.py).
 
     From Python (:func:`medfed.run`): ``sites`` replaces the job's data source (in the
     job's site order, each checked by :func:`~medfed.data.sites.check_site`), and
@@ -231,6 +208,8 @@ def run_job(
     output = job.output.resolve()
     check_replaceable(output)
     check_output(output, overwrite)
+    if resume:
+        check_resumable(job, from_python=sites is not None or model_factory is not None)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     set_threads(job.num_threads)
@@ -261,8 +240,10 @@ def run_job(
     if on_sites is not None:
         on_sites(summary)
 
-    staging = make_staging(output, "the run folder")
+    staging = take_over(output) if resume else make_staging(output, "the run folder")
     handler = open_run_log(staging)
+    if not resume:
+        _hint_stopped(output)
     trackers = build_trackers(job)
     try:
         for row in summary:
@@ -271,28 +252,37 @@ def run_job(
                     "site '%s': %d unreadable file(s) skipped (on_bad_file: skip): %s", row.name, row.skipped,
                     "; ".join(f"{f.file} ({f.reason})" for f in row.skipped_files),
                 )
+        stopped = StoppedRun.read(staging, job) if resume else None  # before metrics.jsonl is opened
         atomic_write_text(staging / "job.yaml", job.to_yaml())
         atomic_write_text(staging / "sites.json", sites_json(summary))
         trackers.start(job, staging)  # TensorBoard, MLflow: before any training
         model = initial_model(job, summary[0].shape[0], len(summary[0].shape) - 1, model_factory)
         init = get_params(model)
         tracker = _BestTracker(staging, job)
+        if stopped is not None:
+            tracker.best = stopped.best
 
         def callback(s: RoundSummary, params: Params) -> None:
             tracker(s, params)
+            if s.arm is Arm.FEDERATED:  # the resume point, after the best model (never ahead of it)
+                save_state(staging, s.round, params, federation.algorithm.server_state(), tracker.job_hash)
             if on_round is not None:
                 on_round(s, params)
 
         sizes = {row.name: row.train for row in summary}
         with (
             MetricsWriter(staging / "metrics.jsonl", on_record=trackers.record if trackers else None) as metrics,
-            remote if remote is not None else make_transport(job, sites, device, model_factory) as transport,
+            remote if remote is not None else make_transport(job, sites, device, model_factory, site_state_dir(staging)) as transport,
         ):
             # DP noise drawn from the job seed: a simulation is repeatable run after run
             federation = build_federation(job, model, transport, sizes, noise_seed=job.seed)
             share_amplitudes(job, transport, tuple(summary[0].shape))  # FedDG's bank, before round 1
             contribution = contribution_tracker(job, federation, transport)  # None unless the job asks for it
-            final = train_federation(federation, transport, init, metrics.write, callback,
+            start, params = 1, init
+            if stopped is not None:
+                stopped.restore(federation)
+                start, params = stopped.done + 1, stopped.params if stopped.params is not None else init
+            final = train_federation(federation, transport, params, metrics.write, callback, start,
                                      on_updates=contribution.observe if contribution is not None else None)
             if contribution is not None:
                 write_contribution(staging, contribution.result())
@@ -333,11 +323,24 @@ def run_job(
             marker["user_datasets"] = True
         if trackers:  # where the run was also logged
             marker["tracking"] = trackers.describe()
+        if resume:
+            marker["resumed"] = True
+        # what only a stopped run needs goes: the resume point and the sites' saved state
+        (staging / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(site_state_dir(staging), ignore_errors=True)
         atomic_write_text(staging / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
         write_report(staging)
         trackers.finish(staging)  # the report, metrics and final model as artifacts
     except BaseException as e:
         trackers.finish(staging, e)  # the tool's run marked failed
+        # stopped by the user, or failed after a round was saved (or while resuming): what was
+        # done is kept for --resume; a disk error or a failure before round 1 leaves nothing
+        if isinstance(e, KeyboardInterrupt) or (
+                not isinstance(e, OSError) and (resume or (staging / STATE_FILE).exists())):
+            log.warning("%s; the rounds done so far are kept in '%s': `medfed run JOB -o %s --resume` goes on",
+                        "stopped" if isinstance(e, KeyboardInterrupt) else "failed", staging, output)
+            close_run_log(handler)
+            raise
         close_run_log(handler)
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError):  # disk full, folder made read-only or removed while the run went on
@@ -349,6 +352,17 @@ def run_job(
     except OSError as e:
         raise RunDirError(f"cannot move the finished run into '{output}': {e}; it is left in '{staging}'") from None
     return RunResult(run_dir=output, elapsed_s=time.perf_counter() - t0)
+
+
+def _hint_stopped(output: Path) -> None:
+    """Say where a stopped run of ``output`` is kept, which this fresh run does not touch."""
+    try:
+        stopped = stopped_runs(output)
+    except RunDirError:
+        return
+    if stopped:
+        log.warning("a stopped run of '%s' is kept in '%s'; this run starts afresh (--resume would have continued "
+                    "it; remove the folder when it is not needed)", output, stopped[0])
 
 
 def _remote_sites(job: Job) -> tuple:
@@ -374,33 +388,3 @@ def _check_given_sites(job: Job, sites: list[SiteData]) -> None:
         raise ConfigError(f"datasets: the sites given are {names}, but the job's sites are {job.site_names}")
     for site in sites:
         check_site(site, job.task)
-
-
-def make_staging(output: Path, what: str) -> Path:
-    """A fresh, empty hidden folder next to ``output`` to build it in (see
-    :func:`move_into_place`); a RunDirError naming ``what`` and ``output`` when it cannot
-    be made."""
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    except OSError as e:
-        raise RunDirError(f"cannot create {what} '{output}': {e.strerror or e}") from None
-    return staging
-
-
-def move_into_place(staging: Path, output: Path) -> None:
-    """Put the finished run at ``output``, replacing what is there only if it is a run
-    (checked again: the folder may have changed while the job ran)."""
-    if output.exists():  # check_output let it through: empty, or a run with overwrite=True
-        check_replaceable(output)
-        if output.is_dir() and any(output.iterdir()) and not (output / RUN_MARKER).is_file():
-            raise RunDirError(f"output folder '{output}' received files that are not a medfed run while the job "
-                              f"ran; nothing was replaced, and the finished run is left in '{staging}'")
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)

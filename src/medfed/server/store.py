@@ -327,6 +327,14 @@ class RunStore:
                                "AND value IS NOT NULL ORDER BY round", (arm, split, metric))
         return {r["site"]: float(r["value"]) for r in rows}
 
+    def kept_rounds(self, arm: str) -> dict[str, int]:
+        """Per site, the last round of ``arm`` whose update was accepted (and not redone):
+        where a resumed run expects each site's algorithm state to be from."""
+        with self._lock:
+            rows = self._query("SELECT site, MAX(round) AS r FROM audit WHERE arm = ? AND kind = 'fit' "
+                               "AND status = 'accepted' GROUP BY site", (arm,))
+        return {r["site"]: int(r["r"]) for r in rows}
+
     def released_after(self, arm: str, rnd: int) -> int:
         """How many rounds of ``arm`` after ``rnd`` released something: an accepted update
         or evaluation in the audit (what a resume redoes, and so releases again)."""

@@ -11,12 +11,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from medfed.algorithms.base import Combiner, WeightedMean
 from medfed.config import Job
 from medfed.core.errors import ConfigError
 from medfed.core.types import Encoding, Params, Spec, Update
+from medfed.privacy.settings import HomomorphicEncryption
 from medfed.server.validate import full_spec
+
+if TYPE_CHECKING:
+    import tenseal as ts
 
 log = logging.getLogger("medfed")
 
@@ -28,6 +33,7 @@ class UpdateFormat:
     encoding: Encoding = Encoding.FULL
     fraction: float | None = None  # top-k's share of entries
     buffers: frozenset[str] = frozenset()  # the model's buffers: compression sends them whole
+    he: HomomorphicEncryption | None = None  # privacy.he: fixes the ciphertexts' count and size
 
     def spec(self, global_params: Params, local_keys: frozenset[str] = frozenset()) -> Spec:
         """Names, shapes and dtypes every update of the round must have."""
@@ -38,14 +44,18 @@ class UpdateFormat:
             from medfed.privacy.secagg.integration import masked_spec
 
             return masked_spec(sent)
+        if self.encoding is Encoding.ENCRYPTED:
+            from medfed.privacy.he.integration import encrypted_spec
+
+            return encrypted_spec(sent, self.he)
         from medfed.privacy.compression import wire_spec
 
         return wire_spec(sent, self.encoding, self.fraction, self.buffers)
 
     def decode(self, update: Update, global_params: Params, local_keys: frozenset[str] = frozenset()) -> Update:
-        """``update`` with full values (unchanged when full, or masked: only the secure
-        sum can be read). Raises CodecError for values that do not decode."""
-        if self.encoding in (Encoding.FULL, Encoding.MASKED):
+        """``update`` with full values (unchanged when full, masked or encrypted: only the
+        secure sum can be read). Raises CodecError for values that do not decode."""
+        if self.encoding in (Encoding.FULL, Encoding.MASKED, Encoding.ENCRYPTED):
             return update
         from medfed.privacy.compression import decode
 
@@ -59,6 +69,8 @@ def incoming_for(job: Job, buffers: frozenset[str] = frozenset()) -> UpdateForma
     names (compression sends them whole)."""
     if job.privacy.secure_aggregation is not None:
         return UpdateFormat(Encoding.MASKED)
+    if job.privacy.he is not None:
+        return UpdateFormat(Encoding.ENCRYPTED, he=job.privacy.he)
     c = job.compression
     if c is not None:
         return UpdateFormat(Encoding(c.method), c.fraction, frozenset(buffers))
@@ -67,13 +79,18 @@ def incoming_for(job: Job, buffers: frozenset[str] = frozenset()) -> UpdateForma
 
 def combiner_for(
     job: Job, noise_seed: int | None, exchange=None, train_sizes: Mapping[str, int] | None = None,
-    local_keys: frozenset[str] = frozenset(),
+    local_keys: frozenset[str] = frozenset(), he_context: ts.Context | None = None,
 ) -> Combiner:
     """The job's combiner. ``noise_seed``: an int makes DP noise repeatable (simulation);
     None draws it from the OS (deployment). ``exchange``: the transport, for secure
-    aggregation's extra messages; ``train_sizes`` its weights; ``local_keys`` the entries
-    that stay at the sites."""
+    aggregation's and homomorphic aggregation's extra messages; ``train_sizes`` its
+    weights; ``local_keys`` the entries that stay at the sites; ``he_context``: a
+    deployment's public CKKS context."""
     dp, sa, r = job.privacy.dp, job.privacy.secure_aggregation, job.robust
+    if job.privacy.he is not None:
+        from medfed.privacy.he.integration import server_combiner
+
+        return server_combiner(job, noise_seed is None, exchange, local_keys, he_context)
     if sa is not None:
         from medfed.privacy.secagg.integration import SecureSum
 

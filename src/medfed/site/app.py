@@ -6,6 +6,8 @@ process it is called by the pool worker, in a deployment by the network client.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,15 +21,18 @@ from medfed.core.types import Arm, EvalResult, Metric, Params, RoundPlan, Split,
 from medfed.data.base import SiteData
 from medfed.data.frequency import AMPLITUDES_TOPIC, FEDDG_TOPICS
 from medfed.models import ModelFactory, build_model, build_user_model, get_params
-from medfed.privacy.base import ProtocolParty
+from medfed.privacy.base import ProtocolParty, UpdateFilter
 from medfed.site.evaluate import evaluate_split
 from medfed.privacy.dpsgd import SampleDP
 from medfed.site.train import TrainStats, train_local
+from medfed.site.state import RoundStates, SiteState, StateFile
 from medfed.site.update_path import poisoned_data, sample_dp_for, site_filters
 from medfed.tasks import build_task
 from medfed.weights import frozen_parameters
 
 if TYPE_CHECKING:
+    import tenseal as ts
+
     from medfed.privacy.secagg.signing import Credentials
 
 
@@ -43,7 +48,7 @@ class SiteApp:
 
     def __init__(
         self, data: SiteData, job: Job, device: torch.device, model: nn.Module | None = None, secure: bool = False,
-        credentials: Credentials | None = None, num_sites: int | None = None,
+        credentials: Credentials | None = None, num_sites: int | None = None, he_context: ts.Context | None = None,
     ):
         self.name = data.name
         self.data = poisoned_data(job, data)  # unchanged unless the job simulates a label-flipping attack here
@@ -68,8 +73,11 @@ class SiteApp:
         self._kept: Params = {}  # this site's values of the local keys, after its first fit
         # the update path of federated rounds (a deployment: secure noise, and the kit's
         # credentials for secure aggregation)
-        self.filters = site_filters(job, self.name, secure, buffer_keys(self.model), credentials)
+        self.filters = site_filters(job, self.name, secure, buffer_keys(self.model), credentials, he_context)
         self.private = sample_dp_for(job, secure)
+        # the algorithm's state at this site across federated rounds (site/state.py): kept
+        # one round back, so that a round the server redoes after a crash starts as before
+        self.states = RoundStates(self.name, self._snapshot, self._restore) if self._stateful() else None
         self.engine = None  # train.engine: bundle: the bundle's own trainer, built on the first round
         if job.train.engine == "bundle":
             from medfed.bundles import BundleTrainer
@@ -84,7 +92,59 @@ class SiteApp:
         except (RuntimeError, KeyError) as e:
             raise SiteError(self.name, f"parameters do not fit the model: {e}") from None
 
+    def _stateful(self) -> bool:
+        hook = self._hooks[Arm.FEDERATED]
+        return (bool(hook.state_fields) or type(hook).state is not SiteHook.state or bool(self._local_keys)
+                or any(type(f).state is not UpdateFilter.state for f in self.filters))
+
+    def _snapshot(self) -> Params:
+        """This site's state across federated rounds, as one flat tensor dict on the CPU."""
+        out = {f"hook/{k}": v for k, v in self._hooks[Arm.FEDERATED].state().items()}
+        out |= {f"kept/{k}": v.detach().to("cpu", copy=True) for k, v in self._kept.items()}
+        for i, f in enumerate(self.filters):
+            out |= {f"filter{i}/{k}": v.detach().to("cpu", copy=True) for k, v in f.state().items()}
+        return out
+
+    def _restore(self, state: SiteState) -> None:
+        """Set this site's state to ``state`` (see :meth:`_snapshot`)."""
+        groups: dict[str, Params] = {"hook": {}, "kept": {}, **{f"filter{i}": {} for i in range(len(self.filters))}}
+        for key, t in state.tensors.items():
+            part, _, name = key.partition("/")
+            if part not in groups or not name:
+                raise SiteError(self.name, f"its saved state has an entry '{key}' that this job's algorithm does not keep")
+            groups[part][name] = t
+        unknown = [k for k in groups["kept"] if k not in self._local_keys]
+        if unknown:
+            raise SiteError(self.name, f"its saved state keeps layer '{unknown[0]}', which the algorithm does not keep")
+        try:
+            self._hooks[Arm.FEDERATED].load_state(groups["hook"])
+            for i, f in enumerate(self.filters):
+                f.load_state(groups[f"filter{i}"])
+        except ValueError as e:
+            raise SiteError(self.name, f"its saved state does not fit the job's algorithm: {e}") from None
+        self._kept = {k: t.clone().to(self.device) for k, t in groups["kept"].items()}
+
+    def keep_state_in(self, file: StateFile) -> None:
+        """Save this site's state to ``file`` after every federated round, and take up what
+        it holds now (a site process started again)."""
+        if self.states is not None:
+            self.states.file = file
+            self.states.resume_from_file()
+
     def fit(self, params: Params, plan: RoundPlan) -> Update:
+        states = self.states if plan.arm is Arm.FEDERATED else None
+        if states is None:
+            return self._fit(params, plan)
+        trained_from = states.begin(plan.round)
+        try:
+            update = self._fit(params, plan)
+        except BaseException:
+            states.failed()  # nothing of a failed round stays in the site's state
+            raise
+        states.end(plan.round)
+        return dataclasses.replace(update, state_round=trained_from)
+
+    def _fit(self, params: Params, plan: RoundPlan) -> Update:
         hook = self._hooks.get(plan.arm) or SiteHook()  # baselines train plainly
         probe = hook.probe(params, plan)
         if probe is not None:  # e.g. FedCE: the others' model, scored on this site's validation data
@@ -228,18 +288,30 @@ def pooled_site_data(sites: list[SiteData], name: str) -> SiteData:
 
 def build_site_apps(
     job: Job, sites: list[SiteData], device: torch.device, pooled_name: str | None = None,
-    factory: ModelFactory | None = None,
+    factory: ModelFactory | None = None, state_dir: Path | None = None,
 ) -> dict[str, SiteApp]:
     """One app per site; plus the pooled pseudo-site when ``pooled_name`` is given. The
     apps run one at a time in this process, so they share one model buffer (built by
-    ``factory`` when given, else from the job)."""
+    ``factory`` when given, else from the job). ``state_dir``: where each site with
+    algorithm state keeps it (taken up from there if it is already saved)."""
     if not sites:
         return {}
     shared = model_for(job, sites[0], factory)
     n = len(job.training_sites)  # once: counting them per site would make building the apps O(N^2)
     apps = {s.name: SiteApp(s, job, device, shared, num_sites=n) for s in sites}
+    if state_dir is not None:
+        keep_states(apps, job, state_dir)
     if pooled_name is not None:
         held_out = set(job.held_out)
         training = [s for s in sites if s.name not in held_out]
         apps[pooled_name] = SiteApp(pooled_site_data(training, pooled_name), job, device, shared, num_sites=n)
     return apps
+
+
+def keep_states(apps: dict[str, SiteApp], job: Job, folder: Path) -> None:
+    """Each app with algorithm state keeps it in ``folder`` (one file per site, named by
+    the site's place in the job)."""
+    job_hash, order = job.job_hash(), {name: i for i, name in enumerate(job.site_names)}
+    for name, app in apps.items():
+        if app.states is not None and name in order:
+            app.keep_state_in(StateFile(folder / f"site-{order[name]:05d}.safetensors", job_hash, name))

@@ -60,6 +60,7 @@ from medfed.core.errors import ConfigError, DataError, MedfedError
 from medfed.core.modelspec import ModelSpec
 from medfed.core.types import Arm, Split
 from medfed.core.schema import Frozen
+from medfed.site.state import StateFile, site_state_path
 from medfed.transport.base import describe_exception
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.hub import SITE_LOCAL
@@ -138,14 +139,18 @@ class RemoteSite:
     """What ``medfed site`` runs: sets up the job the server names, answers its tasks."""
 
     def __init__(self, name: str, data_file: Path | None, max_epsilon: float | None = None, kit: Kit | None = None,
-                 bundle: Path | None = None, gate: Gate | None = None):
+                 bundle: Path | None = None, gate: Gate | None = None, he_context: Path | None = None):
         """Checks ``data_file`` and ``bundle`` at once (see :func:`load_site_data`): a site
         with a broken data file or bundle stops before it connects. ``kit``: the site's
         startup kit (:class:`~medfed.transport.pki.Kit`), whose key signs its
         secure-aggregation keys. ``bundle``: the MONAI Bundle folder this site's operator
         lets jobs run (``--bundle``); a bundle's configs are code, so the server never
-        names one for the site."""
+        names one for the site. ``he_context``: the consortium's secret CKKS context file
+        (``--he-context``, from ``medfed he-keys``), for jobs with ``privacy.he``."""
         self.name = name
+        self.he_context = he_context
+        if he_context is not None and not Path(he_context).is_file():
+            raise ConfigError(f"--he-context '{he_context}': no such file; give the he-secret.ctx of the consortium")
         self.kit = kit
         self.data_file = data_file
         self.local_data = load_site_data(data_file, name) if data_file is not None else None
@@ -159,6 +164,7 @@ class RemoteSite:
         if policy_eps is not None and (max_epsilon is None or policy_eps < max_epsilon):
             self.max_epsilon, self.epsilon_rule = policy_eps, "policy.privacy.max_epsilon: "
         self.max_model: int | None = None  # bytes a model task may have: set by setup, from this site's model
+        self.max_exchange: int | None = None  # bytes a protocol message may have: set by setup (None: the default)
         self.app = None
         self.job: Job | None = None
         self.job_id = ""
@@ -196,6 +202,7 @@ class RemoteSite:
         if self.gate is not None:  # the site's policy and its operator: before any data is read
             self.gate.admit(job, job_id)
         job = self._with_own_bundle(job, job_id)
+        he_key = self._he_key(job)  # before any data is read
         data_job = job
         if self.local_data is not None:
             local = self.local_data  # read and checked when the site started
@@ -232,9 +239,15 @@ class RemoteSite:
             credentials = Credentials.from_kit(self.kit)
             log.info("site '%s': secure aggregation: signs its keys with its kit key and checks every other site's "
                      "against the consortium CA", self.name)
-        self.app = SiteApp(data, job, device, secure=True, credentials=credentials)
+        self.app = SiteApp(data, job, device, secure=True, credentials=credentials, he_context=he_key)
+        if self.kit is not None:  # the algorithm's state, kept across a restart of this process
+            self.app.keep_state_in(StateFile(site_state_path(self.kit.path, job.job_id), job.job_hash(), self.name))
         self.job, self.job_id = job, job_id
         self.max_model = model_limit(self.app.model.state_dict())
+        if job.privacy.he is not None:  # the encrypted sum a decryptor receives: about 11 bytes per model byte
+            from medfed.transport.grpc.client import EXCHANGE_LIMIT
+
+            self.max_exchange = max(EXCHANGE_LIMIT, 6 * self.max_model)
         summary = describe_sites([data], job.task, job.held_out)[0]
         if data.skipped:
             log.warning("site '%s': %d unreadable file(s) skipped: %s", self.name, len(data.skipped),
@@ -246,6 +259,22 @@ class RemoteSite:
         model = ModelSpec.of(self.app.model.state_dict())
         told = disclosed(summary.for_the_server(), self.gate.policy if self.gate is not None else None)
         return {**told, "model": model.to_wire()}, job.round_timeout
+
+    def _he_key(self, job: Job):
+        """The consortium's secret CKKS context for a job with ``privacy.he`` (None
+        otherwise); ConfigError when this site was not given one, or one that does not fit."""
+        if job.privacy.he is None:
+            return None
+        if self.he_context is None:
+            raise ConfigError(
+                "the job aggregates under homomorphic encryption (privacy.he): start this site with --he-context "
+                "he-secret.ctx, the consortium's secret context (written by medfed he-keys, never given to the server)"
+            )
+        from medfed.privacy.he.ckks import read_key_file
+
+        ctx = read_key_file(self.he_context, job.privacy.he, private=True)
+        log.info("site '%s': homomorphic aggregation with the consortium context %s", self.name, self.he_context)
+        return ctx
 
     def _with_own_bundle(self, job: Job, job_id: str) -> Job:
         """``job`` with its MONAI Bundle read from this site's own copy (``--bundle``),
@@ -310,14 +339,21 @@ class RemoteSite:
             log.warning("site '%s': task of round %s failed: %s", self.name, hdr.get("round"), describe_exception(e))
             return "error", self.redact(describe_exception(e)).encode()
 
+    def finish(self) -> None:
+        """The server said the job is done: its saved site state is no longer needed."""
+        if self.app is not None and self.app.states is not None and self.app.states.file is not None:
+            self.app.states.file.remove()
+
     def local_folders(self) -> list[str]:
         """The folders of this site's own files: its data file's and every path in it, its
-        bundle's, and the user's disk cache (longest first)."""
+        bundle's, its HE context's, and the user's disk cache (longest first)."""
         from medfed.data.reading import user_cache_root
 
         found: list[Path] = [user_cache_root()]
         if self.bundle is not None:
             found.append(self.bundle)
+        if self.he_context is not None:
+            found.append(Path(self.he_context).resolve().parent)
         if self.data_file is not None:
             found.append(Path(self.data_file).resolve().parent)
         if self.local_data is not None:

@@ -20,6 +20,8 @@ from medfed.data.base import SiteData
 from medfed.privacy.base import UpdateFilter
 
 if TYPE_CHECKING:
+    import tenseal as ts
+
     from medfed.privacy.secagg.signing import Credentials
 
 
@@ -43,12 +45,13 @@ def poisoned_data(job: Job, data: SiteData) -> SiteData:
 
 
 def site_filters(job: Job, site: str, secure: bool, buffers: frozenset[str] = frozenset(),
-                 credentials: Credentials | None = None) -> list[UpdateFilter]:
+                 credentials: Credentials | None = None, he_context: ts.Context | None = None) -> list[UpdateFilter]:
     """The outgoing filters of ``site`` (one object each for the whole run). ``secure``:
     draw DP noise from a cryptographic generator (a deployment) instead of the round's
     seed (a simulation, repeatable); ``buffers``: the model's buffer names (compression
     sends them whole); ``credentials``: the site's kit (a deployment), with which secure
-    aggregation signs this site's keys and checks the other sites'."""
+    aggregation signs this site's keys and checks the other sites'; ``he_context``: the
+    consortium's secret CKKS context (a deployment with ``privacy.he``)."""
     out: list[UpdateFilter] = []
     if job.attack is not None and job.attack.kind != "label_flip" and attacking(job, site):
         from medfed.robust.attacks import PoisonFilter
@@ -72,6 +75,10 @@ def site_filters(job: Job, site: str, secure: bool, buffers: frozenset[str] = fr
         from medfed.privacy.secagg.integration import SecAggClient
 
         out.append(SecAggClient(job, site, credentials))
+    if job.privacy.he is not None:  # homomorphic encryption (the he extra): encrypts the weighted change
+        from medfed.privacy.he.integration import site_client
+
+        out.append(site_client(job, site, secure, he_context))
     return out
 
 

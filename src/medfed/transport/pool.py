@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 from medfed.config import Job
@@ -27,7 +28,7 @@ from medfed.transport.base import Transport, describe_exception
 _APPS: dict[str, Any] = {}
 
 
-def _init_worker(job_json: str, sites: list[str], pooled: str | None, threads: int) -> None:
+def _init_worker(job_json: str, sites: list[str], pooled: str | None, threads: int, state_dir: str | None) -> None:
     from medfed.data.sites import build_sites
     from medfed.site.app import build_site_apps
     from medfed.site.device import resolve_device, set_threads
@@ -36,7 +37,9 @@ def _init_worker(job_json: str, sites: list[str], pooled: str | None, threads: i
     job = Job.model_validate(json.loads(job_json))
     all_sites = build_sites(job)
     mine = [s for s in all_sites if s.name in sites]
-    _APPS.update(build_site_apps(job, mine, resolve_device(job.device)))
+    # a worker that replaces one that died takes its sites' algorithm state up from their files
+    _APPS.update(build_site_apps(job, mine, resolve_device(job.device),
+                                 state_dir=Path(state_dir) if state_dir is not None else None))
     if pooled is not None:
         from medfed.site.app import SiteApp, pooled_site_data
 
@@ -74,7 +77,7 @@ def _worker_exchange(site: str, topic: str, rnd: int, body_json: str) -> tuple[s
 class PoolTransport(Transport):
     """``workers`` processes (default: one per site, at most the thread count)."""
 
-    def __init__(self, job: Job, workers: int | None = None, pooled: str | None = None):
+    def __init__(self, job: Job, workers: int | None = None, pooled: str | None = None, state_dir: Path | None = None):
         names = list(job.site_names)
         n = workers or job.workers or min(len(names), job.num_threads)
         n = max(1, min(n, len(names)))
@@ -85,6 +88,7 @@ class PoolTransport(Transport):
         self._threads = max(1, job.num_threads // n)
         self._pooled = pooled
         self._executors: list[ProcessPoolExecutor | None] = [None] * n
+        self._state_dir = str(state_dir) if state_dir is not None else None
 
     def _executor(self, i: int) -> ProcessPoolExecutor:
         ex = self._executors[i]
@@ -95,7 +99,7 @@ class PoolTransport(Transport):
                 max_workers=1,
                 mp_context=mp.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self._job_json, sites, pooled, self._threads),
+                initargs=(self._job_json, sites, pooled, self._threads, self._state_dir),
             )
             self._executors[i] = ex
         return ex

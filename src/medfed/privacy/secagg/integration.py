@@ -23,6 +23,11 @@ deployment computes exactly what its simulation does. In a deployment each site'
 :class:`SecAggClient` has its kit's :class:`~.signing.Credentials`: it signs its keys and
 refuses a roster with a key it cannot verify (signing.py); the server passes the
 signatures on and checks none.
+
+With ``graph: sparse`` (SecAgg+, graph.py) the advertise request also names the round's
+drawn sites; each site checks them against the job, computes the round's seeded graph
+itself and refuses a roster with a site that is not its neighbour. Each site is then
+sent its neighbourhood's roster and unmasking lists only (server_session.py).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from medfed.config import Job
 from medfed.core.errors import SiteError
 from medfed.core.types import Encoding, Message, Metric, Params, RoundPlan, SecAggPlan, SiteFailure, Spec, Update
 from medfed.privacy.base import ProtocolParty, UpdateFilter
+from medfed.privacy.secagg.graph import Graph, round_graph
 from medfed.privacy.secagg.masking import FixedPoint
 from medfed.privacy.secagg.protocol import SecAggError, ServerSession, SiteSession
 from medfed.privacy.settings import SiteLevelDP
@@ -112,6 +118,9 @@ class SecAggClient(UpdateFilter, ProtocolParty):
         self.site = site
         self.members = frozenset(job.site_names)
         self.credentials = credentials
+        self.neighbours = job.secagg_neighbours  # None: the complete graph
+        self.per_round = job.sites_per_round
+        self.threshold = job.secagg_threshold
         sa = job.privacy.secure_aggregation
         self.codec = FixedPoint(sa.clip_range, job.sites_per_round)
         self._session: SiteSession | None = None
@@ -124,13 +133,19 @@ class SecAggClient(UpdateFilter, ProtocolParty):
 
     def answer(self, topic: str, rnd: int, body: dict) -> dict:
         if topic == "secagg/advertise":  # a new round: fresh keys, the last round's session is gone
-            self._session = SiteSession(self.site, str(body.get("job_id")), rnd, self.credentials)
+            self._session = None
+            job_id = str(body.get("job_id"))
+            graph = None if self.neighbours is None else self._graph(body.get("sites"), job_id, rnd)
+            self._session = SiteSession(self.site, job_id, rnd, self.credentials, graph)
             self._round = rnd
             return self._session.advertise()
         if topic == "secagg/share":
             threshold, roster = body.get("threshold"), body.get("roster")
             if isinstance(threshold, bool) or not isinstance(threshold, int):
                 raise SecAggError(f"site '{self.site}': threshold must be an integer, got {threshold!r}", self.site)
+            if self.neighbours is not None and threshold != self.threshold:  # SecAgg+: t counts per neighbourhood
+                raise SecAggError(f"site '{self.site}', field 'threshold': is {threshold}, but the job's is "
+                                  f"{self.threshold}", self.site)
             strangers = sorted(set(roster) - self.members) if isinstance(roster, Mapping) else []
             if strangers:
                 raise SecAggError(f"site '{self.site}', field 'roster': sites {strangers} are not sites of this job",
@@ -142,6 +157,21 @@ class SecAggClient(UpdateFilter, ProtocolParty):
             self._session = None  # the round is over for this site
             return reply
         raise SiteError(self.site, f"secure aggregation: unknown message '{topic}'")
+
+    def _graph(self, sites: object, job_id: str, rnd: int) -> Graph:
+        """This round's graph over the drawn ``sites`` the server named, checked first:
+        this site among them, only sites of the job, at most its sites per round."""
+        where = f"site '{self.site}', field 'sites'"
+        if not isinstance(sites, list) or not all(isinstance(v, str) for v in sites) or len(set(sites)) != len(sites):
+            raise SecAggError(f"{where}: expected the round's drawn sites, a list of distinct names", self.site)
+        if self.site not in sites:
+            raise SecAggError(f"{where}: this site is not among them", self.site)
+        strangers = sorted(set(sites) - self.members)
+        if strangers:
+            raise SecAggError(f"{where}: sites {strangers} are not sites of this job", self.site)
+        if len(sites) > self.per_round:
+            raise SecAggError(f"{where}: {len(sites)} sites, but the job draws {self.per_round} per round", self.site)
+        return round_graph(sites, self.neighbours, job_id, rnd)  # type: ignore[arg-type]
 
     def apply(self, update: Update, global_params: Params, plan: RoundPlan) -> Update:
         if update.encoding is not Encoding.FULL:
@@ -181,6 +211,7 @@ class SecureSum(Combiner):
         self.transport = exchange
         self.timeout = job.round_timeout
         self.threshold = job.secagg_threshold
+        self.neighbours = job.secagg_neighbours  # None: the complete graph
         self.codec = FixedPoint(job.privacy.secure_aggregation.clip_range, job.sites_per_round)
         self.sizes = dict(train_sizes)
         self.central = central
@@ -210,12 +241,18 @@ class SecureSum(Combiner):
 
     def prepare(self, rnd: int, sites: Sequence[str], global_params: Params) -> dict[str, SecAggPlan]:
         sent = self._sent(global_params)
-        session = ServerSession(self.job_id, rnd, self.threshold, masked_spec(sent)[MASKED][0][0])
+        ask: dict[str, object] = {"job_id": self.job_id}
+        graph = None
+        if self.neighbours is not None:  # SecAgg+: the sites recompute the graph from the drawn sites
+            ask["sites"] = sorted(sites)
+            graph = round_graph(sites, self.neighbours, self.job_id, rnd)
+        session = ServerSession(self.job_id, rnd, self.threshold, masked_spec(sent)[MASKED][0][0], graph)
         self._session = session
-        ads = self._send(rnd, "secagg/advertise", {s: {"job_id": self.job_id} for s in sites})
+        ads = self._send(rnd, "secagg/advertise", {s: dict(ask) for s in sites})
         self._receive(rnd, "advertise", ads, session.receive_advertisement)
         roster = session.roster()  # fewer than the threshold: SecAggError, the round is aborted
-        shares = self._send(rnd, "secagg/share", {s: {"roster": roster, "threshold": self.threshold} for s in roster})
+        shares = self._send(rnd, "secagg/share", {s: {"roster": session.roster_for(s), "threshold": self.threshold}
+                                                  for s in roster})
         self._receive(rnd, "share", shares, session.receive_shares)
         members = sorted(shares)
         if self.central is not None:  # DP: every site weighs the same, so each one's share is bounded
@@ -239,7 +276,7 @@ class SecureSum(Combiner):
             except SecAggError as e:
                 log.warning("federated round %d: site '%s' left secure aggregation: %s", rnd, u.site, e)
         request = session.unmask_request()  # fewer survivors than the threshold: the round is aborted
-        replies = self._send(rnd, "secagg/unmask", {s: request for s in request["survivors"]})
+        replies = self._send(rnd, "secagg/unmask", {s: session.unmask_request_for(s) for s in request["survivors"]})
         self._receive(rnd, "unmask", replies, session.receive_unmask)
         total = self.codec.decode_sum(session.result())
         self._session = None

@@ -1,5 +1,6 @@
 """Secure aggregation: the protocol of Bonawitz et al., "Practical Secure Aggregation for
-Privacy-Preserving Machine Learning" (CCS 2017), semi-honest variant, complete graph.
+Privacy-Preserving Machine Learning" (CCS 2017), semi-honest variant, on the complete graph
+or, as SecAgg+ (Bell et al., CCS 2020), on a sparse seeded graph (below).
 
 Pure and transport-free: a :class:`SiteSession` per site and a :class:`ServerSession` per
 round exchange plain dicts of str/int/list/dict (bytes as base64 strings, JSON-able); the
@@ -45,9 +46,30 @@ once and never gives both secrets of one site, so with ``t > n/2`` the honest si
 cannot hold t shares of both), a server colluding with ``t`` or more sites, and a
 simulation, where nothing is signed. Keep the threshold above n/2.
 
+SecAgg+ (``graph: sparse``): the round's drawn sites S form a Harary graph of degree k over
+a permutation seeded by the job id, the round and S (graph.py); the server tells each site
+S with the advertise request and each site computes the graph itself. Everything above
+then happens along the edges only: site u is sent the roster of its closed neighbourhood
+N[u] = N(u) + {u} within U1 (and refuses one holding any other site), Shamir-shares its
+secrets t-of-|N[u] within U1| among it (x = 1 + the holder's index in that roster), adds
+pairwise masks only for its U2 neighbours, and is asked to unmask only the sites of N[u]
+within U2. The threshold t holds per neighbourhood: the server aborts the round, naming the
+site, when some site has fewer than t of N[u] left at a stage (N(v) for a dropped v's key).
+Sum over U3: the pairwise masks of edges inside U3 cancel, as before; the server removes
+b_u for u in U3 and, for v in U2 \\ U3, the masks between v and its U3 neighbours. What
+changes in the threat model: the server with the sites of a neighbourhood rather than with
+any t sites; a site's secrecy rests on fewer than t of N[u] colluding, and the partial sums
+stay hidden only while the graph of the honest survivors is connected; graph.py bounds
+both failures for k and t. The graph depends on S, which the server draws (each site
+checks that S holds it, only sites of the job and at most the job's sites per round):
+with sampling, or by leaving sites out, a server could try candidate sets S offline and
+pick a graph; the complete-graph caveats (different rosters for different sites) hold per
+neighbourhood, so keep t above half of k + 1.
+
 Where it is: the messages, typed and checked where they arrive, in messages.py; the two
-parties, :class:`SiteSession` and :class:`ServerSession`, in sessions.py; below, a whole
-round in memory (:func:`run_round`), the messages in the order they travel.
+parties, :class:`SiteSession` (sessions.py) and :class:`ServerSession`
+(server_session.py); the graph in graph.py; below, a whole round in memory
+(:func:`run_round`), the messages in the order they travel.
 """
 
 from __future__ import annotations
@@ -58,13 +80,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from medfed.privacy.secagg.graph import round_graph
 from medfed.privacy.secagg.messages import (
     KEY_BYTES,
     SecAggError,
     check_threshold,
     default_threshold,
 )
-from medfed.privacy.secagg.sessions import ServerSession, SiteSession
+from medfed.privacy.secagg.server_session import ServerSession
+from medfed.privacy.secagg.sessions import SiteSession
 
 if TYPE_CHECKING:
     from medfed.privacy.secagg.signing import Credentials
@@ -85,6 +109,7 @@ def run_round(
     rnd: int = 1,
     drop_before_sharing: Iterable[str] = (),
     credentials: Mapping[str, Credentials] | None = None,
+    neighbours: int | None = None,
 ) -> torch.Tensor:
     """One whole round in memory; every message goes through ``json.dumps``/``loads``.
 
@@ -94,6 +119,9 @@ def run_round(
     send their masked input (it is counted) but do not answer the unmasking. Returns the
     ring sum of the counted inputs; raises :class:`SecAggError` when too few remain.
     ``credentials`` (site -> :class:`~.signing.Credentials`): signed advertisements.
+    ``neighbours`` k (SecAgg+): the seeded Harary graph of degree k over the inputs' sites
+    (graph.py), ``threshold`` then counts within each closed neighbourhood; None: the
+    complete graph.
 
     Example, with ``deltas`` mapping site to a float tensor::
 
@@ -113,19 +141,21 @@ def run_round(
     def wire(msg: object) -> object:
         return json.loads(json.dumps(msg))
 
-    server = ServerSession(job_id, rnd, threshold, length)
-    sites = {v: SiteSession(v, job_id, rnd, (credentials or {}).get(v)) for v in sorted(inputs)}
+    graph = None if neighbours is None else round_graph(inputs, neighbours, job_id, rnd)
+    server = ServerSession(job_id, rnd, threshold, length, graph)
+    sites = {v: SiteSession(v, job_id, rnd, (credentials or {}).get(v), graph) for v in sorted(inputs)}
     for v, s in sites.items():
         server.receive_advertisement(v, wire(s.advertise()))
-    roster = wire(server.roster())
+    server.roster()
     for v, s in sites.items():
         if v not in gone["drop_before_sharing"]:
-            server.receive_shares(v, wire(s.share_keys(roster, threshold)))
+            server.receive_shares(v, wire(s.share_keys(wire(server.roster_for(v)), threshold)))
     for v, s in sites.items():
         if v not in gone["drop_before_sharing"] | gone["drop_before_masking"]:
             server.receive_masked(v, s.mask(inputs[v], wire(server.ciphertexts_for(v))))
-    request = wire(server.unmask_request())
+    server.unmask_request()
     for v in server.survivors:
         if v not in gone["drop_after_masking"]:
+            request = wire(server.unmask_request_for(v))
             server.receive_unmask(v, wire(sites[v].unmask(request["survivors"], request["dropped"])))
     return server.result()

@@ -1,7 +1,8 @@
 """The two parties of secure aggregation (see protocol.py): a :class:`SiteSession` per site
-and a :class:`ServerSession` per round. Their methods take and give the messages as JSON
-dicts, the transport's form: each message is parsed into its typed form (messages.py) where
-it arrives, and refused with :class:`SecAggError` naming the site and the field."""
+(here, with the key derivation both share) and a :class:`~.server_session.ServerSession`
+per round (server_session.py). Their methods take and give the messages as JSON dicts, the
+transport's form: each message is parsed into its typed form (messages.py) where it
+arrives, and refused with :class:`SecAggError` naming the site and the field."""
 
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from medfed.privacy.secagg import shamir
-from medfed.privacy.secagg.masking import RING, SEED_BYTES, add_masks, check_ring
+from medfed.privacy.secagg.masking import SEED_BYTES, add_masks, check_ring
 from medfed.privacy.secagg.messages import (
-    KEY_BYTES,
     Advertisement,
     Ciphertexts,
     Roster,
@@ -35,6 +35,7 @@ from medfed.privacy.secagg.messages import (
 )
 
 if TYPE_CHECKING:
+    from medfed.privacy.secagg.graph import Graph
     from medfed.privacy.secagg.signing import Credentials
 
 # --- key derivation ------------------------------------------------------------------------------
@@ -78,15 +79,21 @@ class SiteSession:
     :meth:`share_keys`, :meth:`mask`, :meth:`unmask`. Holds this round's secrets (two
     X25519 private keys, the self-mask seed, the shares of other sites' secrets); make a
     new session each round. ``credentials`` (a deployment; signing.py): sign this site's
-    advertisement and check every other one; None (a simulation): neither."""
+    advertisement and check every other one; None (a simulation): neither. ``graph``
+    (SecAgg+, graph.py): this round's graph, which the site computed itself; the roster
+    it is sent may then hold only its neighbours. None: the complete graph."""
 
-    def __init__(self, site: str, job_id: str, rnd: int, credentials: Credentials | None = None):
+    def __init__(self, site: str, job_id: str, rnd: int, credentials: Credentials | None = None,
+                 graph: Graph | None = None):
         self.site = check_name(site, "site")
         self.job_id = check_name(job_id, "job_id")
         self.round = _check_round(rnd, site)
         if credentials is not None and credentials.site != self.site:
             raise SecAggError(f"site '{self.site}': given the credentials of site '{credentials.site}'", self.site)
         self._credentials = credentials
+        if graph is not None and self.site not in graph.neighbours:
+            raise SecAggError(f"site '{self.site}': not a site of this round's graph {list(graph.sites)}", self.site)
+        self._graph = graph
         self._c_sk = X25519PrivateKey.generate()  # encrypts the shares (c for "channel")
         self._s_sk = X25519PrivateKey.generate()  # seeds the pairwise masks
         self._stage = 0
@@ -122,7 +129,8 @@ class SiteSession:
         shares of this site's ``s_sk`` and of a fresh self-mask seed ``b_u``, encrypted
         with AES-GCM under HKDF(X25519(c_sk_u, c_pk_v)), bound to job, round, u and v.
 
-        ``roster`` (U1, the server's broadcast) must list this site with the keys it
+        ``roster`` (U1, the server's broadcast; with a sparse graph the U1 sites of this
+        site's closed neighbourhood, and no other) must list this site with the keys it
         advertised, hold at least ``threshold`` sites and no repeated key; with
         credentials, every advertisement must pass :meth:`.Credentials.check` (else
         SecAggError naming the site and why; this site shares nothing this round)."""
@@ -133,6 +141,12 @@ class SiteSession:
             raise SecAggError(f"site '{me}', field 'roster': this site is not in it", me)
         if parsed.keys[me].public_keys != self._keys().public_keys:
             raise SecAggError(f"site '{me}', field 'roster.{me}': not the keys this site advertised", me)
+        if self._graph is not None:  # the server routes; the seeded graph, not the server, picks neighbours
+            strangers = sorted(set(parsed.keys) - self._graph.closed(me))
+            if strangers:
+                raise SecAggError(
+                    f"site '{me}', field 'roster': sites {strangers} are not its neighbours in this round's seeded "
+                    f"graph (its neighbours: {sorted(self._graph.neighbours[me])}); refusing the neighbour list", me)
         if self._credentials is not None:  # before any key of the roster is used
             for v in sorted(parsed.keys):
                 self._credentials.check(v, parsed.keys[v], self.job_id, self.round)
@@ -194,8 +208,9 @@ class SiteSession:
         self-mask seed of every survivor and of the mask key of every dropped site.
 
         Refuses when a site is in both lists, when survivors and dropped together are not
-        exactly U2, when this site is not a survivor, or when survivors are fewer than the
-        threshold. Answers once: a second request could reveal both secrets of a site."""
+        exactly the U2 sites it holds shares of (U2, or with a sparse graph its U2
+        neighbours and itself), when this site is not a survivor, or when those survivors
+        are fewer than the threshold. Answers once: a second request could reveal both secrets of a site."""
         self._enter(3, "unmask")
         me = self.site
         request = UnmaskRequest.parse(survivors, dropped, me)
@@ -220,194 +235,3 @@ class SiteSession:
         self._held, self._b_seed = {}, b""  # drop references to what is no longer needed
         self._stage = 4
         return answer.to_wire()
-
-
-# --- server ------------------------------------------------------------------------------------
-
-
-class ServerSession:
-    """The server's side of one round: collects, routes and checks messages, then removes
-    the masks from the sum of the masked inputs. It never receives a site's plain ``x``.
-
-    ``threshold`` t (>= 2) is how many sites must remain at every stage; ``length`` the
-    number of values in each ring vector. Each stage closes the first time its outcome is
-    asked for (:meth:`roster`, :meth:`ciphertexts_for`, :meth:`unmask_request`,
-    :meth:`result`); a message that comes later is refused. The server's caller decides
-    when to stop waiting (timeouts) and so who counts as dropped."""
-
-    def __init__(self, job_id: str, rnd: int, threshold: int, length: int):
-        self.job_id = check_name(job_id, "job_id")
-        rnd = _check_round(rnd)
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 2:
-            raise SecAggError(f"threshold: must be an integer >= 2, got {threshold!r}")
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise SecAggError(f"length: expected an integer >= 1, got {length!r}")
-        self.round, self.threshold, self.length = rnd, threshold, length
-        self._stage = 0  # 0 advertising, 1 sharing, 2 masking, 3 unmasking, 4 done
-        self._keys: dict[str, Advertisement] = {}  # U1
-        self._boxes: dict[str, SharePackage] = {}  # by sender
-        self._u2: list[str] = []
-        self._sum = torch.zeros(length, dtype=torch.int64)
-        self._masked: set[str] = set()  # U3
-        self._answers: dict[str, UnmaskReply] = {}  # U4
-        self._result: torch.Tensor | None = None
-        self._aborted: SecAggError | None = None  # once aborted, every call says why
-
-    def _abort(self, err: SecAggError) -> SecAggError:
-        self._aborted = err
-        return err
-
-    def _check_alive(self) -> None:
-        if self._aborted is not None:
-            raise SecAggError(f"this round was aborted: {self._aborted}")
-
-    def _check_stage(self, site: str, stage: int, what: str) -> None:
-        self._check_alive()
-        if self._stage < stage:
-            raise SecAggError(f"site '{site}': its {what} came before the server asked for it", site)
-        if self._stage > stage:
-            raise SecAggError(f"site '{site}': its {what} came after that stage closed", site)
-
-    def receive_advertisement(self, site: str, msg: Mapping[str, str]) -> None:
-        """Stage 0: ``msg = {"c_pk": b64(32), "s_pk": b64(32)[, "signed": {...}]}`` from
-        ``site``; a signature is passed on unchecked (the sites check it)."""
-        site = check_name(site, "site")
-        self._check_stage(site, 0, "key advertisement")
-        if site in self._keys:
-            raise SecAggError(f"site '{site}': advertised keys twice", site)
-        ad = Advertisement.parse(msg, site)
-        for other, known in self._keys.items():
-            if {ad.c_pk, ad.s_pk} & {known.c_pk, known.s_pk}:
-                raise SecAggError(f"site '{site}': advertised a public key that site '{other}' already uses", site)
-        if ad.c_pk == ad.s_pk:
-            raise SecAggError(f"site '{site}': advertised the same key as c_pk and s_pk", site)
-        self._keys[site] = ad
-
-    def roster(self) -> dict[str, dict[str, str]]:
-        """U1 with its keys, ``{site: {"c_pk", "s_pk"}}``, for every site (with
-        :attr:`threshold`). The first call fixes it; fewer than t sites abort the round."""
-        self._check_alive()
-        if self._stage == 0:
-            if len(self._keys) < self.threshold:
-                raise self._abort(_abort(len(self._keys), "advertised keys", self.threshold))
-            self._stage = 1
-        return Roster(dict(sorted(self._keys.items()))).to_wire()
-
-    def receive_shares(self, site: str, msg: Mapping[str, Mapping[str, str]]) -> None:
-        """Stage 1: ``msg = {"shares": {v: b64}}`` from ``site``, one per other U1 site."""
-        site = check_name(site, "site")
-        if site not in self._keys:
-            raise SecAggError(f"site '{site}': sent key shares but is not in this round's roster", site)
-        self._check_stage(site, 1, "key shares")
-        if site in self._boxes:
-            raise SecAggError(f"site '{site}': sent key shares twice", site)
-        self._boxes[site] = SharePackage.parse(msg, site, set(self._keys) - {site})
-
-    def ciphertexts_for(self, site: str) -> dict[str, str]:
-        """``{u: b64}``: the ciphertexts addressed to ``site`` by the other U2 sites. The
-        first call fixes U2; fewer than t sites abort the round."""
-        self._check_alive()
-        self._close_sharing()
-        if self._stage < 1:
-            raise SecAggError(f"site '{site}': the roster is not fixed yet", site)
-        if site not in self._u2:
-            raise SecAggError(f"site '{site}': did not share its keys in time; it takes no further part in this round", site)
-        return Ciphertexts({u: self._boxes[u].boxes[site] for u in self._u2 if u != site}).to_wire()
-
-    def _close_sharing(self) -> None:
-        if self._stage == 1:
-            if len(self._boxes) < self.threshold:
-                raise self._abort(_abort(len(self._boxes), "shared their keys", self.threshold))
-            self._u2 = sorted(self._boxes)
-            self._stage = 2
-
-    def receive_masked(self, site: str, masked: torch.Tensor) -> None:
-        """Stage 2: ``site``'s masked input, int64 of shape (length,) in [0, 2^32). Only
-        the running sum is kept."""
-        site = check_name(site, "site")
-        self._check_stage(site, 2, "masked input")
-        if site not in self._u2:
-            raise SecAggError(f"site '{site}': sent a masked input but did not share keys this round", site)
-        if site in self._masked:
-            raise SecAggError(f"site '{site}': sent its masked input twice", site)
-        try:
-            check_ring(masked, "masked input", self.length)
-        except (TypeError, ValueError) as e:
-            raise SecAggError(f"site '{site}': {e}", site) from None
-        self._sum.add_(masked.to("cpu")).bitwise_and_(RING - 1)  # mod 2^32
-        self._masked.add(site)
-
-    @property
-    def survivors(self) -> list[str]:
-        """The sites whose masked input arrived (U3), sorted."""
-        return sorted(self._masked)
-
-    @property
-    def dropped(self) -> list[str]:
-        """The U2 sites whose masked input has not arrived, sorted."""
-        return sorted(set(self._u2) - self._masked)
-
-    def unmask_request(self) -> dict[str, list[str]]:
-        """``{"survivors": U3, "dropped": U2 \\ U3}``, to send to every survivor. The first
-        call fixes U3; fewer than t survivors abort the round."""
-        self._check_alive()
-        self._close_sharing()
-        if self._stage == 2:
-            if len(self._masked) < self.threshold:
-                raise self._abort(_abort(len(self._masked), "sent their masked input", self.threshold))
-            self._stage = 3
-        if self._stage < 2:
-            raise SecAggError("the roster is not fixed yet; no masked input can exist")
-        return UnmaskRequest(tuple(self.survivors), tuple(self.dropped)).to_wire()
-
-    def receive_unmask(self, site: str, msg: Mapping[str, Mapping[str, str]]) -> None:
-        """Stage 3: ``msg = {"b_shares": {u: share} for u in U3, "s_shares": {v: share}
-        for v in U2 \\ U3}`` from a survivor."""
-        site = check_name(site, "site")
-        self._check_stage(site, 3, "unmasking answer")
-        if site not in self._masked:
-            raise SecAggError(f"site '{site}': answered the unmasking but is not a survivor", site)
-        if site in self._answers:
-            raise SecAggError(f"site '{site}': answered the unmasking twice", site)
-        self._answers[site] = UnmaskReply.parse(msg, site, self.survivors, self.dropped)
-
-    def result(self) -> torch.Tensor:
-        """The ring sum of the survivors' inputs: int64, shape (length,), in [0, 2^32).
-        The first call closes the unmasking; fewer than t answers abort the round."""
-        if self._result is not None:
-            return self._result.clone()
-        self._check_alive()
-        if self._stage != 3:
-            raise SecAggError("result() needs the unmasking answers; call unmask_request() first")
-        self._stage = 4
-        try:
-            self._result = self._unmask_sum()
-        except SecAggError as e:
-            raise self._abort(e) from None
-        return self._result.clone()
-
-    def _unmask_sum(self) -> torch.Tensor:
-        t = self.threshold
-        if len(self._answers) < t:
-            raise _abort(len(self._answers), "answered the unmasking", t)
-        xs = {v: i + 1 for i, v in enumerate(sorted(self._keys))}
-        answerers = sorted(self._answers)
-        masks: list[tuple[bytes, int]] = []
-        for u in self.survivors:
-            b_u = self._reconstruct([(xs[a], self._answers[a].b_shares[u]) for a in answerers], u, "self-mask seed")
-            masks.append((b_u, -1))
-        for v in self.dropped:
-            raw = self._reconstruct([(xs[a], self._answers[a].s_shares[v]) for a in answerers], v, "mask key")
-            s_sk = X25519PrivateKey.from_private_bytes(raw)
-            if s_sk.public_key().public_bytes_raw() != self._keys[v].s_pk:
-                raise SecAggError(f"site '{v}': the shares of its mask key do not match the key it advertised", v)
-            for u in self.survivors:
-                seed = _kdf(_agree(s_sk, self._keys[u].s_pk, u, "s_pk"), "mask", self.job_id, self.round)
-                masks.append((seed, -_sign(u, v)))
-        return add_masks(self._sum, masks)
-
-    def _reconstruct(self, shares: list[tuple[int, int]], owner: str, what: str) -> bytes:
-        try:
-            return shamir.reconstruct(shares, self.threshold, KEY_BYTES)
-        except (TypeError, ValueError) as e:
-            raise SecAggError(f"site '{owner}': the shares of its {what} do not reconstruct it ({e})", owner) from None

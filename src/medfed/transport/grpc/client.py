@@ -111,7 +111,8 @@ class Connection:
 
     ``reconnect_max``: the longest wait, in seconds, between two attempts to reach the
     server (see the module's docstring). ``max_model``: the most bytes a model task may
-    declare; a larger one is refused before any memory is set aside for it."""
+    declare; a larger one is refused before any memory is set aside for it;
+    ``max_exchange``: likewise for a protocol message of the update path."""
 
     def __init__(self, target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, site: str,
                  reconnect_max: float = RECONNECT_MAX):
@@ -121,6 +122,7 @@ class Connection:
         self.reconnect_max = reconnect_max
         self.options = channel_options(reconnect_max)
         self.max_model = MAX_MODEL
+        self.max_exchange = EXCHANGE_LIMIT
         self.channel = grpc.secure_channel(target, creds, options=self.options)
         self._join = self.channel.unary_unary(wire.JOIN)
         self._ready = self.channel.unary_unary(wire.READY)
@@ -184,7 +186,7 @@ class Connection:
             size = hdr.get("size")
             if isinstance(size, bool) or not isinstance(size, int):
                 raise CodecError(f"{kind} task: size must be an integer, got {size!r}")
-            limit = EXCHANGE_LIMIT if kind == "exchange" else self.max_model
+            limit = self.max_exchange if kind == "exchange" else self.max_model
             if not 0 <= size <= limit:  # before any buffer is set aside for it
                 raise CodecError(f"{kind} task: the server declares {size} bytes, more than the {limit} bytes this "
                                  f"site accepts for a {'protocol message' if kind == 'exchange' else 'model'}")

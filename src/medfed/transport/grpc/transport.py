@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Sequence
@@ -31,6 +32,11 @@ EXCHANGE_ANSWER_LIMIT = 16 << 20  # bytes: key shares for every other site of a 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter numbers
 _M_MMAP_THRESHOLD = -3
+
+
+def spec_bytes(spec: Spec) -> int:
+    """The bytes of the tensors ``spec`` describes."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in spec.values())
 
 
 def _libc():
@@ -149,7 +155,9 @@ class GrpcTransport(Transport):
             tasks.append(Task(
                 site=req.site, kind=TaskKind.FIT, arm=req.plan.arm.value, round=req.plan.round,
                 header={"plan": codec.plan_to_dict(req.plan)}, blob=blob, model_id=model_id,
-                limit=2 * len(blob) + (1 << 20),  # the parameters, extras as large, and the header
+                # the parameters (as large as the model or as the spec says an encoded update is:
+                # a CKKS one is 8 times the model), extras as large as the model, and the header
+                limit=len(blob) + max(len(blob), spec_bytes(spec)) + (1 << 20),
                 spec=spec, encoding=req.encoding,
             ))
         self._end_batch()
@@ -182,7 +190,8 @@ class GrpcTransport(Transport):
             tasks.append(Task(
                 site=m.site, kind=TaskKind.EXCHANGE, arm=Arm.FEDERATED.value, round=m.round,
                 header={"job_id": m.job_id, "topic": m.topic}, blob=blob, model_id=secrets.token_hex(16),
-                limit=EXCHANGE_ANSWER_LIMIT,
+                # an answer may be as large as the message asking it (a decrypted sum: smaller than its ciphertexts)
+                limit=max(EXCHANGE_ANSWER_LIMIT, len(blob)),
             ))
         self.hub.run(tasks, timeout)
         return [t.answer for t in tasks]
