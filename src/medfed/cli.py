@@ -346,9 +346,6 @@ def server(
     _setup_logging(logging.INFO)
     try:
         job = load_job(job_file)
-        if job.tracking is not None:  # the deployed server keeps its metrics in state.sqlite, not yet sent on
-            logging.getLogger("medfed").warning("tracking: a deployed run does not log to TensorBoard or MLflow yet; "
-                                                "its metrics.jsonl is in the run folder (medfed compare reads it)")
         result = serve_job(job, load_kit(kit, role="server"), resume=resume, listen=listen, join_timeout=join_timeout,
                            he_context=he_context)
     except MedfedError as e:

@@ -9,7 +9,6 @@ import json
 import subprocess
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from deploy_kits import CLI, SITES, make_kits, start, stop

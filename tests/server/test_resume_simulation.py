@@ -222,6 +222,11 @@ def test_resume_refusals(tmp_path, monkeypatch):
                         ({"transport": "ray"}, "transport ray")):
         with pytest.raises(ConfigError, match=field):
             runner.run_job(_job(tmp_path, "stopped", over), resume=True)
+    from medfed.server.resume import check_resumable
+
+    bundled = job.model_copy(update={"train": job.train.model_copy(update={"engine": "bundle"})})  # as with a bundle
+    with pytest.raises(ConfigError, match="train.engine: bundle keeps the bundle trainer's optimizer"):
+        check_resumable(bundled, from_python=False)
 
 
 def test_medfed_run_killed_with_sigkill_then_resumed_equals_the_run_never_stopped(tmp_path):

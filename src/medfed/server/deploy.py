@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sqlite3
 import time
@@ -198,6 +199,9 @@ def serve_job(
         )
     job = with_init_hash(job)  # the init file's hash, for a job built without parse_job
     check_model(job.model)  # a MONAI class's or a factory's arguments, before any site is awaited
+    from medfed.tracking.external import check_tracking
+
+    check_tracking(job, reach=True)  # the tracking tools installed, a server answering: before any site is awaited
     output = job.output.resolve()
     created = not output.exists()
     _prepare_folder(output, resume)
@@ -231,9 +235,23 @@ def _he_public(job: Job, path: Path | None):
     return read_key_file(path, job.privacy.he, private=False)
 
 
+def _recording(store: RunStore, trackers) -> Callable[[int, str, str, str, str, float | None], None]:
+    """The round loop's recorder: each value into ``store`` and to the job's trackers."""
+
+    def record(rnd: int, arm: str, site: str, split: str, metric: str, value: float | None) -> None:
+        store.write_metric(rnd, arm, site, split, metric, value)
+        if trackers:
+            clean = None if value is None or not math.isfinite(value) else float(value)
+            trackers.record({"round": int(rnd), "arm": arm, "site": site, "split": split, "metric": metric,
+                             "value": clean})
+
+    return record
+
+
 def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, join_timeout: float | None,
            on_round: RoundCallback | None, on_sites: Callable[[list[str], list[str]], None] | None,
            he_key=None) -> RunResult:
+    from medfed.tracking.external import build_trackers
     from medfed.tracking.report import write_report
     from medfed.transport.grpc import wire
     from medfed.transport.grpc.hub import Hub
@@ -244,6 +262,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
     store = RunStore(output / STORE_NAME)
     handler = open_run_log(output, private=True)
     server = None
+    trackers = build_trackers(job)  # TensorBoard, MLflow: started once the sites are there
     try:
         store.set_job(job.job_hash(), json.dumps(job.model_dump(mode="json")))
         atomic_write_text(output / "job.yaml", job.to_yaml(), mode=PRIVATE)
@@ -323,6 +342,9 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         for arm in (Arm.LOCAL, Arm.FINETUNED):  # baselines run whole after the federation: redone from scratch
             store.drop_after(arm.value, 0)
 
+        trackers.start(job, output)  # a resumed run is a new run of the tracking tool, from its first redone round
+        record = _recording(store, trackers)
+
         def callback(s: RoundSummary, p: Params) -> None:
             if s.arm is Arm.FEDERATED:  # the resume point first: the best model never runs ahead of it
                 save_state(output, s.round, p, algorithm.server_state(), job.job_hash())
@@ -333,12 +355,12 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
 
         final = params
         if start <= job.rounds:
-            final = run_federated(federation, transport, params, store.write_metric, callback, start_round=start)
+            final = run_federated(federation, transport, params, record, callback, start_round=start)
         tracker.finish()
         if "finetuned" in job.compare:
-            run_finetuned(job, transport, final, store.write_metric, callback)
+            run_finetuned(job, transport, final, record, callback)
         if "local" in job.compare:
-            run_local(job, transport, init_params, store.write_metric, callback)
+            run_local(job, transport, init_params, record, callback)
         if job.task.kind == "segmentation" and job.task.save_predictions > 0:
             log.warning("task.save_predictions: predicted masks are not written in a deployment (the test "
                         "images stay at the sites)")
@@ -355,10 +377,16 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
                   "finished": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
                   "rounds": job.rounds, "resumed": resume}
         marker.update(model_record(job))  # the network, and what its weights and code were
+        if trackers:  # where the run was also logged
+            marker["tracking"] = trackers.describe()
         atomic_write_text(output / RUN_MARKER, json.dumps(marker, indent=2) + "\n", mode=PRIVATE)
         write_report(output, mode=PRIVATE)
+        trackers.finish(output)  # the report, metrics and final model as artifacts
         hub.finish(grace=wire.POLL_WAIT + 2.0)  # only a finished job sends the sites home
         return RunResult(run_dir=output, elapsed_s=elapsed)
+    except BaseException as e:
+        trackers.finish(output, e)  # the tool's run marked failed (or killed); no-op when not started
+        raise
     finally:
         if server is not None:
             server.stop(grace=2.0).wait(5.0)

@@ -40,6 +40,9 @@ def check_resumable(job: Job, from_python: bool) -> None:
     if job.contribution is not None:
         raise ConfigError("--resume: contribution estimates from every round's updates, which a stopped run does not "
                           "keep; run it again without --resume, or leave contribution out")
+    if job.train.engine == "bundle":
+        raise ConfigError("--resume: train.engine: bundle keeps the bundle trainer's optimizer and scheduler at each "
+                          "site from round to round, which a stopped run does not save; run it again without --resume")
     if job.transport == "ray":
         raise ConfigError("--resume: transport ray keeps the sites' state on its workers, which may be other "
                           "machines; use transport inprocess or pool, or run again without --resume")
