@@ -280,12 +280,18 @@ def provision(
     out_dir: Optional[Path] = typer.Option(
         None, "--out", help="Output folder for the CA and the kits (default: <name>-kits next to the consortium file)."
     ),
+    revoke: Optional[str] = typer.Option(
+        None, "--revoke", help="Revoke the certificate of this site: the CA re-signs its revocation list, copied into "
+                               "the server kit (install revoked.crl.pem beside the running server's kit)."),
 ) -> None:
     """Create the consortium's CA and a startup kit per participant (only the missing ones)."""
     from rich.table import Table
 
     from medfed.transport import pki
 
+    if revoke is not None:
+        _revoke(consortium_file, out_dir, revoke)
+        return
     try:
         result = pki.provision(consortium_file, out_dir)
     except MedfedError as e:
@@ -312,6 +318,22 @@ def provision(
         "later needs it. To reissue a kit, delete its folder and run provision again.",
         highlight=False,
     )
+
+
+def _revoke(consortium_file: Path, out_dir: Optional[Path], name: str) -> None:
+    from medfed.transport.pki import default_out_dir, load_consortium
+    from medfed.transport.pki.revocation import revoke
+
+    try:
+        out_folder = out_dir if out_dir is not None else default_out_dir(consortium_file, load_consortium(consortium_file))
+        mine, listed, server_copy = revoke(out_folder, name)
+    except MedfedError as e:
+        _fail(e)
+        return
+    out.print(f"revoked: site [bold]{escape(mine.name)}[/] (serial {mine.serial:x}, {mine.when:%Y-%m-%d %H:%M} UTC); "
+              f"{len(listed)} revoked in all: {escape(', '.join(r.name for r in listed))}", highlight=False)
+    out.print(f"Install [bold]{escape(str(server_copy))}[/] in the running server's kit folder (same file name): the "
+              "server refuses the site at its next call, without a restart.", highlight=False)
 
 
 def _join_seconds(value: Optional[float]) -> Optional[float]:

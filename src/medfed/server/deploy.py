@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from medfed import __version__
@@ -49,6 +49,12 @@ from medfed.server.runner import (
 from medfed.server.store import STORE_NAME, RunStore
 from medfed.server.update_path import ledger_for
 from medfed.transport.pki import Kit
+
+if TYPE_CHECKING:
+    import tenseal as ts
+
+    from medfed.tracking.external import Trackers
+    from medfed.transport.pki.revocation import Revocations
 
 log = logging.getLogger("medfed")
 
@@ -204,9 +210,12 @@ def serve_job(
     check_tracking(job, reach=True)  # the tracking tools installed, a server answering: before any site is awaited
     output = job.output.resolve()
     created = not output.exists()
+    from medfed.transport.pki.revocation import CRL_FILE, Revocations
+
+    revocations = Revocations(kit.path / CRL_FILE, kit.ca_pem)  # a list the CA did not sign: refused here
     _prepare_folder(output, resume)
     try:
-        return _serve(job, kit, output, resume, listen, join_timeout, on_round, on_sites, he_key)
+        return _serve(job, kit, output, resume, listen, join_timeout, on_round, on_sites, he_key, revocations)
     except BaseException as e:
         fresh = not resume and not (output / STATE_FILE).exists()
         if fresh:
@@ -219,7 +228,7 @@ def serve_job(
         raise
 
 
-def _he_public(job: Job, path: Path | None):
+def _he_public(job: Job, path: Path | None) -> ts.Context | None:
     """The consortium's public CKKS context for a job with ``privacy.he`` (None otherwise):
     ConfigError when it is missing, holds the secret key, or does not fit the job."""
     if job.privacy.he is None:
@@ -235,7 +244,7 @@ def _he_public(job: Job, path: Path | None):
     return read_key_file(path, job.privacy.he, private=False)
 
 
-def _recording(store: RunStore, trackers) -> Callable[[int, str, str, str, str, float | None], None]:
+def _recording(store: RunStore, trackers: Trackers) -> Callable[[int, str, str, str, str, float | None], None]:
     """The round loop's recorder: each value into ``store`` and to the job's trackers."""
 
     def record(rnd: int, arm: str, site: str, split: str, metric: str, value: float | None) -> None:
@@ -250,7 +259,7 @@ def _recording(store: RunStore, trackers) -> Callable[[int, str, str, str, str, 
 
 def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, join_timeout: float | None,
            on_round: RoundCallback | None, on_sites: Callable[[list[str], list[str]], None] | None,
-           he_key=None) -> RunResult:
+           he_key: ts.Context | None = None, revocations: Revocations | None = None) -> RunResult:
     from medfed.tracking.external import build_trackers
     from medfed.tracking.report import write_report
     from medfed.transport.grpc import wire
@@ -267,7 +276,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         store.set_job(job.job_hash(), json.dumps(job.model_dump(mode="json")))
         atomic_write_text(output / "job.yaml", job.to_yaml(), mode=PRIVATE)
         members = _members(store, job) if resume else []  # read before this server's sites join
-        hub = Hub(job, job.job_id, store)
+        hub = Hub(job, job.job_id, store, revocations)
         creds = wire.server_credentials(kit.ca_pem, kit.cert_pem, kit.key_pem)
         address = listen or f"0.0.0.0:{kit.server_port}"
         server = start_server(hub, address, creds, len(job.site_names))

@@ -1,6 +1,6 @@
 """Who is calling the hub: the site named by the caller's certificate (checked by TLS to be
-of the consortium CA), which must be a site certificate of a site of this job that is not
-left out of the run; and the first header of each call, which must name that same site
+of the consortium CA), which must be a site certificate, not revoked, of a site of this job
+that is not left out of the run; and the first header of each call, which must name that same site
 (and this job)."""
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from medfed.core.errors import CodecError
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.guard import Refused
+from medfed.transport.pki.revocation import Revocations
 
 
 class Callers:
-    """The sites allowed to call (the job's), those left out of the run, and the job's id."""
+    """The sites allowed to call (the job's), those left out of the run, the job's id, and
+    the consortium's revocation list (``revocations``, transport/pki/revocation.py)."""
 
-    def __init__(self, allowed: frozenset[str], job_id: str):
+    def __init__(self, allowed: frozenset[str], job_id: str, revocations: Revocations | None = None):
         self.allowed = allowed
         self.job_id = job_id
+        self.revocations = revocations
         self.excluded: dict[str, str] = {}  # sites left out of this run, and why
 
     def exclude(self, site: str, reason: str) -> None:
@@ -43,6 +46,11 @@ class Callers:
             usage = []
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"certificate '{site}' is not a site certificate", site)
+        gone = self.revocations.revoked(cert) if self.revocations is not None else None
+        if gone is not None:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          f"the certificate of site '{site}' (serial {cert.serial_number:x}) was revoked on "
+                          f"{gone.when:%Y-%m-%d %H:%M} UTC", site)
         if site not in self.allowed:
             raise Refused(
                 grpc.StatusCode.PERMISSION_DENIED,

@@ -44,6 +44,7 @@ from medfed.transport.grpc.guard import Call, Direction, Guard, Refused
 from medfed.transport.grpc.intake import Intake
 from medfed.transport.grpc.sessions import Session, Sessions
 from medfed.transport.grpc.tasks import Answer, Task, TaskBoard, TaskKind
+from medfed.transport.pki.revocation import Revocations
 
 __all__ = ["SITE_LOCAL", "TRANSFERS", "UPDATES_IN_MEMORY", "Hub", "SiteSummary", "Task", "TaskKind", "site_view"]
 
@@ -88,13 +89,13 @@ class Hub:
     """Shared state of the server process. ``store`` (a RunStore, optional) receives the
     participants and the audit trail."""
 
-    def __init__(self, job: Job, job_id: str, store: RunStore | None = None):
+    def __init__(self, job: Job, job_id: str, store: RunStore | None = None, revocations: Revocations | None = None):
         self.job_id = job_id
         self.job_view = site_view(job)
         self.round_timeout = job.round_timeout
         self.store = store
         self._cv = threading.Condition()  # guards sessions, tasks and the settling of answers
-        self.callers = Callers(frozenset(job.site_names), job_id)
+        self.callers = Callers(frozenset(job.site_names), job_id, revocations)
         self.sessions = Sessions(self._cv)
         self.board = TaskBoard(job.site_names, self._cv)
         self.intake = Intake(self.sessions, metric_bounds(job.task), store, slots=TRANSFERS, keep=UPDATES_IN_MEMORY)

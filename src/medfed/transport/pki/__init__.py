@@ -28,6 +28,8 @@ The package, one module per concern (every public name is importable from here):
 * ``certificates.py`` the CA and the certificates it issues; fingerprints
 * ``kits.py``         a kit's files, and :func:`load_kit`, which reads and checks a kit folder
 * ``provisioning.py`` :func:`provision`: the output folder's CA, the kits, ``consortium.json``
+* ``revocation.py``   ``medfed provision --revoke``: the CA-signed revocation list, and the
+  server's :class:`~.revocation.Revocations`, read again when the file changes
 """
 
 from __future__ import annotations
