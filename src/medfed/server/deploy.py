@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import sqlite3
 import time
@@ -247,12 +246,12 @@ def _he_public(job: Job, path: Path | None) -> ts.Context | None:
 def _recording(store: RunStore, trackers: Trackers) -> Callable[[int, str, str, str, str, float | None], None]:
     """The round loop's recorder: each value into ``store`` and to the job's trackers."""
 
+    from medfed.tracking.metrics import metric_record
+
     def record(rnd: int, arm: str, site: str, split: str, metric: str, value: float | None) -> None:
         store.write_metric(rnd, arm, site, split, metric, value)
         if trackers:
-            clean = None if value is None or not math.isfinite(value) else float(value)
-            trackers.record({"round": int(rnd), "arm": arm, "site": site, "split": split, "metric": metric,
-                             "value": clean})
+            trackers.record(metric_record(rnd, arm, site, split, metric, value))
 
     return record
 

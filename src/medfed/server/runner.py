@@ -33,10 +33,9 @@ from medfed.models import (
 )
 from medfed.server.baselines import run_centralized, run_finetuned, run_local, run_zero_filled
 from medfed.core.files import PRIVATE, atomic_write_text
-from medfed.server.checkpoint import model_record, save_checkpoint
+from medfed.server.checkpoint import STATE_FILE, model_record, save_checkpoint, save_state
 from medfed.server.federation import build_federation
 from medfed.server.contribution import contribution_tracker
-from medfed.server.checkpoint import STATE_FILE, save_state
 from medfed.server.resume import StoppedRun, check_resumable, site_state_dir
 from medfed.server.rundir import (  # noqa: F401 (RUN_MARKER, check_output: also imported from here)
     RUN_MARKER, check_output, check_replaceable, make_staging, move_into_place, stopped_runs, take_over,

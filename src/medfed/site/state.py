@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,8 @@ class RoundStates:
     """The two copies a site keeps (see the module docstring), and the rule for a round
     the server asks for again. ``snapshot``/``restore`` read and set the site's state."""
 
-    def __init__(self, site: str, snapshot, restore, file: StateFile | None = None):
+    def __init__(self, site: str, snapshot: Callable[[], Params], restore: Callable[[SiteState], None],
+                 file: StateFile | None = None):
         self.site = site
         self._snapshot, self._restore = snapshot, restore
         self.round = 0  # the federated round the site's state is from (0: none trained yet)

@@ -46,6 +46,11 @@ def _clean(value: float | None) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def metric_record(round: int, arm: str, site: str, split: str, metric: str, value: float | None) -> dict:
+    """One record as metrics.jsonl and the experiment trackers take it (NaN and inf: None)."""
+    return {"round": int(round), "arm": arm, "site": site, "split": split, "metric": metric, "value": _clean(value)}
+
+
 class MetricsWriter:
     """Append records to ``path``, one JSON line each, flushed as written.
 
@@ -72,8 +77,7 @@ class MetricsWriter:
             raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        record = {"round": int(round), "arm": arm, "site": site, "split": split, "metric": metric,
-                  "value": _clean(value)}
+        record = metric_record(round, arm, site, split, metric, value)
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self.on_record is not None:
