@@ -1,7 +1,8 @@
-"""Fairness between sites: FedAvg, FedBN, q-FedAvg and FedCE under feature shift and on
-BreastMNIST split into sites, side by side.
+"""Fairness between sites: FedAvg, FedBN, q-FedAvg, FedCE and HarmoFL under feature shift
+and on BreastMNIST split into sites, side by side.
 
 Usage: python benchmarks/fairness.py [--seeds 0,1,2] [--rounds 20] [--settings feature-shift,breastmnist]
+       [--methods fedavg,fedbn,qfedavg,fedce,harmofl]
 
 The settings, model and training budget are those of benchmarks/algorithms.py (4 synthetic
 sites with strongly different scanners; BreastMNIST in 3 sites, Dirichlet 0.5; small CNN,
@@ -32,6 +33,7 @@ METHODS = {
     "fedbn": {"name": "fedbn"},
     "qfedavg (q 1)": {"name": "qfedavg", "q": 1.0},
     "fedce (times)": {"name": "fedce"},
+    "harmofl (alpha 0.05)": {"name": "harmofl", "alpha": 0.05},
 }
 
 
@@ -45,8 +47,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--settings", default="feature-shift,breastmnist")
+    ap.add_argument("--methods", default="fedavg,fedbn,qfedavg,fedce,harmofl",
+                    help="which of the methods to run, by algorithm name")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    wanted = set(args.methods.split(","))
+    methods = {label: algo for label, algo in METHODS.items() if algo["name"] in wanted}
     set_threads(2)
     rows: dict[tuple[str, str], list[dict]] = {}
     t0 = time.perf_counter()
@@ -56,7 +62,7 @@ def main() -> None:
                 print(f"skipping breastmnist: {BREAST} not found")
                 continue
             for seed in seeds:
-                for i, (label, algo) in enumerate(METHODS.items()):
+                for i, (label, algo) in enumerate(methods.items()):
                     out = Path(tmp) / f"{setting}-{seed}-{i}"
                     run_job(job_for(setting, seed, algo, [], args.rounds, out))
                     aucs = site_aucs(read(out), args.rounds)

@@ -1,14 +1,19 @@
-"""Client selection: uniform sampling against sampling by loss (power of choice) at 10% and
-30% participation, on 50 synthetic sites with skewed labels.
+"""Client selection: uniform sampling against sampling by loss (power of choice) and
+FedACS-style adaptive sampling at 10% and 30% participation, on 50 synthetic sites with
+skewed labels.
 
 Usage: python benchmarks/sampling.py [--seeds 0,1,2] [--rounds 30] [--sites 50]
+       [--methods uniform,loss,adaptive]
 
 Each site has 60 training, 20 validation and 40 test images (1x28x28, the synthetic lesion
 task), one of four scanners, and a label prevalence drawn from Beta(0.3, 0.3) (clipped to
 [0.05, 0.95]): sites differ in what they teach. FedAvg, small CNN (width 8), 1 local epoch
 of SGD (lr 0.02, momentum 0.9) a round; the global model is evaluated every 5 rounds at
 every site. ``loss`` draws twice the round's count of candidates uniformly and trains those
-with the highest training loss in their last round (a site not yet seen first). It prints,
+with the highest training loss in their last round (a site not yet seen first);
+``adaptive`` (server/sampling.py, after Active Federated Learning) draws with chances that
+grow with each site's last training loss times the square root of its examples, at its
+default settings (exclude 0.75, sharpness 1, explore 0.1; sites not yet seen first). It prints,
 per participation and method, the test AUC (site mean and worst site) at the last round
 and the number of distinct sites that trained, mean ± standard deviation over seeds.
 """
@@ -58,6 +63,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--sites", type=int, default=50)
+    ap.add_argument("--methods", default="uniform,loss,adaptive")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     set_threads(2)
@@ -67,7 +73,7 @@ def main() -> None:
         for seed in seeds:
             for share in (0.1, 0.3):
                 count = max(1, round(share * args.sites))
-                for method in ("uniform", "loss"):
+                for method in args.methods.split(","):
                     out = Path(tmp) / f"{seed}-{count}-{method}"
                     run_job(job_for(seed, args.sites, count, method, args.rounds, out))
                     recs = read(out)

@@ -101,6 +101,8 @@ def _run_with_progress(job: Job, overwrite: bool, quiet: bool, resume: bool = Fa
                 found = r.class_counts.get("train")
                 counts = "not read at start" if found is None else ", ".join(f"{k}={v}" for k, v in enumerate(found))
                 extra = "  [yellow]held out[/]" if r.held_out else ""
+                if r.unlabeled:  # semi-supervised: the class counts are the labeled examples'
+                    extra += f"  {r.labeled} labeled, {r.unlabeled} unlabeled"
                 if r.skipped:
                     extra += f"  [yellow]{r.skipped} file(s) skipped[/]"
                 progress.console.print(
@@ -203,6 +205,10 @@ def _check_model_and_algorithm(job: Job) -> None:
     if job.transforms.patch is not None:
         check_input_size(job.model, tuple(job.transforms.patch), tuple(job.transforms.patch))
     build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum, lr=job.train.lr)
+    if job.topology.kind == "split":  # the cut names a module of this network, one tensor crossing it
+        from medfed.cut import cut_model
+
+        cut_model(model, job.topology.cut, job.topology.head)
 
 
 @app.command()
@@ -440,6 +446,7 @@ def site(
                             he_context=he_context)
         conn = Connection(f"{k.server_host}:{k.server_port}", k.ca_pem, k.cert_pem, k.key_pem, k.name,
                           reconnect_max=reconnect_max or RECONNECT_MAX)
+        remote.split_call = conn.split  # split learning's per-batch exchange (topology.kind: split)
 
         def setup(job: dict, job_id: str) -> tuple[dict, float]:
             try:

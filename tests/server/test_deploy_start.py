@@ -15,8 +15,9 @@ import pytest
 from deploy_kits import make_kits
 from medfed.config import ImportModelConfig, builtin_job_path, load_job
 from medfed.core.errors import NetworkError, RunDirError
-from medfed.server import deploy
-from medfed.server.deploy import _common_shape, serve_job
+from medfed.server import admission, deploy
+from medfed.server.admission import common_shape as _common_shape
+from medfed.server.deploy import serve_job
 from medfed.server.store import RunStore
 from medfed.transport.pki import load_kit
 from transport.test_grpc_checks import Consortium, _summary
@@ -128,9 +129,9 @@ def test_a_resume_before_any_round_was_saved_redoes_round_one_without_replays(tm
 
 def test_a_different_model_is_explained_by_the_code_that_builds_it(tmp_path):
     job = _job(tmp_path)
-    assert "another medfed or MONAI version (model 'small_cnn')" in deploy._model_hint(job)
+    assert "another medfed or MONAI version (model 'small_cnn')" in admission.model_hint(job)
     mine = job.model_copy(update={"model": ImportModelConfig.model_validate({"import": "mynets.models:build"})})
-    assert deploy._model_hint(mine).startswith("the site runs another version of 'mynets.models:build'")
-    said = deploy._absences({"hospital_b": "no module named 'mynets'"}, {"hospital_c": "it built a different model"})
+    assert admission.model_hint(mine).startswith("the site runs another version of 'mynets.models:build'")
+    said = admission.absences({"hospital_b": "no module named 'mynets'"}, {"hospital_c": "it built a different model"})
     assert said == ("; site 'hospital_b' cannot take part in the job: no module named 'mynets'; "
                     "site 'hospital_c' is left out: it built a different model")

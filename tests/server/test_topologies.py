@@ -237,12 +237,3 @@ def test_a_bad_topology_field_is_named_as_the_user_writes_it():
         parse_job(_job({"kind": "swarm", "merge": "gossip", "peers": 0}))
     assert "topology.peers: must be at least 1" in str(e.value) or "topology.peers: " in str(e.value)
     assert "topology.swarm" not in str(e.value)
-
-
-def test_a_deployed_server_refuses_a_topology_without_a_server(tmp_path):
-    from medfed.server.deploy import serve_job
-
-    job = parse_job({**_job({"kind": "cyclic"}), "output": str(tmp_path / "out")})
-    with pytest.raises(ConfigError, match="topology.kind: cyclic runs in simulation only for now"):
-        serve_job(job, kit=None)
-    assert not (tmp_path / "out").exists()

@@ -62,3 +62,23 @@ def test_loss_is_finite_and_positive(labels, k, y):
     logits = torch.zeros(2, 1 if labels == "binary" else k)
     loss = task.loss(logits, y)
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_auc_equals_monais_with_ties_and_is_none_for_nan_scores():
+    """The rank statistic medfed computes (without importing MONAI) is MONAI's
+    compute_roc_auc, ties included, bit for bit."""
+    from monai.metrics import compute_roc_auc
+
+    from medfed.tasks.classification import _auc
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(2, 300, (1,), generator=g))
+        y = torch.randint(0, 2, (n,), generator=g)
+        y[0], y[1] = 0, 1
+        s = torch.rand(n, generator=g)
+        if trial % 2:
+            s = (s * 4).round() / 4  # many ties
+        assert _auc(s, y) == float(compute_roc_auc(s, y))
+    assert _auc(torch.tensor([0.1, 0.9, 0.5, 0.5]), torch.tensor([0, 1, 0, 1])) == 0.875  # one tie: half
+    assert _auc(torch.tensor([0.1, float("nan")]), torch.tensor([0, 1])) is None

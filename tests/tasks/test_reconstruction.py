@@ -263,6 +263,20 @@ def test_pairs_and_medmnist_images_become_ground_truth_of_their_undersampling(tm
     assert torch.allclose(lo, torch.zeros_like(lo)) and torch.allclose(hi, torch.ones_like(hi))  # each image in [0, 1]
     seeds = example_seeds(job.seed, 1, "test", len(b.test))
     assert torch.equal(b.test.images, zero_filled(b.test.labels, 6.0, 0.08, "equispaced", seeds))
+    # a site of a file source undersampled at its own acceleration (the task's for the other)
+    own = _job(tmp_path, data={**data, "sites": [data["sites"][0], {**data["sites"][1], "acceleration": 8}]},
+               task={"acceleration": 6})
+    a8, b8 = build_sites(own)
+    assert torch.equal(a8.test.images, a.test.images)
+    assert torch.equal(b8.test.images, zero_filled(b8.test.labels, 8.0, 0.08, "equispaced", seeds))
+    assert not torch.equal(b8.test.images, b.test.images)
+    assert "acceleration" not in own.model_dump(mode="json")["data"]["sites"][0]  # unset: older jobs keep their hash
+    with pytest.raises(ConfigError, match=r"data\.sites\[1\]\.acceleration: undersampling is for task.kind: "
+                                          "reconstruction"):
+        parse_job({**_job(tmp_path).model_dump(mode="json"), "task": {"labels": "binary"}, "model": {"name": "small_cnn"},
+                   "data": {"source": "folder", "label_columns": ["y"], "sites": [
+                       {"name": "a", "images": "i", "csv": "c.csv"},
+                       {"name": "b", "images": "i", "csv": "c.csv", "acceleration": 4}]}})
 
     npz = tmp_path / "tiny.npz"
     arrays = {f"{s}_images": (make_phantoms(n, 28, 4, rng)[:, 0].numpy() * 255).astype(np.uint8)

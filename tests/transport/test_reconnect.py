@@ -20,7 +20,7 @@ from medfed.cli import app
 from medfed.config import builtin_job_path, load_job
 from medfed.core import codec
 from medfed.core.errors import CodecError
-from medfed.server.deploy import _members
+from medfed.server.admission import members as _members
 from medfed.server.store import RunStore
 from medfed.transport.grpc import client, wire
 from medfed.transport.grpc.client import (

@@ -16,6 +16,7 @@ from medfed.algorithms.moon import Moon
 from medfed.algorithms.fedopt import FedOpt
 from medfed.algorithms.fedprox import FedProx
 from medfed.algorithms.fedce import FedCE
+from medfed.algorithms.harmofl import HarmoFL
 from medfed.algorithms.qfedavg import QFedAvg
 from medfed.algorithms.scaffold import Scaffold
 from medfed.config import (
@@ -30,6 +31,7 @@ from medfed.config import (
     FedPerConfig,
     FedProxConfig,
     FedRepConfig,
+    HarmoFLConfig,
     MoonConfig,
     QFedAvgConfig,
     ScaffoldConfig,
@@ -70,6 +72,8 @@ def build_algorithm(
         return FedRep(kept, cfg.head_epochs, trainable, combiner)
     if isinstance(cfg, FedPerConfig):
         return FedPer(kept, trainable, combiner)
+    if isinstance(cfg, HarmoFLConfig):
+        return HarmoFL(cfg.alpha, trainable, combiner)
     if combiner is not None and not isinstance(combiner, WeightedMean):
         raise TypeError(f"{type(cfg).__name__}: its rule is not built on the mean and takes no combiner")
     if isinstance(cfg, FedNovaConfig):

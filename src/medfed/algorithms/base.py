@@ -73,8 +73,33 @@ class SiteHook:
         """A term added to the task loss at every step (None: nothing to add)."""
         return None
 
+    def batch_loss(self, model: nn.Module, images: torch.Tensor, outputs: torch.Tensor,
+                   labeled: torch.Tensor) -> torch.Tensor | None:
+        """A term of the batch itself added to the loss at every step (None: nothing to add):
+        ``images`` (B, C, *spatial) as the step trains on them, ``outputs`` the model's
+        logits for them (with their graph), ``labeled`` bool (B,): which examples have a
+        label (the task loss covers those only). Semi-supervised training (site/semi.py)
+        adds its consistency or pseudo-label term here."""
+        return None
+
     def on_after_backward(self, model: nn.Module) -> None:
         """Called after ``loss.backward()`` and before the optimizer step."""
+
+    def on_step_end(self, model: nn.Module) -> None:
+        """Called after every optimizer step (the mean teacher's moving average)."""
+
+    # True when the hook takes sharpness-aware steps (HarmoFL's weight perturbation): after
+    # the batch's backward pass the training step calls :meth:`perturb`, takes the gradient
+    # again at the moved weights, calls :meth:`unperturb` and steps with that gradient.
+    perturbs: bool = False
+
+    def perturb(self, model: nn.Module) -> Params | None:
+        """Move the weights in place from their current gradients; return the moves by
+        name, or None when nothing moved (then the step uses the first gradient)."""
+        return None
+
+    def unperturb(self, model: nn.Module, moves: Params) -> None:
+        """Undo :meth:`perturb`'s ``moves`` (the gradients stay)."""
 
     def on_train_end(self, model: nn.Module, num_steps: int) -> Params:
         """Extra tensors to send back with the update (empty by default)."""

@@ -26,7 +26,7 @@ One module per section of the job, each importing only those listed before it:
 - ``model``: the network (:class:`ModelConfig` by name, :class:`MonaiModelConfig`,
   :class:`ImportModelConfig`, :class:`BundleModelConfig`; any of them :data:`AnyModelConfig`), its init and frozen
   layers, and the task (:class:`TaskConfig`, :class:`SegmentationTaskConfig`)
-- ``topology``: how the sites' training is combined: a server (default), cyclic, swarm
+- ``topology``: how the sites' training is combined: a server (default), cyclic, swarm, split
 - ``algorithms``: one settings class per algorithm, with what it does beyond the mean declared on it
 - ``contribution``: per-site contribution (Shapley values, leave-one-out) and what it cannot go with
 - ``tracking``: where results are also logged (TensorBoard, MLflow), kept out of the job's dumps and hash
@@ -56,6 +56,7 @@ from medfed.config.algorithms import (
     FedPerConfig,
     FedProxConfig,
     FedRepConfig,
+    HarmoFLConfig,
     MoonConfig,
     QFedAvgConfig,
     ScaffoldConfig,
@@ -105,6 +106,8 @@ from medfed.config.files import (
     with_init_hash,
 )
 from medfed.config.job import Job, SamplingConfig, TrainConfig
+from medfed.config.semi import SemiConfig
+from medfed.config.pretrain import PretrainConfig
 from medfed.config.contribution import ContributionConfig, contribution_metric
 from medfed.config.generalization import GeneralizationConfig
 from medfed.config.topology import (
@@ -112,6 +115,7 @@ from medfed.config.topology import (
     AnyTopology,
     CyclicTopology,
     ServerTopology,
+    SplitTopology,
     SwarmTopology,
     TopologyConfig,
 )
@@ -175,6 +179,8 @@ from medfed.config.transforms import (
 )
 
 __all__ = [
+    "SemiConfig",
+    "PretrainConfig",
     "ContributionConfig",
     "contribution_metric",
     "CLASSIFIERS",
@@ -216,6 +222,7 @@ __all__ = [
     "FedAvgConfig",
     "FedBNConfig",
     "FedCEConfig",
+    "HarmoFLConfig",
     "GeneralizationConfig",
     "FedDynConfig",
     "FedNovaConfig",
@@ -252,6 +259,7 @@ __all__ = [
     "RotateStep",
     "SamplingConfig",
     "ServerTopology",
+    "SplitTopology",
     "SwarmTopology",
     "ScaffoldConfig",
     "ScannerConfig",

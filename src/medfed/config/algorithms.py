@@ -191,12 +191,28 @@ class FedCEConfig(AlgorithmSettings):
     mode: Literal["times", "plus"] = "times"
 
 
+class HarmoFLConfig(AlgorithmSettings):
+    """HarmoFL (Jiang, Wang and Dou, AAAI 2022; algorithms/harmofl.py): at each site,
+    every image's amplitude spectrum (in the central band of ``ratio`` of each side; 1, the
+    default, is the whole spectrum) is replaced by the site's own average amplitude over
+    ``amplitude_images`` of its training images, its phase kept (nothing of it leaves the
+    site); and each local step takes its gradient at the weights moved by ``alpha``
+    (the perturbation's radius, in the units of the weights) along the normalized gradient.
+    The server averages as FedAvg. 2D images, the server topology."""
+
+    name: Literal["harmofl"]
+    gradient_change: ClassVar[str | None] = "takes each gradient at weights perturbed along the batch's gradient"
+    alpha: Real = Field(0.05, ge=0, le=10)
+    ratio: Real = Field(1.0, gt=0, le=1)
+    amplitude_images: Count = Field(256, ge=1, le=100_000)
+
+
 # One entry per algorithm; each is `name: Literal[...]` plus its hyperparameters, and declares
 # what it does beyond the mean as class attributes (see AlgorithmSettings).
 AlgorithmConfig = Annotated[
     Union[
         FedAvgConfig, FedProxConfig, FedOptConfig, ScaffoldConfig, FedBNConfig, FedNovaConfig, FedDynConfig,
-        FedPerConfig, FedRepConfig, DittoConfig, MoonConfig, QFedAvgConfig, FedCEConfig,
+        FedPerConfig, FedRepConfig, DittoConfig, MoonConfig, QFedAvgConfig, FedCEConfig, HarmoFLConfig,
     ],
     Field(discriminator="name"),
 ]

@@ -40,8 +40,29 @@ class ScannerConfig(Frozen):
     resolution: Real = Field(1.0, gt=0, le=1)
 
 
+def _fraction_field():
+    """``labeled_fraction``: the share of a site's training labels kept, in (0, 1]; left out
+    of the job's dumps when not given (older jobs keep their hash)."""
+    return Field(None, gt=0, le=1, exclude_if=lambda v: v is None)
+
+
+def _unlabeled_field():
+    return Field(False, exclude_if=lambda v: not v)
+
+
+def _one_label_rule(site: Any) -> None:
+    """A site's label fields (data/labels.py): ``labeled_fraction`` keeps a seeded share of
+    its training labels (the section's ``labeled_fraction`` when not given; val and test
+    keep theirs); ``unlabeled: true`` makes it a site without labels: every training
+    example unlabeled, and no val or test examples (it is evaluated on nothing).
+    Unlabeled training examples train only with ``semi_supervised``."""
+    if site.unlabeled and site.labeled_fraction is not None:
+        raise ValueError("labeled_fraction: a site with unlabeled: true keeps no labels; give one or the other")
+
+
 class SyntheticSite(Frozen):
-    """One synthetic hospital: its size, label prevalence and scanner."""
+    """One synthetic hospital: its size, label prevalence and scanner; ``labeled_fraction``
+    and ``unlabeled``: see :func:`_one_label_rule`."""
 
     name: SiteName
     n_train: Count = Field(gt=0, le=MAX_EXAMPLES)
@@ -49,12 +70,20 @@ class SyntheticSite(Frozen):
     n_test: Count = Field(gt=0, le=MAX_EXAMPLES)
     prevalence: Real = Field(0.5, gt=0, lt=1)
     scanner: ScannerConfig = ScannerConfig()
+    labeled_fraction: Real | None = _fraction_field()
+    unlabeled: bool = _unlabeled_field()
+
+    @model_validator(mode="after")
+    def _labels(self) -> "SyntheticSite":
+        _one_label_rule(self)
+        return self
 
 
 class _SyntheticSites(Frozen):
     """The site list shared by the synthetic sources: names unique, in the job's order."""
 
     sites: list[SyntheticSite] = Field(min_length=1, max_length=MAX_SITES)
+    labeled_fraction: Real | None = _fraction_field()  # every site's, unless it gives its own
 
     @field_validator("sites")
     @classmethod
@@ -108,6 +137,7 @@ class MedMNISTData(Frozen):
     path: Path
     dims: Annotated[Literal[2, 3], NoBool] = 2
     partition: PartitionConfig
+    labeled_fraction: Real | None = _fraction_field()  # every site's share of training labels kept
 
     @property
     def site_names(self) -> list[str]:
@@ -141,7 +171,8 @@ class FileSite(Frozen):
     """One site's files: ``images`` (with ``masks`` or ``csv``) holding all its examples,
     or ``train`` with optional ``val`` and ``test`` sets (missing ones are drawn from
     ``train`` by the data's ``split`` fractions). ``cache`` and ``loader``, when given,
-    replace the data section's for this site."""
+    replace the data section's for this site. ``acceleration`` (a reconstruction task
+    only): the undersampling of this site's images, else the task's."""
 
     name: SiteName
     images: Path | None = None
@@ -152,9 +183,14 @@ class FileSite(Frozen):
     test: FileSet | None = None
     cache: CacheMode | None = None
     loader: LoaderConfig | None = None
+    # a reconstruction job: this site's undersampling, else the task's (the site's scanner protocol)
+    acceleration: Real | None = Field(None, ge=1, le=64, exclude_if=lambda v: v is None)
+    labeled_fraction: Real | None = _fraction_field()  # and unlabeled: see _one_label_rule
+    unlabeled: bool = _unlabeled_field()
 
     @model_validator(mode="after")
     def _one_layout(self) -> "FileSite":
+        _one_label_rule(self)
         flat = self.images is not None
         split = self.train is not None
         if flat == split:
@@ -223,6 +259,7 @@ class _FileReading(Frozen):
     cache: CacheMode = "auto"
     cache_dir: Path | None = None
     loader: LoaderConfig = LoaderConfig()
+    labeled_fraction: Real | None = _fraction_field()  # every site's, unless it gives its own
 
     def reading(self, site: str) -> tuple[CacheMode, LoaderConfig]:
         """The cache mode and loader settings of ``site``: its own, else the section's."""

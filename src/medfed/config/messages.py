@@ -47,7 +47,7 @@ def _union_tags(union: Any, field: str) -> set[str]:
 _UNION_TAGS = (
     _union_tags(DataConfig, "source") | _union_tags(AlgorithmConfig, "name") | _union_tags(PreprocessStep, "name")
     | _union_tags(AugmentStep, "name") | {"classification", "segmentation", "reconstruction"} | {"named", "monai", "import", "bundle"}
-    | {"server", "cyclic", "swarm"}
+    | {"server", "cyclic", "swarm", "split"}
 )
 _UNION_PARENTS = ("data", "algorithm", "task", "model", "topology", "]")
 

@@ -84,7 +84,7 @@ class SitePolicy(Frozen):
     tasks: Annotated[list[Literal["classification", "segmentation", "reconstruction"]], Field(min_length=1)] | None = None
     models: Annotated[list[str], Field(min_length=1)] | None = None
     algorithms: Annotated[list[str], Field(min_length=1)] | None = None
-    topologies: Annotated[list[Literal["server", "cyclic", "swarm"]], Field(min_length=1)] | None = None
+    topologies: Annotated[list[Literal["server", "cyclic", "swarm", "split"]], Field(min_length=1)] | None = None
     max_rounds: Count | None = Field(None, ge=1, le=MAX_ROUNDS)
     privacy: PrivacyRules = PrivacyRules()
     disclose: Disclose = Disclose.COUNTS

@@ -163,8 +163,8 @@ def reconstruction_problem(job: Any) -> str | None:
         if used:
             return (f"{field}: not supported with task.kind: reconstruction yet (it would change the zero-filled "
                     "input apart from its ground truth); leave it out")
-    for i, site in enumerate(data.sites if own else []):
-        a = site.acceleration
+    for i, site in enumerate((getattr(data, "sites", None) or [])):
+        a = getattr(site, "acceleration", None)
         if a is not None and a * task.center_fraction >= 1:
             return (f"data.sites[{i}].acceleration: {a:g} with task.center_fraction {task.center_fraction:g}: the "
                     f"lines kept at the centre already sample 1/{a:g} or more; lower center_fraction below {1 / a:g} "

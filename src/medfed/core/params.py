@@ -80,3 +80,17 @@ def clip_to_norm(d: Params, bound: float) -> tuple[Params, float]:
 def nbytes(params: Params) -> int:
     """Bytes of tensor data in ``params`` (what a payload carries, less its header)."""
     return sum(t.numel() * t.element_size() for t in params.values())
+
+
+@torch.no_grad()
+def moving_average(average: Params, current: Params, decay: float) -> None:
+    """Update ``average`` in place toward ``current`` (a model's state dict):
+    ``average = decay * average + (1 - decay) * current`` for floating-point entries; other
+    entries (counters such as batch norm's ``num_batches_tracked``) are copied. A mean
+    teacher's and BYOL's target network."""
+    for name, value in current.items():
+        t = average[name]
+        if t.is_floating_point():
+            t.mul_(decay).add_(value.detach().to(t.dtype), alpha=1 - decay)
+        else:
+            t.copy_(value)

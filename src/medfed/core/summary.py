@@ -26,7 +26,9 @@ class SiteSummary(Frozen):
     data/sites.py ``class_counts_of``), the image shape (C, *spatial), whether it is held
     out, and how many files it ``skipped``. ``skipped_files`` names them (and why), in a
     simulation only: a deployed site sends the count, never file names, and the server
-    refuses a summary that names files."""
+    refuses a summary that names files. ``unlabeled``: how many of the ``train`` examples
+    have no label (semi-supervised training, data/labels.py); the others are labeled, and
+    only they count in ``class_counts``."""
 
     name: str
     train: Count
@@ -35,8 +37,20 @@ class SiteSummary(Frozen):
     class_counts: dict[Literal["train", "val", "test"], list[Count]] = Field(default_factory=dict)
     shape: list[int] = Field(min_length=2, max_length=4)
     held_out: bool = False
+    unlabeled: Count = Field(0, exclude_if=lambda v: v == 0)  # left out at 0: older sites.json and summaries alike
     skipped: Count = 0
     skipped_files: tuple[SkippedFile, ...] = ()
+
+    @property
+    def labeled(self) -> int:
+        """Training examples with a label."""
+        return self.train - self.unlabeled
+
+    @model_validator(mode="after")
+    def _unlabeled_of_train(self) -> "SiteSummary":
+        if self.unlabeled > self.train:
+            raise ValueError(f"unlabeled: {self.unlabeled} unlabeled of {self.train} training examples")
+        return self
 
     @model_validator(mode="before")
     @classmethod

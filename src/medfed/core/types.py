@@ -29,6 +29,7 @@ class Arm(str, enum.Enum):
     FINETUNED = "finetuned"  # the final federated model fine-tuned at each site on its own data
     PERSONALIZED = "personalized"  # each site's personal model kept alongside the global one (Ditto)
     ZERO_FILLED = "zero_filled"  # reconstruction: the undersampled input itself, scored as a model (no training)
+    PRETRAIN = "pretrain"  # the federated self-supervised stage before the federated arm (job.pretrain)
 
 
 class Metric(enum.StrEnum):
@@ -50,6 +51,7 @@ class Metric(enum.StrEnum):
     UNCLIPPED_FRACTION = "unclipped_fraction"  # adaptive clipping's noisy share of updates under the bound
     SELECTED = "selected"  # Krum: the updates selected
     CLIPPED_FRACTION = "clipped_fraction"  # norm bounding: the share of updates clipped
+    SSL_LOSS = "ssl_loss"  # the pretraining stage's self-supervised loss (arm pretrain, split train)
 
     def of_class(self, k: int) -> str:
         """The name of this figure for class (or label) ``k``: ``auc_class_2``."""
@@ -184,14 +186,17 @@ class EvalRequest:
 
 @dataclass(frozen=True)
 class Message:
-    """A small protocol message of the update path to one site (secure aggregation's key
-    exchange and unmasking): ``topic`` names it, ``body`` is JSON-able."""
+    """A protocol message to one site (secure aggregation's key exchange and unmasking, a
+    relayed topology's models): ``topic`` names it, ``body`` is JSON-able.
+    ``answer_limit``: the most bytes its answer may have (None: the transport's default,
+    for small answers)."""
 
     site: str
     job_id: str
     round: int
     topic: str
     body: dict
+    answer_limit: int | None = None
 
 
 @dataclass(frozen=True)

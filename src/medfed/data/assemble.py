@@ -11,7 +11,7 @@ import torch
 
 from medfed.config import SplitConfig
 from medfed.core.errors import DataError
-from medfed.data.base import ArraySplit, Record, SiteData, SiteRecords
+from medfed.data.base import ArraySplit, Record, SiteData, SiteRecords, labeled_mask
 
 SPLITS = ("train", "val", "test")
 Preprocess = Callable[[Record], Record]
@@ -29,13 +29,15 @@ def split_rows(records: list[Row], split: SplitConfig, seed: int, index: int) ->
     """Records (or index entries) by split. Those that name their split keep it; the
     others are drawn into val and test by the ``split`` fractions (train gets the rest).
     When some name a split but none is in val (or test), that split is drawn from the
-    training ones."""
+    training ones. Rows without a label (``labeled`` False) that name no split train:
+    they are never drawn into val or test, which hold labeled examples only."""
     rng = np.random.default_rng([seed, index, 2])
     out: dict[str, list[Row]] = {s: [r for r in records if r.split == s] for s in SPLITS}
     loose = [r for r in records if r.split is None]
     if loose:
         out["train"] = out["train"] + loose
-    pool = out["train"]
+    unlabeled = [r for r in out["train"] if not getattr(r, "labeled", True)]
+    pool = [r for r in out["train"] if getattr(r, "labeled", True)] if unlabeled else out["train"]
     need = [s for s in ("val", "test") if not out[s]]
     if need and pool:
         order = rng.permutation(len(pool))
@@ -44,8 +46,14 @@ def split_rows(records: list[Row], split: SplitConfig, seed: int, index: int) ->
         for s in need:
             out[s] = [pool[i] for i in sorted(order[start : start + take[s]])]
             start += take[s]
-        out["train"] = [pool[i] for i in sorted(order[start:])]
+        out["train"] = [pool[i] for i in sorted(order[start:])] + unlabeled
     return out
+
+
+def may_be_empty(split: str, rows: list) -> bool:
+    """A site with unlabeled examples may have no val or test examples: it is evaluated on
+    nothing there (data/labels.py); every other site needs all three splits."""
+    return split != "train" and any(not getattr(r, "labeled", True) for r in rows)
 
 
 def stack_records(records: list[Record], where: str) -> ArraySplit:
@@ -67,8 +75,12 @@ def stack_records(records: list[Record], where: str) -> ArraySplit:
     images = torch.from_numpy(np.stack([np.asarray(r.image, dtype=np.float32) for r in records]))
     targets = np.stack([np.asarray(r.target) for r in records])
     labels = torch.from_numpy(targets.astype(np.float32 if targets.dtype.kind == "f" else np.int64))
+    labeled = None
+    if not all(r.labeled for r in records):
+        labeled = torch.tensor([r.labeled for r in records], dtype=torch.bool)
     return ArraySplit(
-        images.contiguous(), labels, tuple(r.name for r in records), spacings.pop() if len(spacings) == 1 else None
+        images.contiguous(), labels, tuple(r.name for r in records), spacings.pop() if len(spacings) == 1 else None,
+        labeled,
     )
 
 
@@ -83,7 +95,7 @@ def assemble_site(
     records = [preprocess(r) for r in read.records] if preprocess is not None else read.records
     by_split = split_rows(records, split, seed, index)
     for s in SPLITS:
-        if not by_split[s]:
+        if not by_split[s] and not may_be_empty(s, records):
             raise DataError(
                 f"{where} has no examples in its {s} split ({len(records)} example(s) in all); "
                 "a site needs at least 3 examples, one per split"
@@ -96,8 +108,9 @@ def assemble_site(
 def preprocess_split(split: ArraySplit, preprocess: Preprocess, where: str) -> ArraySplit:
     """The preprocessing steps applied to every example of an in-memory split."""
     names = split.names or tuple(f"{where} #{i}" for i in range(len(split)))
+    labeled = labeled_mask(split)
     records = [
-        Record(names[i], split.images[i].numpy(), split.labels[i].numpy(), split.spacing)
+        Record(names[i], split.images[i].numpy(), split.labels[i].numpy(), split.spacing, labeled=bool(labeled[i]))
         for i in range(len(split))
     ]
     return stack_records([preprocess(r) for r in records], where)

@@ -35,19 +35,22 @@ class Batch:
     """One batch ready for the model: ``images`` (B, C, *spatial), ``labels`` as the split
     holds them, ``spacings`` per example (None where unknown), and the files left out of
     it as unreadable under ``on_bad_file: skip``, as (file, reason). A batch can be empty
-    (its examples all skipped, or an empty Poisson draw)."""
+    (its examples all skipped, or an empty Poisson draw). ``labeled``: bool (B,), which
+    examples have a label (the others hold a placeholder label); None: all of them."""
 
     images: torch.Tensor
     labels: torch.Tensor
     spacings: tuple[tuple[float, ...] | None, ...] = ()
     skipped: tuple[tuple[str, str], ...] = ()
+    labeled: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies, for a DataLoader with ``pin_memory`` (CUDA)."""
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.spacings, self.skipped)
+        labeled = None if self.labeled is None else self.labeled.pin_memory()
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.spacings, self.skipped, labeled)
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,16 @@ class ArraySplit:
     ``names``: where each example came from (file name), when known.
     ``spacing``: millimetres per pixel or voxel along the spatial axes, when all examples
     share one (after resampling) and it is known.
+    ``labeled``: bool (N,), which examples have a label (a training split with labels
+    missing or hidden, data/labels.py); the others hold a placeholder label (zeros).
+    None (default): every example is labeled.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     names: tuple[str, ...] | None = None
     spacing: tuple[float, ...] | None = None
+    labeled: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim not in (4, 5):
@@ -77,6 +84,9 @@ class ArraySplit:
             raise DataError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
         if self.names is not None and len(self.names) != self.images.shape[0]:
             raise DataError(f"{self.images.shape[0]} images but {len(self.names)} names")
+        if self.labeled is not None and (self.labeled.dtype != torch.bool or self.labeled.shape != (len(self.images),)):
+            raise DataError(f"{self.images.shape[0]} images but a labeled mask of {self.labeled.dtype} "
+                            f"{tuple(self.labeled.shape)}")
 
     @property
     def spatial_dims(self) -> int:
@@ -98,11 +108,13 @@ class ArraySplit:
             x, y = self.images[p.index], self.labels[p.index]
             if augment is not None and p.seed is not None and len(p.index):
                 x, y = augment(x, y, p.seed)
-            yield Batch(x, y, spacings * len(p.index))
+            labeled = None if self.labeled is None else self.labeled[p.index]
+            yield Batch(x, y, spacings * len(p.index), labeled=labeled)
 
     def subset(self, index: torch.Tensor) -> "ArraySplit":
         names = None if self.names is None else tuple(self.names[int(i)] for i in index)
-        return ArraySplit(self.images[index], self.labels[index], names, self.spacing)
+        labeled = None if self.labeled is None else self.labeled[index]
+        return ArraySplit(self.images[index], self.labels[index], names, self.spacing, labeled)
 
     @staticmethod
     def concat(parts: list["ArraySplit"]) -> "ArraySplit":
@@ -110,12 +122,21 @@ class ArraySplit:
         if all(p.names is not None for p in parts):
             names = tuple(n for p in parts for n in p.names)  # type: ignore[union-attr]
         spacings = {p.spacing for p in parts}
+        labeled = None
+        if any(p.labeled is not None for p in parts):
+            labeled = torch.cat([labeled_mask(p) for p in parts])
         return ArraySplit(
             torch.cat([p.images for p in parts]),
             torch.cat([p.labels for p in parts]),
             names,
             spacings.pop() if len(spacings) == 1 else None,
+            labeled,
         )
+
+
+def labeled_mask(split: "ArraySplit | Examples") -> torch.Tensor:
+    """bool (N,): which examples of ``split`` have a label (all, when it records none missing)."""
+    return split.labeled if split.labeled is not None else torch.ones(len(split), dtype=torch.bool)
 
 
 class Examples(Protocol):
@@ -123,11 +144,13 @@ class Examples(Protocol):
 
     ``labels``: classification targets (class indices or 0/1 rows) when known without
     reading pixels, for the summaries, the partition and label flipping; streamed
-    segmentation splits hold None (the masks are read with the images)."""
+    segmentation splits hold None (the masks are read with the images). ``labeled``:
+    which examples have a label (bool (N,)), None when all have."""
 
     names: tuple[str, ...] | None
     spacing: tuple[float, ...] | None
     labels: torch.Tensor | None
+    labeled: torch.Tensor | None
 
     def __len__(self) -> int: ...
 
@@ -167,6 +190,8 @@ class Record:
     mask of class indices with the image's spatial shape. ``spacing``: mm per pixel or
     voxel along the spatial axes, when the format records it. ``split``: train, val or
     test when the source says so, else None (drawn later from the job's fractions).
+    ``labeled``: False for an example without a label (a CSV row with its label cells
+    empty); its ``target`` is then a placeholder of zeros.
     """
 
     name: str
@@ -174,6 +199,7 @@ class Record:
     target: np.ndarray
     spacing: tuple[float, ...] | None = None
     split: str | None = None
+    labeled: bool = True
 
 
 class Entry(Protocol):

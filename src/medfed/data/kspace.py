@@ -140,11 +140,14 @@ def image_source_task(data) -> object:
     return TaskConfig(labels="multiclass", num_classes=1000)
 
 
-def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str, int]) -> list[SiteData]:
+def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str, int],
+                         accelerations: dict[str, float | None] | None = None) -> list[SiteData]:
     """Sites of an image source (read and preprocessed as that source is, in memory) made
     into reconstruction sites: each grey image scaled to [0, 1] by its own minimum and
-    maximum is the ground truth, its undersampling at the task's acceleration the input
+    maximum is the ground truth, its undersampling at the site's acceleration
+    (``accelerations``, from ``data.sites[i].acceleration``), else the task's, the input
     (:func:`undersample_site`, the masks seeded by the site's position ``index``)."""
+    accelerations = accelerations or {}
     out = []
     for site in sites:
         truth = {}
@@ -162,6 +165,7 @@ def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str
             lo = images.flatten(1).amin(1)[:, None, None, None]
             span = (images.flatten(1).amax(1)[:, None, None, None] - lo).clamp_min(1e-12)
             truth[split] = (images - lo) / span
-        out.append(undersample_site(site.name, truth, task.acceleration, task.center_fraction, task.mask, seed,
-                                    index[site.name]))
+        own = accelerations.get(site.name)
+        out.append(undersample_site(site.name, truth, own if own is not None else task.acceleration,
+                                    task.center_fraction, task.mask, seed, index[site.name]))
     return out

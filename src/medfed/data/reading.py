@@ -25,7 +25,7 @@ import torch
 
 from medfed.config import CacheMode, FolderData, Job, PairsData, TaskConfig, VolumesData
 from medfed.core.errors import DataError
-from medfed.data.assemble import SPLITS, Preprocess, assemble_site, split_rows
+from medfed.data.assemble import SPLITS, Preprocess, assemble_site, may_be_empty, split_rows
 from medfed.data.base import Entry, SiteData, SiteIndex
 from medfed.data.stream import Pipeline, Store, StreamSplit, pipeline_key
 
@@ -101,6 +101,10 @@ class FileReading:
         by_split = split_rows(index.entries, self.data.split, self.job.seed, position)
         splits = {}
         for s in SPLITS:
+            if not by_split[s] and may_be_empty(s, index.entries):
+                splits[s] = self._stream(index.name, index.entries[:1], store, loader, f"{where} {s} split").subset(
+                    torch.zeros(0, dtype=torch.int64))  # no labeled examples there: evaluated on nothing
+                continue
             if not by_split[s]:
                 raise DataError(
                     f"{where} has no examples in its {s} split ({len(index.entries)} example(s) in all); "
@@ -135,8 +139,11 @@ class FileReading:
         if not self.segmentation:
             labels = torch.stack([torch.as_tensor(e.target) for e in entries])  # type: ignore[misc]
         spacing = None if first["spacing"] is None else tuple(first["spacing"])
+        labeled = None
+        if not all(getattr(e, "labeled", True) for e in entries):  # CSV rows without a label
+            labeled = torch.tensor([getattr(e, "labeled", True) for e in entries], dtype=torch.bool)
         return StreamSplit(site, tuple(entries), store, loader, tuple(first["image"].shape), spacing, labels,
-                           self.data.on_bad_file)
+                           self.data.on_bad_file, labeled=labeled)
 
     def _auto(self, index: SiteIndex, where: str) -> CacheMode:
         """``memory`` when the site's preprocessed examples fit :data:`AUTO_MEMORY_BYTES`."""

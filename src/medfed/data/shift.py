@@ -86,6 +86,7 @@ def shift_site(site: SiteData, scanner: ScannerConfig, seed: int, index: int) ->
     rng = np.random.default_rng([seed, index, 1])
 
     def shifted(split: ArraySplit) -> ArraySplit:
-        return ArraySplit(shift_images(split.images, scanner, rng).contiguous(), split.labels, split.names, split.spacing)
+        return ArraySplit(shift_images(split.images, scanner, rng).contiguous(), split.labels, split.names, split.spacing,
+                          split.labeled)
 
     return SiteData(site.name, shifted(site.train), shifted(site.val), shifted(site.test), site.skipped)

@@ -30,6 +30,7 @@ from medfed.core.errors import DataError
 from medfed.core.summary import SiteSummary, SkippedFile
 from medfed.data.assemble import SPLITS, assemble_site, preprocess_site, preprocess_split, stack_records
 from medfed.data.base import ArraySplit, SiteData
+from medfed.data.labels import count_unlabeled
 from medfed.data.reading import FileReading, default_cache_root, index_source
 
 __all__ = ["assemble_site", "build_sites", "check_site", "describe_sites", "stack_records"]
@@ -55,7 +56,8 @@ def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | Non
         from medfed.data.kspace import image_source_task, reconstruction_sites
 
         read = build_sites(job.model_copy(update={"task": image_source_task(job.data)}), order, cache_root)
-        sites = reconstruction_sites(read, job.task, job.seed, index)
+        accelerations = {s.name: getattr(s, "acceleration", None) for s in (getattr(job.data, "sites", None) or [])}
+        sites = reconstruction_sites(read, job.task, job.seed, index, accelerations)
         for site in sites:
             check_site(site, job.task)
         return sites
@@ -131,6 +133,10 @@ def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | Non
             shift_site(s, job.feature_shift[s.name], job.seed, index[s.name]) if s.name in job.feature_shift else s
             for s in sites
         ]
+    from medfed.data.labels import apply_label_rules, needs_label_rules
+
+    if needs_label_rules(job):  # unlabeled examples, hidden labels (data/labels.py)
+        sites = apply_label_rules(sites, job, index)
     for site in sites:
         check_site(site, job.task)
     return sites
@@ -183,15 +189,19 @@ def _check_targets(split: ArraySplit, where: str) -> None:
 
 
 def check_site(site: SiteData, task) -> None:
-    """Every split non-empty, images float32 of one shape and finite, labels (or masks)
-    valid for ``task``. Raises DataError naming the site and split. A streamed split's
-    pixels and masks are checked as each batch is read (data/stream.py); its labels here."""
+    """A training split that is not empty, images float32 of one shape and finite, labels
+    (or masks) valid for ``task``. Raises DataError naming the site and split. A streamed
+    split's pixels and masks are checked as each batch is read (data/stream.py); its labels
+    here. Val and test may be empty: a site without labeled examples there (data/labels.py)
+    is evaluated on nothing."""
     shape = site.train.shape
     for name in SPLITS:
         split = site.split(name)
         where = f"site '{site.name}' {name} split"
         if len(split) == 0:
-            raise DataError(f"site '{site.name}' has no examples in its {name} split")
+            if name == "train":
+                raise DataError(f"site '{site.name}' has no examples in its {name} split")
+            continue
         if split.shape != shape:
             raise DataError(f"{where}: images are {split.shape}, train images are {shape}")
         if not isinstance(split, ArraySplit):
@@ -211,14 +221,17 @@ def check_site(site: SiteData, task) -> None:
             _check_labels(split.labels, task, where)
 
 
-def class_counts_of(labels: torch.Tensor | None, task) -> list[int] | None:
+def class_counts_of(labels: torch.Tensor | None, task, labeled: torch.Tensor | None = None) -> list[int] | None:
     """Classification: examples per class or positives per label. Segmentation: the
     number of examples in which each class appears. None for a streamed segmentation
-    split (its masks are not read at start)."""
+    split (its masks are not read at start). ``labeled``: which examples count (all when
+    None)."""
     if labels is None or task.kind == "reconstruction":  # a reconstruction's targets are images
         return None
+    if labeled is not None:  # the labeled examples only: the others hold placeholders
+        labels = labels[labeled]
     if task.kind == "segmentation":
-        flat = labels.reshape(len(labels), -1)
+        flat = labels.reshape(len(labels), -1) if len(labels) else labels.reshape(0, 1)
         return [int((flat == k).any(dim=1).sum()) for k in range(task.num_classes)]
     from medfed.data.partition import class_counts
 
@@ -231,7 +244,7 @@ def describe_sites(sites: list[SiteData], task, held_out: list[str] | tuple[str,
     whether it is held out, and the files it skipped, as written to ``sites.json``. Made
     from the labels and the index only: no pixel is read."""
     def counts(site: SiteData) -> dict[str, list[int]]:
-        found = {name: class_counts_of(site.split(name).labels, task) for name in SPLITS}
+        found = {name: class_counts_of(site.split(name).labels, task, site.split(name).labeled) for name in SPLITS}
         return {name: c for name, c in found.items() if c is not None}
 
     return [
@@ -241,6 +254,7 @@ def describe_sites(sites: list[SiteData], task, held_out: list[str] | tuple[str,
             class_counts=counts(s),
             shape=list(s.train.shape),
             held_out=s.name in held_out,
+            unlabeled=count_unlabeled(s.train),
             skipped=len(s.skipped),
             skipped_files=tuple(SkippedFile(file=f, reason=why) for f, why in s.skipped),
         )

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from medfed.config import LoaderConfig
 from medfed.core.errors import DataError
-from medfed.data.base import ArraySplit, Augment, Batch, Entry, Planned, Record
+from medfed.data.base import ArraySplit, Augment, Batch, Entry, Planned, Record, labeled_mask
 from medfed.data.readers.folder import UnreadableFile
 
 log = logging.getLogger("medfed")
@@ -136,7 +136,8 @@ class StreamSplit:
     ``shape`` (C, *spatial) and ``spacing`` are those of the split's first readable
     example (found when the site's data is built); every example must have that shape.
     ``labels``: the classification targets from the index (a label-flipping attacker
-    replaces them), None for segmentation (masks are read with the images)."""
+    replaces them), None for segmentation (masks are read with the images). ``labeled``:
+    which entries have a label (bool (N,)), None when all have."""
 
     site: str
     entries: tuple[Entry, ...]
@@ -147,6 +148,7 @@ class StreamSplit:
     labels: torch.Tensor | None
     on_bad_file: str = "error"
     skipped_late: dict[str, str] = field(default_factory=dict)  # file -> reason, found while streaming
+    labeled: torch.Tensor | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -162,7 +164,9 @@ class StreamSplit:
     def subset(self, index: torch.Tensor) -> StreamSplit:
         picked = [int(i) for i in index]
         labels = None if self.labels is None else self.labels[index]
-        return replace(self, entries=tuple(self.entries[i] for i in picked), labels=labels, skipped_late={})
+        labeled = None if self.labeled is None else self.labeled[index]
+        return replace(self, entries=tuple(self.entries[i] for i in picked), labels=labels, labeled=labeled,
+                       skipped_late={})
 
     @cached_property
     def _dataset(self) -> torch.utils.data.Dataset:
@@ -211,7 +215,8 @@ class StreamSplit:
             y = torch.zeros((0, *self.shape[1:]), dtype=torch.int64)
         if augment is not None and seed is not None and len(kept):
             x, y = augment(x, y, seed)
-        return Batch(x.contiguous(), y, tuple(spacings), tuple(skipped))
+        labeled = None if self.labeled is None else self.labeled[torch.tensor(kept, dtype=torch.int64)]
+        return Batch(x.contiguous(), y, tuple(spacings), tuple(skipped), labeled)
 
     # ---------------------------------------------------------------- in the training process
 
@@ -296,7 +301,8 @@ def to_stream(split: ArraySplit | StreamSplit, like: StreamSplit) -> StreamSplit
         for i in range(len(split))
     )
     labels = None if like.labels is None else split.labels
-    return replace(like, entries=entries, shape=split.shape, spacing=split.spacing, labels=labels, skipped_late={})
+    return replace(like, entries=entries, shape=split.shape, spacing=split.spacing, labels=labels,
+                   labeled=split.labeled, skipped_late={})
 
 
 def concat_streams(parts: list[StreamSplit], site: str) -> StreamSplit:
@@ -308,9 +314,12 @@ def concat_streams(parts: list[StreamSplit], site: str) -> StreamSplit:
         raise DataError(f"the pooled sites' examples differ in shape: {sorted(shapes)}; add a resize or crop_or_pad step")
     labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])  # type: ignore[misc]
     spacings = {p.spacing for p in parts}
+    labeled = None
+    if any(p.labeled is not None for p in parts):
+        labeled = torch.cat([labeled_mask(p) for p in parts])
     return replace(
         first, site=site, entries=tuple(e for p in parts for e in p.entries), labels=labels,
-        spacing=spacings.pop() if len(spacings) == 1 else None, skipped_late={},
+        spacing=spacings.pop() if len(spacings) == 1 else None, skipped_late={}, labeled=labeled,
     )
 
 

@@ -15,27 +15,26 @@ import logging
 import shutil
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 
 from medfed import __version__
 from medfed.algorithms import Algorithm
 from medfed.config import Job, with_init_hash
-from medfed.config.model import model_kind
 from medfed.core.errors import ConfigError, RoundError, RunDirError
 from medfed.core.modelspec import ModelSpec
 from medfed.core.summary import SiteSummary, sites_json
 from medfed.core.types import Arm, Metric, Params
 from medfed.models import check_input_size, check_model, get_params
-from medfed.server.baselines import run_finetuned, run_local
+from medfed.server import admission
+from medfed.server.baselines import run_finetuned, run_local, run_zero_filled
 from medfed.core.files import PRIVATE, atomic_write_text
 from medfed.server.checkpoint import STATE_FILE, load_checkpoint, load_state, model_record, save_state
-from medfed.server.federation import build_federation
-from medfed.server.loop import RoundCallback, RoundSummary, run_federated
+from medfed.server.federation import Federation, build_federation
+from medfed.server.loop import Recorder, RoundCallback, RoundSummary, run_federated
 from medfed.server.runner import (
     RUN_MARKER,
     RunResult,
@@ -52,7 +51,10 @@ from medfed.transport.pki import Kit
 if TYPE_CHECKING:
     import tenseal as ts
 
+    from medfed.server.relay import RelayState
     from medfed.tracking.external import Trackers
+    from medfed.transport.grpc.hub import Hub
+    from medfed.transport.grpc.transport import GrpcTransport
     from medfed.transport.pki.revocation import Revocations
 
 log = logging.getLogger("medfed")
@@ -72,18 +74,6 @@ def _prepare_folder(output: Path, resume: bool) -> None:
         raise RunDirError(f"nothing to resume in '{output}': it holds no {STORE_NAME}; start without --resume")
     if (output / RUN_MARKER).exists():
         raise RunDirError(f"the run in '{output}' is complete; nothing to resume")
-
-
-def _site_rows(job: Job, summaries: dict[str, SiteSummary]) -> list[SiteSummary]:
-    return [summaries[s] for s in job.site_names if s in summaries]
-
-
-def _members(store: RunStore, job: Job) -> list[str]:
-    """The sites of ``job`` that had joined the run in ``store`` (its participants), in the
-    job's order; none unless they are enough for the quorum (then every site is awaited)."""
-    seen = {p["name"] for p in store.participants()}
-    members = [s for s in job.site_names if s in seen]
-    return members if sum(s in members for s in job.training_sites) >= job.quorum else []
 
 
 def resume_point(output: Path, job: Job, store: RunStore, algorithm: Algorithm,
@@ -114,42 +104,6 @@ def resume_point(output: Path, job: Job, store: RunStore, algorithm: Algorithm,
     for arm in (Arm.FEDERATED, Arm.PERSONALIZED):
         store.drop_after(arm.value, done)
     return done, params
-
-
-def _common_shape(job: Job, summaries: dict[str, Any]) -> tuple[tuple[int, ...], dict[str, str]]:
-    """The image shape (C, *spatial) most of the ready sites report (a tie goes to the
-    site first in the job), and for each site with another shape why it is left out."""
-    shapes = {s: tuple(summaries[s].shape) for s in job.site_names if s in summaries}
-    counts = Counter(shapes.values())
-    top = max(counts.values())
-    common = next(sh for sh in shapes.values() if counts[sh] == top)
-    odd = {s: (f"its images are {list(sh)} (C, *spatial), the other sites' {list(common)}; every site must "
-               "preprocess to one shape (transforms.preprocess)")
-           for s, sh in shapes.items() if sh != common}
-    return common, odd
-
-
-def _model_hint(job: Job) -> str:
-    """What to do about a site that built another model than the server: the code that
-    builds the job's ``model`` differs between them."""
-    kind, label = model_kind(job.model), job.model.label
-    if kind == "import":
-        return (f"the site runs another version of '{label}' (or of a package it uses): install the same code at "
-                "every site and the server")
-    if kind == "bundle":
-        return f"the site holds another version of {label}: give every site and the server the same bundle"
-    if kind == "monai":
-        return (f"the site runs another MONAI version ({label}): install the same versions of medfed and MONAI at "
-                "every site and the server")
-    return (f"the site runs another medfed or MONAI version (model '{label}'): install the same versions at "
-            "every site and the server")
-
-
-def _absences(declined: dict[str, str], left_out: dict[str, str]) -> str:
-    """Why sites are not there, for the quorum error: those that declined the job, those left out."""
-    said = [f"site '{s}' cannot take part in the job: {why}" for s, why in declined.items()]
-    said += [f"site '{s}' is left out: {why}" for s, why in left_out.items()]
-    return "".join(f"; {x}" for x in said)
 
 
 def _forget_fresh_run(output: Path, created: bool) -> None:
@@ -195,12 +149,14 @@ def serve_job(
     if job.generalization is not None:  # the amplitude bank is shared before round 1 in simulation only
         raise ConfigError("generalization: feddg runs in simulation only for now (medfed run); a deployment would "
                           "need its amplitude bank sent to sites that join late; remove the section here")
+    if job.pretrain is not None:  # its sites are built in the runner's process (server/pretrain.py)
+        raise ConfigError("pretrain: the self-supervised stage runs in simulation only for now (medfed run); its "
+                          "sites are built in the server's process; remove the section from a deployment job")
     he_key = _he_public(job, he_context)  # before anything is written or awaited
-    if job.topology.kind != "server":
+    if job.topology.kind not in ("server", "cyclic", "swarm", "split"):
         raise ConfigError(
-            f"topology.kind: {job.topology.kind} runs in simulation only for now (medfed run): in a deployment the "
-            "sites' models would pass through the server as signed, sealed relayed messages, which are not built "
-            "yet; use topology.kind: server here"
+            f"topology.kind: {job.topology.kind} runs in simulation only for now (medfed run); a deployment runs "
+            "topology.kind server, cyclic, swarm or split"
         )
     job = with_init_hash(job)  # the init file's hash, for a job built without parse_job
     check_model(job.model)  # a MONAI class's or a factory's arguments, before any site is awaited
@@ -256,6 +212,47 @@ def _recording(store: RunStore, trackers: Trackers) -> Callable[[int, str, str, 
     return record
 
 
+def _relay_resume_point(output: Path, job: Job, store: RunStore) -> RelayState:
+    """Where a resumed relayed run goes on: the relay's state after its last saved round
+    (no model: the sites hold them); the rounds after it are forgotten and redone."""
+    from medfed.server.relay import RelayState
+
+    state = RelayState.load(output)
+    log.info("resuming job '%s' (%s) after round %d of %d", job.name, job.topology.label, state.done, job.rounds)
+    again = store.add_released_again(store.released_after(Arm.FEDERATED.value, state.done))
+    if again and job.privacy.dp_sgd is not None:
+        log.warning("privacy: %d round(s) released before a crash and redone count twice in the privacy ledger",
+                    again)
+    for arm in (Arm.FEDERATED, Arm.PERSONALIZED):
+        store.drop_after(arm.value, state.done)
+    return state
+
+
+def _run_relayed(federation: Federation, transport: GrpcTransport, hub: Hub, init_params: Params,
+                 rows: list[SiteSummary], record: Recorder, on_round: RoundCallback | None, state: RelayState | None,
+                 output: Path, store: RunStore) -> None:
+    """The rounds of a cyclic or swarm topology, the server relaying the sealed models
+    (server/relay.py); its state saved after every round, for ``--resume``."""
+    from medfed.core.params import nbytes
+    from medfed.core.types import Split
+    from medfed.server.relay import RELAY_STATE, Relay, run_cyclic_relayed, run_swarm_relayed
+
+    relay = Relay(federation, transport, nbytes(init_params), hub.certificates(),
+                  {r.name: {Split.VAL: r.val, Split.TEST: r.test} for r in rows}, {r.name: r.train for r in rows})
+
+    def saved(s: RelayState) -> None:
+        s.save(output)
+        store.round_completed(Arm.FEDERATED.value, s.done, RELAY_STATE, time.time())
+
+    def reported(s: RoundSummary, _params: Params) -> None:
+        if on_round is not None:
+            on_round(s, _params)
+
+    loop = run_cyclic_relayed if federation.job.topology.kind == "cyclic" else run_swarm_relayed
+    loop(federation, relay, init_params, record, reported, state, saved)
+    log.info("the model stays at the sites (%s): the server never held it", federation.job.topology.label)
+
+
 def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, join_timeout: float | None,
            on_round: RoundCallback | None, on_sites: Callable[[list[str], list[str]], None] | None,
            he_key: ts.Context | None = None, revocations: Revocations | None = None) -> RunResult:
@@ -274,7 +271,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
     try:
         store.set_job(job.job_hash(), json.dumps(job.model_dump(mode="json")))
         atomic_write_text(output / "job.yaml", job.to_yaml(), mode=PRIVATE)
-        members = _members(store, job) if resume else []  # read before this server's sites join
+        members = admission.members(store, job) if resume else []  # read before this server's sites join
         hub = Hub(job, job.job_id, store, revocations)
         creds = wire.server_credentials(kit.ca_pem, kit.cert_pem, kit.key_pem)
         address = listen or f"0.0.0.0:{kit.server_port}"
@@ -295,7 +292,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         left_out: dict[str, str] = {}
         model = None
         if summaries:  # a site whose images differ in shape from the others' is left out, with the reason
-            shape, left_out = _common_shape(job, summaries)
+            shape, left_out = admission.common_shape(job, summaries)
             for site, why in left_out.items():
                 hub.exclude(site, why)
             patch = tuple(job.transforms.patch) if job.transforms.patch is not None else None
@@ -303,7 +300,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
             # ---- the model: with model.init, the server's file, sent to the sites. A site that
             # built another one (other code installed there) is left out, naming the first difference
             model = initial_model(job, shape[0], len(shape) - 1)
-            left_out |= hub.expect_model(ModelSpec.of(model.state_dict()), _model_hint(job))
+            left_out |= hub.expect_model(ModelSpec.of(model.state_dict()), admission.model_hint(job))
             summaries = hub.summaries()
         ready = [s for s in job.site_names if s in summaries]
         missing = [s for s in job.site_names if s not in summaries]
@@ -311,7 +308,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         if len(training) < job.quorum or model is None:
             raise RoundError(
                 f"only {len(training)} training site(s) joined within {wait_s:g} s "
-                f"(missing: {', '.join(missing)}); the quorum is {job.quorum}{_absences(hub.declined(), left_out)}"
+                f"(missing: {', '.join(missing)}); the quorum is {job.quorum}{admission.absences(hub.declined(), left_out)}"
             )
         gone = [s for s in members if s in missing]
         if gone:
@@ -325,7 +322,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         if [s for s in later if s not in declined]:
             log.warning("starting without site(s) %s: they may join later",
                         ", ".join(s for s in later if s not in declined))
-        rows = _site_rows(job, summaries)
+        rows = admission.site_rows(job, summaries)
         atomic_write_text(output / "sites.json", sites_json(rows), mode=PRIVATE)
 
         # ---- the server rule and, when resuming, where the run stopped
@@ -337,9 +334,15 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         algorithm = federation.algorithm
         tracker = _BestTracker(output, job)
         done = 0
-        if resume:
+        relayed = job.topology.kind in ("cyclic", "swarm")  # the server relays sealed models (server/relay.py)
+        relay_state = None
+        if resume and relayed:
+            relay_state = _relay_resume_point(output, job, store)
+            done = relay_state.done
+        elif resume:
             done, saved = resume_point(output, job, store, algorithm, tracker)
             params = saved if saved is not None else params
+        if resume:
             # sampling by loss goes on from each site's last recorded training loss
             federation.sampler.observe_losses(store.last_values(Arm.FEDERATED.value, "train", Metric.LOSS))
             # the privacy ledger counts the rounds released before a crash and redone
@@ -362,13 +365,27 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
                 on_round(s, p)
 
         final = params
-        if start <= job.rounds:
-            final = run_federated(federation, transport, params, record, callback, start_round=start)
-        tracker.finish()
-        if "finetuned" in job.compare:
+        if relayed:
+            _run_relayed(federation, transport, hub, init_params, rows, record, on_round, relay_state, output, store)
+        elif job.topology.kind == "split":  # the sites' turns over the Split call (server/split_deployed.py)
+            from medfed.server.split_deployed import run_split_deployed
+
+            if start <= job.rounds:
+                final = run_split_deployed(federation, transport, model, tuple(shape), params, record, callback, start)
+            tracker.finish()
+        else:
+            if start <= job.rounds:
+                final = run_federated(federation, transport, params, record, callback, start_round=start)
+            tracker.finish()
+        if "finetuned" in job.compare and relayed:
+            log.warning("compare: 'finetuned' skipped: with topology.kind %s the model stays at the sites",
+                        job.topology.kind)
+        elif "finetuned" in job.compare:
             run_finetuned(job, transport, final, record, callback)
         if "local" in job.compare:
             run_local(job, transport, init_params, record, callback)
+        if job.task.kind == "reconstruction":  # the undersampled input scored as it is: what a network adds
+            run_zero_filled(job, transport, init_params, record)
         if job.task.kind == "segmentation" and job.task.save_predictions > 0:
             log.warning("task.save_predictions: predicted masks are not written in a deployment (the test "
                         "images stay at the sites)")

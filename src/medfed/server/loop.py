@@ -20,6 +20,7 @@ from medfed.core.params import nbytes
 from medfed.core.types import (
     Arm,
     EvalRequest,
+    EvalResult,
     FitRequest,
     Metric,
     Params,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("medfed")
 
-CHOSEN = "chosen"  # sampling by loss: 1 for a candidate chosen in its round, 0 for one passed over
+CHOSEN = "chosen"  # sampling by loss or adaptive: 1 for a site chosen in its round, 0 for one passed over
 _ARM_CODE = {Arm.FEDERATED: 0, Arm.LOCAL: 1, Arm.CENTRALIZED: 2, Arm.FINETUNED: 3, Arm.PERSONALIZED: 4}
 EVAL_SPLITS = (Split.VAL, Split.TEST)
 
@@ -150,10 +151,19 @@ def evaluate_round(
         EvalRequest(site=s, params=p, splits=EVAL_SPLITS, job_id=job_id, round=rnd, arm=arm)
         for s, p in params_by_site.items()
     ]
+    answers = transport.evaluate(requests, timeout=job.round_timeout)
+    return tally_evaluation([(r.site, a) for r, a in zip(requests, answers)], job, arm, rnd, record)
+
+
+def tally_evaluation(
+    answers: Sequence[tuple[str, list[EvalResult] | SiteFailure]], job: Job, arm: Arm, rnd: int, record: Recorder
+) -> dict[str, dict[str, float | None]]:
+    """Record each site's evaluation results, the example-weighted mean over the training
+    sites and their median (see :func:`evaluate_round`); return the means."""
     values: dict[tuple[str, str], list[tuple[float | None, int]]] = {}  # (split, metric) -> (value, n) per site
-    for req, answer in zip(requests, transport.evaluate(requests, timeout=job.round_timeout)):
+    for site, answer in answers:
         if isinstance(answer, SiteFailure):
-            log.warning("%s round %d: site '%s' could not evaluate: %s", arm.value, rnd, req.site, answer.cause)
+            log.warning("%s round %d: site '%s' could not evaluate: %s", arm.value, rnd, site, answer.cause)
             continue
         for res in answer:
             for metric, value in res.metrics.items():
@@ -282,12 +292,11 @@ def check_site_states(updates: Sequence[Update], kept_rounds: dict[str, int], rn
 
 
 def record_choice(sampler: SiteSampler, rnd: int, selected: list[tuple[int, str]], record: Recorder) -> None:
-    """``sampling.method: loss``: record, for each candidate of the round, whether it was
-    chosen (metric ``chosen``, 1 or 0), so that the run shows who was picked over whom."""
-    if sampler.method != "loss" or sampler.k >= len(sampler.names):
-        return
+    """``sampling.method: loss`` or ``adaptive``: record, for each site the round chose
+    among (loss: the candidates; adaptive: every training site), whether it was chosen
+    (metric ``chosen``, 1 or 0), so that the run shows who was picked over whom."""
     picked = {s for _, s in selected}
-    for site in sampler.candidates_of(rnd):
+    for site in sampler.considered(rnd):
         record(rnd, Arm.FEDERATED.value, site, "train", CHOSEN, 1.0 if site in picked else 0.0)
 
 

@@ -34,12 +34,13 @@ ROUND_ARMS = (Arm.FEDERATED.value, Arm.PERSONALIZED.value)  # recorded by the fe
 def check_resumable(job: Job, from_python: bool) -> None:
     """Refuse, naming the field, a job whose stopped run ``--resume`` cannot continue
     exactly (its state is not all saved with each round)."""
-    if job.topology.kind == "swarm":
-        raise ConfigError("--resume: topology.kind swarm keeps one model per site between rounds, which a stopped "
-                          "simulation does not save yet; run it again without --resume")
     if job.contribution is not None:
         raise ConfigError("--resume: contribution estimates from every round's updates, which a stopped run does not "
                           "keep; run it again without --resume, or leave contribution out")
+    if job.pretrain is not None:
+        raise ConfigError("--resume: a run with pretrain has two stages, and the pretraining stage's rounds (its model, "
+                          "its sites' BYOL targets) are not saved, so a stopped run cannot go on exactly; run it again "
+                          "without --resume")
     if job.train.engine == "bundle":
         raise ConfigError("--resume: train.engine: bundle keeps the bundle trainer's optimizer and scheduler at each "
                           "site from round to round, which a stopped run does not save; run it again without --resume")

@@ -37,6 +37,7 @@ from medfed.server.checkpoint import STATE_FILE, model_record, save_checkpoint, 
 from medfed.server.federation import build_federation
 from medfed.server.contribution import contribution_tracker
 from medfed.server.resume import StoppedRun, check_resumable, site_state_dir
+from medfed.server.swarm import forget_swarm_states
 from medfed.server.rundir import (  # noqa: F401 (RUN_MARKER, check_output: also imported from here)
     RUN_MARKER, check_output, check_replaceable, make_staging, move_into_place, stopped_runs, take_over,
 )
@@ -278,11 +279,16 @@ def run_job(
             share_amplitudes(job, transport, tuple(summary[0].shape))  # FedDG's bank, before round 1
             contribution = contribution_tracker(job, federation, transport)  # None unless the job asks for it
             start, params = 1, init
+            if job.pretrain is not None:  # the self-supervised stage first: the federated arm starts from its encoder
+                from medfed.server.pretrain import run_pretrain
+
+                params = run_pretrain(job, sites or [], model, device, metrics.write, given=given)
             if stopped is not None:
                 stopped.restore(federation)
                 start, params = stopped.done + 1, stopped.params if stopped.params is not None else init
             final = train_federation(federation, transport, params, metrics.write, callback, start,
-                                     on_updates=contribution.observe if contribution is not None else None)
+                                     on_updates=contribution.observe if contribution is not None else None,
+                                     state_dir=staging)
             if contribution is not None:
                 write_contribution(staging, contribution.result())
             tracker.finish()
@@ -327,6 +333,7 @@ def run_job(
         # what only a stopped run needs goes: the resume point and the sites' saved state
         (staging / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(site_state_dir(staging), ignore_errors=True)
+        forget_swarm_states(staging)
         atomic_write_text(staging / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
         write_report(staging)
         trackers.finish(staging)  # the report, metrics and final model as artifacts

@@ -39,7 +39,7 @@ SCHEMA_VERSION = 1
 STORE_NAME = "state.sqlite"
 # exchange: a protocol message of the update path (secure aggregation); call: a call cut off before
 # it named a task (arm "connection", round 0)
-KINDS = ("fit", "evaluate", "exchange", "call")
+KINDS = ("fit", "evaluate", "exchange", "call", "split")  # split: one turn of split learning (its Split call)
 STATUSES = ("accepted", "refused", "failed", "timeout", "redone")
 AUDIT_FIELDS = ("arm", "round", "site", "kind", "status", "bytes_sent", "bytes_received", "sha256", "seconds",
                 "reason", "when")

@@ -18,10 +18,15 @@ consensus at every site (arm ``federated``), with their spread
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from medfed.algorithms.mean import weighted_average
+from medfed.core import payload
+from medfed.core.errors import CodecError, RunDirError
+from medfed.core.files import replacing
 from medfed.core.params import delta, l2_norm, nbytes
 from medfed.core.types import Arm, FitRequest, Metric, Params, Update
 from medfed.server.federation import Federation
@@ -82,21 +87,28 @@ def run_swarm(
     record: Recorder,
     on_round: RoundCallback | None = None,
     start_round: int = 1,
+    state_dir: Path | None = None,
 ) -> Params:
     """Run rounds ``start_round`` .. ``job.rounds`` of swarm learning from ``init_params``;
     return the final merged model (``leader``) or the sites' consensus (``gossip``,
-    ``braintorrent``)."""
+    ``braintorrent``). ``state_dir``: where the loop saves its state after every round
+    (:class:`SwarmState`), and, when ``start_round`` > 1, finds the state it goes on from."""
     job, algorithm, incoming, sampler = federation.job, federation.algorithm, federation.incoming, federation.sampler
     topology = job.topology
     merge = topology.merge  # type: ignore[union-attr]
     sites, training = list(job.site_names), list(job.training_sites)
     job_id = job.job_id
     pinned = {k: init_params[k] for k in federation.frozen if k in init_params}
-    models: dict[str, Params] = {s: init_params for s in training}  # each site's own model
-    sizes: dict[str, float] = {}  # training examples per site, from its updates
-    latest: dict[str, Update] = {}  # braintorrent: each site's last trained model
-    version = {s: 0 for s in training}  # braintorrent: how many times each site has trained
-    seen = {s: {p: 0 for p in training} for s in training}  # braintorrent: versions each site merged
+    job_hash = job.job_hash() if state_dir is not None else ""
+    if start_round > 1 and state_dir is not None:  # a resumed run: the state after the last saved round
+        state = SwarmState.load(state_dir, start_round - 1, job_hash, list(init_params))
+    else:
+        state = SwarmState.start(training, init_params)
+    models = state.models  # each site's own model
+    sizes = state.sizes  # training examples per site, from its updates
+    latest = state.latest  # braintorrent: each site's last trained model
+    version = state.version  # braintorrent: how many times each site has trained
+    seen = state.seen  # braintorrent: versions each site merged
     result = init_params
     ledger = federation.ledger  # DP-SGD: epsilon after each round, the last round the budget allows
     last = job.rounds if ledger is None else min(job.rounds, ledger.last_round)
@@ -172,7 +184,9 @@ def run_swarm(
             if merge != "leader":
                 evaluate_round(transport, dict(models), job, Arm.FEDERATED, rnd, _as_personal(record))
 
-        # ---- 4. report the round (the caller checkpoints and tracks the best model)
+        # ---- 4. save the swarm's state, then report the round (the caller checkpoints and tracks the best model)
+        if state_dir is not None:
+            SwarmState(models, sizes, latest, version, seen).save(state_dir, rnd, job_hash)
         if on_round is not None:
             on_round(RoundSummary(Arm.FEDERATED, rnd, mean_loss(updates), means, failed, eps), result)
         log.info("swarm round %d/%d done (%d sites trained, %d failed)", rnd, job.rounds, len(updates), len(failed))
@@ -193,3 +207,69 @@ def _as_personal(record: Recorder) -> Recorder:
 
     return relabelled
 
+
+
+SWARM_STATE = "swarm-state-{round}.safetensors"  # in a simulation's staging folder, the last two rounds
+
+
+@dataclass
+class SwarmState:
+    """What the swarm's loop carries from round to round: each training site's own model,
+    the examples each trained on, and BrainTorrent's last trained update of each site, how
+    many times each has trained and which versions each merged. Saved with every round
+    (``SWARM_STATE``) so that ``medfed run --resume`` goes on exactly."""
+
+    models: dict[str, Params]
+    sizes: dict[str, float] = field(default_factory=dict)
+    latest: dict[str, Update] = field(default_factory=dict)
+    version: dict[str, int] = field(default_factory=dict)
+    seen: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, training: list[str], init_params: Params) -> SwarmState:
+        return cls({s: init_params for s in training}, {}, {}, {s: 0 for s in training},
+                   {s: {p: 0 for p in training} for s in training})
+
+    def save(self, folder: Path, rnd: int, job_hash: str) -> None:
+        """Write the state after round ``rnd`` (atomically) and drop the one of two rounds
+        before: the resume point, saved after this, is of this round or the one before."""
+        groups: dict[str, Params] = {}
+        refs: dict[str, str] = {}
+        by_id: dict[int, str] = {}
+        for i, (site, m) in enumerate(self.models.items()):  # the leader's merge is one model for all: once
+            refs[site] = by_id.setdefault(id(m), f"m{i}")
+            groups.setdefault(refs[site], m)
+        for i, (site, u) in enumerate(self.latest.items()):
+            groups[f"l{i}"] = u.params
+        meta = {"round": rnd, "job_hash": job_hash, "models": refs, "sizes": self.sizes, "version": self.version,
+                "seen": self.seen,
+                "latest": {site: [f"l{i}", u.round, u.num_examples, u.num_steps, u.metrics.get(Metric.LOSS)]
+                           for i, (site, u) in enumerate(self.latest.items())}}
+        with replacing(folder / SWARM_STATE.format(round=rnd)) as tmp:
+            tmp.write_bytes(bytes(payload.pack(groups, meta)))
+        (folder / SWARM_STATE.format(round=rnd - 2)).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, folder: Path, rnd: int, job_hash: str, order: list[str]) -> SwarmState:
+        """The state saved after round ``rnd``, each model's entries in ``order`` (the
+        model's: a sum over the entries, such as a norm, adds them as the run never stopped
+        did); RunDirError when it is missing or of another job."""
+        path = folder / SWARM_STATE.format(round=rnd)
+        try:
+            groups, meta = payload.unpack(path.read_bytes(), str(path))
+            groups = {g: {k: ts[k] for k in order if k in ts} for g, ts in groups.items()}
+            if meta.get("round") != rnd or meta.get("job_hash") != job_hash:
+                raise CodecError(f"it is of round {meta.get('round')} of job {meta.get('job_hash')}")
+            models = {site: groups[ref] for site, ref in meta["models"].items()}
+            latest = {site: Update(site, r, groups[ref], n, steps, {Metric.LOSS: loss} if loss is not None else {})
+                      for site, (ref, r, n, steps, loss) in meta["latest"].items()}
+            return cls(models, dict(meta["sizes"]), latest, dict(meta["version"]), dict(meta["seen"]))
+        except (OSError, CodecError, KeyError, TypeError, ValueError) as e:
+            raise RunDirError(f"cannot read the swarm's state after round {rnd} in '{path}': {e}; run the job again "
+                              "without --resume") from None
+
+
+def forget_swarm_states(folder: Path) -> None:
+    """Remove the swarm's saved states (a finished run needs none)."""
+    for f in folder.glob(SWARM_STATE.format(round="*")):
+        f.unlink(missing_ok=True)

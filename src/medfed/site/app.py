@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from medfed.algorithms import build_algorithm
 from medfed.algorithms.base import Phase, SiteHook, buffer_keys
-from medfed.config import Job
+from medfed.config import HarmoFLConfig, Job
 from medfed.core.errors import SiteError
 from medfed.core.types import Arm, EvalResult, Metric, Params, RoundPlan, Split, Update
 from medfed.data.base import SiteData
@@ -26,6 +26,7 @@ from medfed.site.evaluate import evaluate_split
 from medfed.privacy.dpsgd import SampleDP
 from medfed.site.train import TrainStats, train_local
 from medfed.site.state import RoundStates, SiteState, StateFile
+from medfed.site.semi import make_semi_hook, with_semi
 from medfed.site.update_path import poisoned_data, sample_dp_for, site_filters
 from medfed.tasks import build_task
 from medfed.weights import frozen_parameters
@@ -34,6 +35,12 @@ if TYPE_CHECKING:
     import tenseal as ts
 
     from medfed.privacy.secagg.signing import Credentials
+
+
+class PeerPart(Protocol):
+    """A site's part in a relayed cyclic or swarm topology (site/peers.py :class:`PeerRole`)."""
+
+    def answer(self, topic: str, rnd: int, body: dict) -> dict: ...
 
 
 class SiteApp:
@@ -57,6 +64,9 @@ class SiteApp:
         self.monitor = job.task.monitor  # the metric a hook's probe model is scored by
         self.generalization = job.generalization  # FedDG: amplitudes shared before round 1
         self.mixed = None  # FedDG: the augmentation with the consortium's amplitudes (federated training only)
+        # HarmoFL: the federated model's data, amplitude-normalized at this site (built when first used)
+        self.harmofl = job.algorithm if isinstance(job.algorithm, HarmoFLConfig) else None
+        self._harmonized: SiteData | None = None
         self.seed = job.seed
         self.augment = build_site_augment(job, data.train.spatial_dims)
         # ``model`` is a work buffer: every request loads its parameters first, so sites
@@ -68,7 +78,12 @@ class SiteApp:
         # ``num_sites``: the job's training sites, counted once by whoever builds many apps
         n = num_sites if num_sites is not None else len(job.training_sites)
         algorithm = build_algorithm(job.algorithm, self.model, n, job.train.momentum)
-        self._hooks = {Arm.FEDERATED: algorithm.make_site_hook()}
+        # the algorithm's hook, joined with the job's semi-supervised one (site/semi.py); the
+        # baselines train with the semi-supervised hook alone, or plainly without one
+        self._hooks = {Arm.FEDERATED: with_semi(algorithm.make_site_hook(), job)}
+        for arm in (Arm.LOCAL, Arm.CENTRALIZED, Arm.FINETUNED):
+            if (semi := make_semi_hook(job)) is not None:
+                self._hooks[arm] = semi
         self._local_keys = algorithm.local_keys
         self._kept: Params = {}  # this site's values of the local keys, after its first fit
         # the update path of federated rounds (a deployment: secure noise, and the kit's
@@ -79,6 +94,7 @@ class SiteApp:
         # one round back, so that a round the server redoes after a crash starts as before
         self.states = RoundStates(self.name, self._snapshot, self._restore) if self._stateful() else None
         self.engine = None  # train.engine: bundle: the bundle's own trainer, built on the first round
+        self.peers: PeerPart | None = None  # a relayed cyclic or swarm topology: the models this site holds
         if job.train.engine == "bundle":
             from medfed.bundles import BundleTrainer
 
@@ -187,7 +203,7 @@ class SiteApp:
         """The task's monitored metric of ``params`` (with this site's local layers) on the
         site's validation split."""
         self._load(params, with_kept=True)
-        metrics = evaluate_split(self.model, self.data.val, self.task, self.device, distances=False,
+        metrics = evaluate_split(self.model, self.data_for(Arm.FEDERATED).val, self.task, self.device, distances=False,
                                  where=f"site '{self.name}', probe model, val split")
         return metrics.get(self.monitor)
 
@@ -201,14 +217,31 @@ class SiteApp:
             steps, loss = self.engine.train(self.model, self.data.train, phase.settings.local_epochs, phase.settings.seed)
             return TrainStats(num_steps=steps, mean_loss=loss)
         augment = self.mixed if self.mixed is not None and plan.arm is Arm.FEDERATED else self.augment
-        return train_local(self.model, self.data.train, self.task, phase.settings, phase.hook or hook, self.device,
+        return train_local(self.model, self.data_for(plan.arm).train, self.task, phase.settings, phase.hook or hook, self.device,
                            phase.frozen | self.frozen, augment, private=private)
+
+    def data_for(self, arm: Arm) -> SiteData:
+        """The site's data as ``arm``'s model sees it: with ``algorithm: harmofl``, the
+        federated, fine-tuned and personalized models see the images amplitude-normalized
+        toward this site's own average (algorithms/harmofl.py); the local and centralized
+        baselines, and every other algorithm, the images as read."""
+        if self.harmofl is None or arm in (Arm.LOCAL, Arm.CENTRALIZED):
+            return self.data
+        if self._harmonized is None:
+            from medfed.algorithms.harmofl import harmonized
+
+            h = self.harmofl
+            self._harmonized = harmonized(self.data, h.ratio, h.amplitude_images, self.seed)
+        return self._harmonized
 
     def exchange(self, topic: str, rnd: int, body: dict) -> dict:
         """Answer a protocol message of the update path (secure aggregation's key exchange
-        and unmasking) for round ``rnd``, or of FedDG's amplitude sharing before round 1."""
+        and unmasking) for round ``rnd``, of FedDG's amplitude sharing before round 1, or
+        of a relayed cyclic or swarm topology (site/peers.py)."""
         if topic in FEDDG_TOPICS and self.generalization is not None:
             return self._feddg(topic, body)
+        if topic.startswith("peer.") and self.peers is not None:  # a relayed topology (site/peers.py)
+            return self.peers.answer(topic, rnd, body)
         for f in self.filters:
             if isinstance(f, ProtocolParty) and topic in f.topics:
                 return f.answer(topic, rnd, body)
@@ -245,7 +278,7 @@ class SiteApp:
     def _evaluate(self, model: nn.Module, splits: tuple[Split, ...], arm: Arm) -> list[EvalResult]:
         out = []
         for split in splits:
-            data = self.data.split(split.value)
+            data = self.data_for(arm).split(split.value)
             # surface distances (HD95) on test only: val picks the best model by its Dice
             metrics = evaluate_split(model, data, self.task, self.device, distances=split is Split.TEST,
                                      where=f"site '{self.name}', {arm.value} model, {split.value} split")

@@ -43,7 +43,12 @@ def mean_loss(model: nn.Module, data: Examples, task: "Task", device: torch.devi
     for batch in data.batches(_plan(data), pin=device.type == "cuda"):
         if len(batch) == 0:
             continue
-        x, y = batch.images.to(device), batch.labels.to(device)
+        x, y = batch.images, batch.labels
+        if batch.labeled is not None:  # a training split's unlabeled examples hold no loss
+            x, y = x[batch.labeled], y[batch.labeled]
+            if not len(x):
+                continue
+        x, y = x.to(device), y.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             logits = task.infer(model, x)
         logits = logits.float()
@@ -65,7 +70,13 @@ def evaluate_split(
 
     A model whose outputs hold NaN or Inf (e.g. a batch-norm variance driven below zero
     by an attack) gets every metric undefined (None) rather than figures computed from
-    them, and a warning naming ``where`` (e.g. the site and split)."""
+    them, and a warning naming ``where`` (e.g. the site and split).
+
+    An empty split (a site without labeled examples there, data/labels.py) has no metrics:
+    an empty dict, never figures of nothing."""
+    if len(data) == 0:
+        log.debug("%s: no examples; nothing evaluated", where or "evaluation")
+        return {}
     model.eval()
     evaluator = task.evaluator(spacing=data.spacing, distances=distances)
     broken = 0  # examples whose outputs are not finite

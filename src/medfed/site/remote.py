@@ -66,6 +66,9 @@ from medfed.transport.grpc import wire
 from medfed.transport.grpc.hub import SITE_LOCAL
 
 if TYPE_CHECKING:
+    import grpc
+
+    from medfed.core.types import Params, RoundPlan, Update
     from medfed.site.policy import Gate
     from medfed.transport.pki import Kit
 
@@ -170,6 +173,8 @@ class RemoteSite:
         self.job_id = ""
         self._encoded = BufferPool(keep=1)  # the update being sent
         self._decoded = BufferPool(keep=1)  # the model received, as tensors
+        # split learning: the connection's Split call (gRPC's callable; set by medfed site)
+        self.split_call: grpc.StreamStreamMultiCallable | None = None
 
     def setup(self, job_dict: dict[str, Any], job_id: str) -> tuple[dict[str, Any], float]:
         """:meth:`_setup`; with a policy, a refusal for any other reason than its rules goes
@@ -248,6 +253,8 @@ class RemoteSite:
             from medfed.transport.grpc.client import EXCHANGE_LIMIT
 
             self.max_exchange = max(EXCHANGE_LIMIT, 6 * self.max_model)
+        if job.topology.kind in ("cyclic", "swarm"):  # this site holds models and seals what it sends
+            self._take_peer_role(job)
         summary = describe_sites([data], job.task, job.held_out)[0]
         if data.skipped:
             log.warning("site '%s': %d unreadable file(s) skipped: %s", self.name, len(data.skipped),
@@ -259,6 +266,23 @@ class RemoteSite:
         model = ModelSpec.of(self.app.model.state_dict())
         told = disclosed(summary.for_the_server(), self.gate.policy if self.gate is not None else None)
         return {**told, "model": model.to_wire()}, job.round_timeout
+
+    def _take_peer_role(self, job: Job) -> None:
+        """A relayed topology (site/peers.py): models pass between sites sealed with their
+        kits (the server relays them unread); a message may carry a sealed model of every
+        site of the job (the consensus of a swarm)."""
+        from medfed.site.peers import PeerRole
+        from medfed.transport.grpc.client import EXCHANGE_LIMIT
+        from medfed.transport.pki.sealing import Sealer
+
+        if self.kit is None:
+            raise ConfigError(f"topology.kind: {job.topology.kind}: the models that pass between sites are sealed "
+                              "with each site's kit; start this site with its kit")
+        sealer = Sealer(self.kit.name, self.kit.key_pem, self.kit.cert_pem, self.kit.ca_pem)
+        self.app.peers = PeerRole(self.app, job, sealer)
+        self.max_exchange = max(EXCHANGE_LIMIT, (len(job.site_names) + 2) * 2 * self.max_model)
+        log.info("site '%s': %s: holds its models here and seals every model it sends to the sites it is for",
+                 self.name, job.topology.label)
 
     def _he_key(self, job: Job):
         """The consortium's secret CKKS context for a job with ``privacy.he`` (None
@@ -331,6 +355,8 @@ class RemoteSite:
                 if plan.job_id != self.job_id or plan.round != hdr.get("round"):
                     raise DataError(f"task plan for job {plan.job_id} round {plan.round} does not match its header")
                 log.info("site '%s': %s round %d: training", self.name, plan.arm.value, plan.round)
+                if self.job.topology.kind == "split":
+                    return "fit", codec.encode_update(self._split_turn(params, plan, hdr), self._encoded)
                 return "fit", codec.encode_update(self.app.fit(params, plan), self._encoded)
             splits = tuple(Split(s) for s in hdr.get("splits", []))
             results = self.app.evaluate(params, splits, Arm(hdr.get("arm")))
@@ -338,6 +364,24 @@ class RemoteSite:
         except Exception as e:  # reported to the server with the cause; the site keeps serving
             log.warning("site '%s': task of round %s failed: %s", self.name, hdr.get("round"), describe_exception(e))
             return "error", self.redact(describe_exception(e)).encode()
+
+    def _split_turn(self, params: Params, plan: RoundPlan, hdr: dict[str, Any]) -> Update:
+        """Split learning: train this site's parts ``params`` against the server's middle over
+        one Split call for the task (transport/grpc/split_client.py); the trained parts."""
+        from medfed.site.split import fit_split
+        from medfed.transport.grpc.split_client import GrpcSplitChannel
+
+        topology = self.job.topology
+        if self.split_call is None:
+            raise ConfigError("topology.kind: split needs the connection's Split call; run the site with medfed site")
+        with GrpcSplitChannel(self.split_call, self.name, self.job_id, str(hdr.get("task_id")),
+                              self.job.round_timeout) as channel:
+            update = fit_split(self.app, params, plan, channel, topology.cut, topology.head)
+        rtt = sorted(channel.round_trips)
+        log.info("site '%s': split round %d: %d exchanges with the server, %d bytes sent, %d received, median round "
+                 "trip %.2f ms", self.name, plan.round, len(rtt), channel.sent, channel.received,
+                 1000 * rtt[len(rtt) // 2] if rtt else 0.0)
+        return update
 
     def finish(self) -> None:
         """The server said the job is done: its saved site state is no longer needed."""

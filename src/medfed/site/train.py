@@ -59,6 +59,17 @@ def plan_epochs(
             yield Planned(idx, seed)
 
 
+def supervised_loss(task: "Task", outputs: torch.Tensor, labels: torch.Tensor,
+                    labeled: torch.Tensor) -> torch.Tensor | None:
+    """The task loss over the examples that have a label (``labeled``, bool (B,)); None
+    when none has."""
+    if bool(labeled.all()):
+        return task.loss(outputs, labels)
+    if not bool(labeled.any()):
+        return None
+    return task.loss(outputs[labeled], labels[labeled])
+
+
 def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
     """A fresh optimizer over the parameters that currently require gradients."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -146,9 +157,16 @@ def _train(
                 continue  # else: every file of the batch was skipped as unreadable
             x = batch.images.to(device, non_blocking=True)
             y = batch.labels.to(device, non_blocking=True)
+            labeled = (torch.ones(len(x), dtype=torch.bool) if batch.labeled is None else batch.labeled).to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                loss = task.loss(model(x), y)
+                out = model(x)
+                # the task loss of the labeled examples, plus the hook's term of the batch (semi-supervised)
+                terms = [t for t in (supervised_loss(task, out, y, labeled), hook.batch_loss(model, x, out, labeled))
+                         if t is not None]
+                if not terms:  # no label and no term for the unlabeled examples: no step
+                    continue
+                loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
                 extra = hook.extra_loss(model)
                 if extra is not None:
                     if private is not None:
@@ -159,18 +177,51 @@ def _train(
                             "algorithm without one"
                         )
                     loss = loss + extra
+            if hook.perturbs and private is not None:
+                raise ValueError("sample-level DP-SGD (dp_sgd) cannot take the algorithm's perturbed gradient "
+                                 "(HarmoFL): it is not a per-example gradient DP-SGD clips; leave dp_sgd out")
             if scaler is not None:
                 scaler.scale(loss).backward()
+                if hook.perturbs:
+                    _perturbed_gradient(model, x, y, labeled, task, hook, optimizer, scaler)
                 scaler.unscale_(optimizer)
                 hook.on_after_backward(model)
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 loss.backward()
+                if hook.perturbs:
+                    _perturbed_gradient(model, x, y, labeled, task, hook, optimizer, None)
                 if private is None:  # under DP-SGD it runs after the noise (after_noise)
                     hook.on_after_backward(model)
                 optimizer.step()
+            hook.on_step_end(model)
             steps += 1
             losses += 1
             loss_sum += float(loss.detach())
     return TrainStats(num_steps=steps, mean_loss=loss_sum / max(losses, 1))
+
+
+def _perturbed_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, labeled: torch.Tensor, task: "Task", hook: SiteHook,
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+) -> None:
+    """A sharpness-aware step's second pass (``hook.perturbs``, HarmoFL): with the batch's
+    gradient at the weights ``w`` in place, the hook moves the weights; the gradient of the
+    same objective as the first pass (the labeled examples' task loss, the hook's batch
+    term, its extra term; scaled like the first) is taken there, the weights go back to
+    ``w``, and the optimizer then steps from ``w`` with that gradient."""
+    moves = hook.perturb(model)
+    if moves is None:
+        return
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=scaler is not None):
+        out = model(x)
+        terms = [t for t in (supervised_loss(task, out, y, labeled), hook.batch_loss(model, x, out, labeled),
+                             hook.extra_loss(model)) if t is not None]
+    if terms:
+        again = terms[0]
+        for t in terms[1:]:
+            again = again + t
+        (scaler.scale(again) if scaler is not None else again).backward()
+    hook.unperturb(model, moves)

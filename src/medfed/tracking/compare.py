@@ -249,7 +249,8 @@ def figure(runs: Sequence[RunInfo], metric: str, split: str, path: Path) -> Path
 
     if path.is_dir():
         path = path / DEFAULT_FIGURE
-    styles = {"federated": "-", "local": ":", "centralized": "--", "finetuned": "-.", "personalized": (0, (5, 1, 1, 1))}
+    styles = {"federated": "-", "local": ":", "centralized": "--", "finetuned": "-.", "personalized": (0, (5, 1, 1, 1)),
+              "pretrain": (0, (1, 1))}
     fig = Figure(figsize=(8.0, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.subplots()

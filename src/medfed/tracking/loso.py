@@ -17,7 +17,7 @@ from typing import Any
 from rich.table import Table
 
 from medfed.core.types import lower_is_better
-from medfed.tracking.metrics import ARMS, arms_present, comparison_rows, read_metrics
+from medfed.tracking.metrics import MODEL_ARMS, arms_present, comparison_rows, read_metrics
 from medfed.tracking.tables import MISSING, fmt
 
 OWN_MODEL_ARMS = ("local", "finetuned", "personalized")  # a held-out site has no model of its own in these
@@ -26,7 +26,7 @@ SPLIT = "test"
 
 def _final(run_dir: Path, monitor: str) -> dict[str, dict[str, float | None]]:
     """site -> arm -> the monitored test metric at the arm's last round."""
-    return {r["site"]: {a: r[a] for a in ARMS} for r in comparison_rows(read_metrics(run_dir / "metrics.jsonl"),
+    return {r["site"]: {a: r[a] for a in MODEL_ARMS} for r in comparison_rows(read_metrics(run_dir / "metrics.jsonl"),
                                                                              monitor, SPLIT)}
 
 
@@ -39,7 +39,7 @@ def loso_table(
     trains), ``unseen`` (held out) and ``change`` (unseen - seen, None if either is)."""
     seen_all = _final(full_run, monitor)
     present = set(arms_present(read_metrics(full_run / "metrics.jsonl")))
-    arms = [a for a in ARMS if a in present or a == "federated"]
+    arms = [a for a in MODEL_ARMS if a in present or a == "federated"]
     rows = []
     for site, run in left_out.items():
         seen = seen_all.get(site, {})

@@ -1,7 +1,8 @@
 """The metrics store of a run: one JSON object per line in ``metrics.jsonl``.
 
 A record is ``{"round", "arm", "site", "split", "metric", "value"}``: ``round`` counts from
-1, ``arm`` is ``federated``, ``local``, ``personalized``, ``finetuned`` or ``centralized``, ``site`` is a site name or
+1, ``arm`` is ``federated``, ``local``, ``personalized``, ``finetuned``, ``centralized``, ``zero_filled`` or
+``pretrain`` (the self-supervised stage: its ``ssl_loss`` per site on ``train``), ``site`` is a site name or
 ``"all"`` (the example-weighted mean over the training sites) or ``"median"`` (their median, val
 and test only: a figure no single site can move far), ``split`` is ``train`` (training loss as
 reported by the site), ``val`` or ``test``. ``value`` is ``null`` where the metric is
@@ -28,7 +29,8 @@ from medfed.core.errors import RunDirError
 from medfed.core.types import lower_is_better
 
 # display order: the zero-filled input (reconstruction), baseline, method(s), upper bound
-ARMS = ("zero_filled", "local", "federated", "personalized", "finetuned", "centralized")
+ARMS = ("pretrain", "zero_filled", "local", "federated", "personalized", "finetuned", "centralized")
+MODEL_ARMS = ARMS[1:]  # the arms with a model evaluated at the sites (the comparison's columns)
 SPLITS = ("train", "val", "test")
 MEAN_SITE = "all"  # the example-weighted mean over the training sites
 MEDIAN_SITE = "median"  # the median over the training sites
@@ -153,8 +155,9 @@ def site_order(records: list[dict]) -> list[str]:
 
 
 def arms_present(records: list[dict]) -> list[str]:
-    """The arms that have at least one record, in ``ARMS`` order."""
-    present = {r["arm"] for r in records}
+    """The arms that have at least one evaluation record (val or test), in ``ARMS`` order: the
+    arms with a model to compare (``pretrain`` records its training loss only)."""
+    present = {r["arm"] for r in records if r["split"] != "train"}
     return [a for a in ARMS if a in present]
 
 
@@ -183,7 +186,7 @@ def comparison_rows(records: list[dict], monitor: str, split: str = "test") -> l
             final[(r["arm"], r["site"])] = r["value"]  # a repeated record: the later one wins
     rows = []
     for site in site_order(records):
-        row: dict[str, Any] = {"site": site} | {arm: final.get((arm, site)) for arm in ARMS}
+        row: dict[str, Any] = {"site": site} | {arm: final.get((arm, site)) for arm in MODEL_ARMS}
         fed, loc = row["federated"], row["local"]
         row["gain"] = fed - loc if fed is not None and loc is not None else None
         rows.append(row)

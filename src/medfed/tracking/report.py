@@ -37,7 +37,7 @@ from medfed.core.types import Metric
 REPORT_NAME = "report.html"
 ARM_STYLE = {
     "local": ("#d95f02", "--"), "federated": ("#1b6ec2", "-"), "finetuned": ("#7570b3", "-."), "personalized": ("#e7298a", "-."),
-    "centralized": ("#1b9e77", ":"), "zero_filled": ("#777777", ":"),
+    "centralized": ("#1b9e77", ":"), "zero_filled": ("#777777", ":"), "pretrain": ("#999999", "-"),
 }
 
 _CSS = """
@@ -179,9 +179,10 @@ def _many_sites_note(records: list[dict]) -> str:
             "the per-site values are in the table above and in metrics.jsonl.</p>")
 
 
-def training_loss_figure(records: list[dict]) -> str | None:
-    """Training loss of the federated arm against round, one line per site."""
-    by_site = curves([r for r in records if r["arm"] == "federated"], Metric.LOSS, "train")
+def training_loss_figure(records: list[dict], arm: str = "federated", metric: str = Metric.LOSS) -> str | None:
+    """Training loss of ``arm`` against round, one line per site (the pretraining stage:
+    arm ``pretrain``, metric ``ssl_loss``)."""
+    by_site = curves([r for r in records if r["arm"] == arm], metric, "train")
     by_site.pop(MEDIAN_SITE, None)
     if not by_site:
         return None
@@ -190,12 +191,12 @@ def training_loss_figure(records: list[dict]) -> str | None:
     ax = fig.subplots()
     many = len(by_site) > MAX_SITE_PANELS  # then thin unlabelled lines, no legend
     for site, arms in by_site.items():
-        rounds, values = arms["federated"]
+        rounds, values = arms[arm]
         pooled = site == MEAN_SITE
         ax.plot(rounds, _nan(values), "--" if pooled else "-", color="black" if pooled else ("0.6" if many else None),
                 label=None if many else ("all sites" if pooled else site), linewidth=0.6 if many else 1.2)
     ax.set_xlabel("round", fontsize=8)
-    ax.set_ylabel("training loss", fontsize=8)
+    ax.set_ylabel("training loss" if metric == Metric.LOSS else str(metric), fontsize=8)
     ax.tick_params(labelsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -205,6 +206,20 @@ def training_loss_figure(records: list[dict]) -> str | None:
 
 
 # --------------------------------------------------------------------------- sections
+
+
+def _pretrain_section(job: Job, records: list[dict]) -> str:
+    """The self-supervised stage before the federated one (``pretrain``): its loss per site
+    and round; nothing for a job without it."""
+    cfg = job.pretrain
+    if cfg is None:
+        return ""
+    img = training_loss_figure(records, "pretrain", Metric.SSL_LOSS)
+    note = (f'<p class="note">{escape(cfg.method)}: {cfg.rounds} federated round(s) (FedAvg) on every training '
+            "image of every site, labels unused; the federated arm starts from the pretrained encoder with the "
+            "head as initialized; local and centralized start from the job's initial model.</p>")
+    return "\n".join(["<h2>Self-supervised pretraining (ssl_loss)</h2>", note,
+                      img or '<p class="note">No data recorded.</p>'])
 
 
 def _counts(counts: Any) -> str:
@@ -225,7 +240,8 @@ def _sites_section(sites: dict | None, segmentation: bool = False) -> str:
             where = ".".join(str(x) for x in err["loc"])
             raise RunDirError(f"sites.json: site {raw.get('name', '?') if isinstance(raw, dict) else '?'!r}: "
                               f"{where}: {err['msg']}") from None
-        rows.append([s.name + (" (held out)" if s.held_out else ""), *(str(getattr(s, k)) for k in splits),
+        train = f"{s.train} ({s.unlabeled} unlabeled)" if s.unlabeled else str(s.train)  # scarce labels
+        rows.append([s.name + (" (held out)" if s.held_out else ""), train, str(s.val), str(s.test),
                      *(_counts(s.class_counts.get(k)) for k in splits), str(s.skipped)])
         # a deployed site names no files: they stay at the site
         notes += [f"{s.name}: {f.file}: {f.reason}" for f in s.skipped_files[:20]]
@@ -233,6 +249,8 @@ def _sites_section(sites: dict | None, segmentation: bool = False) -> str:
             notes.append(f"{s.name}: ... and {len(s.skipped_files) - 20} more (see sites.json)")
     what = ("examples in which each class appears" if segmentation
             else "examples per class (binary, multi-class) or positives per label (multi-label)")
+    if any(isinstance(r, dict) and r.get("unlabeled") for r in sites["sites"]):
+        what += "; of the labeled examples only"
     out = ("<h2>Sites</h2>" + html_table(header, rows)
            + f'<p class="note">Class counts: {what}, in class order. A held-out site never trains; it is '
              "evaluated with the models the other sites trained and left out of “all”.</p>")
@@ -444,6 +462,7 @@ def render_report(run_dir: Path) -> str:
         f"<h2>Learning curves: test {escape(monitor)}</h2>", curves_img or no_data,
         _many_sites_note(records),
         "<h2>Training loss (federated)</h2>", loss_img or no_data,
+        _pretrain_section(job, records),
         _charts_section(job, records, run_dir),
         _update_path_section(job, records),
         contribution_section(read_contribution(run_dir), _png),

@@ -168,8 +168,7 @@ def test_label_columns_must_fit_the_task(tmp_path):
     ("-1", MULTI, "label '-1' in column 'label' is outside 0..2"),
     ("0.5", BINARY, "label '0.5' in column 'label' is not a class index"),
     ("benign", BINARY, "label 'benign' in column 'label' is not a class index"),
-    ("", BINARY, "empty value in column 'label'"),
-])
+])  # an empty label is an unlabeled row (tests/data/test_labels.py)
 def test_bad_class_label_names_site_file_line_and_value(tmp_path, value, task, expected):
     rows = _grey_set(tmp_path / "img", 3)
     rows[1][1] = value

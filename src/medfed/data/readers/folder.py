@@ -33,7 +33,9 @@ row, then one row per image; blank rows are ignored, header names and values are
 stripped of surrounding spaces. ``file_column`` holds the image path relative to the
 images folder; a file listed twice is an error. ``label_columns``: one column of class
 indices 0..num_classes-1 (binary and multi-class tasks) or one 0/1 column per label,
-exactly ``num_classes`` of them (multi-label tasks). ``split_column`` (optional) holds
+exactly ``num_classes`` of them (multi-label tasks); a row whose label cells are all empty
+has no label (an unlabeled example: it trains only with ``semi_supervised`` and never goes
+to val or test, data/labels.py). ``split_column`` (optional) holds
 train, val or test (any case). Line numbers in messages count the header as line 1.
 
 Sites: ``sites`` (each site its own folder and CSV per file set; a train/val/test set's
@@ -191,6 +193,7 @@ class _Row:
     target: np.ndarray
     split: str | None
     site: str | None
+    labeled: bool = True
 
 
 @dataclass(frozen=True)
@@ -300,16 +303,31 @@ def _parse_row(line: int, cells: list[str], index: dict[str, int], cols: _Column
     site = cell(cols.site) if cols.site else None
     if site is not None:
         at = f"site '{site}': {at}"
+    if all(_blank(cells, index[c]) for c in cols.labels):  # no label: an unlabeled example (data/labels.py)
+        width = () if len(cols.labels) == 1 and task.labels != "multilabel" else (len(cols.labels),)
+        placeholder = np.zeros(width, dtype=np.int64 if not width else np.float32)
+        return _Row(line, cell(cols.file), placeholder, _split_cell(cells, index, cols, at), site, labeled=False)
     if len(cols.labels) == 1 and task.labels != "multilabel":
         target = _class_index(cell(cols.labels[0]), cols.labels[0], task, at)
     else:
         target = _multilabel([cell(c) for c in cols.labels], cols.labels, at)
-    split = None
-    if cols.split:
-        split = cell(cols.split).lower()
-        if split not in SPLIT_VALUES:
-            raise DataError(f"{at}: split {cells[index[cols.split]].strip()!r} in column '{cols.split}' must be train, val or test")
-    return _Row(line, cell(cols.file), target, split, site)
+    return _Row(line, cell(cols.file), target, _split_cell(cells, index, cols, at), site)
+
+
+def _blank(cells: list[str], i: int) -> bool:
+    return i >= len(cells) or not cells[i].strip()
+
+
+def _split_cell(cells: list[str], index: dict[str, int], cols: _Columns, at: str) -> str | None:
+    """The row's split (train, val or test), or None without a split column."""
+    if not cols.split:
+        return None
+    if _blank(cells, index[cols.split]):
+        raise DataError(f"{at}: empty value in column '{cols.split}'")
+    split = cells[index[cols.split]].strip().lower()
+    if split not in SPLIT_VALUES:
+        raise DataError(f"{at}: split {cells[index[cols.split]].strip()!r} in column '{cols.split}' must be train, val or test")
+    return split
 
 
 def _read_csv(path: Path, cols: _Columns, task: TaskConfig, site: str = "") -> list[_Row]:
@@ -351,10 +369,11 @@ class ImageEntry:
     channels: int
     site: str
     window: DicomWindow | None = None
+    labeled: bool = True  # False: a CSV row with its label cells empty (target: zeros)
 
     def read(self) -> Record:
         image = read_image(self.path, self.channels, self.site, window=self.window)
-        return Record(self.name, image, self.target, None, self.split)
+        return Record(self.name, image, self.target, None, self.split, self.labeled)
 
     def files(self) -> tuple[str, ...]:
         return (str(self.path),)
@@ -388,7 +407,8 @@ def _entries(rows: list[_Row], images: Path, csv_path: Path, set_name: str, cfg:
             raise DataError(f"{prefix}'{path}': image file not found (listed in '{csv_path}' line {row.line})")
         split = set_split(set_name) if set_name != "all" else row.split
         site.entries.append(
-            ImageEntry(record_name(set_name, row.file), split, row.target, path, cfg.channels, site.name, cfg.dicom_window)
+            ImageEntry(record_name(set_name, row.file), split, row.target, path, cfg.channels, site.name, cfg.dicom_window,
+                       row.labeled)
         )
 
 

@@ -28,17 +28,16 @@ bounded, opaque fields. A simulation (no kits) sends unsigned advertisements, as
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medfed.core.errors import ConfigError
 from medfed.privacy.secagg.messages import Advertisement, SecAggError, Signed, b64, check_name
-from medfed.transport.pki.certificates import SITE_URI_PREFIX, format_date, same_public_key, utc_now
+from medfed.transport.pki.certificates import certificate_names, same_public_key, site_certificate_problem
 
 if TYPE_CHECKING:
     from medfed.transport.pki import Kit
@@ -49,42 +48,6 @@ _ECDSA = ec.ECDSA(hashes.SHA256())
 def signed_message(job_id: str, rnd: int, site: str, c_pk: bytes, s_pk: bytes) -> bytes:
     """The bytes a site signs: the job, the round, its name and its two public keys."""
     return json.dumps(["medfed-secagg-v1", "advertisement", job_id, rnd, site, b64(c_pk), b64(s_pk)]).encode()
-
-
-def certificate_names(cert: x509.Certificate) -> set[str]:
-    """The site names a certificate gives: its common names and its ``urn:medfed:site:``
-    SAN URIs (a kit's site certificate gives one name, twice)."""
-    names = {str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
-    try:
-        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    names.update(u[len(SITE_URI_PREFIX):] for u in uris if u.startswith(SITE_URI_PREFIX))
-    return names
-
-
-def _extension(cert: x509.Certificate, kind: type) -> Any:
-    try:
-        return cert.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
-
-
-def _site_certificate_problem(cert: x509.Certificate) -> str | None:
-    """Why ``cert`` is not a site certificate that may sign, or None."""
-    constraints = _extension(cert, x509.BasicConstraints)
-    if constraints is not None and constraints.ca:
-        return "its certificate is a CA certificate, not a site certificate"
-    usage = _extension(cert, x509.ExtendedKeyUsage)
-    if usage is None or ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
-        return "its certificate is not a site certificate (no clientAuth extended key usage)"
-    key_usage = _extension(cert, x509.KeyUsage)
-    if key_usage is not None and not key_usage.digital_signature:
-        return "its certificate does not allow digital signatures (key usage)"
-    if not isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
-        return "its certificate's key is not an ECDSA key (a kit's is ECDSA P-256)"
-    return None
 
 
 class Credentials:
@@ -136,28 +99,14 @@ class Credentials:
         s = ad.signed
         if s is None:
             return "it is not signed (in a deployment every site signs its keys with its kit key)"
-        try:
-            cert = x509.load_der_x509_certificate(s.cert)
-        except ValueError:
-            return "its certificate is not a valid X.509 certificate"
-        try:
-            cert.verify_directly_issued_by(self._ca)
-        except (ValueError, TypeError, InvalidSignature):
-            return "its certificate was not issued by this consortium's CA"
-        now, start, end = utc_now(), cert.not_valid_before_utc, cert.not_valid_after_utc
-        if not start <= now < end:
-            return f"its certificate is not valid now (valid from {format_date(start)} to {format_date(end)})"
-        why = _site_certificate_problem(cert)
+        why = site_certificate_problem(s.cert, site, self._ca)
         if why is not None:
             return why
-        names = certificate_names(cert)
-        if names != {site}:
-            return f"its certificate names {', '.join(repr(n) for n in sorted(names)) or 'no site'}, not '{site}'"
         if (s.job_id, s.round) != (job_id, rnd):
             return (f"it was signed for job {s.job_id!r} round {s.round}, this is job {job_id!r} round {rnd} "
                     "(replayed)")
         try:
-            cert.public_key().verify(s.sig, signed_message(job_id, rnd, site, ad.c_pk, ad.s_pk), _ECDSA)
+            x509.load_der_x509_certificate(s.cert).public_key().verify(s.sig, signed_message(job_id, rnd, site, ad.c_pk, ad.s_pk), _ECDSA)
         except InvalidSignature:
             return "its signature does not verify against its certificate (the keys or fields were changed)"
         return None

@@ -80,6 +80,14 @@ class Audit:
             self.store.audit(arm, rnd, site, kind, "failed", 0, 0, None, 0.0,
                              f"cannot take part in the job: {reason}")
 
+    def turn(self, arm: str, rnd: int, site: str, status: str, sent: int, received: int, seconds: float,
+             reason: str | None) -> None:
+        """The row of one split-learning turn (kind ``split``): ``sent`` bytes to the site and
+        ``received`` from it (frames, headers included) in ``seconds``; ``reason`` when it was
+        refused."""
+        if self.store is not None:
+            self.store.audit(arm, rnd, site, "split", status, sent, received, None, seconds, reason)
+
     def task(self, task: Task, status: str, nbytes: int, digest: str | None, seconds: float,
              reason: str | None) -> None:
         """The row of ``task``, closed with ``status`` after ``seconds``: ``nbytes`` of answer

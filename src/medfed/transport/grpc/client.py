@@ -128,6 +128,7 @@ class Connection:
         self._ready = self.channel.unary_unary(wire.READY)
         self._poll = self.channel.unary_stream(wire.POLL)
         self._submit = self.channel.stream_unary(wire.SUBMIT)
+        self.split = self.channel.stream_stream(wire.SPLIT)  # a split-learning turn (split_client.py)
         self._model: tuple[str, memoryview] | None = None  # (id, payload) of the last model received
         self._buffers = BufferPool(keep=2)  # the model held and the one arriving
 

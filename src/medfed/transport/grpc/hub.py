@@ -13,6 +13,8 @@ The hub wires the parts that do the work, which share one condition variable:
 * ``audit.py``    the audit trail, and every refusal logged with the site, its address and
                   the reason
 * ``guard.py``    what one site may hold of the server (open calls, transfers, time on a stream)
+* ``splitting.py`` split learning's per-batch exchange: a site in its turn streams
+                  activations and gradients, the server answers from the turn's seat
 
 A submission must carry this job's id and answer an open task of that same site and
 round, exactly once (see intake.py for the checks on its payload).
@@ -27,6 +29,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
 from medfed import __version__
@@ -43,6 +47,7 @@ from medfed.transport.grpc.auth import Callers, read_header
 from medfed.transport.grpc.guard import Call, Direction, Guard, Refused
 from medfed.transport.grpc.intake import Intake
 from medfed.transport.grpc.sessions import Session, Sessions
+from medfed.transport.grpc.splitting import Seats, serve_turn
 from medfed.transport.grpc.tasks import Answer, Task, TaskBoard, TaskKind
 from medfed.transport.pki.revocation import Revocations
 
@@ -101,8 +106,16 @@ class Hub:
         self.intake = Intake(self.sessions, metric_bounds(job.task), store, slots=TRANSFERS, keep=UPDATES_IN_MEMORY)
         self.audit = Audit(store)
         self.guard = Guard()  # each site's open calls and transfers, and the bounds on them
+        self.seats = Seats()  # split learning: the turns the round loop opened (splitting.py)
         self._sending = threading.BoundedSemaphore(TRANSFERS)  # held while a model chunk is sent
         self._model: tuple[ModelSpec, str] | None = None  # the server's model and what to do about another
+        # each site's certificate (DER) as it presented it: a relayed topology's sites seal models with them
+        self._certificates: dict[str, bytes] = {}
+
+    def certificates(self) -> dict[str, bytes]:
+        """Each joined site's certificate (DER), as TLS verified it."""
+        with self._cv:
+            return dict(self._certificates)
 
     # ------------------------------------------------------------------ gRPC methods
 
@@ -118,9 +131,11 @@ class Hub:
         except Refused as e:
             self._refuse(context, "join", site, e, call)
         now = time.time()
+        pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
         with self._cv:  # a site that rejoins has lost what it was working on
             lost = self.board.fail_sent(site, "the site reconnected before answering (restarted?)")
             self.sessions.join(site, context.peer(), fingerprint, now)
+            self._certificates[site] = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
         for t in lost:
             self.audit.task(t, "failed", 0, None, time.monotonic() - t.sent_at, t.answer.cause)
         if self.store is not None:
@@ -246,6 +261,32 @@ class Hub:
         if status == "failed":
             log.warning("%s round %d: site '%s' reported an error: %s", task.arm, task.round, site, answer.cause)
         return wire.encode_header({"accepted": True})
+
+    def split(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """A site's split-learning turn (splitting.py): the header names its open fit task,
+        whose seat the round loop opened; then the per-batch frames. One audit row per turn."""
+        site, call, seat, t0 = None, None, None, time.monotonic()
+        status, reason = "failed", "the split call broke under the server"
+        try:
+            site, _ = self.callers.identify(context)
+            with self.guard.call(site, "split turn", context) as call:
+                hdr = read_header(self.guard.first(call, messages, "split header"), "split")
+                self.callers.check(hdr, site)
+                task = self.board.task_for(hdr.get("task_id"), site)
+                seat = self.seats.take(task)
+                call.alive = lambda: task.open  # the round timeout closes the task: the call ends too
+                yield from serve_turn(seat, call, messages)
+                status, reason = "accepted", None
+        except Refused as e:
+            e = self._why(e, call, context)
+            status, reason = "refused", e.reason
+            if call is not None and seat is not None:
+                call.audited = True  # the turn's row says it
+            self._refuse(context, "a split turn", site, e, call)
+        finally:  # a turn that ended otherwise (the stream broke, the site went away) is "failed"
+            if seat is not None:
+                self.audit.turn(seat.arm, seat.round, seat.site, status, seat.wire_sent, seat.wire_received,
+                                time.monotonic() - t0, reason)
 
     def _receive(self, task: Task, hdr: dict[str, Any], call: Call, messages: Iterator[bytes],
                  context: grpc.ServicerContext, site: str) -> tuple[Answer, int, str | None]:

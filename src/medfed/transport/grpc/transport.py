@@ -87,6 +87,7 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
             "Ready": _handler(hub.ready, "stream_in"),
             "Poll": _handler(hub.poll, "stream_out"),
             "Submit": _handler(hub.submit, "stream_in"),
+            "Split": _handler(hub.split, "stream_out"),
         },
     )
     tune_malloc()
@@ -190,8 +191,9 @@ class GrpcTransport(Transport):
             tasks.append(Task(
                 site=m.site, kind=TaskKind.EXCHANGE, arm=Arm.FEDERATED.value, round=m.round,
                 header={"job_id": m.job_id, "topic": m.topic}, blob=blob, model_id=secrets.token_hex(16),
-                # an answer may be as large as the message asking it (a decrypted sum: smaller than its ciphertexts)
-                limit=max(EXCHANGE_ANSWER_LIMIT, len(blob)),
+                # an answer may be as large as the message asking it (a decrypted sum: smaller than its
+                # ciphertexts), or as the message says (a relayed topology's sealed model)
+                limit=max(EXCHANGE_ANSWER_LIMIT, len(blob), m.answer_limit or 0),
             ))
         self.hub.run(tasks, timeout)
         return [t.answer for t in tasks]

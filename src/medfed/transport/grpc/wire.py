@@ -1,6 +1,6 @@
 """What travels between a site and the server, and under which limits.
 
-The service ``medfed.Federation`` has four methods; every message is bytes:
+The service ``medfed.Federation`` has five methods; every message is bytes:
 
 * ``Join``   (unary)  site -> ``{"site", "medfed_version"}``; server -> ``{"job", "job_id"}``
   (the job with its file paths removed: paths never travel).
@@ -20,6 +20,11 @@ The service ``medfed.Federation`` has four methods; every message is bytes:
   checked when given) then the payload in chunks; the server hashes what it receives (the
   audit trail and replay check use its own hash);
   server -> ``{"accepted": bool, "reason": str}``.
+* ``Split``  (bidirectional streaming, ``topology.kind: split`` only) site -> a header
+  ``{"site", "job_id", "task_id"}`` naming its open fit task (its turn), then per batch the
+  activations at the cut and the gradient at the middle's output; server -> the middle's
+  output, then the gradient at the cut. Each tensor is a frame ``{"op", "size"}`` followed by
+  a one-tensor safetensors file in chunks (see splitting.py for the frames and the checks).
 
 Every message is at most ``MAX_MESSAGE`` bytes (gRPC refuses larger ones itself), every
 call has a deadline, and a payload larger than the receiver allows is refused before it
@@ -40,7 +45,7 @@ from medfed.core.buffers import BufferPool
 from medfed.core.errors import CodecError
 
 SERVICE = "medfed.Federation"
-JOIN, READY, POLL, SUBMIT = (f"/{SERVICE}/{m}" for m in ("Join", "Ready", "Poll", "Submit"))
+JOIN, READY, POLL, SUBMIT, SPLIT = (f"/{SERVICE}/{m}" for m in ("Join", "Ready", "Poll", "Submit", "Split"))
 
 # bytes of payload per message: large enough that per-message costs stay small, small
 # enough that the copies each open stream holds (the server streams to many sites at once)

@@ -10,6 +10,7 @@ import ipaddress
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -166,3 +167,63 @@ def same_public_key(a: Any, b: Any) -> bool:
 def format_date(t: dt.datetime) -> str:
     """``t`` as messages show it: ``2026-01-31 12:00 UTC``."""
     return t.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def certificate_names(cert: x509.Certificate) -> set[str]:
+    """The site names a certificate gives: its common names and its ``urn:medfed:site:``
+    SAN URIs (a kit's site certificate gives one name, twice)."""
+    names = {str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+    try:
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    names.update(u[len(SITE_URI_PREFIX):] for u in uris if u.startswith(SITE_URI_PREFIX))
+    return names
+
+
+def _extension(cert: x509.Certificate, kind: type) -> Any:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _signing_problem(cert: x509.Certificate) -> str | None:
+    """Why ``cert`` is not a site certificate that may sign, or None."""
+    constraints = _extension(cert, x509.BasicConstraints)
+    if constraints is not None and constraints.ca:
+        return "its certificate is a CA certificate, not a site certificate"
+    usage = _extension(cert, x509.ExtendedKeyUsage)
+    if usage is None or ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        return "its certificate is not a site certificate (no clientAuth extended key usage)"
+    key_usage = _extension(cert, x509.KeyUsage)
+    if key_usage is not None and not key_usage.digital_signature:
+        return "its certificate does not allow digital signatures (key usage)"
+    if not isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
+        return "its certificate's key is not an ECDSA key (a kit's is ECDSA P-256)"
+    return None
+
+
+def site_certificate_problem(der: bytes, site: str, ca: x509.Certificate) -> str | None:
+    """Why the certificate ``der`` (DER) must not be taken as site ``site``'s, or None: it
+    was not issued by the consortium CA ``ca``, is not valid now, is not a site certificate
+    that may sign with an ECDSA key, or names another site."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return "its certificate is not a valid X.509 certificate"
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return "its certificate was not issued by this consortium's CA"
+    now, start, end = utc_now(), cert.not_valid_before_utc, cert.not_valid_after_utc
+    if not start <= now < end:
+        return f"its certificate is not valid now (valid from {format_date(start)} to {format_date(end)})"
+    why = _signing_problem(cert)
+    if why is not None:
+        return why
+    names = certificate_names(cert)
+    if names != {site}:
+        return f"its certificate names {', '.join(repr(n) for n in sorted(names)) or 'no site'}, not '{site}'"
+    return None
