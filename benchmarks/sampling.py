@@ -1,5 +1,5 @@
 """Client selection: uniform sampling against sampling by loss (power of choice) and
-FedACS-style adaptive sampling at 10% and 30% participation, on 50 synthetic sites with
+adaptive sampling (after Active Federated Learning) at 10% and 30% participation, on 50 synthetic sites with
 skewed labels.
 
 Usage: python benchmarks/sampling.py [--seeds 0,1,2] [--rounds 30] [--sites 50]

@@ -1,4 +1,4 @@
-"""``sampling: {method: adaptive}``: FedACS-style adaptive client sampling (server/sampling.py)."""
+"""``sampling: {method: adaptive}``: adaptive client sampling after Active Federated Learning (server/sampling.py)."""
 
 import copy
 import math

@@ -73,7 +73,7 @@ class SamplingConfig(Frozen):
     yet comes first. Repeatable too: the draw depends on the job seed and the round, the
     choice on the losses the run recorded.
 
-    ``adaptive`` (FedACS-style adaptive client sampling, after Active Federated Learning,
+    ``adaptive`` (adaptive client sampling, after Active Federated Learning,
     Goetz et al., 2019; server/sampling.py): every training site is valued by its last
     training loss times the square root of its training examples; the ``exclude`` share
     of the valued sites with the lowest values sit out the valued draw, the rest are drawn

@@ -1,9 +1,8 @@
 """Which sites train in a round: all, a repeatable random draw, the drawn sites with the
 highest losses, or an adaptive draw valued by the sites' losses (see SamplingConfig).
 
-``method: adaptive`` is FedACS-style adaptive client sampling. No single published
-method goes by "FedACS" that we could pin down, so it follows the adaptive sampling of
-Active Federated Learning (Goetz, Malik, Bui, Moon, Liu and Kumar, 2019), which uses
+``method: adaptive`` is adaptive client sampling after the adaptive sampling of Active
+Federated Learning (Goetz, Malik, Bui, Moon, Liu and Kumar, 2019), which uses
 only what the server already receives with each update (the site's training loss) and
 its number of training examples: site k is valued ``v_k = sqrt(n_k) * loss_k``; the
 ``exclude`` share of the valued sites with the lowest values is left out, the round's
