@@ -143,6 +143,10 @@ def test_a_site_refuses_a_model_sealed_for_another_purpose_or_round():
     bad = plain(payload[:-8], Label(job.job_id, 3, "merged", "b"), ["a"])
     with pytest.raises(SiteError):
         role.answer("peer.adopt", 3, {"start": sealed_start(bad)})
+    trained = plain(payload, Label(job.job_id, 3, "trained", "b", 10), ["a"]).to_wire()
+    twice = [{"site": "b", "round": 3, "envelope": trained}, {"site": "b", "round": 3, "envelope": trained}]
+    with pytest.raises(SiteError, match="lists a site twice"):  # a relay giving one peer double weight
+        role.answer("peer.merge", 3, {"group": twice})
 
 
 def test_relay_state_round_trips(tmp_path):

@@ -152,6 +152,10 @@ class PeerRole:
 
     def _merge(self, rnd: int, body: dict[str, Any]) -> dict[str, Any]:
         base = self._own(rnd)
+        names = [str(m["site"]) for m in body["group"]]
+        if len(set(names)) != len(names) or any(m.get("self") and m["site"] != self.name for m in body["group"]):
+            raise SealError(f"refused a merge of round {rnd} that lists a site twice or another site as itself: "
+                            f"{names}")
         updates = []
         for member in body["group"]:
             if member.get("self"):
