@@ -199,7 +199,8 @@ def test_a_short_run_end_to_end(tmp_path):
 def test_stopped_then_resumed_equals_the_run_never_stopped(method, tmp_path, monkeypatch):
     """The teacher is site state: a run stopped while the sites train round 2 and resumed
     ends as the run never stopped, bit for bit."""
-    from tests.server.test_resume_simulation import _same_run, _stop_while_training, _stopped_then_resumed
+    import server.test_resume_simulation as stopped
+    from server.test_resume_simulation import _same_run, _stop_while_training, _stopped_then_resumed
 
     from medfed.server.runner import run_job
 
@@ -207,7 +208,7 @@ def test_stopped_then_resumed_equals_the_run_never_stopped(method, tmp_path, mon
             "rounds": 3}
     raw = {**copy.deepcopy(RUN), **over}
     whole = run_job(parse_job({**raw, "output": str(tmp_path / "whole")})).run_dir
-    monkeypatch.setattr("tests.server.test_resume_simulation.RAW", raw)
+    monkeypatch.setattr(stopped, "RAW", raw)
     resumed = _stopped_then_resumed(tmp_path, monkeypatch, {}, lambda m: _stop_while_training(m, 2, "b"))
     _same_run(whole, resumed)
 
