@@ -274,9 +274,22 @@ class ThreadedTurns(PlainTurns):
 
 
 def test_splitfed_turns_run_at_once_give_what_they_give_one_after_another(tmp_path, monkeypatch):
+    import threading
+
+    import medfed.site.split as site_split
+
     topology = {"kind": "split", "cut": "features.0", "parallel": True}
     one_by_one, metrics = _real(tmp_path, "one", topology, sites=3)
     monkeypatch.setattr(server_split, "InProcessTurns", ThreadedTurns)
+    # torch.fx's tracer patches module calls process-wide, so two threads must not trace at
+    # once; a deployed site traces in a process of its own, the server once before its turns
+    tracing, cut = threading.Lock(), site_split.cut_model
+
+    def traced_alone(*args, **kwargs):
+        with tracing:
+            return cut(*args, **kwargs)
+
+    monkeypatch.setattr(site_split, "cut_model", traced_alone)
     at_once, threaded = _real(tmp_path, "once", topology, sites=3)
     assert _close(one_by_one, at_once)
     values = [(r["round"], r["site"], r["metric"], r["split"], r["value"]) for r in metrics if r["metric"] != "seconds"]
