@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from algorithms import SCANNERS  # the feature-shift scanners of benchmarks/algorithms.py
+
 from medfed.config import parse_job
 from medfed.server.runner import run_job
 from medfed.site.device import set_threads
@@ -50,12 +52,6 @@ PRETRAIN: dict[str, dict] = {  # pretrain sections (then supervised FedAvg from 
     "byol": {"method": "byol", "ema": 0.99},
 }
 
-SCANNERS = [  # benchmarks/algorithms.py's feature-shift scanners
-    {"intensity_scale": 1.0, "intensity_offset": 0.0, "contrast": 1.0, "noise": 0.03, "blur": 0.0},
-    {"intensity_scale": 1.6, "intensity_offset": 0.15, "contrast": 0.7, "noise": 0.05, "blur": 0.8},
-    {"intensity_scale": 0.6, "intensity_offset": -0.05, "contrast": 1.5, "noise": 0.10, "blur": 0.4},
-    {"intensity_scale": 1.2, "intensity_offset": 0.3, "contrast": 1.2, "noise": 0.08, "blur": 1.2},
-]
 
 
 def data_for(setting: str, fraction: float) -> dict:

@@ -94,3 +94,12 @@ def moving_average(average: Params, current: Params, decay: float) -> None:
             t.mul_(decay).add_(value.detach().to(t.dtype), alpha=1 - decay)
         else:
             t.copy_(value)
+
+
+def average_start(average: Params | None, current: Params, device: torch.device) -> Params:
+    """A moving average at the start of a round: a copy of ``current`` (a model's state
+    dict) the first time, else ``average`` (taken up from a state file on the CPU, or kept
+    from the last round) on ``device``."""
+    if average is None:
+        return {k: v.detach().clone() for k, v in current.items()}
+    return {k: v.to(device) for k, v in average.items()}

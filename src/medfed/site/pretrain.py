@@ -43,7 +43,7 @@ from medfed.algorithms.base import SiteHook
 from medfed.data.transforms import build_augment
 from medfed.config import Job, PretrainConfig
 from medfed.core.errors import ConfigError, SiteError
-from medfed.core.params import moving_average
+from medfed.core.params import average_start, moving_average
 from medfed.core.types import Arm, EvalResult, Metric, Params, RoundPlan, Split, Update
 from medfed.data.base import SiteData
 from medfed.data.labels import with_labeled
@@ -225,11 +225,7 @@ class BYOL(SiteHook):
         self.target: Params | None = None
 
     def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
-        device = next(model.parameters()).device
-        if self.target is None:
-            self.target = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:  # taken up from a state file (on the CPU), or kept from the last round
-            self.target = {k: v.to(device) for k, v in self.target.items()}
+        self.target = average_start(self.target, model.state_dict(), next(model.parameters()).device)
 
     def batch_loss(self, model: nn.Module, images: torch.Tensor, outputs: torch.Tensor,
                    labeled: torch.Tensor) -> torch.Tensor | None:

@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from medfed.algorithms.base import Phase, SiteHook
 from medfed.config import Job, SemiConfig
-from medfed.core.params import moving_average
+from medfed.core.params import average_start, moving_average
 from medfed.core.types import Params, RoundPlan, TrainSettings
 
 View = Callable[[torch.Tensor, int], torch.Tensor]  # (images (B, C, *spatial), seed) -> images
@@ -111,11 +111,7 @@ class MeanTeacher(SemiHook):
 
     def on_train_start(self, model: nn.Module, plan: RoundPlan) -> None:
         super().on_train_start(model, plan)
-        device = next(model.parameters()).device
-        if self.teacher is None:
-            self.teacher = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:  # taken up from a state file (on the CPU), or kept from the last round
-            self.teacher = {k: v.to(device) for k, v in self.teacher.items()}
+        self.teacher = average_start(self.teacher, model.state_dict(), next(model.parameters()).device)
 
     def batch_loss(self, model: nn.Module, images: torch.Tensor, outputs: torch.Tensor,
                    labeled: torch.Tensor) -> torch.Tensor | None:
