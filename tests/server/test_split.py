@@ -264,10 +264,13 @@ class ThreadedTurns(PlainTurns):
     def run(self, turns):
         from concurrent.futures import ThreadPoolExecutor
 
+        apps = {}
+        for t in turns:  # the copies made here, one after another, before any thread runs
+            apps[t.site] = copy.copy(self.apps[t.site])
+            apps[t.site].model = copy.deepcopy(apps[t.site].model)
+
         def one(t):
-            app = copy.copy(self.apps[t.site])
-            app.model = copy.deepcopy(app.model)
-            return PlainTurns({t.site: app}, self.topology).run([t])[0]
+            return PlainTurns({t.site: apps[t.site]}, self.topology).run([t])[0]
 
         with ThreadPoolExecutor(len(turns)) as pool:
             return list(pool.map(one, turns))
