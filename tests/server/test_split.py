@@ -259,40 +259,50 @@ PlainTurns = server_split.InProcessTurns
 class ThreadedTurns(PlainTurns):
     """The turns of a wave at once, each in a thread of its own with its own copy of the
     network (in-process sites share one), as the deployment's hub runs SplitFed's turns
-    against sites in processes of their own."""
+    against sites in processes of their own.
+
+    torch.fx's tracer patches every module call process-wide while it traces, so a thread
+    that traces would break another thread's forward pass; a deployed site traces in a
+    process of its own. Here each copy is cut on the calling thread before any turn
+    starts, and the turn takes that cut (see ``precut``)."""
+
+    cuts: dict = {}
 
     def run(self, turns):
         from concurrent.futures import ThreadPoolExecutor
 
+        import medfed.site.split as site_split
+
         apps = {}
-        for t in turns:  # the copies made here, one after another, before any thread runs
+        for t in turns:  # copies and cuts made here, one after another, before any thread runs
             apps[t.site] = copy.copy(self.apps[t.site])
             apps[t.site].model = copy.deepcopy(apps[t.site].model)
+            model = apps[t.site].model
+            ThreadedTurns.cuts[id(model)] = site_split.cut_model(model, self.topology.cut, self.topology.head)
 
         def one(t):
             return PlainTurns({t.site: apps[t.site]}, self.topology).run([t])[0]
 
-        with ThreadPoolExecutor(len(turns)) as pool:
-            return list(pool.map(one, turns))
+        try:
+            with ThreadPoolExecutor(len(turns)) as pool:
+                return list(pool.map(one, turns))
+        finally:
+            ThreadedTurns.cuts.clear()
 
 
 def test_splitfed_turns_run_at_once_give_what_they_give_one_after_another(tmp_path, monkeypatch):
-    import threading
-
     import medfed.site.split as site_split
 
     topology = {"kind": "split", "cut": "features.0", "parallel": True}
     one_by_one, metrics = _real(tmp_path, "one", topology, sites=3)
     monkeypatch.setattr(server_split, "InProcessTurns", ThreadedTurns)
-    # torch.fx's tracer patches module calls process-wide, so two threads must not trace at
-    # once; a deployed site traces in a process of its own, the server once before its turns
-    tracing, cut = threading.Lock(), site_split.cut_model
+    cut = site_split.cut_model
 
-    def traced_alone(*args, **kwargs):
-        with tracing:
-            return cut(*args, **kwargs)
+    def precut(model, *args, **kwargs):  # a turn's thread takes the cut made before it started
+        made = ThreadedTurns.cuts.pop(id(model), None)
+        return made if made is not None else cut(model, *args, **kwargs)
 
-    monkeypatch.setattr(site_split, "cut_model", traced_alone)
+    monkeypatch.setattr(site_split, "cut_model", precut)
     at_once, threaded = _real(tmp_path, "once", topology, sites=3)
     assert _close(one_by_one, at_once)
     values = [(r["round"], r["site"], r["metric"], r["split"], r["value"]) for r in metrics if r["metric"] != "seconds"]
