@@ -171,3 +171,39 @@ def test_partitioned_data_holds_a_site_out_with_the_same_split(tmp_path):
     assert table["arms"] == ["federated", "centralized"] and not table["notes"]
     for row in table["sites"]:  # the pooled model never saw the left-out site either
         assert row["centralized"]["unseen"] == _last_test_auc(out / row["site"], "centralized", row["site"])
+
+
+def test_each_run_of_the_study_is_tracked_once_it_is_in_place(tmp_path):
+    """With a tracking section every run (the full one and each left-out one) reaches
+    TensorBoard and MLflow, as it would have had it been a run of its own: event files in
+    each run folder, one MLflow run each, tagged with the study and the site left out, whose
+    metric history is that run's metrics.jsonl."""
+    pytest.importorskip("mlflow", reason='MLflow is an optional extra: pip install -e ".[mlflow]"')
+    pytest.importorskip("tensorboard", reason='TensorBoard is an optional extra: pip install -e ".[tensorboard]"')
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    job = _job(tmp_path, rounds=1, compare=[], tracking={"tensorboard": True, "mlflow": {}})
+    res = runner.invoke(app, ["loso", str(job), "-o", str(tmp_path / "study")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "study"
+    assert (out / "mlflow.db").is_file() and not list(out.glob(".*partial*"))
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("tiny-loso").experiment_id])
+    by_left_out = {r.data.tags["medfed.loso.left_out"]: r for r in found}
+    assert sorted(by_left_out) == ["a", "b", "c", "none"]
+    for left_out, run in by_left_out.items():
+        folder = out / ("all" if left_out == "none" else left_out)
+        assert run.info.status == "FINISHED" and run.info.run_name == folder.name
+        assert run.data.tags["medfed.loso"] == "tiny-loso" and run.data.tags["medfed.run_dir"] == str(folder)
+        recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        expected = {f"{r['arm']}/{r['split']}/{r['metric']}/{r['site']}": r["value"] for r in recs
+                    if r["value"] is not None}
+        assert set(run.data.metrics) == set(expected)
+        assert all(abs(run.data.metrics[k] - v) < 1e-9 for k, v in expected.items())
+        events = EventAccumulator(str(folder / "tensorboard"))
+        events.Reload()
+        assert set(events.Tags()["scalars"]) == set(expected)
+    # the left-out site is evaluated but never trains in its own run
+    assert "federated/test/auc/b" in by_left_out["b"].data.metrics
+    assert "federated/train/loss/b" not in by_left_out["b"].data.metrics

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medfed.config import Job, parse_job
+from medfed.config import Job, TrackingConfig, parse_job
 from medfed.core.errors import ConfigError, MedfedError, RunDirError
 from medfed.core.files import atomic_write_text
 from medfed.server.runner import (
@@ -149,6 +149,18 @@ def _run_all(jobs: dict[str, Job], parallel: int, on_run: Callable[[str, float],
             raise
 
 
+def _track(runs: dict[str, Job], out: Path, tracking: TrackingConfig, study: str) -> None:
+    """Each run of the study, now in ``out``, to the job's trackers: TensorBoard event
+    files in each run folder, one MLflow run each (by default in ``out/mlflow.db``) tagged
+    with the study and the site left out. A reused full run (``--with``) is not sent again."""
+    from medfed.tracking.external import track_finished
+
+    for name, j in runs.items():
+        left_out = "none" if name == FULL_RUN else name
+        track_finished(j.model_copy(update={"output": out / name, "tracking": tracking}), out / name,
+                       {"medfed.loso": study, "medfed.loso.left_out": left_out})
+
+
 def run_loso(
     job: Job,
     output: Path | None = None,
@@ -166,10 +178,11 @@ def run_loso(
 
     if parallel < 1:
         raise ConfigError(f"--parallel: needs 1 or more processes, got {parallel}")
-    if job.tracking is not None:  # its runs are built in a staging folder, then moved: not logged to the tools yet
-        import logging
+    tracking = job.tracking  # its runs are built in a staging folder and moved: each is tracked once in place
+    if tracking is not None:
+        from medfed.tracking.external import check_tracking
 
-        logging.getLogger("medfed").warning("tracking: the runs of medfed loso are not logged to TensorBoard or MLflow")
+        check_tracking(job, reach=True)  # a tool missing, a server not answering: before any run
         job = job.model_copy(update={"tracking": None})
     t0 = time.perf_counter()
     out = (output if output is not None else default_output(job)).resolve()
@@ -203,4 +216,6 @@ def run_loso(
         move_into_place(staging, out)
     except OSError as e:
         raise RunDirError(f"cannot move the finished folder into '{out}': {e}; it is left in '{staging}'") from None
+    if tracking is not None:
+        _track(todo, out, tracking, job.name)
     return LosoResult(out_dir=out, table=table, elapsed_s=time.perf_counter() - t0)

@@ -100,15 +100,41 @@ def probe_server(uri: str, timeout: float = 10.0) -> None:
                           "start it, or correct the URI") from None
 
 
-def build_trackers(job: Job) -> Trackers:
-    """The trackers the job's ``tracking`` section asks for (none without it)."""
+def build_trackers(job: Job, tags: dict[str, str] | None = None) -> Trackers:
+    """The trackers the job's ``tracking`` section asks for (none without it); ``tags``
+    are added to the MLflow run's own (``medfed loso`` names the site left out)."""
     tracking: TrackingConfig | None = job.tracking
     found: list[Tracker] = []
     if tracking is not None and tracking.tensorboard:
         found.append(TensorBoardTracker())
     if tracking is not None and tracking.mlflow is not None:
-        found.append(MlflowTracker(tracking.mlflow, job.output.resolve()))
+        found.append(MlflowTracker(tracking.mlflow, job.output.resolve(), tags))
     return Trackers(found)
+
+
+def track_finished(job: Job, run_dir: Path, tags: dict[str, str] | None = None) -> bool:
+    """Send a finished run folder to the job's trackers after the fact, record by record
+    from its ``metrics.jsonl``, then its artifacts: what they would have received had they
+    followed the run (``medfed loso`` builds its runs in a staging folder and moves them,
+    so it tracks each one once it is in place). A tracker that cannot start or fails is
+    logged, never raised: the run is done and its folder holds everything. True when
+    every tracker got the whole run."""
+    trackers = build_trackers(job, tags)
+    if not trackers:
+        return True
+    try:
+        trackers.start(job, run_dir)
+    except Exception as e:  # ConfigError (the store refused), a tool that is gone
+        log.warning("tracking: run '%s' not logged: %s", run_dir, e)
+        return False
+    asked = len(trackers.trackers)
+    with (run_dir / "metrics.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                trackers.record(json.loads(line))
+    kept = len(trackers.trackers)
+    trackers.finish(run_dir)
+    return kept == asked
 
 
 class Trackers:
@@ -235,8 +261,9 @@ class MlflowTracker:
     the report, metrics, run.json, job and final model as artifacts; a failed run is
     marked FAILED with its error as the tag ``medfed.error`` and run.log as artifact."""
 
-    def __init__(self, cfg: MlflowConfig, output: Path):
+    def __init__(self, cfg: MlflowConfig, output: Path, tags: dict[str, str] | None = None):
         self.cfg, self.output = cfg, output
+        self.tags = dict(tags or {})
         self.client: Any = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -282,7 +309,7 @@ class MlflowTracker:
                 self.experiment_id = exp.experiment_id
             tags = {"medfed.job_name": job.name, "medfed.job_hash": job.job_hash(),
                     "medfed.algorithm": job.algorithm.name, "medfed.run_dir": str(self.output),
-                    "medfed.version": __version__}
+                    "medfed.version": __version__} | self.tags
             run = self.client.create_run(self.experiment_id, run_name=self.output.name, tags=tags)
             self.run_id = run.info.run_id
             params = flatten(job.model_dump(mode="json")) | {"job_hash": job.job_hash()}
