@@ -2,6 +2,7 @@
 SSIM of the zero-filled input, local training, FedAvg and centralized training.
 
 Usage: python benchmarks/reconstruction.py [--seeds 0,1,2] [--rounds 10] [--settings phantoms,promise12]
+                                          [--models unet,varnet]
 
 Settings:
 * ``phantoms``: MRI-like phantoms (``source: synthetic_phantoms``, 32x32, 8 ellipses),
@@ -13,8 +14,11 @@ Settings:
   and unused). One patient cut into three pseudo-sites: real images, not real sites.
 
 Each site keeps its own acceleration (4x, 6x, 8x; equispaced lines, 8% of the centre of
-k-space), so the sites' inputs differ as the reconstruction papers study. The network is
-MONAI's BasicUNet (features 8..128), L1 loss, Adam lr 0.003, batch 8, 1 local epoch per
+k-space), so the sites' inputs differ as the reconstruction papers study. The network
+(``--models``, default ``unet``): ``unet``, MONAI's BasicUNet (features 8..128) on the
+zero-filled image; ``varnet``, MONAI's VarNet (``model: {name: varnet, width: 8}``: 4
+cascades, each a ComplexUnet of features (8, 8, 16, 32, 64, 8)) on the masked k-space and
+its mask. L1 loss, Adam lr 0.003, batch 8, 1 local epoch per
 round; ``compare: [local, centralized]`` and the zero-filled arm come from the same run.
 Per run: each arm's test PSNR and SSIM at every site at the last round; the table gives the
 site mean (± standard deviation over the seeds) and the worst site.
@@ -44,6 +48,10 @@ VOLUME = SHARED / "volumes" / "promise12_Case00.nii.gz"
 MASK = SHARED / "volumes" / "promise12_Case00_segmentation.nii.gz"
 ACCELERATIONS = (4, 6, 8)
 ARMS = ("zero_filled", "local", "federated", "centralized")
+MODELS = {
+    "unet": {"monai": "BasicUNet", "args": {"features": [8, 16, 32, 64, 128, 8]}},
+    "varnet": {"name": "varnet", "width": 8},
+}
 
 
 def promise12_sites(folder: Path) -> list[dict]:
@@ -95,33 +103,22 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--settings", default="phantoms,promise12")
+    ap.add_argument("--models", default="unet", help=f"comma-separated, of {sorted(MODELS)}")
     args = ap.parse_args()
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        ap.error(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
     set_threads(2)
     settings = args.settings.split(",")
     if "promise12" in settings and not VOLUME.exists():
         print(f"promise12: skipped, {VOLUME} is absent")
         settings.remove("promise12")
-    rows: dict[tuple[str, str], list[dict]] = {}
+    rows: dict[tuple[str, str, str], list[dict]] = {}
     for setting in settings:
-        for seed in (int(s) for s in args.seeds.split(",")):
-            with tempfile.TemporaryDirectory() as tmp:
-                job = parse_job({
-                    "name": f"recon-{setting}-{seed}", "seed": seed, "output": str(Path(tmp) / "run"),
-                    "rounds": args.rounds, "threads": 2, "device": "cpu", "data": data_for(setting, Path(tmp)),
-                    "model": {"monai": "BasicUNet", "args": {"features": [8, 16, 32, 64, 128, 8]}},
-                    "task": {"kind": "reconstruction", "center_fraction": 0.08, "mask": "equispaced",
-                             "loss": "l1", "monitor": "ssim"},
-                    "train": {"local_epochs": 1, "batch_size": 8, "lr": 0.003, "optimizer": "adam"},
-                    "compare": ["local", "centralized"],
-                })
-                t0 = time.perf_counter()
-                recs = read(run_job(job).run_dir)
-                took = time.perf_counter() - t0
-            for arm in ARMS:
-                rows.setdefault((setting, arm), []).append(summarize(recs, arm, args.rounds))
-            print(f"  {setting} seed {seed}: " + ", ".join(
-                f"{a} {rows[(setting, a)][-1]['psnr']:.2f} dB / {rows[(setting, a)][-1]['ssim']:.3f}" for a in ARMS)
-                + f" ({took:.0f} s)", flush=True)
+        for model in models:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                run_one(setting, model, seed, args.rounds, rows)
 
     def cell(vals: list[dict], key: str, fmt: str) -> str:
         xs = [v[key] for v in vals if v[key] is not None]
@@ -130,11 +127,33 @@ def main() -> None:
         sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
         return f"{statistics.mean(xs):{fmt}} ± {sd:{fmt}}"
 
-    print("\n| setting | arm | test PSNR dB, site mean | worst site PSNR | test SSIM, site mean | worst site SSIM |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for (setting, arm), vals in rows.items():
-        print(f"| {setting} | {arm} | {cell(vals, 'psnr', '.2f')} | {cell(vals, 'worst_psnr', '.2f')} | "
+    print("\n| setting | model | arm | test PSNR dB, site mean | worst site PSNR | test SSIM, site mean | worst site SSIM |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for (setting, model, arm), vals in rows.items():
+        print(f"| {setting} | {model} | {arm} | {cell(vals, 'psnr', '.2f')} | {cell(vals, 'worst_psnr', '.2f')} | "
               f"{cell(vals, 'ssim', '.3f')} | {cell(vals, 'worst_ssim', '.3f')} |")
+
+
+def run_one(setting: str, model: str, seed: int, rounds: int, rows: dict[tuple[str, str, str], list[dict]]) -> None:
+    """One run of ``model`` in ``setting`` at ``seed``: each arm's summary appended to ``rows``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = parse_job({
+            "name": f"recon-{setting}-{model}-{seed}", "seed": seed, "output": str(Path(tmp) / "run"),
+            "rounds": rounds, "threads": 2, "device": "cpu", "data": data_for(setting, Path(tmp)),
+            "model": MODELS[model],
+            "task": {"kind": "reconstruction", "center_fraction": 0.08, "mask": "equispaced",
+                     "loss": "l1", "monitor": "ssim"},
+            "train": {"local_epochs": 1, "batch_size": 8, "lr": 0.003, "optimizer": "adam"},
+            "compare": ["local", "centralized"],
+        })
+        t0 = time.perf_counter()
+        recs = read(run_job(job).run_dir)
+        took = time.perf_counter() - t0
+    for arm in ARMS:
+        rows.setdefault((setting, model, arm), []).append(summarize(recs, arm, rounds))
+    print(f"  {setting} {model} seed {seed}: " + ", ".join(
+        f"{a} {rows[(setting, model, a)][-1]['psnr']:.2f} dB / {rows[(setting, model, a)][-1]['ssim']:.3f}" for a in ARMS)
+        + f" ({took:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ sent over the run (per site; for split learning the activations and gradients at
 plus the site layers passed on, and also the bytes received), and the wall time of the
 run; it prints a Markdown table of the means (± standard deviation over seeds). Split
 learning cuts the small CNN after its second block (``features.1``): each site keeps the
-first two blocks and the linear head, the server the third block and the pooling.
+first two blocks and the linear head, the server the third block and the pooling; the "no
+U" arms (``u_shaped: false``) leave the head and the loss to the server too, the sites
+sending each batch's labels with its activations.
 
 ``--topologies`` picks arms by label (comma-separated), e.g. ``--topologies "split
 (sequential),SplitFed v1"``.
@@ -45,6 +47,8 @@ TOPOLOGIES = {
     "swarm braintorrent": {"kind": "swarm", "merge": "braintorrent"},
     "split (sequential)": {"kind": "split", "cut": "features.1"},
     "SplitFed v1": {"kind": "split", "cut": "features.1", "parallel": True},
+    "split (no U)": {"kind": "split", "cut": "features.1", "u_shaped": False},
+    "SplitFed (no U)": {"kind": "split", "cut": "features.1", "parallel": True, "u_shaped": False},
 }
 
 

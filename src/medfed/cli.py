@@ -1,5 +1,5 @@
 """The command line: ``medfed run | validate | report | compare | loso | provision | server | site |
-dashboard``.
+dashboard | submit | jobs``.
 
 Errors that a user can cause are printed as one clear message (no traceback) and the
 command exits with status 2 (bad job or data) or 1 (a run that failed on the way).
@@ -22,6 +22,8 @@ from medfed.config import Job, builtin_job_path, load_job
 from medfed.core.errors import ConfigError, DataError, MedfedError, ModelError, NetworkError, RunDirError
 from medfed.privacy.he.commands import he_keys
 from medfed.site.commands import site_app
+from medfed.server.commands import jobs_app
+from medfed.server.commands import submit as submit_job
 
 if TYPE_CHECKING:
     from medfed.core.summary import SiteSummary
@@ -188,27 +190,10 @@ def validate(job_file: Path = typer.Argument(..., help="Job YAML to check.")) ->
 
 
 def _check_model_and_algorithm(job: Job) -> None:
-    """Build the model, the task's loss and the algorithm once: catches what needs them (a
-    personal layer name that is not a layer of the model, an imported loss that cannot be
-    imported), the tracking tools a job asks for and Ray for transport: ray. The data is not read here."""
-    from medfed.algorithms import build_algorithm
-    from medfed.models import build_model, check_input_size
-    from medfed.tasks import build_task
-    from medfed.tracking.external import check_tracking
-    from medfed.transport.ray import check_ray
+    """Build the model, the task's loss and the algorithm once (server/jobcheck.py)."""
+    from medfed.server.jobcheck import check_model_and_algorithm
 
-    check_tracking(job)
-    check_ray(job)  # transport: ray with Ray installed
-    build_task(job)
-
-    model = build_model(job.model, job.task, getattr(job.data, "channels", 1), spatial_dims=job.data_dims or 2)
-    if job.transforms.patch is not None:
-        check_input_size(job.model, tuple(job.transforms.patch), tuple(job.transforms.patch))
-    build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum, lr=job.train.lr)
-    if job.topology.kind == "split":  # the cut names a module of this network, one tensor crossing it
-        from medfed.cut import cut_model
-
-        cut_model(model, job.topology.cut, job.topology.head)
+    check_model_and_algorithm(job)
 
 
 @app.command()
@@ -355,7 +340,10 @@ def _join_seconds(value: Optional[float]) -> Optional[float]:
 @app.command()
 def server(
     kit: Path = typer.Option(..., "--kit", help="The server's startup kit folder (from `medfed provision`)."),
-    job_file: Path = typer.Option(..., "--job", help="Job YAML: the same file a simulation runs."),
+    job_file: Optional[Path] = typer.Option(None, "--job", help="Job YAML: the same file a simulation runs."),
+    queue: Optional[Path] = typer.Option(
+        None, "--queue", help="Instead of --job: serve a queue of jobs, kept in this runs folder, one after another "
+                              "(`medfed submit`, `medfed jobs` with an admin kit); runs until stopped."),
     resume: bool = typer.Option(False, "--resume", help="Continue a run that was stopped, after its last completed round."),
     listen: Optional[str] = typer.Option(None, "--listen", help="Address to bind, host:port (default 0.0.0.0:<kit port>)."),
     join_timeout: Optional[float] = typer.Option(
@@ -367,12 +355,20 @@ def server(
         help="For a job with privacy.he: the consortium's public CKKS context, he-public.ctx from `medfed he-keys`.",
     ),
 ) -> None:
-    """Serve a job to the consortium's sites over mutual TLS and aggregate their updates."""
+    """Serve a job (or, with --queue, a queue of jobs) to the consortium's sites over mutual TLS."""
     from medfed.server.deploy import serve_job
+    from medfed.transport.grpc.handshakes import watch_refused_handshakes
     from medfed.transport.pki import load_kit
 
     _setup_logging(logging.INFO)
+    if _PROGRAM:  # before gRPC is imported: refused TLS handshakes in run.log (it takes over the process's fd 2)
+        watch_refused_handshakes()
+    if queue is not None:
+        _serve_queue(kit, queue, job_file, resume, join_timeout, listen, he_context)
+        return
     try:
+        if job_file is None:
+            raise ConfigError("medfed server needs --job JOB.yaml (one job), or --queue RUNS_DIR (a queue of jobs)")
         job = load_job(job_file)
         result = serve_job(job, load_kit(kit, role="server"), resume=resume, listen=listen, join_timeout=join_timeout,
                            he_context=he_context)
@@ -382,6 +378,23 @@ def server(
     _print_summary(result.run_dir, job)
     out.print(f"run folder: [bold]{result.run_dir}[/]  ({result.elapsed_s:.1f} s)")
     out.print(f"report:     [bold]{result.run_dir / 'report.html'}[/]")
+
+
+def _serve_queue(kit: Path, runs_dir: Path, job_file: Optional[Path], resume: bool, join_timeout: Optional[float],
+                 listen: Optional[str], he_context: Optional[Path]) -> None:
+    """medfed server --queue RUNS_DIR (server/queue_server.py): until stopped (Ctrl-C)."""
+    from medfed.server.queue_server import serve_queue
+    from medfed.transport.pki import load_kit
+
+    try:
+        if job_file is not None or resume or join_timeout is not None:
+            raise ConfigError("--queue serves the jobs admins submit (medfed submit): leave out --job, --resume and "
+                              "--join-timeout (a job the server was running when it stopped is resumed by itself)")
+        serve_queue(load_kit(kit, role="server"), runs_dir, listen=listen, he_context=he_context)
+    except MedfedError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        out.print("queue server stopped; a job it was running is resumed when it starts again")
 
 
 @site_app.callback(invoke_without_command=True)
@@ -442,11 +455,22 @@ def site(
             raise ConfigError(f"--reconnect-max must be a number of seconds > 0, got {reconnect_max:g}")
         k = load_kit(kit, role="site")
         gate = gate_for(policy, k.path, k.name, approval_timeout) if policy is not None else None
-        remote = RemoteSite(k.name, data, max_epsilon, kit=k, bundle=bundle, gate=gate,  # checks data and bundle first
-                            he_context=he_context)
         conn = Connection(f"{k.server_host}:{k.server_port}", k.ca_pem, k.cert_pem, k.key_pem, k.name,
                           reconnect_max=reconnect_max or RECONNECT_MAX)
-        remote.split_call = conn.split  # split learning's per-batch exchange (topology.kind: split)
+
+        def fresh_site(run: Optional[str] = None) -> RemoteSite:
+            """A site with no job's state (checks its data file and bundle first); ``run``: the
+            queue server's run it is for, whose own site-state file it keeps."""
+            r = RemoteSite(k.name, data, max_epsilon, kit=k, bundle=bundle, gate=gate, he_context=he_context)
+            r.split_call = conn.split  # split learning's per-batch exchange (topology.kind: split)
+            r.state_tag = f"-run{run}" if run is not None else ""
+            return r
+
+        remote = fresh_site()
+
+        def new_run(run: str, _resumed: bool) -> None:  # a queue server's next job: nothing of the last one
+            nonlocal remote
+            remote = fresh_site(run)
 
         def setup(job: dict, job_id: str) -> tuple[dict, float]:
             try:
@@ -464,7 +488,8 @@ def site(
             return summary, round_timeout
 
         try:
-            serve_tasks(conn, setup, remote.answer, give_up_after=give_up_after)
+            serve_tasks(conn, setup, lambda hdr, blob: remote.answer(hdr, blob), give_up_after=give_up_after,
+                        new_run=new_run, job_done=lambda: remote.finish())
             remote.finish()  # the job is done: its saved site state goes
         finally:
             conn.close()
@@ -475,10 +500,17 @@ def site(
 
 
 app.add_typer(site_app, name="site")  # medfed site [--kit ...] | site approve | site reject
+app.command("submit")(submit_job)  # server/commands.py: an admin's job to a queue server
+app.add_typer(jobs_app, name="jobs")  # medfed jobs list | show ID | abort ID
 app.command("he-keys")(he_keys)  # privacy/he/commands.py
 
 
+_PROGRAM = False  # True in a process started as the medfed program, which owns its stderr (not app() called in-process)
+
+
 def main() -> None:
+    global _PROGRAM
+    _PROGRAM = True
     app()
 
 

@@ -11,6 +11,10 @@ the module where the back part begins. So for the small CNN (``features``, ``poo
     middle (server) A -> features.1, features.2, pool, flatten -> activations Z  (B, 4w)
     back   (site)   Z -> head                              -> logits (B, K)
 
+Without the U (``topology.u_shaped: false``) the network is cut in two: the middle runs
+from the cut to the network's output and there is no back (``ModelCut.back`` is None); the
+site keeps the front alone, the server the rest and the loss.
+
 Each part is a ``torch.fx.GraphModule`` over the *same* layer objects as the network: loading
 a state dict into the network loads the parts, and training a part trains the network. Each
 state-dict entry belongs to one part (:attr:`ModelCut.site_keys`, :attr:`ModelCut.middle_keys`),
@@ -41,19 +45,24 @@ _SHOWN = 8  # valid cut names listed in an error
 class ModelCut:
     """The three parts of a network (see the module docstring). ``front`` takes the
     network's input; ``middle`` the front's output; ``back`` the middle's output and
-    returns the network's output. ``site_keys``: the state-dict entries of front and back
-    (what a site holds); ``middle_keys``: the others (what the server holds, entries of no
-    part included)."""
+    returns the network's output (None without the U: the middle returns it). ``site_keys``:
+    the state-dict entries of front and back (what a site holds); ``middle_keys``: the
+    others (what the server holds, entries of no part included)."""
 
     front: fx.GraphModule
     middle: fx.GraphModule
-    back: fx.GraphModule
+    back: fx.GraphModule | None
     site_keys: frozenset[str]
     middle_keys: frozenset[str]
 
+    @property
+    def u_shaped(self) -> bool:
+        """Whether the site holds the last layers and the loss (a back part)."""
+        return self.back is not None
+
     def site_parts(self) -> nn.ModuleList:
         """Front and back as one module: the parameters a site trains."""
-        return nn.ModuleList([self.front, self.back])
+        return nn.ModuleList([self.front] if self.back is None else [self.front, self.back])
 
 
 def default_head(model: nn.Module) -> str:
@@ -65,9 +74,15 @@ def default_head(model: nn.Module) -> str:
     return children[-1]
 
 
-def cut_model(model: nn.Module, cut: str, head: str | None = None) -> ModelCut:
+def cut_model(model: nn.Module, cut: str, head: str | None = None, u_shaped: bool = True) -> ModelCut:
     """``model`` cut after module ``cut`` and before module ``head`` (default
-    :func:`default_head`). Raises ConfigError naming the field (see the module docstring)."""
+    :func:`default_head`); with ``u_shaped`` False after ``cut`` only (no back part, ``head``
+    must be None). Raises ConfigError naming the field (see the module docstring)."""
+    if not u_shaped:
+        if head is not None:
+            raise ConfigError(f"topology.head: '{head}' with topology.u_shaped: false, where the site keeps no last "
+                              "layers; leave topology.head out")
+        return _cut_in_two(model, cut)
     head = head if head is not None else default_head(model)
     modules = dict(model.named_modules())
     for field, name in (("topology.cut", cut), ("topology.head", head)):
@@ -113,6 +128,37 @@ def cut_model(model: nn.Module, cut: str, head: str | None = None) -> ModelCut:
                           "cut where no layer is shared between the site's and the server's parts")
     site = frozenset(keys[0] | keys[2])
     return ModelCut(front, middle, back, site, frozenset(k for k in model.state_dict() if k not in site))
+
+
+def _cut_in_two(model: nn.Module, cut: str) -> ModelCut:
+    """``model`` cut after module ``cut``: the front and, from there to the output, the middle."""
+    modules = dict(model.named_modules())
+    if cut not in modules or not cut:
+        raise ConfigError(f"topology.cut: the network has no module '{cut}'{_suggest(cut, list(modules))}")
+    _check_hooks(model)
+    nodes = _trace(model)
+    cut_end = _last_of(nodes, cut)
+    if cut_end is None:
+        raise ConfigError(f"topology.cut: module '{cut}' is not called by the network's forward; "
+                          f"{_cut_at(nodes, modules, None)}")
+    if cut_end + 2 >= len(nodes):  # only the output node after it
+        raise ConfigError(f"topology.cut: '{cut}' leaves nothing after it for the server to run; "
+                          f"{_cut_at(nodes, modules, None)}")
+    into_middle = _crossing(nodes, cut_end + 1)
+    if len(into_middle) != 1:
+        raise ConfigError(
+            f"topology.cut: {len(into_middle)} tensors cross the cut after '{cut}' "
+            f"({', '.join(n.name for n in into_middle)}: a skip connection or an input used again later); one must, "
+            f"the activations of one layer; {_cut_at(nodes, modules, None)}"
+        )
+    front = _part(model, nodes[: cut_end + 1], None, into_middle[0])
+    middle = _part(model, nodes[cut_end + 1 :], into_middle[0], None)
+    site = set(front.state_dict())
+    shared = site & set(middle.state_dict())
+    if shared:
+        raise ConfigError(f"topology.cut: the weights '{sorted(shared)[0]}' are used on both sides of the cut; "
+                          "cut where no layer is shared between the site's and the server's parts")
+    return ModelCut(front, middle, None, frozenset(site), frozenset(k for k in model.state_dict() if k not in site))
 
 
 def _suggest(name: str, names: list[str]) -> str:

@@ -27,6 +27,7 @@ from medfed.config import (
     ModelSettings,
     SegmentationTaskConfig,
     TaskConfig,
+    reads_kspace,
 )
 from medfed.core.errors import ModelError
 from medfed.weights import freeze
@@ -127,8 +128,8 @@ def build_model(cfg: ModelSettings, task: AnyTask, in_channels: int, spatial_dim
         model = build_network(cfg, in_channels, num_outputs(task), spatial_dims)
     if cfg.freeze:
         freeze(model, cfg.freeze)
-    if getattr(task, "kind", None) == "reconstruction" and task.residual:  # type: ignore[union-attr]
-        make_residual(model)
+    if getattr(task, "kind", None) == "reconstruction" and task.residual and not reads_kspace(cfg):  # type: ignore[union-attr]
+        make_residual(model)  # (varnet refines the measured k-space in each cascade: it is residual already)
     return model
 
 
@@ -201,11 +202,22 @@ def build_named(cfg: ModelConfig, task: AnyTask, in_channels: int, spatial_dims:
       :data:`SEGRESNET_BLOCKS_DOWN` and decoder blocks :data:`SEGRESNET_BLOCKS_UP`, and
       group norm with gcd(8, w) groups (MONAI's 8 groups when w is a multiple of 8).
 
+    ``varnet`` (reconstruction only): MONAI's VariationalNetworkModel on the packed k-space
+    input, not the zero-filled image (:func:`medfed.varnet.build_varnet`; ``in_channels``
+    is not used).
+
     ``cfg.norm`` "group" swaps batch norm for group norm in ``small_cnn`` (see
     :class:`SmallCNN`) and ``unet``; ``segresnet`` always uses group norm. The MONAI
     classifiers have no such option: asking for it there raises ModelError.
     """
     kind = getattr(task, "kind", "classification")
+    if cfg.name == "varnet":  # reads the packed k-space input (data/kspace_input.py), whatever in_channels says
+        if kind != "reconstruction" or spatial_dims != 2:
+            raise ModelError(f"model 'varnet' reconstructs 2D MRI from undersampled k-space; it needs task.kind: "
+                             f"reconstruction, got a {spatial_dims}D {kind} task")
+        from medfed.varnet import build_varnet
+
+        return build_varnet(cfg.cascades, cfg.features, cfg.sens_features, cfg.width)
     seg = kind in ("segmentation", "reconstruction")  # image to image: the segmenters, K or 1 channels out
     if seg and cfg.name not in SEGMENTERS:
         raise ModelError(f"model '{cfg.name}' is a classifier; a {kind} task needs one of {list(SEGMENTERS)}")

@@ -53,6 +53,8 @@ ALGORITHMS = {
     "dp_central_sampled": {"privacy": {"dp": {"clip": 1.0, "noise_multiplier": 0.3, "noise": "central", "delta": 1e-3}},
                            "sampling": {"fraction": 0.67}, "model": {"name": "small_cnn", "width": 4, "norm": "group"}},
     "loss_sampling": {"sampling": {"method": "loss", "fraction": 0.67, "candidates": 3}},
+    # seed 0 draws c, then b, then a and c (round 3, where the stop lands at c); the sites take 3, 2, 3 steps
+    "unbiased_sampling": {"seed": 0, "sampling": {"method": "unbiased", "count": 2}},
     "cyclic_fedbn": {"topology": {"kind": "cyclic", "order": "shuffled"}, "algorithm": {"name": "fedbn"}},
     "swarm_leader": {"topology": {"kind": "swarm", "merge": "leader"}},
     "swarm_gossip_fedbn": {"topology": {"kind": "swarm", "merge": "gossip", "peers": 1}, "algorithm": {"name": "fedbn"}},

@@ -163,9 +163,9 @@ def test_each_site_starts_from_the_round_start_in_splitfed_and_from_the_last_sit
     seen = []
     real = server_split.fit_split
 
-    def spy(app, params, plan, channel, cut, head):
+    def spy(app, params, plan, channel, cut, head, **kw):
         seen.append((plan.round, app.name, params["head.weight"].clone()))
-        update = real(app, params, plan, channel, cut, head)
+        update = real(app, params, plan, channel, cut, head, **kw)
         seen.append((plan.round, app.name + " sent", update.params["head.weight"].clone()))
         return update
 
@@ -183,9 +183,9 @@ def test_a_site_failing_mid_turn_is_skipped_and_the_middle_put_back(tmp_path, mo
     real = server_split.fit_split
 
     def failing_after(batches):
-        def fit(app, params, plan, channel, cut, head):
+        def fit(app, params, plan, channel, cut, head, **kw):
             if app.name != "s1":
-                return real(app, params, plan, channel, cut, head)
+                return real(app, params, plan, channel, cut, head, **kw)
             calls = {"n": 0}
             forward = channel.forward
 
@@ -196,7 +196,7 @@ def test_a_site_failing_mid_turn_is_skipped_and_the_middle_put_back(tmp_path, mo
                 return forward(activations)
 
             channel.forward = counted
-            return real(app, params, plan, channel, cut, head)
+            return real(app, params, plan, channel, cut, head, **kw)
         return fit
 
     topology = {"kind": "split", "cut": "features.0"}
@@ -278,7 +278,8 @@ class ThreadedTurns(PlainTurns):
             apps[t.site] = copy.copy(self.apps[t.site])
             apps[t.site].model = copy.deepcopy(apps[t.site].model)
             model = apps[t.site].model
-            ThreadedTurns.cuts[id(model)] = site_split.cut_model(model, self.topology.cut, self.topology.head)
+            ThreadedTurns.cuts[id(model)] = site_split.cut_model(model, self.topology.cut, self.topology.head,
+                                                                 self.topology.u_shaped)
 
         def one(t):
             return PlainTurns({t.site: apps[t.site]}, self.topology).run([t])[0]
@@ -314,8 +315,8 @@ class Stop(KeyboardInterrupt):
     """A stop raised where a kill could land."""
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_a_stopped_split_run_resumes_to_the_run_never_stopped(parallel, tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel,u_shaped", [(False, True), (True, True), (False, False), (True, False)])
+def test_a_stopped_split_run_resumes_to_the_run_never_stopped(parallel, u_shaped, tmp_path, monkeypatch):
     """The whole state of split learning between rounds is the network (no optimizer
     outlives a turn), so the run's resume point is enough."""
     import json
@@ -329,15 +330,16 @@ def test_a_stopped_split_run_resumes_to_the_run_never_stopped(parallel, tmp_path
                               {"name": n, "n_train": 16, "n_val": 8, "n_test": 8} for n in ("a", "b", "c")]},
                           "model": {"name": "small_cnn", "width": 4}, "task": {"labels": "binary"},
                           "train": {"batch_size": 8, "lr": 0.05},
-                          "topology": {"kind": "split", "cut": "features.1", "parallel": parallel}})
+                          "topology": {"kind": "split", "cut": "features.1", "parallel": parallel,
+                                       "u_shaped": u_shaped}})
 
     straight = runner.run_job(job("straight")).run_dir
     real = server_split.fit_split
 
-    def stopping(app, params, plan, channel, cut, head):
+    def stopping(app, params, plan, channel, cut, head, **kw):
         if plan.round == 3 and app.name == "c":
             raise Stop()
-        return real(app, params, plan, channel, cut, head)
+        return real(app, params, plan, channel, cut, head, **kw)
 
     with monkeypatch.context() as m:
         m.setattr(server_split, "fit_split", stopping)

@@ -59,7 +59,7 @@ def kits(tmp_path_factory) -> Path:
     """One provisioned folder shared by the read-only tests (provisioning costs key generation)."""
     tmp = tmp_path_factory.mktemp("pki")
     result = provision(_consortium(tmp), tmp / "out")
-    assert result.created == ["server", "hospital_a", "hospital_b"]
+    assert result.created == ["server", "hospital_a", "hospital_b", "admin"]  # admins: [admin] by default
     return tmp / "out"
 
 
@@ -132,11 +132,35 @@ def test_kit_json_start_script_and_ledger(kits):
     assert ledger["consortium"] == "prostate"
     assert ledger["server"] == {"host": "fl.example.org", "port": 8443}
     rows = {p["name"]: p for p in ledger["participants"]}
-    assert set(rows) == {"server", "hospital_a", "hospital_b"}
+    assert set(rows) == {"server", "hospital_a", "hospital_b", "admin"}
     pem = (kits / "hospital_b" / "participant.crt").read_bytes()
     assert rows["hospital_b"]["sha256"] == fingerprint(pem)
     assert int(rows["hospital_b"]["serial"], 16) == x509.load_pem_x509_certificate(pem).serial_number
     assert rows["server"]["role"] == "server"
+
+
+def test_the_admin_kit_carries_the_admin_role_and_no_site_name(kits):
+    admin = load_kit(kits / "admin", role="admin")
+    assert (admin.name, admin.role) == ("admin", "admin")
+    cert = _cert(kits / "admin" / "participant.crt")
+    uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier)
+    assert uris == ["urn:medfed:admin:admin"]  # no urn:medfed:site: URI: never taken for a site
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    with pytest.raises(ConfigError, match=r"kit of site 'hospital_a'.*needs an admin kit"):
+        load_kit(kits / "hospital_a", role="admin")
+    with pytest.raises(ConfigError, match=r"kit of admin 'admin'.*`medfed site` needs a site kit"):
+        load_kit(kits / "admin", role="site")
+
+
+def test_admin_names_in_the_consortium_file(tmp_path):
+    cons = load_consortium(_consortium(tmp_path, admins=["ops", "lead"]))
+    assert cons.admin_kits == ["ops", "lead"]
+    assert load_consortium(_consortium(tmp_path, admins=[])).admin_kits == []
+    # a file from before admins existed, with a site named admin, provisions as it did
+    assert load_consortium(_consortium(tmp_path, sites=["admin", "b"])).admin_kits == []
+    with pytest.raises(ConfigError, match=r"admins.*'hospital_a' names a site too"):
+        load_consortium(_consortium(tmp_path, admins=["hospital_a"]))
 
 
 def test_load_kit_round_trip(kits):
@@ -173,14 +197,14 @@ def test_reprovision_adds_only_the_new_site(tmp_path):
 
     result = provision(_consortium(tmp_path, sites=["a", "b", "c"]), out)
     assert result.created == ["c"]
-    assert result.kept == ["server", "a", "b"]
+    assert result.kept == ["server", "a", "b", "admin"]
     assert not result.ca_created
     for name, files in before.items():
         assert _snapshot(out / name) == files, name
     load_kit(out / "c", role="site")
     _cert(out / "c" / "participant.crt").verify_directly_issued_by(_cert(out / "ca" / "ca.crt"))
     ledger = json.loads((out / "consortium.json").read_text())
-    assert [p["name"] for p in ledger["participants"]] == ["server", "a", "b", "c"]
+    assert [p["name"] for p in ledger["participants"]] == ["server", "a", "b", "c", "admin"]
 
 
 def test_reprovision_keeps_a_removed_site_and_says_it_is_not_revoked(tmp_path):

@@ -13,7 +13,7 @@ of :class:`SiteHook`) plus its config class in config.py. The round loop does no
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +139,18 @@ class SiteHook:
             setattr(self, f, values or None)
 
 
+@dataclass(frozen=True)
+class SiteCoefficients:
+    """One round's aggregation coefficients per answering site, from the sampler
+    (``sampling: {method: unbiased}``, server/unbiased.py) to the combiner that asks for them
+    (algorithms/sampled_mean.py). ``step[k]``: the weight of site k's move ``θ_k - θ`` in the
+    trainable parameters; ``mean[k]``: its weight in every other entry (these sum to 1)."""
+
+    round: int
+    step: Mapping[str, float]
+    mean: Mapping[str, float]
+
+
 class Combiner(ABC):
     """How a round's updates become one set of parameters, before the algorithm's own
     server step: FedAvg's example-weighted mean by default; a robust rule, central
@@ -171,6 +183,11 @@ class Combiner(ABC):
     def round_metrics(self) -> dict[str, float]:
         """Figures of the last :meth:`combine` to record (e.g. the clipping bound used)."""
         return {}
+
+    def weigh(self, coefficients: SiteCoefficients) -> None:
+        """Take the sampler's coefficients for the next :meth:`combine` (only a combiner
+        that combines by them, ``sampling: unbiased``'s, accepts them)."""
+        raise TypeError(f"combiner '{self.name}' combines by its own weights and cannot take the sampler's")
 
 
 class WeightedMean(Combiner):

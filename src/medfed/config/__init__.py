@@ -91,6 +91,7 @@ from medfed.config.reconstruction import (
     PhantomData,
     PhantomSite,
     ReconstructionTaskConfig,
+    reads_kspace,
     reconstruction_problem,
 )
 from medfed.config.reading import READING_FIELDS, CacheMode, LoaderConfig, without_reading
@@ -270,6 +271,7 @@ __all__ = [
     "PhantomData",
     "PhantomSite",
     "ReconstructionTaskConfig",
+    "reads_kspace",
     "reconstruction_problem",
     "SegmentationTaskConfig",
     "SiteName",

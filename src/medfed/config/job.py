@@ -35,6 +35,7 @@ from medfed.config.contribution import ContributionConfig, contribution_problem
 from medfed.config.he import he_problem
 from medfed.config.semi import SemiConfig, semi_problem
 from medfed.config.pretrain import PretrainConfig, pretrain_problem
+from medfed.config.unbiased import unbiased_problem
 from medfed.config.job_checks import JobChecks
 from medfed.core.schema import Count, Frozen, Real
 from medfed.privacy.settings import CompressionConfig, PrivacyConfig
@@ -80,16 +81,24 @@ class SamplingConfig(Frozen):
     with chances proportional to ``exp(sharpness * value)``, and the ``explore`` share of
     the round's sites is drawn uniformly from all the others. Sites that have not trained
     yet are valued first. Seeded by the job seed and the round, like the others. Unset
-    fields take the defaults 0.75, 1.0 and 0.1."""
+    fields take the defaults 0.75, 1.0 and 0.1.
+
+    ``unbiased`` (server/unbiased.py; in the spirit of FedACS, Weng et al., 2025, medfed's
+    own derivation): the round's count of slots drawn with replacement, with chances
+    proportional to a site's training examples over its observed answer rate (smoothed,
+    at least ``min_rate``, default 0.05); the updates are combined per local step with
+    the draw's own weights, which corrects for sites that answer less often and for
+    unequal local work. For algorithms whose server step is a weighted mean of models."""
 
     fraction: Real | None = Field(None, gt=0, le=1)
     count: Count | None = Field(None, ge=1, le=MAX_SITES)
     minimum: Count = Field(1, ge=1, le=MAX_SITES)
-    method: Literal["uniform", "size", "loss", "adaptive"] = "uniform"
+    method: Literal["uniform", "size", "loss", "adaptive", "unbiased"] = "uniform"
     candidates: Count | None = Field(None, ge=1, le=MAX_SITES)
     exclude: Real | None = Field(None, ge=0, lt=1)
     sharpness: Real | None = Field(None, ge=0, le=100)
     explore: Real | None = Field(None, ge=0, le=1)
+    min_rate: Real | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _one_of(self) -> "SamplingConfig":
@@ -101,6 +110,9 @@ class SamplingConfig(Frozen):
         given = [f for f in ("exclude", "sharpness", "explore") if getattr(self, f) is not None]
         if given and self.method != "adaptive":
             raise ValueError(f"{given[0]}: is for method: adaptive, but method is {self.method}")
+        if self.min_rate is not None and self.method != "unbiased":
+            raise ValueError(f"min_rate: is for method: unbiased (the least answer rate it assumes), "
+                             f"but method is {self.method}")
         return self
 
 
@@ -204,6 +216,8 @@ class Job(JobChecks, Frozen):
         if (problem := pretrain_problem(self)) is not None:
             raise ValueError(problem)
         if (problem := semi_problem(self)) is not None:
+            raise ValueError(problem)
+        if (problem := unbiased_problem(self)) is not None:
             raise ValueError(problem)
         if self.sampling.count is not None and self.sampling.count > n:
             raise ValueError(f"sampling.count: is {self.sampling.count} but the job has only {n} training sites")
@@ -313,7 +327,7 @@ class Job(JobChecks, Frozen):
             body.pop("contribution", None)
         if body.get("generalization", 0) is None:  # left out unset, likewise
             body.pop("generalization")
-        for field in ("candidates", "exclude", "sharpness", "explore"):  # left out unset, likewise
+        for field in ("candidates", "exclude", "sharpness", "explore", "min_rate"):  # left out unset, likewise
             if body["sampling"].get(field) is None:
                 body["sampling"].pop(field, None)
         sa = (body.get("privacy") or {}).get("secure_aggregation")

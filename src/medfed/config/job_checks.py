@@ -15,7 +15,7 @@ from medfed.config.data import (
     VolumesData,
 )
 from medfed.config.limits import unique_names
-from medfed.config.reconstruction import RECONSTRUCTION_ONLY, reconstruction_problem
+from medfed.config.reconstruction import KSPACE_MODELS, RECONSTRUCTION_ONLY, reconstruction_problem
 from medfed.config.model import CLASSIFIERS, SEGMENTERS, ModelConfig
 from medfed.config.topology import PEER_ALGORITHMS, split_problem
 
@@ -28,6 +28,9 @@ class JobChecks:
             if (problem := reconstruction_problem(self)) is not None:
                 raise ValueError(problem)
             return
+        if getattr(self.model, "name", None) in KSPACE_MODELS:
+            raise ValueError(f"model.name: '{self.model.name}' reconstructs MRI from undersampled k-space; it needs "
+                             f"task.kind: reconstruction, got task.kind '{self.task.kind}'")
         for i, site in enumerate((getattr(self.data, "sites", None) or [])):
             if getattr(site, "acceleration", None) is not None:
                 raise ValueError(f"data.sites[{i}].acceleration: undersampling is for task.kind: reconstruction, got "

@@ -97,10 +97,28 @@ class _Weights(Frozen):
 # dumped job (job.yaml reads ``name: unet`` before ``init: null``).
 
 
+VARNET_FIELDS = ("cascades", "features", "sens_features")  # model fields for varnet alone
+# six feature counts of a MONAI ComplexUnet (its BasicUNet: five levels and the last layer)
+UNetFeatures = Annotated[list[Annotated[Count, Field(ge=1, le=1024)]], Field(min_length=6, max_length=6)]
+
+
 class _ByName(Frozen):
-    name: Literal["small_cnn", "densenet121", "resnet18", "resnet50", "unet", "segresnet"]
+    name: Literal["small_cnn", "densenet121", "resnet18", "resnet50", "unet", "segresnet", "varnet"]
     width: Count = Field(16, ge=1, le=512)
     norm: Literal["batch", "group"] = "batch"
+    cascades: Count | None = Field(None, ge=1, le=32)
+    features: UNetFeatures | None = None
+    sens_features: UNetFeatures | None = None
+
+    @model_validator(mode="after")
+    def _varnet_fields(self) -> "_ByName":
+        if self.name != "varnet":
+            for field in VARNET_FIELDS:
+                if getattr(self, field) is not None:
+                    raise ValueError(f"model.{field} is a setting of model 'varnet'; leave it out for '{self.name}'")
+        elif self.norm != "batch":
+            raise ValueError("model.norm: varnet uses MONAI's instance norm; leave norm out")
+        return self
 
     @property
     def label(self) -> str:
@@ -118,6 +136,13 @@ class ModelConfig(_Weights, _ByName):
     its levels) and ``segresnet``. ``norm`` picks the normalization layers of ``small_cnn``
     and ``unet``: ``batch`` (default) or ``group`` (needed by sample-level DP-SGD, whose
     per-example gradients batch norm would mix; segresnet always uses group norm).
+
+    ``varnet`` (reconstruction only): MONAI's end-to-end ``VariationalNetworkModel``, which
+    reads the undersampled k-space and its mask, not the zero-filled image
+    (:mod:`medfed.varnet`): ``cascades`` data-consistency and refinement blocks (default 4),
+    each refining with a MONAI ``ComplexUnet`` of ``features`` (six counts, default
+    (w, w, 2w, 4w, 8w, w)), and a ``CoilSensitivityModel`` whose ComplexUnet has
+    ``sens_features`` (default: ``features``). These three fields are for varnet alone.
     Then the fields every form shares (:class:`_Weights`: ``init``, ``init_keys``,
     ``freeze``).
     """
@@ -254,6 +279,9 @@ def hashed_model(dumped: dict[str, Any]) -> dict[str, Any]:
         out.pop("init_keys", None)
     if not dumped.get("freeze"):
         out.pop("freeze", None)
+    for field in VARNET_FIELDS:
+        if dumped.get(field, 0) is None:
+            out.pop(field)
     return out
 
 

@@ -20,7 +20,14 @@ from medfed.core.schema import Count, Frozen, Real
 # the sources a reconstruction task reads, for now: its own, and 2D images whose other targets it drops
 RECONSTRUCTION_SOURCES = ("synthetic_phantoms", "fastmri", "pairs", "medmnist")
 RECONSTRUCTION_ONLY = ("synthetic_phantoms", "fastmri")  # sources for no other task
-RECONSTRUCTORS = ("unet", "segresnet")  # networks by name that map an image to an image (one channel out)
+RECONSTRUCTORS = ("unet", "segresnet", "varnet")  # networks by name that reconstruct (one channel out)
+KSPACE_MODELS = ("varnet",)  # networks by name that read the masked k-space and its mask (data/kspace_input.py)
+
+
+def reads_kspace(model: Any) -> bool:
+    """True when the job's ``model`` section is a network by name that reads the
+    undersampled k-space and its mask in place of the zero-filled image (``varnet``)."""
+    return getattr(model, "name", None) in KSPACE_MODELS
 
 
 class ReconstructionTaskConfig(Frozen):
@@ -39,7 +46,8 @@ class ReconstructionTaskConfig(Frozen):
     ``SSIMLoss``). Metrics per site: ``psnr`` (dB, peak 1), ``ssim``, ``nmse``; ``monitor``
     picks the best model on val. ``residual``: networks medfed builds predict the correction
     to their input (output = input + network(input)), so that training starts from the
-    zero-filled image. ``save_predictions``: test slices per site drawn in the report
+    zero-filled image (not ``varnet``, whose cascades refine the measured k-space already;
+    it reads the masked k-space and the mask, data/kspace_input.py). ``save_predictions``: test slices per site drawn in the report
     (zero-filled, reconstruction, ground truth, error map)."""
 
     kind: Literal["reconstruction"]

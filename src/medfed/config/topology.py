@@ -4,7 +4,8 @@
 passes one model from site to site (cyclical weight transfer); ``swarm`` has the sites
 merge models among themselves (gossip, BrainTorrent, an elected leader); ``split`` cuts
 the network in parts, the site keeping the first and last layers and the server the middle
-(split learning, SplitFed). Which algorithms,
+(split learning, SplitFed; with ``u_shaped: false`` the site keeps the first layers only and
+sends its labels). Which algorithms,
 robust rules and privacy settings fit each is checked across sections by the job
 (:meth:`medfed.config.job.Job._check_topology`).
 """
@@ -105,15 +106,27 @@ class SplitTopology(Frozen):
     averaged, example-weighted (FedAvg on both sides). Simulation with ``transport:
     inprocess``; in a deployment (``medfed server``) each site streams its activations and
     gradients to the server over a ``Split`` call of the mutual-TLS service
-    (transport/grpc/splitting.py)."""
+    (transport/grpc/splitting.py).
+
+    ``u_shaped: false``: vanilla split learning (Gupta and Raskar, 2018; SplitFed's
+    default), cut in two: the site keeps only the layers up to and including ``cut``, the
+    server every layer after it and the loss. Batch by batch the site sends the activations
+    at ``cut`` and the batch's labels (segmentation masks and reconstruction targets
+    included), and gets the gradient at ``cut`` back: the labels leave the site
+    (docs/privacy.md). ``head`` has no meaning then and is refused."""
 
     kind: Literal["split"]
     cut: ModuleName
     head: ModuleName | None = None
     parallel: bool = False
+    u_shaped: bool = True
 
     @model_validator(mode="after")
     def _two_cuts(self) -> "SplitTopology":
+        if not self.u_shaped and self.head is not None:
+            raise ValueError(f"head '{self.head}' with u_shaped: false: the site keeps no last layers when the server "
+                             "holds every layer after the cut and the loss; leave topology.head out, or set "
+                             "topology.u_shaped: true")
         if self.head is not None and (self.head == self.cut or self.head.startswith(self.cut + ".")):
             raise ValueError(f"head '{self.head}' is inside cut '{self.cut}'; the back part with the loss must begin "
                              "after the cut")
@@ -123,7 +136,8 @@ class SplitTopology(Frozen):
     def label(self) -> str:
         how = ("SplitFed v1: the sites train in parallel, site layers and server copies averaged"
                if self.parallel else "sequential: the sites train one after the other on one server part")
-        return f"split learning at '{self.cut}', U-shaped, {how}"
+        shape = "U-shaped" if self.u_shaped else "not U-shaped: the labels go to the server"
+        return f"split learning at '{self.cut}', {shape}, {how}"
 
 
 def split_problem(job: Any) -> str | None:

@@ -5,8 +5,10 @@ An image (1, H, W) in [0, 1] is taken to k-space by MONAI's centred FFT
 (``monai.apps.reconstruction.transforms.array.EquispacedKspaceMask`` or
 ``RandomKspaceMask``: lines along the last axis, a centred band of ``center_fraction`` of
 them always kept, about 1/``acceleration`` kept in all) and brought back by the inverse FFT;
-its magnitude is the *zero-filled* image, the network's input. Nothing here is written
-again: the masks, the FFT and the magnitude are MONAI's.
+its magnitude is the *zero-filled* image, the network's input. A network that reads k-space
+(``varnet``) gets the masked k-space and the mask with it, packed as one tensor
+(:func:`undersample_packed`, data/kspace_input.py). Nothing here is written again: the
+masks, the FFT and the magnitude are MONAI's.
 
 Each example's mask is drawn from its own seed, ``SeedSequence([job seed, site index,
 split index, example index])``, so the zero-filled input of an example is the same in every
@@ -72,17 +74,44 @@ def undersample(
     """The zero-filled magnitude (N, H, W) float32 of centred 2D k-space (N, H, W, 2) (real
     and imaginary parts last), each slice's lines along W kept by its own mask drawn from
     ``seeds[i]`` (:func:`draw_masks`): MONAI's inverse centred FFT and complex magnitude."""
-    from monai.apps.reconstruction.complex_utils import complex_abs
-    from monai.data.fft_utils import ifftn_centered
-
     if len(seeds) != len(kspace):
         raise ValueError(f"{len(kspace)} slices but {len(seeds)} mask seeds")
     lines = draw_masks(int(kspace.shape[2]), acceleration, center_fraction, mask, seeds)  # (N, W)
     out = torch.empty(kspace.shape[:3], dtype=torch.float32)
+    for sl, _, magnitude in _undersampled(kspace, lines):
+        out[sl] = magnitude
+    return out
+
+
+def _undersampled(kspace: torch.Tensor, lines: torch.Tensor):
+    """By chunks of slices: (the chunk's slice, its masked k-space (n, H, W, 2), its
+    zero-filled magnitude (n, H, W)), MONAI's inverse centred FFT and complex magnitude."""
+    from monai.apps.reconstruction.complex_utils import complex_abs
+    from monai.data.fft_utils import ifftn_centered
+
     for lo in range(0, len(kspace), _CHUNK):
         sl = slice(lo, lo + _CHUNK)
         masked = kspace[sl].float() * lines[sl, None, :, None]
-        out[sl] = torch.as_tensor(complex_abs(ifftn_centered(masked, spatial_dims=2, is_complex=True)))
+        yield sl, masked, torch.as_tensor(complex_abs(ifftn_centered(masked, spatial_dims=2, is_complex=True)))
+
+
+def undersample_packed(
+    kspace: torch.Tensor, acceleration: float, center_fraction: float, mask: str, seeds: Sequence[int],
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """What a k-space network reads (``model: varnet``): the packed input (N, 5, H, W) of
+    data/kspace_input.py, holding the zero-filled magnitude of :func:`undersample` (the same
+    masks, the same numbers), the masked k-space, the lines kept and the ground truth's
+    centred size ``size`` (h, w) (default: the whole H x W)."""
+    from medfed.data.kspace_input import KSPACE_CHANNELS, pack
+
+    if len(seeds) != len(kspace):
+        raise ValueError(f"{len(kspace)} slices but {len(seeds)} mask seeds")
+    n, height, width = kspace.shape[:3]
+    lines = draw_masks(int(width), acceleration, center_fraction, mask, seeds)
+    out = torch.empty(n, KSPACE_CHANNELS, height, width, dtype=torch.float32)
+    for sl, masked, magnitude in _undersampled(kspace, lines):
+        out[sl] = pack(magnitude, masked, lines[sl], size or (int(height), int(width)))
     return out
 
 
@@ -108,22 +137,31 @@ def check_even(size: tuple[int, ...], what: str) -> None:
 
 
 def undersample_split(
-    truth: torch.Tensor, acceleration: float, center_fraction: float, mask: str, seeds: Sequence[int]
+    truth: torch.Tensor, acceleration: float, center_fraction: float, mask: str, seeds: Sequence[int],
+    packed: bool = False,
 ) -> ArraySplit:
     """A reconstruction split: images = the zero-filled input, labels = the ground truth
-    (both (N, 1, H, W) float32)."""
+    (both (N, 1, H, W) float32). ``packed``: images = the packed k-space input (N, 5, H, W)
+    of a k-space network instead (:func:`undersample_packed`)."""
     truth = truth.float().contiguous()
-    return ArraySplit(zero_filled(truth, acceleration, center_fraction, mask, seeds), truth)
+    if not packed:
+        return ArraySplit(zero_filled(truth, acceleration, center_fraction, mask, seeds), truth)
+    if truth.ndim != 4 or truth.shape[1] != 1:
+        raise DataError(f"reconstruction undersamples 1-channel 2D images (N, 1, H, W), got {tuple(truth.shape)}")
+    check_even(tuple(truth.shape[2:]), "the images")
+    return ArraySplit(undersample_packed(to_kspace(truth[:, 0]), acceleration, center_fraction, mask, seeds), truth)
 
 
 def undersample_site(
     name: str, splits: dict[str, torch.Tensor], acceleration: float, center_fraction: float, mask: str,
-    seed: int, site_index: int,
+    seed: int, site_index: int, packed: bool = False,
 ) -> SiteData:
     """A site's ground-truth images by split, undersampled into reconstruction splits
-    (see :func:`undersample_split`), each example's mask from :func:`example_seeds`."""
+    (see :func:`undersample_split`; ``packed`` for a k-space network), each example's mask
+    from :func:`example_seeds`."""
     made = {
-        split: undersample_split(truth, acceleration, center_fraction, mask, example_seeds(seed, site_index, split, len(truth)))
+        split: undersample_split(truth, acceleration, center_fraction, mask,
+                                 example_seeds(seed, site_index, split, len(truth)), packed)
         for split, truth in splits.items()
     }
     return SiteData(name=name, train=made["train"], val=made["val"], test=made["test"])
@@ -141,12 +179,13 @@ def image_source_task(data) -> object:
 
 
 def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str, int],
-                         accelerations: dict[str, float | None] | None = None) -> list[SiteData]:
+                         accelerations: dict[str, float | None] | None = None, packed: bool = False) -> list[SiteData]:
     """Sites of an image source (read and preprocessed as that source is, in memory) made
     into reconstruction sites: each grey image scaled to [0, 1] by its own minimum and
     maximum is the ground truth, its undersampling at the site's acceleration
     (``accelerations``, from ``data.sites[i].acceleration``), else the task's, the input
-    (:func:`undersample_site`, the masks seeded by the site's position ``index``)."""
+    (:func:`undersample_site`, the masks seeded by the site's position ``index``; ``packed``
+    for a k-space network)."""
     accelerations = accelerations or {}
     out = []
     for site in sites:
@@ -167,5 +206,5 @@ def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str
             truth[split] = (images - lo) / span
         own = accelerations.get(site.name)
         out.append(undersample_site(site.name, truth, own if own is not None else task.acceleration,
-                                    task.center_fraction, task.mask, seed, index[site.name]))
+                                    task.center_fraction, task.mask, seed, index[site.name], packed))
     return out

@@ -73,10 +73,11 @@ def make_phantoms(n: int, size: int, ellipses: int, rng: np.random.Generator) ->
     return torch.cat(out).contiguous()
 
 
-def make_phantom_sites(cfg: PhantomData, task: ReconstructionTaskConfig, seed: int) -> list[SiteData]:
+def make_phantom_sites(cfg: PhantomData, task: ReconstructionTaskConfig, seed: int, packed: bool = False) -> list[SiteData]:
     """One reconstruction site per configured site, in the job's order: phantoms as the
     ground truth, their zero-filled undersampling (at the site's ``acceleration``, else the
-    task's) as the input. Raises ConfigError, before drawing, when they would not fit in
+    task's) as the input (``packed``: with the masked k-space and the mask, for a k-space
+    network, data/kspace_input.py). Raises ConfigError, before drawing, when they would not fit in
     memory (:func:`medfed.config.synthetic_size_problem`)."""
     problem = synthetic_size_problem(cfg)
     if problem is not None:
@@ -87,5 +88,5 @@ def make_phantom_sites(cfg: PhantomData, task: ReconstructionTaskConfig, seed: i
         truth = {split: make_phantoms(n, cfg.image_size, cfg.ellipses, rng)
                  for split, n in (("train", s.n_train), ("val", s.n_val), ("test", s.n_test))}
         acceleration = s.acceleration if s.acceleration is not None else task.acceleration
-        sites.append(undersample_site(s.name, truth, acceleration, task.center_fraction, task.mask, seed, i))
+        sites.append(undersample_site(s.name, truth, acceleration, task.center_fraction, task.mask, seed, i, packed))
     return sites

@@ -25,11 +25,13 @@ from medfed.config import (
     SyntheticSegmentationData,
     TaskConfig,
     VolumesData,
+    reads_kspace,
 )
 from medfed.core.errors import DataError
 from medfed.core.summary import SiteSummary, SkippedFile
 from medfed.data.assemble import SPLITS, assemble_site, preprocess_site, preprocess_split, stack_records
 from medfed.data.base import ArraySplit, SiteData
+from medfed.data.kspace_input import is_packed, window_size
 from medfed.data.labels import count_unlabeled
 from medfed.data.reading import FileReading, default_cache_root, index_source
 
@@ -57,7 +59,7 @@ def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | Non
 
         read = build_sites(job.model_copy(update={"task": image_source_task(job.data)}), order, cache_root)
         accelerations = {s.name: getattr(s, "acceleration", None) for s in (getattr(job.data, "sites", None) or [])}
-        sites = reconstruction_sites(read, job.task, job.seed, index, accelerations)
+        sites = reconstruction_sites(read, job.task, job.seed, index, accelerations, reads_kspace(job.model))
         for site in sites:
             check_site(site, job.task)
         return sites
@@ -86,11 +88,11 @@ def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | Non
     elif isinstance(data, PhantomData):  # reconstruction: zero-filled input, ground-truth target
         from medfed.data.phantoms import make_phantom_sites
 
-        sites = make_phantom_sites(data, job.task, job.seed)  # type: ignore[arg-type]
+        sites = make_phantom_sites(data, job.task, job.seed, reads_kspace(job.model))  # type: ignore[arg-type]
     elif isinstance(data, FastMRIData):
         from medfed.data.readers.fastmri import make_fastmri_sites
 
-        sites = make_fastmri_sites(data, job.task, job.seed)  # type: ignore[arg-type]
+        sites = make_fastmri_sites(data, job.task, job.seed, reads_kspace(job.model))  # type: ignore[arg-type]
     elif isinstance(data, SyntheticSegmentationData):
         from medfed.data.synthetic_seg import make_synthetic_seg_sites
 
@@ -177,8 +179,18 @@ def _check_masks(split: ArraySplit, num_classes: int, where: str) -> None:
 
 
 def _check_targets(split: ArraySplit, where: str) -> None:
-    """Reconstruction: one-channel 2D images, and ground-truth images of their shape."""
+    """Reconstruction: one-channel 2D images, and ground-truth images of their shape; or a
+    k-space network's packed input (data/kspace_input.py) and ground truth of its window."""
     y = split.labels
+    if is_packed(split.images):
+        n, _, height, width = split.images.shape
+        h, w = window_size(split.images) if n else (height, width)
+        if not y.dtype.is_floating_point or tuple(y.shape) != (n, 1, h, w):
+            raise DataError(f"{where}: ground-truth images must be float (N, 1, h, w) of the k-space input's window "
+                            f"{(n, 1, h, w)}, got {y.dtype} {tuple(y.shape)}")
+        if not bool(torch.isfinite(y).all()):
+            raise DataError(f"{where}: ground-truth images hold NaN or Inf")
+        return
     if split.images.ndim != 4 or split.images.shape[1] != 1:
         raise DataError(f"{where}: reconstruction takes 1-channel 2D images (N, 1, H, W), got {tuple(split.images.shape)}")
     if not y.dtype.is_floating_point or tuple(y.shape) != tuple(split.images.shape):

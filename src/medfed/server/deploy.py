@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from medfed import __version__
 from medfed.algorithms import Algorithm
 from medfed.config import Job, with_init_hash
-from medfed.core.errors import ConfigError, RoundError, RunDirError
+from medfed.core.errors import RoundError, RunDirError
 from medfed.core.modelspec import ModelSpec
 from medfed.core.summary import SiteSummary, sites_json
 from medfed.core.types import Arm, Metric, Params
@@ -32,6 +32,7 @@ from medfed.models import check_input_size, check_model, get_params
 from medfed.server import admission
 from medfed.server.baselines import run_finetuned, run_local, run_zero_filled
 from medfed.core.files import PRIVATE, atomic_write_text
+from medfed.server.deployable import check_deployable
 from medfed.server.checkpoint import STATE_FILE, load_checkpoint, load_state, model_record, save_state
 from medfed.server.federation import Federation, build_federation
 from medfed.server.loop import Recorder, RoundCallback, RoundSummary, run_federated
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 
     from medfed.server.relay import RelayState
     from medfed.tracking.external import Trackers
+    from medfed.transport.grpc.dispatch import HubHost
     from medfed.transport.grpc.hub import Hub
     from medfed.transport.grpc.transport import GrpcTransport
     from medfed.transport.pki.revocation import Revocations
@@ -126,6 +128,7 @@ def serve_job(
     on_round: RoundCallback | None = None,
     on_sites: Callable[[list[str], list[str]], None] | None = None,
     he_context: Path | None = None,
+    host: HubHost | None = None,
 ) -> RunResult:
     """Serve ``job`` to the consortium's sites and run it; return the run folder.
     ``he_context``: the consortium's public CKKS context (``he-public.ctx``), for a job
@@ -139,25 +142,12 @@ def serve_job(
     A new run that stops before its first round is done (the port is taken, too few sites
     joined) leaves nothing behind; one that stops later keeps its state for ``--resume``.
     A run folder that cannot be written (disk full, read-only) is a RunDirError that says
-    so, not a traceback."""
-    if job.attack is not None:
-        raise ConfigError("attack: simulated attacks are for simulation studies (medfed run); remove the "
-                          "attack section from a deployment job")
-    if job.contribution is not None:  # evaluating every subset's model would send each site many extra models
-        raise ConfigError("contribution: computed by simulations (medfed run) only for now; remove the section "
-                          "from a deployment job")
-    if job.generalization is not None:  # the amplitude bank is shared before round 1 in simulation only
-        raise ConfigError("generalization: feddg runs in simulation only for now (medfed run); a deployment would "
-                          "need its amplitude bank sent to sites that join late; remove the section here")
-    if job.pretrain is not None:  # its sites are built in the runner's process (server/pretrain.py)
-        raise ConfigError("pretrain: the self-supervised stage runs in simulation only for now (medfed run); its "
-                          "sites are built in the server's process; remove the section from a deployment job")
-    he_key = _he_public(job, he_context)  # before anything is written or awaited
-    if job.topology.kind not in ("server", "cyclic", "swarm", "split"):
-        raise ConfigError(
-            f"topology.kind: {job.topology.kind} runs in simulation only for now (medfed run); a deployment runs "
-            "topology.kind server, cyclic, swarm or split"
-        )
+    so, not a traceback.
+
+    ``host``: a gRPC server that outlives the job (a queue server's, server/queue_server.py)
+    serves the job's hub while it runs; without one, the job listens on its own and stops
+    listening when it ends."""
+    he_key = check_deployable(job, he_context)  # before anything is written or awaited
     job = with_init_hash(job)  # the init file's hash, for a job built without parse_job
     check_model(job.model)  # a MONAI class's or a factory's arguments, before any site is awaited
     from medfed.tracking.external import check_tracking
@@ -170,7 +160,7 @@ def serve_job(
     revocations = Revocations(kit.path / CRL_FILE, kit.ca_pem)  # a list the CA did not sign: refused here
     _prepare_folder(output, resume)
     try:
-        return _serve(job, kit, output, resume, listen, join_timeout, on_round, on_sites, he_key, revocations)
+        return _serve(job, kit, output, resume, listen, join_timeout, on_round, on_sites, he_key, revocations, host)
     except BaseException as e:
         fresh = not resume and not (output / STATE_FILE).exists()
         if fresh:
@@ -181,22 +171,6 @@ def serve_job(
             log.error("cannot write the run folder '%s': %s", output, e)
             raise RunDirError(f"cannot write the run folder '{output}': {e}{after}") from None
         raise
-
-
-def _he_public(job: Job, path: Path | None) -> ts.Context | None:
-    """The consortium's public CKKS context for a job with ``privacy.he`` (None otherwise):
-    ConfigError when it is missing, holds the secret key, or does not fit the job."""
-    if job.privacy.he is None:
-        if path is not None:
-            raise ConfigError("--he-context: the job has no privacy.he section; leave the option out")
-        return None
-    if path is None:
-        raise ConfigError("privacy.he: the server adds the sites' encrypted updates with the consortium's public "
-                          "context: medfed server --he-context he-public.ctx (written by medfed he-keys; the "
-                          "secret he-secret.ctx goes to the sites only)")
-    from medfed.privacy.he.ckks import read_key_file
-
-    return read_key_file(path, job.privacy.he, private=False)
 
 
 def _recording(store: RunStore, trackers: Trackers) -> Callable[[int, str, str, str, str, float | None], None]:
@@ -255,7 +229,8 @@ def _run_relayed(federation: Federation, transport: GrpcTransport, hub: Hub, ini
 
 def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, join_timeout: float | None,
            on_round: RoundCallback | None, on_sites: Callable[[list[str], list[str]], None] | None,
-           he_key: ts.Context | None = None, revocations: Revocations | None = None) -> RunResult:
+           he_key: ts.Context | None = None, revocations: Revocations | None = None,
+           host: HubHost | None = None) -> RunResult:
     from medfed.tracking.external import build_trackers
     from medfed.tracking.report import write_report
     from medfed.transport.grpc import wire
@@ -267,17 +242,23 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
     store = RunStore(output / STORE_NAME)
     handler = open_run_log(output, private=True)
     server = None
+    attached: Hub | None = None  # the hub ``host`` serves
     trackers = build_trackers(job)  # TensorBoard, MLflow: started once the sites are there
     try:
         store.set_job(job.job_hash(), json.dumps(job.model_dump(mode="json")))
         atomic_write_text(output / "job.yaml", job.to_yaml(), mode=PRIVATE)
         members = admission.members(store, job) if resume else []  # read before this server's sites join
         hub = Hub(job, job.job_id, store, revocations)
-        creds = wire.server_credentials(kit.ca_pem, kit.cert_pem, kit.key_pem)
-        address = listen or f"0.0.0.0:{kit.server_port}"
-        server = start_server(hub, address, creds, len(job.site_names))
-        log.info("server for job '%s' (%s) listening on %s%s", job.name, job.job_id, address,
-                 " (resuming)" if resume else "")
+        if host is None:
+            creds = wire.server_credentials(kit.ca_pem, kit.cert_pem, kit.key_pem)
+            address = listen or f"0.0.0.0:{kit.server_port}"
+            server = start_server(hub, address, creds, len(job.site_names))
+            log.info("server for job '%s' (%s) listening on %s%s", job.name, job.job_id, address,
+                     " (resuming)" if resume else "")
+        else:  # the queue server's sites reach this job's hub from now on
+            host.attach(hub, job)
+            attached = hub
+            log.info("job '%s' (%s) serving from %s%s", job.name, job.job_id, output, " (resuming)" if resume else "")
 
         # ---- wait for the sites to join and describe their data: every site of the job, or,
         # when resuming, the sites that had joined the run before it stopped (so that it goes
@@ -345,6 +326,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
         if resume:
             # sampling by loss goes on from each site's last recorded training loss
             federation.sampler.observe_losses(store.last_values(Arm.FEDERATED.value, "train", Metric.LOSS))
+            federation.sampler.replay(store.metric_records())  # unbiased sampling: its draws and answer counts
             # the privacy ledger counts the rounds released before a crash and redone
             federation.ledger = ledger_for(job, {r.name: r.train for r in rows}, store.add_released_again(0))
             # each site's algorithm state should be from the last round the run kept its update from
@@ -415,5 +397,7 @@ def _serve(job: Job, kit: Kit, output: Path, resume: bool, listen: str | None, j
     finally:
         if server is not None:
             server.stop(grace=2.0).wait(5.0)
+        if attached is not None:
+            host.detach(attached)
         store.close()
         close_run_log(handler)

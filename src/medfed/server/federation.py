@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from medfed.algorithms import Algorithm, build_algorithm, local_keys
-from medfed.algorithms.base import buffer_keys
+from medfed.algorithms.base import buffer_keys, trainable_keys
+from medfed.algorithms.sampled_mean import SampledMean
 from medfed.config import Job
 from medfed.core.errors import ConfigError
 from medfed.server.sampling import SiteSampler
@@ -63,6 +64,8 @@ def build_federation(
     ``he_context``: a deployment's public CKKS context (``privacy.he``)."""
     kept = local_keys(job.algorithm, model)
     combiner = combiner_for(job, noise_seed, exchange, train_sizes, kept, he_context)
+    if job.sampling.method == "unbiased":  # the sampler's coefficients replace the example weights
+        combiner = SampledMean(trainable_keys(model))
     algorithm = build_algorithm(job.algorithm, model, len(job.training_sites), job.train.momentum, combiner,
                                 lr=job.train.lr)
     sizes = dict(train_sizes) if all(train_sizes.get(s, 0) > 0 for s in job.training_sites) else None

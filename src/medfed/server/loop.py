@@ -33,6 +33,7 @@ from medfed.core.types import (
 )
 from medfed.server.federation import Federation
 from medfed.server.sampling import SiteSampler
+from medfed.server.unbiased import ANSWERED, CHANCE, MULTIPLICITY, STEPS
 from medfed.server.update_path import UpdateFormat
 from medfed.server.validate import update_problem
 from medfed.tracking.metrics import MEDIAN_SITE, MEAN_SITE
@@ -234,10 +235,11 @@ def run_federated(
         for a in answers:
             if isinstance(a, Update):
                 record(rnd, Arm.FEDERATED.value, a.site, "train", Metric.BYTES_SENT, nbytes(a.params) + nbytes(a.extras))
-        updates, failed = collect_updates(
-            answers, global_params, rnd, job.quorum, Arm.FEDERATED, algorithm, incoming
+        updates, failed = collect_updates(  # (unbiased sampling may draw fewer sites than the round's count)
+            answers, global_params, rnd, min(job.quorum, len(selected)), Arm.FEDERATED, algorithm, incoming
         )
         sampler.observe(updates)  # sampling by loss chooses the next rounds' sites by these losses
+        record_answers(sampler, rnd, updates, record)  # unbiased sampling: who answered weighs the next draws
         check_site_states(updates, federation.kept_rounds, rnd)  # each site trained from its state of last round kept
         for u in updates:
             record(rnd, Arm.FEDERATED.value, u.site, "train", Metric.LOSS, u.metrics.get(Metric.LOSS))
@@ -247,6 +249,9 @@ def run_federated(
             on_updates(rnd, global_params, updates)
 
         # ---- 4. aggregate with the algorithm's server rule (its combiner: mean, robust rule, DP, secure sum)
+        coefficients = sampler.coefficients(rnd, updates)  # unbiased sampling: the draw's weights, not the examples'
+        if coefficients is not None:
+            algorithm.combiner.weigh(coefficients)
         global_params = algorithm.aggregate(global_params, updates)
         if pinned:  # what noise, rounding or the rule made of the frozen parameters is undone
             global_params = {**global_params, **{k: v for k, v in pinned.items() if k in global_params}}
@@ -294,10 +299,25 @@ def check_site_states(updates: Sequence[Update], kept_rounds: dict[str, int], rn
 def record_choice(sampler: SiteSampler, rnd: int, selected: list[tuple[int, str]], record: Recorder) -> None:
     """``sampling.method: loss`` or ``adaptive``: record, for each site the round chose
     among (loss: the candidates; adaptive: every training site), whether it was chosen
-    (metric ``chosen``, 1 or 0), so that the run shows who was picked over whom."""
+    (metric ``chosen``, 1 or 0), so that the run shows who was picked over whom.
+    ``unbiased``: record each drawn site's slots (``multiplicity``) and its chance of
+    filling one (``chance``)."""
     picked = {s for _, s in selected}
     for site in sampler.considered(rnd):
         record(rnd, Arm.FEDERATED.value, site, "train", CHOSEN, 1.0 if site in picked else 0.0)
+    for site, multiplicity, chance in sampler.slots(rnd):  # unbiased: each drawn site's slots and chance of one
+        record(rnd, Arm.FEDERATED.value, site, "train", MULTIPLICITY, float(multiplicity))
+        record(rnd, Arm.FEDERATED.value, site, "train", CHANCE, chance)
+
+
+def record_answers(sampler: SiteSampler, rnd: int, updates: Sequence[Update], record: Recorder) -> None:
+    """``sampling.method: unbiased``: count who of the round's drawn sites answered (an
+    accepted update) and record, per drawn site, whether it did (metric ``answered``, 1 or
+    0) and, when it did, its local steps (``steps``), from which a resume rebuilds them."""
+    for site, answered, steps in sampler.observe_answers(rnd, updates):
+        record(rnd, Arm.FEDERATED.value, site, "train", ANSWERED, 1.0 if answered else 0.0)
+        if steps is not None:
+            record(rnd, Arm.FEDERATED.value, site, "train", STEPS, float(steps))
 
 
 def stopped_early(ledger: "PrivacyLedger | None", last: int, rounds: int) -> None:

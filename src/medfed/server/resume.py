@@ -86,8 +86,8 @@ class StoppedRun:
         return cls(done, params, algo_state, records, best)
 
     def restore(self, federation: Federation) -> None:
-        """Put the server rule's state, sampling by loss and each site's last kept round
-        back into ``federation``."""
+        """Put the server rule's state, sampling by loss (or unbiased sampling's counts) and
+        each site's last kept round back into ``federation``."""
         try:
             federation.algorithm.load_server_state(self.algorithm_state)
         except ValueError as e:
@@ -96,6 +96,7 @@ class StoppedRun:
                   and r["metric"] == Metric.LOSS.value]
         federation.sampler.observe_losses({r["site"]: r["value"] for r in losses if r["value"] is not None})
         federation.kept_rounds.update({r["site"]: int(r["round"]) for r in losses})  # in round order: the last wins
+        federation.sampler.replay(self.records)  # unbiased sampling: its draws, answer counts and steps
         job = federation.job
         if self.done:
             log.info("resuming job '%s' after round %d of %d", job.name, self.done, job.rounds)

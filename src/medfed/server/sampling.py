@@ -11,17 +11,22 @@ valued places are drawn without replacement from the rest with chances proportio
 all sites not yet chosen. A site that has not trained yet has no value: such sites take
 the valued places first (in a seeded random order). The updates are then combined by the
 job's rule as drawn (no reweighting by the chance of being drawn).
+
+``method: unbiased`` draws with replacement by data weight over answer rate and gives the
+combiner per-site coefficients: see server/unbiased.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medfed.algorithms.base import SiteCoefficients
 from medfed.config import Job
 from medfed.core.types import Metric, Update
+from medfed.server.unbiased import DEFAULT_MIN_RATE, UnbiasedDraw
 
 _CANDIDATE_STREAM = 104_759  # the candidates of ``method: loss``, apart from the plain draw
 _ADAPTIVE_STREAM = 104_773  # the draws of ``method: adaptive``
@@ -57,9 +62,15 @@ class SiteSampler:
                 raise ValueError("sampling by size needs every site's number of training examples")
             w = np.array([sizes[n] for n in self.names], dtype=np.float64)
             self.p = w / w.sum()
+        self.unbiased: UnbiasedDraw | None = None
+        if job.sampling.method == "unbiased":
+            rate = job.sampling.min_rate if job.sampling.min_rate is not None else DEFAULT_MIN_RATE
+            self.unbiased = UnbiasedDraw(self.names, sizes or {}, self.k, self.seed, rate)
 
     def select(self, rnd: int) -> list[tuple[int, str]]:
         """(job index, name) of the sites drawn for round ``rnd``, in job order."""
+        if self.unbiased is not None:  # always drawn, with replacement (a site drawn twice trains once)
+            return [(self.index[n], n) for n in self.unbiased.draw(rnd)]
         if self.k >= len(self.names):
             return [(self.index[n], n) for n in self.names]
         if self.method == "loss":
@@ -124,6 +135,28 @@ class SiteSampler:
             loss = u.metrics.get(Metric.LOSS)
             if loss is not None and math.isfinite(loss):
                 self.losses[u.site] = float(loss)
+
+    def slots(self, rnd: int) -> list[tuple[str, int, float]]:
+        """``method: unbiased``: (site, multiplicity, chance of one slot) per site drawn for
+        round ``rnd`` (after :meth:`select`); empty for the other methods."""
+        u = self.unbiased
+        return [] if u is None else [(s, m, u.chance[rnd][s]) for s, m in u.draw(rnd).items()]
+
+    def observe_answers(self, rnd: int, updates: Sequence[Update]) -> list[tuple[str, bool, int | None]]:
+        """``method: unbiased``: count who of round ``rnd``'s drawn sites answered (their
+        answer rates weigh the next draws); (site, answered, steps) per drawn site. Empty
+        for the other methods."""
+        return [] if self.unbiased is None else self.unbiased.observe(rnd, updates)
+
+    def coefficients(self, rnd: int, updates: Sequence[Update]) -> SiteCoefficients | None:
+        """``method: unbiased``: the combiner's per-site coefficients of round ``rnd``
+        (after :meth:`observe_answers`); None for the other methods (the job's own weights)."""
+        return None if self.unbiased is None else self.unbiased.coefficients(rnd, updates)
+
+    def replay(self, records: Iterable[Mapping]) -> None:
+        """``method: unbiased``: rebuild its draws and counts from a stopped run's records."""
+        if self.unbiased is not None:
+            self.unbiased.replay(records)
 
     def observe_losses(self, losses: dict[str, float]) -> None:
         """Remember recorded training losses (a resumed run: the last one of each site)."""

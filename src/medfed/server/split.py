@@ -7,6 +7,13 @@ server's middle through a :class:`~medfed.site.split.SplitChannel` (site/split.p
 activations at the cut and the gradients at the back's input cross, never images or labels.
 The server's end of one site's turn is a :class:`MiddleSession`.
 
+Without the U (``u_shaped: false``, vanilla split learning) the network is cut in two: the
+site holds the front only, the server everything after the cut and the loss. Per batch the
+site sends the activations at the cut and the batch's labels, the server computes the loss,
+steps its layers and returns the gradient at the cut (:meth:`MiddleSession.step`); the loss
+recorded for a site's turn is then the server's. The labels leave the site: the run says
+so in its log and the topology's label (docs/privacy.md).
+
 - ``parallel: false``, sequential split learning: the round's sites take turns on the one
   middle, each starting from the site parts the previous one passed on (the model travels
   as in cyclical weight transfer, server/cyclic.py); the round's model is the last site's
@@ -41,7 +48,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -79,14 +86,40 @@ BYTES_RECEIVED = "bytes_received"  # tensor bytes a site received: the middle's 
 class MiddleSession:
     """The server's end of one site's turn: the middle of the network, trained batch by
     batch with a fresh optimizer of the round's settings (as the site's own). It answers
-    the two calls of a :class:`~medfed.site.split.SplitChannel` in order."""
+    the two calls of a :class:`~medfed.site.split.SplitChannel` in order; with ``loss``
+    (the task's, without the U) the one call of a :class:`~medfed.site.split.LabelChannel`
+    instead, and keeps the turn's losses (``steps``, ``mean_loss``)."""
 
-    def __init__(self, middle: nn.Module, settings: TrainSettings, device: torch.device):
-        self.middle, self.device = middle, device
+    def __init__(self, middle: nn.Module, settings: TrainSettings, device: torch.device,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        self.middle, self.device, self.loss = middle, device, loss
         self.optimizer = optimizer_for(middle, settings)  # None: the middle has no weights to train
         middle.train()
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
+        self.steps, self._loss_sum = 0, 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        """The mean of the losses this session computed (without the U)."""
+        return self._loss_sum / max(self.steps, 1)
+
+    def step(self, activations: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Without the U: run the rest of the network on ``activations``, the task's loss
+        against ``labels``, backward and a step; the gradient at the cut."""
+        if self.loss is None:
+            raise RoundError("split learning: labels arrived in a U-shaped split, where the loss is the site's")
+        given = activations.to(self.device).requires_grad_()
+        self.middle.zero_grad(set_to_none=True)
+        loss = self.loss(self.middle(given), labels.to(self.device))
+        loss.backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+        if given.grad is None:
+            raise RoundError("split learning: the loss does not depend on the activations sent")
+        self.steps += 1
+        self._loss_sum += float(loss.detach())
+        return given.grad
 
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
         self._input = activations.to(self.device).requires_grad_()
@@ -154,7 +187,8 @@ class InProcessTurns:
         for t in turns:
             channel = InProcessChannel(t.session)
             try:
-                update = fit_split(self.apps[t.site], t.params, t.plan, channel, self.topology.cut, self.topology.head)
+                update = fit_split(self.apps[t.site], t.params, t.plan, channel, self.topology.cut, self.topology.head,
+                                   u_shaped=self.topology.u_shaped)
                 problem = update_problem(update, t.spec, t.plan.round)
             except Exception as e:  # one site's failure must not stop the federation
                 update, problem = None, describe_exception(e)
@@ -202,12 +236,19 @@ def run_split(
         turns = turns or InProcessTurns(apps, topology)
         network = network or apps[job.training_sites[0]].model
     server_model = copy.deepcopy(network)  # the server's own network: only its middle is ever used
-    parts = cut_model(server_model, topology.cut, topology.head)
+    parts = cut_model(server_model, topology.cut, topology.head, topology.u_shaped)
     device = next(iter(server_model.parameters()), torch.empty(0)).device
     sites = list(job.site_names)
     kind = "SplitFed v1" if parallel else "sequential split learning"
     log.info("split learning: the sites keep %d entries, the server %d (%s)",
              len(parts.site_keys), len(parts.middle_keys), kind)
+    loss = None
+    if not topology.u_shaped:  # the server holds the loss: the sites' labels come to it
+        from medfed.tasks import build_task
+
+        loss = build_task(job).loss
+        log.warning("split learning without the U (topology.u_shaped: false): every training batch's labels go to "
+                    "the server with its activations; the server computes the loss (docs/privacy.md)")
     model = init_params
     pinned = {k: init_params[k] for k in federation.frozen if k in init_params}
     for rnd in range(start_round, job.rounds + 1):
@@ -232,7 +273,7 @@ def run_split(
                 middle.load_state_dict({k: begin[k] for k in parts.middle_keys}, strict=False)
                 plan = make_plan(job, job.job_id, Arm.FEDERATED, rnd, i)
                 batch.append(Turn(site, {k: begin[k] for k in parts.site_keys}, plan,
-                                  MiddleSession(middle, plan.train, device), spec))
+                                  MiddleSession(middle, plan.train, device, loss), spec))
             for turn, outcome in zip(batch, turns.run(batch)):
                 whole = _after_turn(turn, outcome, begin, parts, pinned, record)
                 if whole is None:
@@ -276,6 +317,9 @@ def _after_turn(turn: Turn, outcome: Outcome, begin: Params, parts: ModelCut, pi
         log.warning("split round %d: site '%s' skipped: %s", rnd, site, outcome.problem)
         return None
     update = outcome.update
+    metrics = update.metrics
+    if turn.session.loss is not None:  # without the U the loss is the server's, not the site's
+        metrics = {**metrics, Metric.LOSS: turn.session.mean_loss}
     trained = {k: update.params[k].detach().to("cpu", copy=True) for k in parts.site_keys}
     middle = turn.session.middle.state_dict()
     whole = {k: pinned.get(k, trained[k] if k in parts.site_keys else
@@ -283,6 +327,6 @@ def _after_turn(turn: Turn, outcome: Outcome, begin: Params, parts: ModelCut, pi
     parts_bytes = nbytes(trained)  # passed on: to the next site, or to the averaging server
     record(rnd, Arm.FEDERATED.value, site, "train", Metric.BYTES_SENT, outcome.sent + parts_bytes)
     record(rnd, Arm.FEDERATED.value, site, "train", BYTES_RECEIVED, outcome.received + nbytes(turn.params))
-    record(rnd, Arm.FEDERATED.value, site, "train", Metric.LOSS, update.metrics.get(Metric.LOSS))
+    record(rnd, Arm.FEDERATED.value, site, "train", Metric.LOSS, metrics.get(Metric.LOSS))
     return Update(site=site, round=rnd, params=whole, num_examples=update.num_examples,
-                  num_steps=update.num_steps, metrics=update.metrics)
+                  num_steps=update.num_steps, metrics=metrics)

@@ -10,7 +10,9 @@ transport/grpc/intake.py). While the task is open the hub holds a seat for it
 and streams its activations and gradients; the hub answers from the turn's
 :class:`~medfed.server.split.MiddleSession`. Sequential split learning hands out one turn at
 a time; SplitFed v1 all the round's turns at once, each site with its own copy of the
-middle, trained in the hub's request threads in parallel.
+middle, trained in the hub's request threads in parallel. Without the U each seat also
+holds what one example's labels must be (tasks/targets.py), which the hub checks before the
+server's loss uses them.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ from medfed.server.federation import Federation
 from medfed.server.loop import Recorder, RoundCallback
 from medfed.server.split import Outcome, Turn, run_split
 from medfed.site.device import set_threads
+from medfed.tasks.targets import TargetSpec, target_spec
 from medfed.transport.grpc.splitting import Seat
 from medfed.transport.grpc.transport import GrpcTransport
 
 
 class GrpcTurns:
     """The sites' turns as fit tasks with a seat each (see the module docstring).
-    ``activations``: the shape of one example's activations at the cut."""
+    ``activations``: the shape of one example's activations at the cut; ``targets``: one
+    example's labels without the U (None: U-shaped)."""
 
-    def __init__(self, transport: GrpcTransport, activations: tuple[int, ...], timeout: float):
-        self.transport, self.activations, self.timeout = transport, activations, timeout
+    def __init__(self, transport: GrpcTransport, activations: tuple[int, ...], timeout: float,
+                 targets: TargetSpec | None = None):
+        self.transport, self.activations, self.timeout, self.targets = transport, activations, timeout, targets
         self._round: tuple[int, float, list[str]] = (0, 0.0, [])  # the round, its start, its sites so far
 
     def run(self, turns: Sequence[Turn]) -> list[Outcome]:
@@ -45,7 +50,7 @@ class GrpcTurns:
         rnd, started, sites = self._round
         sites.extend(t.site for t in turns)
         seats = [Seat(t.site, Arm.FEDERATED.value, t.plan.round, t.session, self.activations,
-                      t.plan.train.batch_size) for t in turns]
+                      t.plan.train.batch_size, self.targets) for t in turns]
         for s in seats:
             self.transport.hub.seats.open(s)
         try:
@@ -77,6 +82,7 @@ def run_split_deployed(federation: Federation, transport: GrpcTransport, network
     if patch is not None:
         input_shape = (input_shape[0], *patch)
     set_threads(federation.job.num_threads)  # the middle computes with the job's threads, as in simulation
-    shape = activation_shape(cut_model(network, topology.cut, topology.head), input_shape)
-    turns = GrpcTurns(transport, shape, federation.job.round_timeout)
+    shape = activation_shape(cut_model(network, topology.cut, topology.head, topology.u_shaped), input_shape)
+    targets = None if topology.u_shaped else target_spec(federation.job.task, input_shape)
+    turns = GrpcTurns(transport, shape, federation.job.round_timeout, targets)
     return run_split(federation, transport, init_params, record, on_round, start_round, turns=turns, network=network)

@@ -370,6 +370,12 @@ class RunStore:
         rows = self._query("SELECT round, arm, site, split, metric, value FROM metrics ORDER BY id")
         return [{f: r[f] for f in FIELDS} for r in rows]
 
+    def metric_records(self) -> list[dict]:
+        """Every metric record, in the order first written (a resumed deployment replays
+        unbiased sampling's from them, server/unbiased.py)."""
+        with self._lock:
+            return self._metric_records()
+
     def export_metrics(self, path: Path) -> int:
         """Write all metric records to ``path`` in the ``metrics.jsonl`` format of
         :class:`~medfed.tracking.metrics.MetricsWriter`, in the order first written, atomically

@@ -20,6 +20,7 @@ from medfed.core.errors import SiteError
 from medfed.core.types import Arm, EvalResult, Metric, Params, RoundPlan, Split, Update
 from medfed.data.base import SiteData
 from medfed.data.frequency import AMPLITUDES_TOPIC, FEDDG_TOPICS
+from medfed.data.kspace_input import ZeroFilledImage
 from medfed.models import ModelFactory, build_model, build_user_model, get_params
 from medfed.privacy.base import ProtocolParty, UpdateFilter
 from medfed.site.evaluate import evaluate_split
@@ -264,7 +265,7 @@ class SiteApp:
 
     def evaluate(self, params: Params, splits: tuple[Split, ...], arm: Arm) -> list[EvalResult]:
         if arm is Arm.ZERO_FILLED:  # reconstruction: the undersampled input itself, whatever was sent
-            return self._evaluate(nn.Identity(), splits, arm)
+            return self._evaluate(ZeroFilledImage(), splits, arm)  # (a k-space input's zero-filled image)
         if arm is Arm.PERSONALIZED:  # the site's own personal model, whatever was sent
             personal = self._hooks[Arm.FEDERATED].personal_model()
             if personal is None:

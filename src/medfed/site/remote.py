@@ -175,6 +175,9 @@ class RemoteSite:
         self._decoded = BufferPool(keep=1)  # the model received, as tensors
         # split learning: the connection's Split call (gRPC's callable; set by medfed site)
         self.split_call: grpc.StreamStreamMultiCallable | None = None
+        # added to the job id in the site-state file's name: a queue server's run ("-run0003"), so
+        # that the same job submitted again starts from no state while a resumed run finds its own
+        self.state_tag = ""
 
     def setup(self, job_dict: dict[str, Any], job_id: str) -> tuple[dict[str, Any], float]:
         """:meth:`_setup`; with a policy, a refusal for any other reason than its rules goes
@@ -246,7 +249,8 @@ class RemoteSite:
                      "against the consortium CA", self.name)
         self.app = SiteApp(data, job, device, secure=True, credentials=credentials, he_context=he_key)
         if self.kit is not None:  # the algorithm's state, kept across a restart of this process
-            self.app.keep_state_in(StateFile(site_state_path(self.kit.path, job.job_id), job.job_hash(), self.name))
+            self.app.keep_state_in(StateFile(site_state_path(self.kit.path, job.job_id + self.state_tag),
+                                             job.job_hash(), self.name))
         self.job, self.job_id = job, job_id
         self.max_model = model_limit(self.app.model.state_dict())
         if job.privacy.he is not None:  # the encrypted sum a decryptor receives: about 11 bytes per model byte
@@ -376,7 +380,10 @@ class RemoteSite:
             raise ConfigError("topology.kind: split needs the connection's Split call; run the site with medfed site")
         with GrpcSplitChannel(self.split_call, self.name, self.job_id, str(hdr.get("task_id")),
                               self.job.round_timeout) as channel:
-            update = fit_split(self.app, params, plan, channel, topology.cut, topology.head)
+            if not topology.u_shaped:
+                log.warning("site '%s': split round %d without the U (topology.u_shaped: false): this site's training "
+                            "labels go to the server with its activations, batch by batch", self.name, plan.round)
+            update = fit_split(self.app, params, plan, channel, topology.cut, topology.head, u_shaped=topology.u_shaped)
         rtt = sorted(channel.round_trips)
         log.info("site '%s': split round %d: %d exchanges with the server, %d bytes sent, %d received, median round "
                  "trip %.2f ms", self.name, plan.round, len(rtt), channel.sent, channel.received,

@@ -15,11 +15,20 @@ round, over the site's parts), the same planned batches and seeds (:func:`plan_e
 :func:`batches`), the same augmentation and the same task loss; the server steps its own
 optimizer over the middle with the same settings. So a site alone trains exactly what it
 would train unsplit. Mixed precision is not used (float32 on every device).
+
+Without the U (``u_shaped: false``) the site holds the front alone and the server the rest
+with the loss; per batch, through a :class:`LabelChannel`:
+
+    site:   A = front(x)                  --- A, y --->  server: loss(rest(A), y), backward, step
+    site:   backward from A, step         <-- dL/dA ---
+
+The batch's labels ``y`` leave the site. Examples without a label cannot take part: a batch
+holding one is refused (its placeholder label would be trained on by the server).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -52,13 +61,26 @@ class SplitChannel(Protocol):
         ...
 
 
+@runtime_checkable
+class LabelChannel(Protocol):
+    """One site's line to the party that holds the rest of the network and the loss (split
+    learning without the U), for one site's turn. One call per batch."""
+
+    def step(self, activations: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Send the activations at the cut of one batch (B, ...) and its labels (B, ...); the
+        other side computes the loss, steps its optimizer and returns the gradient of the
+        loss with respect to the activations (their shape)."""
+        ...
+
+
 class InProcessChannel:
     """A :class:`SplitChannel` to a party in this process (``peer``, e.g. the server's
     :class:`~medfed.server.split.MiddleSession`): each tensor is copied as it crosses, as a
     network would, and its bytes counted. ``sent``: the bytes the site sent (activations,
-    gradients at the back's input); ``received``: those it got back."""
+    gradients at the back's input, labels without the U); ``received``: those it got back.
+    A :class:`LabelChannel` too, when ``peer`` has ``step``."""
 
-    def __init__(self, peer: SplitChannel):
+    def __init__(self, peer: SplitChannel | LabelChannel):
         self.peer = peer
         self.sent = 0
         self.received = 0
@@ -69,6 +91,12 @@ class InProcessChannel:
     def backward(self, gradient: torch.Tensor) -> torch.Tensor:
         return self._reply(self.peer.backward(self._send(gradient)))
 
+    def step(self, activations: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        peer = self.peer
+        if not isinstance(peer, LabelChannel):
+            raise ModelError("split learning without the U needs a peer that holds the loss")
+        return self._reply(peer.step(self._send(activations), self._send(labels)))
+
     def _send(self, t: torch.Tensor) -> torch.Tensor:
         self.sent += tensor_bytes(t)
         return t.detach().clone()
@@ -78,12 +106,13 @@ class InProcessChannel:
         return t.detach().clone()
 
 
-def fit_split(app: SiteApp, params: Params, plan: RoundPlan, channel: SplitChannel, cut: str,
-              head: str | None) -> Update:
+def fit_split(app: SiteApp, params: Params, plan: RoundPlan, channel: SplitChannel | LabelChannel, cut: str,
+              head: str | None, u_shaped: bool = True) -> Update:
     """One round of split training at ``app``'s site: load the site's parts of the network
     (``params``: exactly the entries of front and back), train them with the middle behind
-    ``channel``, and return them trained (the update carries the site's parts only)."""
-    parts = cut_model(app.model, cut, head)
+    ``channel``, and return them trained (the update carries the site's parts only; without
+    the U no loss, which the server computed)."""
+    parts = cut_model(app.model, cut, head, u_shaped)
     if params.keys() != parts.site_keys:
         odd = sorted(params.keys() ^ parts.site_keys)[:3]
         raise SiteError(app.name, f"the site's parts of the split network do not match what was sent: {odd}")
@@ -91,16 +120,19 @@ def fit_split(app: SiteApp, params: Params, plan: RoundPlan, channel: SplitChann
     augment = app.mixed if app.mixed is not None else app.augment  # FedDG's mixing when the job shares amplitudes
     stats = train_site_parts(parts, app.data.train, app.task, plan.train, channel, app.device, augment)
     trained = {k: v for k, v in get_params(app.model).items() if k in parts.site_keys}
+    metrics = {Metric.LOSS: stats.mean_loss} if u_shaped else {}
     return Update(site=app.name, round=plan.round, params=trained, num_examples=len(app.data.train),
-                  num_steps=stats.num_steps, metrics={Metric.LOSS: stats.mean_loss})
+                  num_steps=stats.num_steps, metrics=metrics)
 
 
 def train_site_parts(
-    parts: ModelCut, data: Examples, task: "Task", settings: TrainSettings, channel: SplitChannel,
+    parts: ModelCut, data: Examples, task: "Task", settings: TrainSettings, channel: SplitChannel | LabelChannel,
     device: torch.device, augment: Augment | None = None,
 ) -> TrainStats:
     """Train ``parts.front`` and ``parts.back`` in place for ``settings.local_epochs``
-    passes over ``data``, the middle behind ``channel`` (see the module docstring)."""
+    passes over ``data``, the middle behind ``channel`` (see the module docstring). Without
+    the U (``parts.back`` None) ``channel`` is a :class:`LabelChannel` and the stats' loss
+    is nan (the server has it)."""
     torch.manual_seed(settings.seed)  # dropout and any other randomness, as in site/train.py
     gen = torch.Generator().manual_seed(settings.seed)
     site = parts.site_parts()
@@ -115,6 +147,20 @@ def train_site_parts(
         y = batch.labels.to(device, non_blocking=True)
         site.zero_grad(set_to_none=True)
         activations = parts.front(x)
+        if parts.back is None:  # without the U: the labels go with the activations, the server has the loss
+            labeled = getattr(batch, "labeled", None)
+            if labeled is not None and not bool(labeled.all()):
+                raise ModelError("topology.u_shaped: false sends each training example's label to the server, but "
+                                 "this site's training split has examples without a label (data.labeled_fraction or "
+                                 "unlabeled rows); use topology.u_shaped: true, where unlabeled examples stay out of "
+                                 "the loss at the site")
+            below = channel.step(activations.detach(), y).to(device)
+            if activations.requires_grad:
+                activations.backward(below)
+            if optimizer is not None:
+                optimizer.step()
+            steps += 1
+            continue
         top = channel.forward(activations.detach()).to(device).requires_grad_()
         out = parts.back(top)
         # as in the local step: examples without a label (data.labeled_fraction) run forward
@@ -137,7 +183,8 @@ def train_site_parts(
             optimizer.step()
         steps += 1
         loss_sum += float(loss.detach())
-    return TrainStats(num_steps=steps, mean_loss=loss_sum / max(steps, 1))
+    mean = loss_sum / max(steps, 1) if parts.back is not None else float("nan")
+    return TrainStats(num_steps=steps, mean_loss=mean)
 
 
 def optimizer_for(module: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer | None:

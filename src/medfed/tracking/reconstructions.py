@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medfed.data.base import Planned, SiteData
+from medfed.data.kspace_input import zero_filled_image
 from medfed.tracking.tables import pictures_section
 
 RECONSTRUCTIONS_DIR = "reconstructions"
@@ -55,9 +56,10 @@ def save_reconstructions(
         plan = [Planned(torch.arange(0, min(count, len(test))))]
         for batch in test.batches(plan):
             recon = model(batch.images.to(device)).float().cpu().numpy()
+            zero_filled = zero_filled_image(batch.images)  # a k-space network's packed input: its image
             for i in range(len(batch)):
                 path = folder / f"test_{i:03d}.png"
-                Image.fromarray(panels(batch.images[i, 0].numpy(), recon[i, 0], batch.labels[i, 0].numpy())).save(path)
+                Image.fromarray(panels(zero_filled[i, 0].numpy(), recon[i, 0], batch.labels[i, 0].numpy())).save(path)
                 written.append(path)
     return written
 

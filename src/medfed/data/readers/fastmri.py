@@ -7,6 +7,11 @@ mask (data/kspace.py, the slice's seed from its position in the site's split), b
 by the inverse FFT, centre-cropped to the ground truth's h x w (MONAI ``CenterSpatialCrop``),
 and both are divided by the ground truth's maximum of that slice, so that it lies in
 [0, 1]. A split's files are read in name order.
+
+For a network that reads k-space (``varnet``) the input is the file's own k-space, divided
+by that maximum and undersampled by the same masks, whole (its field of view, not cropped),
+packed with its zero-filled magnitude, its mask and the ground truth's centred window
+(data/kspace_input.py): the network crops its output to the window.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from medfed.config import FastMRIData, ReconstructionTaskConfig
 from medfed.core.errors import DataError
 from medfed.data.base import ArraySplit, SiteData
-from medfed.data.kspace import check_even, example_seeds, undersample
+from medfed.data.kspace import check_even, example_seeds, undersample, undersample_packed
 
 SPLITS = ("train", "val", "test")
 
@@ -60,9 +65,10 @@ def read_fastmri_file(path: Path, target: str) -> tuple[torch.Tensor, torch.Tens
 
 def fastmri_split(
     files: list[Path], target: str, task: ReconstructionTaskConfig, acceleration: float, seed: int, site_index: int,
-    split: str,
+    split: str, packed: bool = False,
 ) -> ArraySplit:
-    """The slices of ``files``: zero-filled inputs and ground truth (N, 1, h, w), scaled."""
+    """The slices of ``files``: zero-filled inputs and ground truth (N, 1, h, w), scaled
+    (``packed``: the packed k-space inputs (N, 5, H, W) of a k-space network)."""
     from monai.transforms import CenterSpatialCrop
 
     images, truths, names = [], [], []
@@ -71,6 +77,15 @@ def fastmri_split(
         kspace, truth = read_fastmri_file(path, target)
         n = len(kspace)
         seeds = example_seeds(seed, site_index, split, start + n)[start:]
+        if packed:
+            peak = truth.flatten(1).amax(1).clamp_min(1e-12)
+            scaled = kspace / peak[:, None, None, None]
+            images.append(undersample_packed(scaled, acceleration, task.center_fraction, task.mask, seeds,
+                                             tuple(truth.shape[1:])))
+            truths.append(truth / peak[:, None, None])
+            names += [f"{path.name}#{i}" for i in range(n)]
+            start += n
+            continue
         zf = undersample(kspace, acceleration, task.center_fraction, task.mask, seeds)
         zf = torch.as_tensor(CenterSpatialCrop(roi_size=tuple(truth.shape[1:]))(zf))
         if tuple(zf.shape) != tuple(truth.shape):
@@ -86,12 +101,19 @@ def fastmri_split(
     if len(shapes) > 1:
         raise DataError(f"{split} split: the ground truth of the files has sizes {sorted(shapes)}; one size a site "
                         "is needed for now")
+    if packed:
+        fields = {tuple(x.shape[2:]) for x in images}
+        if len(fields) > 1:
+            raise DataError(f"{split} split: the k-space of the files has sizes {sorted(fields)}; one size a site "
+                            "is needed for now")
+        return ArraySplit(torch.cat(images), torch.cat(truths)[:, None].float(), tuple(names))
     return ArraySplit(torch.cat(images)[:, None].float(), torch.cat(truths)[:, None].float(), tuple(names))
 
 
-def make_fastmri_sites(cfg: FastMRIData, task: ReconstructionTaskConfig, seed: int) -> list[SiteData]:
+def make_fastmri_sites(cfg: FastMRIData, task: ReconstructionTaskConfig, seed: int, packed: bool = False) -> list[SiteData]:
     """One reconstruction site per configured site, in the job's order, each split from the
-    ``.h5`` files of its folder (a folder without any is an error naming it)."""
+    ``.h5`` files of its folder (a folder without any is an error naming it); ``packed`` for
+    a k-space network."""
     sites = []
     for i, s in enumerate(cfg.sites):
         acceleration = s.acceleration if s.acceleration is not None else task.acceleration
@@ -102,7 +124,7 @@ def make_fastmri_sites(cfg: FastMRIData, task: ReconstructionTaskConfig, seed: i
             if not files:
                 raise DataError(f"site '{s.name}': data.sites[{i}].{split} '{folder}' holds no .h5 fastMRI files")
             try:
-                splits[split] = fastmri_split(files, cfg.target, task, acceleration, seed, i, split)
+                splits[split] = fastmri_split(files, cfg.target, task, acceleration, seed, i, split, packed)
             except DataError as e:
                 raise DataError(f"site '{s.name}': {e}") from None
         sites.append(SiteData(name=s.name, **splits))

@@ -13,6 +13,8 @@ the server never calls a site: each site polls for its next task and submits the
 * ``transport.py`` :class:`GrpcTransport`, the :class:`~medfed.transport.base.Transport`
                 the round loop talks to
 * ``client.py`` the site side: join, poll, train or evaluate, submit, retry with backoff
+* ``handshakes.py`` refused TLS handshakes (they fail inside gRPC) logged and audited,
+                read from gRPC's log through ``stderr_relay.py``
 
 No protobuf code generation: every message is bytes. The first message of a call is a
 JSON header; tensors follow as a safetensors blob cut into chunks (models larger than one

@@ -1,7 +1,7 @@
 """Who is calling the hub: the site named by the caller's certificate (checked by TLS to be
-of the consortium CA), which must be a site certificate, not revoked, of a site of this job
-that is not left out of the run; and the first header of each call, which must name that same site
-(and this job)."""
+of the consortium CA), which must be a site certificate (not an admin's), not revoked, of a
+site of this job that is not left out of the run; and the first header of each call, which
+must name that same site (and this job). A queue server's admin calls: :func:`identify_admin`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from medfed.core.errors import CodecError
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.guard import Refused
+from medfed.transport.pki.certificates import SITE_URI_PREFIX, admin_names
 from medfed.transport.pki.revocation import Revocations
 
 
@@ -33,6 +34,21 @@ class Callers:
 
     def identify(self, context: grpc.ServicerContext) -> tuple[str, str]:
         """(site name, certificate fingerprint) of the caller, or Refused."""
+        site, cert = self.site_certificate(context)
+        if site not in self.allowed:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate names site '{site}', which is not part of this job ({', '.join(sorted(self.allowed))})",
+                site,
+            )
+        if site in self.excluded:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"this site is left out of the run: {self.excluded[site]}",
+                          site)
+        return site, cert.fingerprint(hashes.SHA256()).hex()
+
+    def site_certificate(self, context: grpc.ServicerContext) -> tuple[str, x509.Certificate]:
+        """(site name, certificate) of a caller with a site certificate that is not revoked,
+        whatever the job; or Refused."""
         auth = context.auth_context()
         pem = (auth.get("x509_pem_cert") or [b""])[0]
         names = auth.get("x509_common_name") or []
@@ -46,21 +62,15 @@ class Callers:
             usage = []
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"certificate '{site}' is not a site certificate", site)
+        if admin_names(cert):  # an admin submits jobs; it never takes part in one
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                          f"certificate '{site}' is an admin certificate (role admin), not a site certificate", site)
         gone = self.revocations.revoked(cert) if self.revocations is not None else None
         if gone is not None:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED,
                           f"the certificate of site '{site}' (serial {cert.serial_number:x}) was revoked on "
                           f"{gone.when:%Y-%m-%d %H:%M} UTC", site)
-        if site not in self.allowed:
-            raise Refused(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"certificate names site '{site}', which is not part of this job ({', '.join(sorted(self.allowed))})",
-                site,
-            )
-        if site in self.excluded:
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"this site is left out of the run: {self.excluded[site]}",
-                          site)
-        return site, cert.fingerprint(hashes.SHA256()).hex()
+        return site, cert
 
     def check(self, hdr: dict[str, Any], site: str, with_job: bool = True) -> None:
         """The header ``hdr`` of a call of ``site`` names that site (and this job)."""
@@ -74,6 +84,41 @@ class Callers:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"message is for job {hdr.get('job_id')!r}, this server runs job {self.job_id}",
             )
+
+
+def identify_admin(context: grpc.ServicerContext, revocations: Revocations | None) -> tuple[str, str]:
+    """(admin name, certificate fingerprint) of a caller of the admin service: a certificate
+    of the consortium CA (checked by TLS) with the admin role (an ``urn:medfed:admin:`` name,
+    as an admin kit's from ``medfed provision``), not revoked; else Refused
+    (PERMISSION_DENIED) naming the role the certificate has."""
+    auth = context.auth_context()
+    pem = (auth.get("x509_pem_cert") or [b""])[0]
+    names = auth.get("x509_common_name") or []
+    if not pem or not names:
+        raise Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+    name = names[0].decode(errors="replace")
+    cert = x509.load_pem_x509_certificate(pem)
+    if admin_names(cert) != {name}:
+        role = "site" if _is_site(cert, name) else "unknown"
+        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                      f"certificate '{name}' has the {role} role, not the admin role: "
+                      "submitting and managing jobs needs the admin kit from `medfed provision`", name)
+    gone = revocations.revoked(cert) if revocations is not None else None
+    if gone is not None:
+        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
+                      f"the certificate of admin '{name}' (serial {cert.serial_number:x}) was revoked on "
+                      f"{gone.when:%Y-%m-%d %H:%M} UTC", name)
+    return name, cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _is_site(cert: x509.Certificate, name: str) -> bool:
+    """Whether ``cert`` is a site certificate of ``name`` (its ``urn:medfed:site:`` URI)."""
+    try:
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        return False
+    return SITE_URI_PREFIX + name in uris
 
 
 def read_header(data: Any, what: str) -> dict[str, Any]:

@@ -249,6 +249,8 @@ def serve_tasks(
     answer: Answer,
     give_up_after: float = 3600.0,
     backoff: Backoff | None = None,
+    new_run: Callable[[str, bool], None] | None = None,
+    job_done: Callable[[], None] | None = None,
 ) -> None:
     """Serve the server's tasks until it says the job is done.
 
@@ -256,9 +258,22 @@ def serve_tasks(
     up yet; it returns the data summary to report and the job's round timeout.
     ``answer(header, blob)`` runs one task and returns ``("fit" | "evaluate", payload)``
     or ``("error", cause)`` as UTF-8 bytes. ``backoff`` spaces the attempts to reach the
-    server (default: ``Backoff(cap=conn.reconnect_max)``)."""
+    server (default: ``Backoff(cap=conn.reconnect_max)``).
+
+    Against a queue server (``medfed server --queue``, whose join replies name the run of
+    its queue) the site never returns on its own: it serves one job after another.
+    ``new_run(run, resumed)`` is called before each new run is set up (the caller starts
+    a fresh site for it), ``job_done()`` when the server says a job is done. An idle join
+    (no job for this site now) counts as contact: ``give_up_after`` bounds silence from the
+    server, not an empty queue. A job this site cannot take (``setup`` raised: its policy,
+    its operator, its data) is declined and the site waits for the next; so is a job the
+    server leaves this site out of."""
     backoff = backoff or Backoff(cap=conn.reconnect_max)
     job_id: str | None = None
+    run: str | None = None  # the queue's run this site set up (None: a one-job server)
+    queue = False  # the server is a queue server: after a job, the next one
+    declined: set[tuple[str, str | None]] = set()  # (job id, run) this site will not take
+    idle_said = False
     summary: dict[str, Any] = {}
     round_timeout = 600.0
     joined = False
@@ -271,29 +286,58 @@ def serve_tasks(
         try:
             if not joined:
                 info = conn.join()
-                if info.get("medfed_version") != __version__:
+                if info.get("medfed_version") != __version__ and not (queue and idle_said):
                     log.warning("site '%s': the server runs medfed %s, this site %s", conn.site,
                                 info.get("medfed_version"), __version__)
-                if info.get("job_id") != job_id:
-                    job_id = str(info.get("job_id"))
+                q = info.get("queue")
+                queue = queue or isinstance(q, dict)
+                if info.get("idle") is True:  # a queue server with no job for this site now: it held the call
+                    last_contact, handshakes, woke, said = time.monotonic(), 0, False, None
+                    backoff.reset()
+                    if not idle_said:
+                        log.info("site '%s': no job for this site at %s now; waiting for one", conn.site, conn.target)
+                        idle_said = True
+                    continue
+                this_run = str(q.get("run")) if isinstance(q, dict) and q.get("run") is not None else None
+                if (str(info.get("job_id")), this_run) in declined:  # the job it declined still runs
+                    last_contact = time.monotonic()
+                    time.sleep(wire.POLL_WAIT)
+                    continue
+                if info.get("job_id") != job_id or this_run != run:
+                    job_id, run = str(info.get("job_id")), this_run
+                    if run is not None and new_run is not None:
+                        gc.unfreeze()  # the last job's data and model may go now
+                        new_run(run, isinstance(q, dict) and q.get("resumed") is True)
                     try:
                         summary, round_timeout = setup(info.get("job", {}), job_id)
                     except Exception as e:  # the server's log must say why this site is missing
                         conn.refuse_job(job_id, describe_exception(e))
-                        raise
+                        if run is None:
+                            raise
+                        log.warning("site '%s': declined job %s (run %s of the queue): %s; waiting for the next",
+                                    conn.site, job_id, run, describe_exception(e))
+                        declined.add((job_id, run))
+                        job_id = run = None
+                        continue
                     # the data and model loaded stay for good: keep them out of the garbage
                     # collector's full passes, which gRPC's many small objects set off often
                     gc.freeze()
                 conn.ready(job_id, summary)
-                joined = True
-                log.info("site '%s': joined job %s at %s", conn.site, job_id, conn.target)
+                joined, idle_said = True, False
+                log.info("site '%s': joined job %s at %s%s", conn.site, job_id, conn.target,
+                         f" (run {run} of its queue)" if run is not None else "")
             hdr, blob = conn.poll(job_id, round_timeout)
             last_contact, handshakes, woke, said = time.monotonic(), 0, False, None
             backoff.reset()
             kind = hdr.get("kind")
             if kind == "done":
                 log.info("site '%s': the server says the job is done", conn.site)
-                return
+                if not queue:
+                    return
+                if job_done is not None:
+                    job_done()
+                job_id, run, joined = None, None, False
+                continue
             if kind == "wait":
                 continue
             what, payload = answer(hdr, blob or b"")
@@ -327,6 +371,13 @@ def serve_tasks(
                 joined = False
             elif code in RETRYABLE:
                 joined = False
+            elif queue and joined and run is not None and code is grpc.StatusCode.PERMISSION_DENIED:
+                # left out of this run of a queue server (its model differs...): the next job may fit
+                log.warning("site '%s': the server left this site out of job %s (run %s): %s; waiting for the next",
+                            conn.site, job_id, run, details)
+                declined.add((str(job_id), run))
+                joined, job_id, run = False, None, None
+                continue
             else:
                 raise Refused(f"site '{conn.site}': the server refused this site: {e.details()} ({code.name})") from None
             if time.monotonic() - last_contact > give_up_after:

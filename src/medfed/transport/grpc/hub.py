@@ -111,6 +111,8 @@ class Hub:
         self._model: tuple[ModelSpec, str] | None = None  # the server's model and what to do about another
         # each site's certificate (DER) as it presented it: a relayed topology's sites seal models with them
         self._certificates: dict[str, bytes] = {}
+        # what a queue server adds to the join reply (dispatch.py): the run of its queue this job is
+        self.join_extra: dict[str, Any] = {}
 
     def certificates(self) -> dict[str, bytes]:
         """Each joined site's certificate (DER), as TLS verified it."""
@@ -141,7 +143,8 @@ class Hub:
         if self.store is not None:
             self.store.site_seen(site, fingerprint, context.peer(), now)
         log.info("site '%s' joined from %s", site, context.peer())
-        return wire.encode_header({"job": self.job_view, "job_id": self.job_id, "medfed_version": __version__})
+        return wire.encode_header({"job": self.job_view, "job_id": self.job_id, "medfed_version": __version__,
+                                   **self.join_extra})
 
     def ready(self, messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         site, call = None, None
@@ -401,6 +404,12 @@ class Hub:
     def declined(self) -> dict[str, str]:
         """The sites that said they cannot take part in the job, and why."""
         return self.sessions.declined()
+
+    def interrupt(self) -> None:
+        """The job is being stopped (a queue server's abort): a wait for the sites ends now."""
+        with self._cv:
+            self.sessions.interrupted = True
+            self._cv.notify_all()
 
     def finish(self, grace: float) -> None:
         """Tell polling sites the job is done; wait up to ``grace`` s for them to hear it."""

@@ -40,6 +40,7 @@ class Sessions:
     def __init__(self, cv: threading.Condition):
         self._cv = cv
         self._sessions: dict[str, Session] = {}
+        self.interrupted = False  # the job is being stopped (a queue server's abort): no more waiting for sites
 
     def join(self, site: str, address: str, fingerprint: str, when: float) -> None:
         """A new session of ``site`` (one it had before is over)."""
@@ -133,7 +134,7 @@ class Sessions:
                     on_change(ready)
                 seen = ready
                 left = deadline - time.monotonic()
-                if len(set(ready) | set(declined)) == len(sites) or left <= 0:
+                if len(set(ready) | set(declined)) == len(sites) or left <= 0 or self.interrupted:
                     return ready
                 self._cv.wait(min(left, 1.0))
 

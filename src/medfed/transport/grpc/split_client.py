@@ -5,7 +5,9 @@ and the server's checks: splitting.py). The site dials out, as for every other c
 A reply is bounded before it is read: the gradient at the cut must have the shape of the
 activations sent; the middle's output at most ``OUTPUT_FACTOR`` times their size (or
 ``OUTPUT_FLOOR`` bytes) and the batch's number of examples. The call's deadline is the
-round timeout: a turn cannot outlast its round.
+round timeout: a turn cannot outlast its round. Without the U it is a
+:class:`~medfed.site.split.LabelChannel` (``step``: the activations, then the labels, and
+the gradient at the cut back).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from medfed.transport.grpc.splitting import (
     BACKWARD,
     FORWARD,
     GRADIENT,
+    LABELS,
     OUTPUT,
     decode_tensor,
     encode_tensor,
@@ -67,12 +70,26 @@ class GrpcSplitChannel:
                              f"sent {self._cut_shape}")
         return below
 
-    def _ask(self, op: str, t: torch.Tensor, want: str, limit: int) -> torch.Tensor:
-        """Send ``t`` as ``op``; the server's reply ``want``, at most ``limit`` bytes."""
-        t0 = time.perf_counter()
+    def step(self, activations: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Without the U: the activations and the batch's labels up, the gradient at the cut
+        back (the server computed the loss and stepped)."""
+        self._cut_shape = tuple(activations.shape)
+        self._send(FORWARD, activations)
+        below = self._ask(LABELS, labels, GRADIENT, tensor_limit(self._cut_shape))
+        if tuple(below.shape) != self._cut_shape:
+            raise CodecError(f"split turn: the gradient at the cut has shape {tuple(below.shape)}, the activations "
+                             f"sent {self._cut_shape}")
+        return below
+
+    def _send(self, op: str, t: torch.Tensor) -> None:
         for m in frames(op, encode_tensor(op, t)):
             self._out.put(m)
         self.sent += t.numel() * t.element_size()
+
+    def _ask(self, op: str, t: torch.Tensor, want: str, limit: int) -> torch.Tensor:
+        """Send ``t`` as ``op``; the server's reply ``want``, at most ``limit`` bytes."""
+        t0 = time.perf_counter()
+        self._send(op, t)
         try:
             got, size = frame_header(next(self._replies), "split reply")
             if got != want:

@@ -10,6 +10,12 @@ one ``Split`` call (bidirectional streaming) for that task, naming it in a first
     site -> {"op": "backward", "size": n} + n bytes   gradient of the loss at that output
     server <- {"op": "gradient", "size": n} + n bytes gradient at the cut (the server stepped)
 
+Without the U (``topology.u_shaped: false``) the server holds the loss, and per batch:
+
+    site -> {"op": "forward",  "size": n} + n bytes   activations at the cut (B, ...)
+    site -> {"op": "labels",   "size": n} + n bytes   the batch's labels (B, ...)
+    server <- {"op": "gradient", "size": n} + n bytes gradient at the cut (the server stepped)
+
 Each tensor travels as a safetensors file holding one tensor named by its op (never
 pickle), in chunks of at most ``wire.CHUNK`` bytes. The site closes its side when its turn
 is done, then submits its trained parts as the task's answer (checked by intake.py like any
@@ -24,6 +30,10 @@ every call (the certificate, revocation, the header naming the site and this job
   shape), float32, at most ``train.batch_size`` examples, finite; a gradient of exactly the
   shape of the output it answers; a declared size above what that shape needs is refused
   before any of it is read;
+* without the U, labels right after their activations, never a gradient; labels of the
+  task's dtype and of one example's target shape per example sent (tasks/targets.py), finite,
+  class indices within ``task.num_classes`` (multi-label values within [0, 1]); with the U
+  no labels;
 * every wait bounded: ``TURN_WAIT`` s for the site's next message, the call cut when its
   task closes (the round timeout).
 
@@ -45,11 +55,13 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from medfed.core.errors import CodecError
+from medfed.tasks.targets import TargetSpec
 from medfed.transport.grpc import wire
 from medfed.transport.grpc.guard import Call, Refused
 from medfed.transport.grpc.tasks import Task, TaskKind
 
 FORWARD, OUTPUT, BACKWARD, GRADIENT = "forward", "output", "backward", "gradient"
+LABELS = "labels"  # without the U: a batch's labels, after its activations
 SLACK = 1024  # bytes: a one-tensor safetensors file's header, besides the values
 TURN_WAIT = 120.0  # s the server waits for a site's next message in its turn (its batch's front and back)
 MAX_FRAME_HEADER = 256  # bytes: {"op", "size"}
@@ -62,6 +74,8 @@ class Middle(Protocol):
     def forward(self, activations: torch.Tensor) -> torch.Tensor: ...
 
     def backward(self, gradient: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, activations: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
 
 # ---------------------------------------------------------------------------- frames
@@ -129,7 +143,8 @@ def tensor_limit(shape: tuple[int, ...], dtype: torch.dtype = DTYPE) -> int:
 class Seat:
     """The server's end of one site's turn, opened by the round loop before it hands the
     site its fit task and closed when the task is settled. ``shape``: the activations of
-    one example at the cut; ``max_batch``: the most examples a batch may have."""
+    one example at the cut; ``max_batch``: the most examples a batch may have;
+    ``targets``: one example's labels without the U (None: U-shaped, no labels taken)."""
 
     site: str
     arm: str
@@ -137,6 +152,7 @@ class Seat:
     middle: Middle
     shape: tuple[int, ...]
     max_batch: int
+    targets: TargetSpec | None = None
     taken: bool = False  # a site's call has it (one call per turn)
     closed: bool = False
     sent: int = 0  # tensor bytes to the site (outputs, gradients at the cut)
@@ -190,6 +206,8 @@ def serve_turn(seat: Seat, call: Call, messages: Iterator[object]) -> Iterator[b
     site is set while the server waits for it."""
     it = iter(messages)
     expected_gradient: tuple[int, ...] | None = None  # the shape of the last output sent
+    pending: torch.Tensor | None = None  # without the U: the activations waiting for their labels
+    pending_wire = 0  # the bytes of their frame
     where = (seat.arm, seat.round, "split")
     while True:
         call.expect(TURN_WAIT, f"no message for {TURN_WAIT:g} s in a split turn")
@@ -205,38 +223,43 @@ def serve_turn(seat: Seat, call: Call, messages: Iterator[object]) -> Iterator[b
             return  # the site's turn is over
         try:
             op, size = frame_header(first, "split frame")
-            if op == FORWARD:
-                limit = tensor_limit((seat.max_batch, *seat.shape))
-            elif op == BACKWARD:
-                if expected_gradient is None:
-                    raise CodecError("a gradient arrived before the activations of its batch")
-                limit = tensor_limit(expected_gradient)
-            else:
-                raise CodecError(f"unknown op {op!r}: a site sends 'forward' or 'backward'")
+            limit = _limit(op, seat, expected_gradient, pending)
             call.expect(TURN_WAIT, f"no message for {TURN_WAIT:g} s in a split turn")  # the body: a bound of its own
             blob = read_body(it, size, limit, f"split {op}")
             call.hold()  # the server computes: its time is not the site's
             t = decode_tensor(blob, op, f"split {op}")
-            _check(t, op, seat, expected_gradient)
+            _check(t, op, seat, expected_gradient, pending)
         except CodecError as e:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"split turn: {e}", task=where) from None
         except grpc.RpcError:  # the stream broke in the middle of a tensor
             if call.cut is None:
                 raise
             raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"cut off: {call.cut}", task=where) from None
+        if op == FORWARD and seat.targets is not None:  # without the U: the labels come next
+            pending, pending_wire = t, len(first) + size
+            continue
         with seat.lock:
             if seat.closed:
                 raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
                               f"the split turn of round {seat.round} is over (its task closed)", task=where)
             try:
-                reply = seat.middle.forward(t) if op == FORWARD else seat.middle.backward(t)
+                if op == LABELS:
+                    assert pending is not None  # _limit refused labels without activations
+                    reply = seat.middle.step(pending, t)
+                else:
+                    reply = seat.middle.forward(t) if op == FORWARD else seat.middle.backward(t)
             except Exception as e:  # the site is told, the round loop skips its turn
                 raise Refused(grpc.StatusCode.INTERNAL, f"split turn: the server's part failed on the {op}: "
                               f"{type(e).__name__}: {str(e)[:300]}", task=where) from None
+        if op == LABELS and pending is not None:  # the batch's activations, counted once it is served
+            seat.received += pending.numel() * pending.element_size()
+            seat.wire_received += pending_wire
+            seat.batches += 1
         seat.received += t.numel() * t.element_size()
         seat.wire_received += len(first) + size
         seat.batches += op == FORWARD
         expected_gradient = tuple(reply.shape) if op == FORWARD else None
+        pending = None
         out_op = OUTPUT if op == FORWARD else GRADIENT
         blob = encode_tensor(out_op, reply)
         seat.sent += reply.numel() * reply.element_size()
@@ -246,7 +269,37 @@ def serve_turn(seat: Seat, call: Call, messages: Iterator[object]) -> Iterator[b
             yield m
 
 
-def _check(t: torch.Tensor, op: str, seat: Seat, expected_gradient: tuple[int, ...] | None) -> None:
+def _limit(op: str, seat: Seat, expected_gradient: tuple[int, ...] | None, pending: torch.Tensor | None) -> int:
+    """The most bytes the frame of ``op`` may declare here, or CodecError: an op out of turn."""
+    if op == FORWARD:
+        if pending is not None:
+            raise CodecError("activations arrived before the labels of the last batch")
+        return tensor_limit((seat.max_batch, *seat.shape))
+    if op == BACKWARD:
+        if seat.targets is not None:
+            raise CodecError("a gradient arrived, but the server holds the loss here (topology.u_shaped: false): a "
+                             "site sends 'forward' then 'labels'")
+        if expected_gradient is None:
+            raise CodecError("a gradient arrived before the activations of its batch")
+        return tensor_limit(expected_gradient)
+    if op == LABELS:
+        if seat.targets is None:
+            raise CodecError("labels arrived, but this split is U-shaped: the labels stay at the site")
+        if pending is None:
+            raise CodecError("labels arrived before the activations of their batch")
+        return tensor_limit((int(pending.shape[0]), *seat.targets.shape), seat.targets.dtype)
+    sends = "'forward' then 'labels'" if seat.targets is not None else "'forward' or 'backward'"
+    raise CodecError(f"unknown op {op!r}: a site sends {sends}")
+
+
+def _check(t: torch.Tensor, op: str, seat: Seat, expected_gradient: tuple[int, ...] | None,
+           pending: torch.Tensor | None) -> None:
+    if op == LABELS:
+        assert seat.targets is not None and pending is not None  # _limit refused labels out of turn
+        problem = seat.targets.problem(t, int(pending.shape[0]))
+        if problem is not None:
+            raise CodecError(problem)
+        return
     if t.dtype != DTYPE:
         raise CodecError(f"{op}: {t.dtype}, expected {DTYPE}")
     if op == FORWARD:

@@ -20,7 +20,8 @@ from medfed.core.errors import NetworkError
 from medfed.core.types import Arm, EvalRequest, EvalResult, FitRequest, Message, Params, SiteFailure, Spec, Update
 from medfed.server.validate import full_spec
 from medfed.transport.base import Transport
-from medfed.transport.grpc import wire
+from medfed.transport.grpc import handshakes, wire
+from medfed.transport.grpc.dispatch import Dispatcher
 from medfed.transport.grpc.hub import Hub, Task
 from medfed.transport.grpc.tasks import TaskKind
 
@@ -77,9 +78,12 @@ def _handler(method, kind: str):
     return grpc.stream_unary_rpc_method_handler(method)
 
 
-def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, max_sites: int) -> grpc.Server:
+def start_server(hub: Hub | Dispatcher, address: str, credentials: grpc.ServerCredentials, max_sites: int,
+                 extra: Sequence[grpc.GenericRpcHandler] = ()) -> grpc.Server:
     """Serve ``hub`` on ``address`` (``host:port``) with mutual TLS only: there is no
-    plain-text port. Enough threads for every site to hold a poll and a submission."""
+    plain-text port. Enough threads for every site to hold a poll and a submission.
+    ``hub``: one job's, or a queue server's :class:`~.dispatch.Dispatcher`; ``extra``: more
+    services on the same port (a queue server's admin service, admin.py)."""
     handlers = grpc.method_handlers_generic_handler(
         wire.SERVICE,
         {
@@ -97,7 +101,7 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
     workers = 2 * max_sites + 8
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medfed-rpc"),
-        handlers=[handlers],
+        handlers=[handlers, *extra],
         options=wire.SERVER_OPTIONS,
         maximum_concurrent_rpcs=4 * max_sites + 16,
     )
@@ -108,6 +112,9 @@ def start_server(hub: Hub, address: str, credentials: grpc.ServerCredentials, ma
     if port == 0:
         raise NetworkError(f"cannot listen on {address}: is the port taken?")
     server.start()
+    # refused TLS handshakes audited in the job's trail too, when the process watches them
+    # (a queue server's dispatcher attaches each job's trail while the job runs)
+    handshakes.attach(hub.audit if isinstance(hub, Hub) else None)
     return server
 
 

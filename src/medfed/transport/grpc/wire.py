@@ -26,6 +26,11 @@ The service ``medfed.Federation`` has five methods; every message is bytes:
   output, then the gradient at the cut. Each tensor is a frame ``{"op", "size"}`` followed by
   a one-tensor safetensors file in chunks (see splitting.py for the frames and the checks).
 
+A queue server (``medfed server --queue``, dispatch.py) answers a ``Join`` with, besides,
+``"queue": {"run", "resumed"}`` (the run of its queue the job is), or, while no job of the
+site runs, ``{"idle": true}`` after holding the call up to ``POLL_WAIT`` s; its admins'
+calls are the ``medfed.Admin`` service on the same port (admin.py).
+
 Every message is at most ``MAX_MESSAGE`` bytes (gRPC refuses larger ones itself), every
 call has a deadline, and a payload larger than the receiver allows is refused before it
 is read in full.

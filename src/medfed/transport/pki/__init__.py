@@ -17,6 +17,8 @@ Layout of the output folder::
     consortium.json             what was issued: per participant name, role, serial, expiry
     server/                     the server's kit
     <site>/                     one kit per site
+    admin/                      the admin kit (``admins`` in the consortium file): submits
+                                and manages the jobs of a queue server (``medfed server --queue``)
 
 Re-running on the same folder reuses the CA and only creates the kits that are missing;
 existing kits are never rewritten. To reissue a kit (lost, expired), delete its folder and
@@ -35,6 +37,7 @@ The package, one module per concern (every public name is importable from here):
 from __future__ import annotations
 
 from medfed.transport.pki.certificates import (
+    ADMIN_URI_PREFIX,
     CA_DAYS,
     CLOCK_SKEW,
     SITE_URI_PREFIX,
@@ -44,6 +47,7 @@ from medfed.transport.pki.certificates import (
     issue_certificate,
 )
 from medfed.transport.pki.consortium import (
+    ADMIN_NAME,
     CA_DIR,
     LEDGER,
     RESERVED_NAMES,
@@ -61,6 +65,8 @@ from medfed.transport.pki.provisioning import (
 )
 
 __all__ = [
+    "ADMIN_NAME",
+    "ADMIN_URI_PREFIX",
     "CA_DAYS",
     "CA_DIR",
     "CLOCK_SKEW",

@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_DAYS = 3650  # the CA outlives the kits so that sites added later still fit under it
 CLOCK_SKEW = dt.timedelta(minutes=5)  # not_before is back-dated by this much
 SITE_URI_PREFIX = "urn:medfed:site:"
+ADMIN_URI_PREFIX = "urn:medfed:admin:"  # an admin certificate's SAN: the role no site certificate carries
 
 
 def is_ip(host: str) -> bool:
@@ -86,12 +87,14 @@ def issue_certificate(
 
     ``role="server"``: CN = ``host`` (required), SAN = DNS name or IP address of ``host``,
     extended key usage serverAuth. ``role="site"``: CN = ``name``, SAN = URI
-    ``urn:medfed:site:<name>``, extended key usage clientAuth. The subject carries
+    ``urn:medfed:site:<name>``, extended key usage clientAuth. ``role="admin"`` (who submits
+    and manages a queue server's jobs): CN = ``name``, SAN = URI ``urn:medfed:admin:<name>``
+    (never a site URI), extended key usage clientAuth. The subject carries
     O = ``consortium`` when given. ``not_before`` defaults to now - 5 minutes (clock skew),
     ``not_after`` to now + 365 days; both timezone-aware (naive ones are taken as UTC).
     """
-    if role not in ("server", "site"):
-        raise ValueError(f"role must be 'server' or 'site', got {role!r}")
+    if role not in ("server", "site", "admin"):
+        raise ValueError(f"role must be 'server', 'site' or 'admin', got {role!r}")
     if role == "server" and not host:
         raise ValueError("a server certificate needs the server's host")
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
@@ -111,7 +114,7 @@ def issue_certificate(
         )
         eku = ExtendedKeyUsageOID.SERVER_AUTH
     else:
-        san = x509.UniformResourceIdentifier(SITE_URI_PREFIX + name)
+        san = x509.UniformResourceIdentifier((ADMIN_URI_PREFIX if role == "admin" else SITE_URI_PREFIX) + name)
         eku = ExtendedKeyUsageOID.CLIENT_AUTH
     try:
         aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
@@ -182,6 +185,17 @@ def certificate_names(cert: x509.Certificate) -> set[str]:
     return names
 
 
+def admin_names(cert: x509.Certificate) -> set[str]:
+    """The admin names a certificate gives: its ``urn:medfed:admin:`` SAN URIs (an admin
+    kit's certificate gives one; a site's or the server's none)."""
+    try:
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        return set()
+    return {u[len(ADMIN_URI_PREFIX):] for u in uris if u.startswith(ADMIN_URI_PREFIX)}
+
+
 def _extension(cert: x509.Certificate, kind: type) -> Any:
     try:
         return cert.extensions.get_extension_for_class(kind).value
@@ -194,6 +208,8 @@ def _signing_problem(cert: x509.Certificate) -> str | None:
     constraints = _extension(cert, x509.BasicConstraints)
     if constraints is not None and constraints.ca:
         return "its certificate is a CA certificate, not a site certificate"
+    if admin_names(cert):
+        return "its certificate is an admin certificate, not a site certificate"
     usage = _extension(cert, x509.ExtendedKeyUsage)
     if usage is None or ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
         return "its certificate is not a site certificate (no clientAuth extended key usage)"

@@ -14,6 +14,7 @@ from medfed.core.schema import Count, Frozen
 from medfed.transport.pki.certificates import is_ip
 
 SERVER_NAME = "server"  # the server kit's name and folder
+ADMIN_NAME = "admin"  # the admin kit a consortium file without ``admins`` gets
 CA_DIR = "ca"
 LEDGER = "consortium.json"
 # Kit folders sit next to these in the output folder, so no site may take their names.
@@ -40,14 +41,21 @@ class ServerAddress(Frozen):
 
 
 class Consortium(Frozen):
-    """A consortium file: its name, the server's address, the sites, and how long kits last.
+    """A consortium file: its name, the server's address, the sites, the admins, and how
+    long kits last.
 
+    ``admins`` name the admin kits: who submits and manages the jobs of a queue server
+    (``medfed submit``, ``medfed jobs``); ``[]`` issues none. Left out, it is ``[admin]``
+    (none when a site is named ``admin``: a file written before admins existed still
+    provisions as it did, plus the admin kit). An admin's certificate carries the admin
+    role, never a site's, and its name is no site's.
     ``validity_days`` (default 365, 1..3650) is the lifetime of the kits' certificates.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     server: ServerAddress
     sites: list[SiteName] = Field(min_length=1)
+    admins: list[SiteName] | None = None
     validity_days: Count = Field(365, ge=1, le=3650)
 
     @field_validator("sites")
@@ -64,6 +72,27 @@ class Consortium(Frozen):
                 raise ValueError(f"site names must differ by more than case, '{folded[n.lower()]}' and '{n}'")
             folded[n.lower()] = n
         return v
+
+    @field_validator("admins")
+    @classmethod
+    def _admins(cls, v: list[str] | None, info) -> list[str] | None:
+        if v is None:
+            return v
+        unique_names(v, "admin names")
+        sites = {s.lower() for s in info.data.get("sites") or []}
+        for n in v:
+            if n in RESERVED_NAMES:
+                raise ValueError(f"'{n}' is reserved (a file or folder of the output) and cannot name an admin")
+            if n.lower() in sites:  # one folder per kit, and an admin is never a site
+                raise ValueError(f"'{n}' names a site too; an admin's name must be no site's")
+        return v
+
+    @property
+    def admin_kits(self) -> list[str]:
+        """The admins that get a kit: ``admins``, or by default ``admin`` unless a site has that name."""
+        if self.admins is not None:
+            return list(self.admins)
+        return [] if ADMIN_NAME.lower() in {s.lower() for s in self.sites} else [ADMIN_NAME]
 
 
 def load_consortium(path: str | Path) -> Consortium:

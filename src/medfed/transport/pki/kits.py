@@ -32,7 +32,7 @@ from medfed.transport.pki.consortium import Consortium
 KIT_VERSION = 1
 KIT_FILES = ("kit.json", "ca.crt", "participant.crt", "participant.key")
 
-Role = Literal["server", "site"]
+Role = Literal["server", "site", "admin"]
 
 
 # --------------------------------------------------------------------------- writing a kit
@@ -95,6 +95,8 @@ def make_private_dir(path: Path) -> None:
 def _start_script(role: str, consortium: str) -> bytes:
     if role == "server":
         cmd = 'medfed server --kit "$(dirname "$0")" --job "${1:?usage: start.sh JOB.yaml}"'
+    elif role == "admin":  # the queue server's job list; `medfed submit --kit KIT JOB.yaml` submits
+        cmd = 'medfed jobs list --kit "$(dirname "$0")"'
     else:
         cmd = 'medfed site --kit "$(dirname "$0")" --data "${1:?usage: start.sh SITE_DATA.yaml}"'
     return (
@@ -105,8 +107,9 @@ def _start_script(role: str, consortium: str) -> bytes:
 
 
 def _readme(role: str, name: str, consortium: Consortium) -> bytes:
-    who = "the server" if role == "server" else f"site '{name}'"
-    start = "./start.sh JOB.yaml" if role == "server" else "./start.sh SITE_DATA.yaml"
+    who = "the server" if role == "server" else f"admin '{name}'" if role == "admin" else f"site '{name}'"
+    start = {"server": "./start.sh JOB.yaml", "admin": "./start.sh (lists the queue server's jobs); submit with "
+             "medfed submit --kit THIS_FOLDER JOB.yaml"}.get(role, "./start.sh SITE_DATA.yaml")
     text = f"""\
 medfed startup kit of {who}, consortium '{consortium.name}'
 server: {consortium.server.host}:{consortium.server.port}
@@ -154,7 +157,7 @@ class _KitInfo(Frozen):
 
 def load_kit(path: str | Path, role: str | None = None) -> Kit:
     """Read a kit folder and check it: files present, kit.json valid, the expected ``role``
-    ("server" or "site"; None: either), a private key only its owner can read (POSIX), a
+    ("server", "site" or "admin"; None: any), a private key only its owner can read (POSIX), a
     certificate signed by the kit's CA, naming this participant, valid now, matching the key.
     Raises ConfigError naming the folder and file."""
     folder = Path(path)
@@ -183,9 +186,11 @@ def load_kit(path: str | Path, role: str | None = None) -> Kit:
         raise ConfigError(f"{where}: kit.json medfed_kit_version must be {KIT_VERSION}, got {info.medfed_kit_version}")
 
     if role is not None and info.role != role:
-        what = "the server kit" if info.role == "server" else f"the kit of site '{info.name}'"
-        need = "the server kit" if role == "server" else "a site kit"
-        raise ConfigError(f"{where} is {what} (a {info.role} kit); `medfed {role}` needs {need}")
+        what = {"server": "the server kit", "admin": f"the kit of admin '{info.name}'"}.get(
+            info.role, f"the kit of site '{info.name}'")
+        need = {"server": "the server kit", "admin": "an admin kit"}.get(role, "a site kit")
+        command = "submit` / `medfed jobs" if role == "admin" else role
+        raise ConfigError(f"{where} is {what} (a {info.role} kit); `medfed {command}` needs {need}")
 
     key_file = folder / "participant.key"
     if os.name == "posix":

@@ -108,7 +108,8 @@ def provision(consortium_path: str | Path, out_dir: str | Path | None = None) ->
     # A kit must not outlive the CA that vouches for it.
     not_after = min(utc_now() + dt.timedelta(days=cons.validity_days), ca_cert.not_valid_after_utc)
     kits: list[IssuedKit] = []
-    participants: list[tuple[str, str]] = [(SERVER_NAME, "server")] + [(s, "site") for s in cons.sites]
+    participants: list[tuple[str, str]] = ([(SERVER_NAME, "server")] + [(s, "site") for s in cons.sites]
+                                           + [(a, "admin") for a in cons.admin_kits])
     for name, role in participants:
         folder = out / name
         if folder.exists():
@@ -122,10 +123,11 @@ def provision(consortium_path: str | Path, out_dir: str | Path | None = None) ->
     for folder in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in listed and p.name != CA_DIR):
         if folder.name.startswith(".") or not (folder / "kit.json").is_file():
             continue
-        kit = _existing_kit(folder, folder.name, "site", ca_cert, status="kept", in_file=False)
+        role = _kit_role(folder)
+        kit = _existing_kit(folder, folder.name, role, ca_cert, status="kept", in_file=False)
         kits.append(kit)
         notes.append(
-            f"site '{kit.name}' is no longer in {consortium_path.name}; its kit in '{folder}' is kept and its "
+            f"{role} '{kit.name}' is no longer in {consortium_path.name}; its kit in '{folder}' is kept and its "
             f"certificate is NOT revoked: it stays valid until {format_date(kit.not_after)}"
         )
 
@@ -210,6 +212,15 @@ def _ca(out: Path, cons: Consortium) -> tuple[bytes, bytes, bool]:
     write_atomic(tmp / "ca.crt", cert_pem, 0o644)
     os.rename(tmp, ca_dir)
     return cert_pem, key_pem, True
+
+
+def _kit_role(folder: Path) -> str:
+    """The role kit.json of an unlisted kit folder gives ("admin" or, by default, "site")."""
+    try:
+        info = json.loads((folder / "kit.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "site"
+    return "admin" if isinstance(info, dict) and info.get("role") == "admin" else "site"
 
 
 def _existing_kit(
