@@ -87,6 +87,10 @@ def refusals(policy: SitePolicy, job: Job, site: str) -> list[str]:
     if policy.topologies is not None and job.topology.kind not in policy.topologies:
         out.append(f"policy.topologies: this site allows {_listed(policy.topologies)}; the job's topology is "
                    f"{job.topology.kind}")
+    if (policy.disclose is Disclose.SIZES and job.topology.kind == "split"
+            and not getattr(job.topology, "u_shaped", True)):
+        out.append("policy.disclose: this site discloses split sizes only; the job's split learning without the U "
+                   "(topology.u_shaped: false) sends every training label to the server")
     if policy.max_rounds is not None and job.rounds > policy.max_rounds:
         out.append(f"policy.max_rounds: this site allows at most {policy.max_rounds} rounds; the job runs "
                    f"{job.rounds}")
