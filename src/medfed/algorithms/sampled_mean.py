@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
 
 from medfed.algorithms.base import Combiner, SiteCoefficients
-from medfed.core.tensors import SLICE, describe, flat_slice
+from medfed.algorithms.mean import combination
+from medfed.core.tensors import describe
 from medfed.core.types import Params, Update
 
 
@@ -51,27 +51,8 @@ class SampledMean(Combiner):
             shape, dtype = describe(updates[0].params, name)
             sources = [u.params for u in updates]
             if name in self.trainable and dtype.is_floating_point:  # θ + Σ s_k (θ_k - θ) = Σ s_k θ_k + (1 - Σ s_k) θ
-                out[name] = _combination([*sources, global_params], [*step, 1.0 - math.fsum(step)], name, shape, dtype)
+                out[name] = combination([*sources, global_params], [*step, 1.0 - math.fsum(step)], name, shape, dtype)
             else:
-                out[name] = _combination(sources, mean, name, shape, dtype)
+                out[name] = combination(sources, mean, name, shape, dtype)
         return out
 
-
-def _combination(sources: Sequence[Params], coefficients: Sequence[float], name: str,
-                 shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``Σ_i coefficients[i] * sources[i][name]`` in float64, cast back to ``dtype``
-    (integer entries rounded), a part at a time."""
-    count = math.prod(shape)
-    result = torch.empty(count, dtype=dtype)
-    acc = torch.empty(min(SLICE, count), dtype=torch.float64)
-    tmp, buf = torch.empty_like(acc), torch.empty(min(SLICE, count), dtype=dtype)
-    for start in range(0, count, SLICE):
-        stop = min(start + SLICE, count)
-        a, t = acc[: stop - start], tmp[: stop - start]
-        a.zero_()
-        for params, w in zip(sources, coefficients):
-            t.copy_(flat_slice(params, name, start, stop, buf[: stop - start]))
-            t.mul_(w)
-            a.add_(t)
-        result[start:stop] = a if dtype.is_floating_point else a.round()
-    return result.reshape(shape)
