@@ -104,13 +104,7 @@ def cut_model(model: nn.Module, cut: str, head: str | None = None, u_shaped: boo
     if cut_end + 1 == head_start:
         raise ConfigError(f"topology.cut: '{cut}' leaves nothing between it and {last} for the server to run; "
                           f"{_cut_at(nodes, modules, head_start)}")
-    into_middle = _crossing(nodes, cut_end + 1)
-    if len(into_middle) != 1:
-        raise ConfigError(
-            f"topology.cut: {len(into_middle)} tensors cross the cut after '{cut}' "
-            f"({', '.join(n.name for n in into_middle)}: a skip connection or an input used again later); one must, "
-            f"the activations of one layer; {_cut_at(nodes, modules, head_start)}"
-        )
+    into_middle = _one_crossing(nodes, modules, cut, cut_end, head_start)
     into_back = _crossing(nodes, head_start)
     if len(into_back) != 1 or nodes.index(into_back[0]) <= cut_end:
         raise ConfigError(
@@ -144,13 +138,7 @@ def _cut_in_two(model: nn.Module, cut: str) -> ModelCut:
     if cut_end + 2 >= len(nodes):  # only the output node after it
         raise ConfigError(f"topology.cut: '{cut}' leaves nothing after it for the server to run; "
                           f"{_cut_at(nodes, modules, None)}")
-    into_middle = _crossing(nodes, cut_end + 1)
-    if len(into_middle) != 1:
-        raise ConfigError(
-            f"topology.cut: {len(into_middle)} tensors cross the cut after '{cut}' "
-            f"({', '.join(n.name for n in into_middle)}: a skip connection or an input used again later); one must, "
-            f"the activations of one layer; {_cut_at(nodes, modules, None)}"
-        )
+    into_middle = _one_crossing(nodes, modules, cut, cut_end, None)
     front = _part(model, nodes[: cut_end + 1], None, into_middle[0])
     middle = _part(model, nodes[cut_end + 1 :], into_middle[0], None)
     site = set(front.state_dict())
@@ -211,6 +199,20 @@ def _crossing(nodes: list[fx.Node], at: int) -> list[fx.Node]:
     """The values computed before position ``at`` and used from it on."""
     after = set(nodes[at:])
     return [n for n in nodes[:at] if any(u in after for u in n.users)]
+
+
+def _one_crossing(nodes: list[fx.Node], modules: dict[str, nn.Module], cut: str, cut_end: int,
+                  before: int | None) -> list[fx.Node]:
+    """The one tensor that crosses the cut after node ``cut_end`` (a list of it), else a
+    ConfigError naming those that do and suggesting cuts (before node ``before``)."""
+    into_middle = _crossing(nodes, cut_end + 1)
+    if len(into_middle) != 1:
+        raise ConfigError(
+            f"topology.cut: {len(into_middle)} tensors cross the cut after '{cut}' "
+            f"({', '.join(n.name for n in into_middle)}: a skip connection or an input used again later); one must, "
+            f"the activations of one layer; {_cut_at(nodes, modules, before)}"
+        )
+    return into_middle
 
 
 def _cut_at(nodes: list[fx.Node], modules: dict[str, nn.Module], before: int | None) -> str:
