@@ -12,6 +12,9 @@ Settings:
   sites of consecutive slices (apex, mid-gland, base); each site's slices split 70/15/15
   into train, val and test by the job seed (``source: pairs``: the prostate masks are read
   and unused). One patient cut into three pseudo-sites: real images, not real sites.
+  ``source: volumes`` now reads slices of volumes directly (task.slice_axis), but it splits
+  by volume and keeps a site's volumes whole, so it cannot cut one volume into three sites
+  by slice position; this setting keeps its PNG slices, and so its recorded figures.
 
 Each site keeps its own acceleration (4x, 6x, 8x; equispaced lines, 8% of the centre of
 k-space), so the sites' inputs differ as the reconstruction papers study. The network

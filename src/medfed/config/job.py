@@ -268,11 +268,12 @@ class Job(JobChecks, Frozen):
 
     @property
     def data_dims(self) -> int | None:
-        """2 or 3 spatial dimensions when the data source fixes it, else None."""
+        """2 or 3 spatial dimensions of the job's examples when the data source fixes it,
+        else None. A reconstruction job cuts volumes into 2D slices (data/slices.py)."""
         if isinstance(self.data, (MedMNISTData, SyntheticSegmentationData)):
             return self.data.dims
         if isinstance(self.data, VolumesData):
-            return 3
+            return 2 if self.task.kind == "reconstruction" else 3
         return 2
 
     @property

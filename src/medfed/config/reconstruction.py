@@ -1,6 +1,7 @@
 """MRI reconstruction's settings: the task (``task: {kind: reconstruction, ...}``), its
 sources (generated phantoms, ``data: {source: synthetic_phantoms, ...}``; fastMRI HDF5
-files, ``data: {source: fastmri, ...}``) and the
+files, ``data: {source: fastmri, ...}``; the images of ``pairs``, ``medmnist`` and ``folder``,
+and the 2D slices of ``volumes``, data/slices.py) and the
 checks across the job's sections that a reconstruction job must pass
 (:func:`reconstruction_problem`). The data pipeline is data/kspace.py and
 data/phantoms.py; the loss and metrics tasks/reconstruction.py.
@@ -17,8 +18,8 @@ from pydantic import Field, field_validator, model_validator
 from medfed.config.limits import MAX_EXAMPLES, MAX_SITES, SiteName, unique_names
 from medfed.core.schema import Count, Frozen, Real
 
-# the sources a reconstruction task reads, for now: its own, and 2D images whose other targets it drops
-RECONSTRUCTION_SOURCES = ("synthetic_phantoms", "fastmri", "pairs", "medmnist")
+# the sources a reconstruction task reads: its own, 2D images whose other targets it drops, and volumes' 2D slices
+RECONSTRUCTION_SOURCES = ("synthetic_phantoms", "fastmri", "pairs", "medmnist", "folder", "volumes")
 RECONSTRUCTION_ONLY = ("synthetic_phantoms", "fastmri")  # sources for no other task
 RECONSTRUCTORS = ("unet", "segresnet", "varnet")  # networks by name that reconstruct (one channel out)
 KSPACE_MODELS = ("varnet",)  # networks by name that read the masked k-space and its mask (data/kspace_input.py)
@@ -48,7 +49,12 @@ class ReconstructionTaskConfig(Frozen):
     to their input (output = input + network(input)), so that training starts from the
     zero-filled image (not ``varnet``, whose cascades refine the measured k-space already;
     it reads the masked k-space and the mask, data/kspace_input.py). ``save_predictions``: test slices per site drawn in the report
-    (zero-filled, reconstruction, ground truth, error map)."""
+    (zero-filled, reconstruction, ground truth, error map).
+
+    ``slice_axis`` (``source: volumes`` only): the array axis (0, 1 or 2) along which each
+    volume, read and preprocessed in 3D, is cut into 2D slices (data/slices.py); default the
+    last one for NIfTI (axial for RAS or LPS files) and the first for DICOM (the series'
+    own slices). Left out of the job's dump (and hash) when unset."""
 
     kind: Literal["reconstruction"]
     acceleration: Real = Field(4.0, ge=1, le=64)
@@ -58,6 +64,7 @@ class ReconstructionTaskConfig(Frozen):
     monitor: Literal["ssim", "psnr"] = "ssim"
     residual: bool = True
     save_predictions: Count = Field(4, ge=0, le=1000)
+    slice_axis: Count | None = Field(None, ge=0, le=2, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _center_below_rate(self) -> "ReconstructionTaskConfig":
@@ -162,9 +169,21 @@ def reconstruction_problem(job: Any) -> str | None:
     own = data.source in RECONSTRUCTION_ONLY  # images made or read as k-space: nothing to preprocess
     if getattr(data, "dims", 2) != 2:
         return f"data.dims: reconstruction undersamples 2D images, got {data.dims}"
+    if getattr(data, "channels", 1) != 1:
+        return f"data.channels: reconstruction undersamples grey images, got {data.channels}; set data.channels: 1"
     if own and t.preprocess:
         return (f"transforms.preprocess: '{data.source}' images are made or read as k-space and not preprocessed; "
-                "leave it out (it applies to pairs and medmnist images)")
+                "leave it out (it applies to the images of the file sources and medmnist)")
+    volumes = data.source == "volumes"
+    if task.slice_axis is not None and not volumes:
+        return (f"task.slice_axis: cuts volumes into 2D slices (data.source: volumes), but '{data.source}' reads "
+                "2D images; leave it out")
+    read_dims = 3 if volumes else 2  # volumes are preprocessed in 3D, then cut into slices
+    for i, step in enumerate(t.preprocess):
+        size = getattr(step, "size", None) or getattr(step, "pixdim", None)
+        if size is not None and len(size) != read_dims:
+            what = "volumes are preprocessed in 3D before they are cut into slices" if volumes else "2D images"
+            return f"transforms.preprocess[{i}]: {step.name} needs {read_dims} sizes ({what}), got {list(size)}"
     for used, field in ((t.augment, "transforms.augment"),
                         (t.patch is not None, "transforms.patch"), (job.feature_shift, "feature_shift"),
                         (job.train.engine == "bundle", "train.engine")):

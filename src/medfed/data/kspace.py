@@ -18,6 +18,7 @@ arm, every round and every run of the job.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -169,13 +170,27 @@ def undersample_site(
 
 def image_source_task(data) -> object:
     """The task an image source is read with before its images become ground truth: its own
-    (pairs: segmentation with its mask values; MedMNIST: single-label classes, 2D). The
-    targets it reads are dropped."""
+    (pairs: segmentation with its mask values; volumes: 3D segmentation, class indices up
+    to 254; a folder: the CSV's label columns as one column of class indices, or several of
+    0/1; MedMNIST: single-label classes, 2D). The targets it reads are dropped."""
     from medfed.config import SegmentationTaskConfig, TaskConfig
 
-    if getattr(data, "source", None) == "pairs":
+    source = getattr(data, "source", None)
+    if source == "pairs":
         return SegmentationTaskConfig(kind="segmentation", num_classes=len(data.mask_values), hd95=False)
+    if source == "volumes":
+        return SegmentationTaskConfig(kind="segmentation", num_classes=255, hd95=False)
+    if source == "folder" and len(data.label_columns) > 1:
+        return TaskConfig(labels="multilabel", num_classes=len(data.label_columns))
     return TaskConfig(labels="multiclass", num_classes=1000)
+
+
+def in_memory(split, where: str) -> ArraySplit:
+    """``split`` when it is held in memory; a DataError naming ``where`` when it streams its files."""
+    if not isinstance(split, ArraySplit):
+        raise DataError(f"{where}: reconstruction undersamples images held in memory, but this site streams "
+                        "its files; set data.cache: memory")
+    return split
 
 
 def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str, int],
@@ -185,18 +200,15 @@ def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str
     maximum is the ground truth, its undersampling at the site's acceleration
     (``accelerations``, from ``data.sites[i].acceleration``), else the task's, the input
     (:func:`undersample_site`, the masks seeded by the site's position ``index``; ``packed``
-    for a k-space network)."""
+    for a k-space network). Each example keeps its name (file, or volume and slice)."""
     accelerations = accelerations or {}
     out = []
     for site in sites:
-        truth = {}
+        truth, names = {}, {}
         for split in SPLIT_INDEX:
-            data = site.split(split)
             where = f"site '{site.name}' {split} split"
-            if not isinstance(data, ArraySplit):
-                raise DataError(f"{where}: reconstruction undersamples images held in memory, but this site streams "
-                                "its files; set data.cache: memory")
-            images = data.images
+            data = in_memory(site.split(split), where)
+            names[split], images = data.names, data.images
             if images.ndim != 4 or images.shape[1] != 1:
                 raise DataError(f"{where}: reconstruction takes grey 2D images (N, 1, H, W), got "
                                 f"{tuple(images.shape)}; set data.channels: 1 (and a 2D source)")
@@ -205,6 +217,8 @@ def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str
             span = (images.flatten(1).amax(1)[:, None, None, None] - lo).clamp_min(1e-12)
             truth[split] = (images - lo) / span
         own = accelerations.get(site.name)
-        out.append(undersample_site(site.name, truth, own if own is not None else task.acceleration,
-                                    task.center_fraction, task.mask, seed, index[site.name], packed))
+        made = undersample_site(site.name, truth, own if own is not None else task.acceleration,
+                                task.center_fraction, task.mask, seed, index[site.name], packed)
+        named = {split: replace(made.split(split), names=names[split]) for split in SPLIT_INDEX}
+        out.append(SiteData(site.name, named["train"], named["val"], named["test"], site.skipped))
     return out

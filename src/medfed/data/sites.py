@@ -38,7 +38,8 @@ from medfed.data.reading import FileReading, default_cache_root, index_source
 __all__ = ["assemble_site", "build_sites", "check_site", "describe_sites", "stack_records"]
 
 
-def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | None = None) -> list[SiteData]:
+def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | None = None,
+                label_rules: bool = True) -> list[SiteData]:
     """The sites of ``job``, in the job's order, each checked by :func:`check_site`.
 
     Synthetic data is generated from ``job.seed``; a data set that is split into sites
@@ -50,14 +51,19 @@ def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | Non
     the job's site list; ``order`` gives that list when ``job.data`` holds only some of
     the sites (a deployed site reads only its own data). ``cache_root``: where
     ``cache: disk`` writes when the data section names no ``cache_dir`` (default
-    :func:`default_cache_root`).
+    :func:`default_cache_root`). ``label_rules`` False: the labels are read and dropped (a
+    reconstruction reading an image source), so a CSV row without one is kept like any other.
     """
     index = {n: i for i, n in enumerate(order if order is not None else job.site_names)}
     if job.task.kind == "reconstruction" and not isinstance(job.data, (PhantomData, FastMRIData)):
         # an image source: read as its own task would read it, then its images become ground truth
         from medfed.data.kspace import image_source_task, reconstruction_sites
 
-        read = build_sites(job.model_copy(update={"task": image_source_task(job.data)}), order, cache_root)
+        read = build_sites(job.model_copy(update={"task": image_source_task(job.data)}), order, cache_root, False)
+        if isinstance(job.data, VolumesData):  # split by volume as the source does, then cut into 2D slices
+            from medfed.data.slices import slice_sites
+
+            read = slice_sites(read, job.task, job.data)
         accelerations = {s.name: getattr(s, "acceleration", None) for s in (getattr(job.data, "sites", None) or [])}
         sites = reconstruction_sites(read, job.task, job.seed, index, accelerations, reads_kspace(job.model))
         for site in sites:
@@ -137,7 +143,7 @@ def build_sites(job: Job, order: list[str] | None = None, cache_root: Path | Non
         ]
     from medfed.data.labels import apply_label_rules, needs_label_rules
 
-    if needs_label_rules(job):  # unlabeled examples, hidden labels (data/labels.py)
+    if label_rules and needs_label_rules(job):  # unlabeled examples, hidden labels (data/labels.py)
         sites = apply_label_rules(sites, job, index)
     for site in sites:
         check_site(site, job.task)
