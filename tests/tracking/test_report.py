@@ -92,7 +92,9 @@ def test_report_is_written_and_self_contained(tmp_path):
         assert f"<td>{v}</td>" in html, v
     assert "round 2" in html and "0.812" in html
     # figures inline, nothing fetched from elsewhere
-    assert len(re.findall(r'<img alt="figure" src="data:image/png;base64,[A-Za-z0-9+/=]+">', html)) == 2
+    # the learning curves and the training loss, as inline SVG
+    assert len(re.findall(r'<svg class="figure" xmlns="http://www.w3.org/2000/svg"', html)) == 2
+    assert html.count("<polyline") >= 6  # lines of 3 sites in 2 arms, and a loss line per site
     assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', html)
     assert "<link" not in html and not re.search(r"<script[^>]*\bsrc=", html)  # inline scripts only
     assert "<h2>Interactive charts</h2>" in html

@@ -1,6 +1,6 @@
-"""The report of a run folder: one self-contained ``report.html`` (figures inlined as
-base64 PNG, no external CSS or JS). Its comparison table, like the terminal's, comes from
-tables.py.
+"""The report of a run folder: one self-contained ``report.html`` (its line charts are
+inline SVG, other figures base64 PNG; no external CSS or JS). Its comparison table, like
+the terminal's, comes from tables.py.
 
 The report is rebuilt from the files of the run folder alone (``job.yaml``,
 ``metrics.jsonl``, ``sites.json``, ``run.json``, ``model_best.json``, ``contribution.json`` and, for a
@@ -17,11 +17,8 @@ import math
 from datetime import datetime
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from pydantic import ValidationError
 
 from medfed.config import Job, load_job
@@ -31,8 +28,12 @@ from medfed.core.files import atomic_write_text
 from medfed.tracking.contribution import contribution_section, read_contribution
 from medfed.tracking.metrics import ARMS, CONSORTIUM_SITES, MEAN_SITE, MEDIAN_SITE, curves, read_metrics, site_order
 from medfed.tracking.reconstructions import reconstructions_section
+from medfed.tracking.svgchart import CYCLE, Panel, Series, line_chart
 from medfed.tracking.tables import MISSING, Cell, comparison_section, fmt, html_table, pictures_section
 from medfed.core.types import Metric
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_NAME = "report.html"
 ARM_STYLE = {
@@ -105,8 +106,10 @@ def _require(run_dir: Path) -> None:
 # --------------------------------------------------------------------------- figures
 
 
-def _png(fig: Figure) -> str:
-    """An <img> tag holding ``fig`` as a base64 PNG."""
+def _png(fig: "Figure") -> str:
+    """An <img> tag holding a matplotlib ``fig`` as a base64 PNG (the contribution chart)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buf = io.BytesIO()
     FigureCanvasAgg(fig)  # render with Agg, whatever pyplot's backend is; no pyplot state
     fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
@@ -115,60 +118,31 @@ def _png(fig: Figure) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{data}">'
 
 
-def _nan(values: list[float | None]) -> list[float]:
-    return [math.nan if v is None else v for v in values]
-
-
 MAX_SITE_PANELS = 12  # beyond this, per-site panels are unreadable and slow to draw
 
 
 def learning_curves_figure(records: list[dict], monitor: str) -> str | None:
     """One small panel per site (and "all") of test ``monitor`` against round, one line per
-    arm; with more than MAX_SITE_PANELS sites, only the "all" panel."""
+    arm, as inline SVG; with more than MAX_SITE_PANELS sites, only the "all" panel."""
     by_site = curves(records, monitor, "test")
     by_site.pop(MEDIAN_SITE, None)  # one consortium panel: the weighted mean
     if not by_site:
         return None
     if len(by_site) - (MEAN_SITE in by_site) > MAX_SITE_PANELS and MEAN_SITE in by_site:
         by_site = {MEAN_SITE: by_site[MEAN_SITE]}
-    n = len(by_site)
-    ncols = min(4, n)
-    nrows = math.ceil(n / ncols)
-    width, height = 3.2 * ncols, 2.3 * nrows + 0.4
-    fig = Figure(figsize=(width, height))
-    # fixed margins (inches): constrained layout would double the rendering time
-    fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.45 / height, top=1 - 0.65 / height,
-                        wspace=0.3, hspace=0.45)
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
-    for ax, (site, arms) in zip(axes.flat, by_site.items()):
+    panels, seen = [], set()
+    for i, (site, arms) in enumerate(by_site.items()):
+        lines = []
         for arm, (rounds, values) in arms.items():
             color, style = ARM_STYLE[arm]
-            if arm == "zero_filled" and len(rounds) == 1:  # scored once, the same every round: a level
-                if values[0] is not None:
-                    ax.axhline(values[0], linestyle=style, color=color, label=arm)
-                continue
-            ax.plot(rounds, _nan(values), style, color=color, label=arm, marker="o" if len(rounds) <= 20 else None,
-                    markersize=3)
-        ax.set_title("all sites (weighted)" if site == MEAN_SITE else site, fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(f"test {monitor}", fontsize=8)
-    for col in range(ncols):  # the lowest visible panel of each column carries the x axis
-        ax = axes[(n - 1 - col) // ncols, col]
-        ax.tick_params(labelbottom=True)
-        ax.set_xlabel("round", fontsize=8)
-    legend = {}  # arm -> line, from whichever panel has it
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    if legend:
-        labels = [a for a in ARMS if a in legend]
-        fig.legend([legend[a] for a in labels], labels, loc="upper center", ncols=len(labels), fontsize=8, frameon=False)
-    return _png(fig)
+            # zero_filled is scored once, the same every round: a level
+            level = arm == "zero_filled" and len(rounds) == 1
+            lines.append(Series(rounds, values, color, style, arm, markers=len(rounds) <= 20, level=level))
+            seen.add(arm)
+        panels.append(Panel(lines, "all sites (weighted)" if site == MEAN_SITE else site,
+                            f"test {monitor}" if i % 4 == 0 else ""))
+    legend = [Series((), (), ARM_STYLE[a][0], ARM_STYLE[a][1], a) for a in ARMS if a in seen]
+    return line_chart(panels, ncols=4, legend=legend, description=f"test {monitor} by round, per site and arm")
 
 
 def _many_sites_note(records: list[dict]) -> str:
@@ -180,29 +154,25 @@ def _many_sites_note(records: list[dict]) -> str:
 
 
 def training_loss_figure(records: list[dict], arm: str = "federated", metric: str = Metric.LOSS) -> str | None:
-    """Training loss of ``arm`` against round, one line per site (the pretraining stage:
-    arm ``pretrain``, metric ``ssl_loss``)."""
+    """Training loss of ``arm`` against round, one line per site, as inline SVG (the
+    pretraining stage: arm ``pretrain``, metric ``ssl_loss``)."""
     by_site = curves([r for r in records if r["arm"] == arm], metric, "train")
     by_site.pop(MEDIAN_SITE, None)
     if not by_site:
         return None
-    fig = Figure(figsize=(6.4, 3.2))
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.14, top=0.95)
-    ax = fig.subplots()
-    many = len(by_site) > MAX_SITE_PANELS  # then thin unlabelled lines, no legend
-    for site, arms in by_site.items():
+    many = len(by_site) > MAX_SITE_PANELS  # then thin grey unlabelled lines, no legend
+    lines = []
+    for k, (site, arms) in enumerate(by_site.items()):
         rounds, values = arms[arm]
-        pooled = site == MEAN_SITE
-        ax.plot(rounds, _nan(values), "--" if pooled else "-", color="black" if pooled else ("0.6" if many else None),
-                label=None if many else ("all sites" if pooled else site), linewidth=0.6 if many else 1.2)
-    ax.set_xlabel("round", fontsize=8)
-    ax.set_ylabel("training loss" if metric == Metric.LOSS else str(metric), fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if not many:
-        ax.legend(fontsize=7, frameon=False, ncols=2 if len(by_site) > 6 else 1)
-    return _png(fig)
+        if site == MEAN_SITE:
+            lines.append(Series(rounds, values, "black", "--", "all sites"))
+        else:
+            lines.append(Series(rounds, values, "#999999" if many else CYCLE[k % len(CYCLE)], "-", site,
+                                width=0.6 if many else 1.2))
+    ylabel = "training loss" if metric == Metric.LOSS else str(metric)
+    legend = [] if many else lines
+    return line_chart([Panel(lines, ylabel=ylabel)], legend=legend, scale=2.0,
+                      description=f"{ylabel} of each site by round")
 
 
 # --------------------------------------------------------------------------- sections
