@@ -16,6 +16,10 @@ Each run is a separate process, launched from here:
 
 * ``plain``: ``benchmarks/plain_loop.py JOB``, the reference (it builds the data with
   medfed's generator and trains with plain PyTorch);
+* ``plain-malloc``: the same loop with glibc's allocator set as medfed sets it in every
+  process that trains (core/allocator.py: its mmap and trim thresholds, here through
+  glibc's environment variables ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``),
+  so that medfed's own overhead is measured against a loop that allocates alike;
 * ``medfed``: ``medfed run JOB --quiet`` (``transport: inprocess``);
 * ``medfed-ray``: the same job with ``transport: ray`` and ``ray: {cpus_per_site: C}``:
   a local Ray instance of 2 CPUs, whose actors train with C threads (default C = 2: one
@@ -60,7 +64,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from overhead import job_body, medfed_timings  # noqa: E402  (the same job, and how its run is read)
 
-FRAMEWORKS = ("plain", "medfed", "medfed-ray", "flower")
+FRAMEWORKS = ("plain", "plain-malloc", "medfed", "medfed-ray", "flower")
 DEFAULT_SCALES = "10x1000,100x100,1000x10"
 QUICK_SCALES = "4x100,20x10"
 DEFAULT_VENV = Path.home() / ".cache" / "medfed-bench" / "flwr-venv"
@@ -199,8 +203,14 @@ def run_one(who: str, body: dict, work: Path, tag: str, flwr_py: Path | None, np
         body |= {"transport": "ray", "ray": {"cpus_per_site": cpus_per_site}}
     job.write_text(yaml.safe_dump(body, sort_keys=False))
     log = work / f"log-{tag}.txt"
-    if who == "plain":
-        m = measured([sys.executable, HERE / "plain_loop.py", job], log)
+    if who in ("plain", "plain-malloc"):
+        env = None
+        if who == "plain-malloc":
+            from medfed.core.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+                   "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+        m = measured([sys.executable, HERE / "plain_loop.py", job], log, env)
         res = json.loads(log.read_text().strip().splitlines()[-1])
         startup, acc = res["round1_at"] - m["t0"], res["accuracy"]
     elif who in ("medfed", "medfed-ray"):
@@ -264,11 +274,13 @@ def table(rows: list[dict]) -> None:
         plain = [r for r in at if r["framework"] == "plain"]
         ref = plain[0]["acc"] if plain else None
         plain_wall = statistics.median(r["wall"] for r in plain) if plain else None
+        alike = [r["wall"] for r in at if r["framework"] == "plain-malloc"]
+        alike_wall = statistics.median(alike) if alike else None
         n = len({r["rep"] for r in at})
         print(f"\n### {at[0]['sites']} sites x {at[0]['per_site']} training images (medians of {n})\n")
-        print("| framework | wall s | ratio to plain | start-up s | peak tree RSS MiB (PSS) | processes "
-              "| final accuracy against plain |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        print("| framework | wall s | ratio to plain | " + ("ratio to plain-malloc | " if alike else "")
+              + "start-up s | peak tree RSS MiB (PSS) | processes | final accuracy against plain |")
+        print("| --- | ---: | ---: | " + ("---: | " if alike else "") + "---: | ---: | ---: | --- |")
         for who in FRAMEWORKS:
             runs = [r for r in at if r["framework"] == who]
             if not runs:
@@ -278,6 +290,8 @@ def table(rows: list[dict]) -> None:
                 return statistics.median(r[key] for r in runs)
 
             ratio = f"{med('wall') / plain_wall:.3f}" if plain_wall else "-"
+            if alike_wall:
+                ratio += f" | {med('wall') / alike_wall:.3f}"
             acc = accuracy_note(runs, ref) if ref is not None else "-"
             print(f"| {who} | {med('wall'):.2f} | {ratio} | {med('startup'):.2f} | {med('rss_mib'):.0f} "
                   f"({med('pss_mib'):.0f}) | {max(r['procs'] for r in runs)} | {acc} |")

@@ -78,6 +78,21 @@ def test_folder_images_of_another_size_or_colour_are_refused(tmp_path):
         _job(tmp_path, data=data | {"channels": 3})
 
 
+def test_a_constant_image_is_left_out_and_all_constant_is_refused(tmp_path):
+    data = _folder(tmp_path, sites=("a",), n=6)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a" / "3.png")  # black: nothing to reconstruct
+    (site,) = build_sites(_job(tmp_path, data=data))
+    names = [n for s in SPLITS for n in site.split(s).names]
+    assert sorted(names) == ["0.png", "1.png", "2.png", "4.png", "5.png"]
+    for s in SPLITS:
+        truth = site.split(s).labels
+        assert bool(torch.isfinite(truth).all()) and bool((truth.flatten(1).amax(1) == 1).all())
+    for i in range(6):
+        Image.fromarray(np.full((32, 32), 40, np.uint8)).save(tmp_path / "a" / f"{i}.png")
+    with pytest.raises(DataError, match=r"site 'a' \w+ split: all \d+ image\(s\) are constant"):
+        build_sites(_job(tmp_path, data=data))
+
+
 # --------------------------------------------------------------------------- volumes
 
 

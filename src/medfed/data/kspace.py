@@ -17,6 +17,7 @@ arm, every round and every run of the job.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -25,6 +26,8 @@ import torch
 
 from medfed.core.errors import DataError
 from medfed.data.base import ArraySplit, SiteData
+
+log = logging.getLogger("medfed")
 
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 _CHUNK = 512  # images transformed at a time
@@ -200,7 +203,12 @@ def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str
     maximum is the ground truth, its undersampling at the site's acceleration
     (``accelerations``, from ``data.sites[i].acceleration``), else the task's, the input
     (:func:`undersample_site`, the masks seeded by the site's position ``index``; ``packed``
-    for a k-space network). Each example keeps its name (file, or volume and slice)."""
+    for a k-space network). Each example keeps its name (file, or volume and slice).
+
+    A constant image (all black, e.g. a slice of padding) holds nothing to reconstruct: its
+    NMSE is undefined (a target of zeros) and a k-space network normalises it by a standard
+    deviation of zero. It is left out, and the count logged; a split whose images are all
+    constant is a DataError naming the site and split."""
     accelerations = accelerations or {}
     out = []
     for site in sites:
@@ -213,9 +221,18 @@ def reconstruction_sites(sites: list[SiteData], task, seed: int, index: dict[str
                 raise DataError(f"{where}: reconstruction takes grey 2D images (N, 1, H, W), got "
                                 f"{tuple(images.shape)}; set data.channels: 1 (and a 2D source)")
             check_even(tuple(images.shape[2:]), f"{where}: the images")
-            lo = images.flatten(1).amin(1)[:, None, None, None]
-            span = (images.flatten(1).amax(1)[:, None, None, None] - lo).clamp_min(1e-12)
-            truth[split] = (images - lo) / span
+            lo, hi = images.flatten(1).amin(1), images.flatten(1).amax(1)
+            varies = hi > lo
+            if not bool(varies.all()):
+                if not bool(varies.any()):
+                    raise DataError(f"{where}: all {len(images)} image(s) are constant (nothing to reconstruct); "
+                                    "check the images")
+                keep = torch.nonzero(varies).flatten()
+                log.info("%s: %d constant image(s) left out (nothing to reconstruct), %d kept", where,
+                         len(images) - len(keep), len(keep))
+                images, lo, hi = images[keep], lo[keep], hi[keep]
+                names[split] = None if names[split] is None else tuple(names[split][int(i)] for i in keep)
+            truth[split] = (images - lo[:, None, None, None]) / (hi - lo)[:, None, None, None]
         own = accelerations.get(site.name)
         made = undersample_site(site.name, truth, own if own is not None else task.acceleration,
                                 task.center_fraction, task.mask, seed, index[site.name], packed)

@@ -38,6 +38,7 @@ from medfed.core.types import Metric, Params, RoundPlan, TrainSettings, Update
 from medfed.cut import ModelCut, cut_model, tensor_bytes
 from medfed.data.base import Augment, Examples
 from medfed.models import get_params
+from medfed.site.device import seed_device
 from medfed.site.train import TrainStats, batches, make_optimizer, plan_epochs
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def train_site_parts(
     passes over ``data``, the middle behind ``channel`` (see the module docstring). Without
     the U (``parts.back`` None) ``channel`` is a :class:`LabelChannel` and the stats' loss
     is nan (the server has it)."""
-    torch.manual_seed(settings.seed)  # dropout and any other randomness, as in site/train.py
+    seed_device(settings.seed, device)  # dropout and any other randomness, as in site/train.py
     gen = torch.Generator().manual_seed(settings.seed)
     site = parts.site_parts()
     optimizer = optimizer_for(site, settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +21,7 @@ from medfed.data.base import Augment, Examples, Planned
 from medfed.privacy import dpsgd
 from medfed.privacy.dpsgd import SampleDP
 from medfed.site.evaluate import mean_loss
+from medfed.site.device import seed_device
 
 if TYPE_CHECKING:
     from medfed.tasks import Task
@@ -60,10 +62,10 @@ def plan_epochs(
 
 
 def supervised_loss(task: "Task", outputs: torch.Tensor, labels: torch.Tensor,
-                    labeled: torch.Tensor) -> torch.Tensor | None:
-    """The task loss over the examples that have a label (``labeled``, bool (B,)); None
-    when none has."""
-    if bool(labeled.all()):
+                    labeled: torch.Tensor | None) -> torch.Tensor | None:
+    """The task loss over the examples that have a label (``labeled``, bool (B,); None: all
+    of them); None when none has."""
+    if labeled is None or bool(labeled.all()):
         return task.loss(outputs, labels)
     if not bool(labeled.any()):
         return None
@@ -130,10 +132,12 @@ def _train(
     model: nn.Module, data: Examples, task: "Task", settings: TrainSettings, hook: SiteHook,
     device: torch.device, augment: Augment | None, private: SampleDP | None,
 ) -> TrainStats:
-    torch.manual_seed(settings.seed)  # dropout and any other randomness in the model
+    seed_device(settings.seed, device)  # dropout and any other randomness in the model
     gen = torch.Generator().manual_seed(settings.seed)
     amp = device.type == "cuda" and private is None  # Opacus clips unscaled gradients
     scaler = torch.amp.GradScaler("cuda") if amp else None
+    # mixed precision on CUDA; elsewhere no autocast context (a disabled one still costs microseconds a batch)
+    autocast = partial(torch.autocast, device_type=device.type, dtype=torch.float16) if amp else nullcontext
     optimizer = make_optimizer(model, settings)
     model.train()
     if private is None:
@@ -159,10 +163,11 @@ def _train(
             y = batch.labels.to(device, non_blocking=True)
             labeled = (torch.ones(len(x), dtype=torch.bool) if batch.labeled is None else batch.labeled).to(device)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            with autocast():
                 out = model(x)
                 # the task loss of the labeled examples, plus the hook's term of the batch (semi-supervised)
-                terms = [t for t in (supervised_loss(task, out, y, labeled), hook.batch_loss(model, x, out, labeled))
+                every = labeled if batch.labeled is not None else None  # None: all labeled, nothing to check
+                terms = [t for t in (supervised_loss(task, out, y, every), hook.batch_loss(model, x, out, labeled))
                          if t is not None]
                 if not terms:  # no label and no term for the unlabeled examples: no step
                     continue
