@@ -63,3 +63,14 @@ def test_hook_extra_loss_and_backward_are_called():
     model = build_model(ModelConfig(name="small_cnn", width=4), TASK, 1)
     train_local(model, _data(32), ClassificationTask(TASK), _settings(local_epochs=1), Probe(), torch.device("cpu"))
     assert calls == ["loss", "backward"] * 2
+
+
+def test_seeding_the_device_gives_the_draws_of_torch_manual_seed():
+    from medfed.site.device import seed_device
+
+    torch.manual_seed(7)
+    expected = (torch.rand(5), torch.nn.functional.dropout(torch.ones(8), 0.5))
+    torch.manual_seed(123)  # anything else in between
+    seed_device(7, torch.device("cpu"))
+    got = (torch.rand(5), torch.nn.functional.dropout(torch.ones(8), 0.5))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))

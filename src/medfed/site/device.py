@@ -28,10 +28,12 @@ def set_threads(n: int) -> None:
 
 def seed_device(seed: int, device: torch.device) -> None:
     """Seed the random draws of training on ``device`` (dropout, random crops in the model):
-    the CPU's generator and, for an accelerator, its current device's. The same draws as
-    ``torch.manual_seed`` for the device in use, without its cost: that call also queues a
-    seed for every kind of accelerator torch knows, recording the caller's stack each time
-    (about 0.1 ms from a shallow stack, more from a deep one), once per site and round."""
+    the CPU's generator and, for an accelerator, those of every device of its kind. The
+    same draws as ``torch.manual_seed`` for the devices in use, without its cost: that call
+    also queues a seed for every kind of accelerator torch knows, recording the caller's
+    stack each time (about 0.1 ms from a shallow stack, more from a deep one), once per site
+    and round."""
     torch.default_generator.manual_seed(seed)
     if device.type != "cpu":
-        getattr(torch, device.type).manual_seed(seed)
+        backend = getattr(torch, device.type)
+        (getattr(backend, "manual_seed_all", None) or backend.manual_seed)(seed)
