@@ -1,7 +1,8 @@
 """Reconstruction from the ``folder`` source and from 2D slices of a ``volumes`` source: the
 images (or slices) read as their source reads them become ground truth; volumes are split
 by volume before they are cut; a site's own acceleration; a short run of each; the jobs
-refused naming the field; the real PROMISE12 volume."""
+refused naming the field; the real PROMISE12 volume and the real prostate slices of three
+sites at 4x, 6x and 8x."""
 
 import os
 from pathlib import Path
@@ -262,3 +263,23 @@ def test_dicom_volumes_are_cut_into_their_own_slices_by_default(tmp_path):
     (site,) = build_sites(_job(tmp_path, data=data))
     assert site.train.images.shape[1:] == (1, 10, 10)
     assert {int(n.split("#")[1]) for s in SPLITS for n in site.split(s).names} <= set(range(15))
+
+
+def test_real_prostate_slices_of_three_sites_at_their_own_accelerations(tmp_path):
+    root = shared("multisite", "prostate")
+    folders = {"train": "train", "val": "test", "test": "test"}  # one or two slices a site: its test slice validates too
+    sites = [{"name": n, "acceleration": a, **{s: {"images": str(root / n / f / "image"), "masks": str(root / n / f / "mask")}
+                                                for s, f in folders.items()}}
+             for n, a in (("BIDMC", 4), ("BMC", 6), ("HK", 8))]
+    job = _job(tmp_path, data={"source": "pairs", "sites": sites, "mask_values": [0, 255]})
+    out = build_sites(job)
+    assert [s.name for s in out] == ["BIDMC", "BMC", "HK"]
+    for k, (site, acceleration) in enumerate(zip(out, (4.0, 6.0, 8.0))):
+        for split in ("train", "test"):
+            data = site.split(split)
+            assert len(data) >= 1 and data.images.shape[1:] == (1, 384, 384)
+            for name, truth in zip(data.names, data.labels[:, 0]):
+                png = np.asarray(Image.open(root / site.name / split / "image" / Path(name).name).convert("L"))
+                assert np.allclose(truth.numpy(), _scaled(png), atol=1e-5)
+            seeds = example_seeds(job.seed, k, split, len(data))
+            assert torch.equal(data.images, zero_filled(data.labels, acceleration, 0.08, "equispaced", seeds))
