@@ -20,8 +20,8 @@ from medfed.core.types import TrainSettings
 from medfed.data.base import Augment, Examples, Planned
 from medfed.privacy import dpsgd
 from medfed.privacy.dpsgd import SampleDP
-from medfed.site.evaluate import mean_loss
 from medfed.site.device import seed_device
+from medfed.site.evaluate import mean_loss
 
 if TYPE_CHECKING:
     from medfed.tasks import Task
