@@ -292,9 +292,14 @@ class ThreadedTurns(PlainTurns):
 
 
 def test_splitfed_turns_run_at_once_give_what_they_give_one_after_another(tmp_path, monkeypatch):
+    assert_threaded_equals_sequential(tmp_path, monkeypatch, {"kind": "split", "cut": "features.0", "parallel": True})
+
+
+def assert_threaded_equals_sequential(tmp_path, monkeypatch, topology: dict) -> None:
+    """SplitFed of ``topology`` with its turns in threads gives the metrics of its turns one
+    after another (seconds aside)."""
     import medfed.site.split as site_split
 
-    topology = {"kind": "split", "cut": "features.0", "parallel": True}
     one_by_one, metrics = _real(tmp_path, "one", topology, sites=3)
     monkeypatch.setattr(server_split, "InProcessTurns", ThreadedTurns)
     cut = site_split.cut_model

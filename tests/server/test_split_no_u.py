@@ -11,7 +11,6 @@ import logging
 import pytest
 import torch
 
-import medfed.site.split as site_split
 from medfed.algorithms.base import SiteHook
 from medfed.config import parse_job
 from medfed.core.errors import ConfigError, ModelError
@@ -19,12 +18,11 @@ from medfed.core.types import TrainSettings
 from medfed.cut import cut_model
 from medfed.data.base import ArraySplit
 from medfed.models import SmallCNN
-from medfed.server import split as server_split
 from medfed.server.split import MiddleSession
 from medfed.site.split import InProcessChannel, train_site_parts
 from medfed.site.train import train_local
 from medfed.tasks import build_task
-from server.test_split import JOB, ThreadedTurns, _close, _real
+from server.test_split import JOB, _close, _real, assert_threaded_equals_sequential
 
 NO_U = {"kind": "split", "cut": "features.0", "u_shaped": False}
 
@@ -103,21 +101,7 @@ def test_split_without_the_u_on_sites_is_its_unsplit_counterpart(tmp_path, paral
 
 
 def test_splitfed_without_the_u_run_at_once_gives_what_it_gives_one_after_another(tmp_path, monkeypatch):
-    topology = {**NO_U, "parallel": True}
-    one_by_one, metrics = _real(tmp_path, "one", topology, sites=3)
-    monkeypatch.setattr(server_split, "InProcessTurns", ThreadedTurns)
-    cut = site_split.cut_model
-
-    def precut(model, *args, **kwargs):  # a turn's thread takes the cut made before it started (torch.fx)
-        made = ThreadedTurns.cuts.pop(id(model), None)
-        return made if made is not None else cut(model, *args, **kwargs)
-
-    monkeypatch.setattr(site_split, "cut_model", precut)
-    at_once, threaded = _real(tmp_path, "once", topology, sites=3)
-    assert _close(one_by_one, at_once)
-    values = [(r["round"], r["site"], r["metric"], r["split"], r["value"]) for r in metrics if r["metric"] != "seconds"]
-    assert values == [(r["round"], r["site"], r["metric"], r["split"], r["value"]) for r in threaded
-                      if r["metric"] != "seconds"]
+    assert_threaded_equals_sequential(tmp_path, monkeypatch, {**NO_U, "parallel": True})
 
 
 def test_head_with_u_shaped_false_is_refused_naming_both_fields():

@@ -8,8 +8,9 @@ cli.py registers both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.console import Console
@@ -17,6 +18,9 @@ from rich.markup import escape
 
 if TYPE_CHECKING:
     from medfed.server.queue import QueuedJob
+    from medfed.transport.grpc.admin_client import AdminConnection
+
+T = TypeVar("T")
 
 jobs_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="The jobs of a queue server (medfed server --queue): list, show, abort.")
@@ -35,11 +39,19 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2 if isinstance(e, (ConfigError, NetworkError)) else 1)
 
 
-def _connect(kit: Path):
+def _ask(kit: Path, call: Callable[["AdminConnection"], T]) -> T:
+    """``call`` on a connection to the queue server of the admin ``kit``; a medfed error is
+    printed as one line and exits (:func:`_fail`)."""
+    from medfed.core.errors import MedfedError
     from medfed.transport.grpc.admin_client import AdminConnection
     from medfed.transport.pki import load_kit
 
-    return AdminConnection(load_kit(kit, role="admin"))
+    try:
+        with AdminConnection(load_kit(kit, role="admin")) as conn:
+            return call(conn)
+    except MedfedError as e:
+        _fail(e)
+        raise  # not reached: _fail exits
 
 
 def _status(job: QueuedJob) -> str:
@@ -80,14 +92,7 @@ def submit(
     kit: Path = typer.Option(..., "--kit", help=_KIT_HELP),
 ) -> None:
     """Submit a job to the queue server: checked as `medfed validate` checks it, then queued."""
-    from medfed.core.errors import MedfedError
-
-    try:
-        with _connect(kit) as conn:
-            job = conn.submit(job_file)
-    except MedfedError as e:
-        _fail(e)
-        return
+    job = _ask(kit, lambda conn: conn.submit(job_file))
     out.print(f"[green]queued[/]: job [bold]{job.id}[/] ('{escape(job.name)}', {job.rounds} rounds); its run folder "
               f"will be {escape(job.run_dir)}", highlight=False)
 
@@ -95,14 +100,7 @@ def submit(
 @jobs_app.command("list")
 def list_jobs(kit: Path = typer.Option(..., "--kit", help=_KIT_HELP)) -> None:
     """Every job of the queue, in the order submitted."""
-    from medfed.core.errors import MedfedError
-
-    try:
-        with _connect(kit) as conn:
-            jobs = conn.list()
-    except MedfedError as e:
-        _fail(e)
-        return
+    jobs = _ask(kit, lambda conn: conn.list())
     out.print(_table(jobs))
 
 
@@ -110,14 +108,7 @@ def list_jobs(kit: Path = typer.Option(..., "--kit", help=_KIT_HELP)) -> None:
 def show(job_id: str = typer.Argument(..., help="The job's id (see medfed jobs list)."),
          kit: Path = typer.Option(..., "--kit", help=_KIT_HELP)) -> None:
     """One job: its status, round, run folder and error."""
-    from medfed.core.errors import MedfedError
-
-    try:
-        with _connect(kit) as conn:
-            job = conn.show(job_id)
-    except MedfedError as e:
-        _fail(e)
-        return
+    job = _ask(kit, lambda conn: conn.show(job_id))
     _details(job)
 
 
@@ -125,14 +116,7 @@ def show(job_id: str = typer.Argument(..., help="The job's id (see medfed jobs l
 def abort(job_id: str = typer.Argument(..., help="The job's id (see medfed jobs list)."),
           kit: Path = typer.Option(..., "--kit", help=_KIT_HELP)) -> None:
     """Abort a job: a queued one is dropped; the running one stops at its next round boundary, its run folder kept."""
-    from medfed.core.errors import MedfedError
-
-    try:
-        with _connect(kit) as conn:
-            job = conn.abort(job_id)
-    except MedfedError as e:
-        _fail(e)
-        return
+    job = _ask(kit, lambda conn: conn.abort(job_id))
     if job.status.value == "aborted":
         out.print(f"job [bold]{job.id}[/] aborted: it will not run", highlight=False)
     else:

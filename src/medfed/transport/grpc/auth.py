@@ -49,13 +49,7 @@ class Callers:
     def site_certificate(self, context: grpc.ServicerContext) -> tuple[str, x509.Certificate]:
         """(site name, certificate) of a caller with a site certificate that is not revoked,
         whatever the job; or Refused."""
-        auth = context.auth_context()
-        pem = (auth.get("x509_pem_cert") or [b""])[0]
-        names = auth.get("x509_common_name") or []
-        if not pem or not names:
-            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
-        site = names[0].decode(errors="replace")
-        cert = x509.load_pem_x509_certificate(pem)
+        site, cert = _caller(context)
         try:
             usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
@@ -65,11 +59,7 @@ class Callers:
         if admin_names(cert):  # an admin submits jobs; it never takes part in one
             raise Refused(grpc.StatusCode.PERMISSION_DENIED,
                           f"certificate '{site}' is an admin certificate (role admin), not a site certificate", site)
-        gone = self.revocations.revoked(cert) if self.revocations is not None else None
-        if gone is not None:
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                          f"the certificate of site '{site}' (serial {cert.serial_number:x}) was revoked on "
-                          f"{gone.when:%Y-%m-%d %H:%M} UTC", site)
+        _check_not_revoked(self.revocations, cert, "site", site)
         return site, cert
 
     def check(self, hdr: dict[str, Any], site: str, with_job: bool = True) -> None:
@@ -91,24 +81,34 @@ def identify_admin(context: grpc.ServicerContext, revocations: Revocations | Non
     of the consortium CA (checked by TLS) with the admin role (an ``urn:medfed:admin:`` name,
     as an admin kit's from ``medfed provision``), not revoked; else Refused
     (PERMISSION_DENIED) naming the role the certificate has."""
-    auth = context.auth_context()
-    pem = (auth.get("x509_pem_cert") or [b""])[0]
-    names = auth.get("x509_common_name") or []
-    if not pem or not names:
-        raise Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
-    name = names[0].decode(errors="replace")
-    cert = x509.load_pem_x509_certificate(pem)
+    name, cert = _caller(context)
     if admin_names(cert) != {name}:
         role = "site" if _is_site(cert, name) else "unknown"
         raise Refused(grpc.StatusCode.PERMISSION_DENIED,
                       f"certificate '{name}' has the {role} role, not the admin role: "
                       "submitting and managing jobs needs the admin kit from `medfed provision`", name)
+    _check_not_revoked(revocations, cert, "admin", name)
+    return name, cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _caller(context: grpc.ServicerContext) -> tuple[str, x509.Certificate]:
+    """(common name, certificate) of the caller, as TLS verified them; Refused
+    (UNAUTHENTICATED) without a client certificate."""
+    auth = context.auth_context()
+    pem = (auth.get("x509_pem_cert") or [b""])[0]
+    names = auth.get("x509_common_name") or []
+    if not pem or not names:
+        raise Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+    return names[0].decode(errors="replace"), x509.load_pem_x509_certificate(pem)
+
+
+def _check_not_revoked(revocations: Revocations | None, cert: x509.Certificate, role: str, name: str) -> None:
+    """Refused (PERMISSION_DENIED) naming the ``role`` and ``name`` when ``cert`` is revoked."""
     gone = revocations.revoked(cert) if revocations is not None else None
     if gone is not None:
         raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                      f"the certificate of admin '{name}' (serial {cert.serial_number:x}) was revoked on "
+                      f"the certificate of {role} '{name}' (serial {cert.serial_number:x}) was revoked on "
                       f"{gone.when:%Y-%m-%d %H:%M} UTC", name)
-    return name, cert.fingerprint(hashes.SHA256()).hex()
 
 
 def _is_site(cert: x509.Certificate, name: str) -> bool:
