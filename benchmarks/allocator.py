@@ -26,16 +26,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from overhead import job_body  # noqa: E402
 
-from medfed.core.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
+from medfed.core.allocator import as_environment  # noqa: E402
 
-SETTINGS = {
-    "glibc's own": {},
-    "medfed's": {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)},
-}
+SETTINGS = {"glibc's own": {}, "medfed's": as_environment()}
 
 
 def once(job: Path, extra: dict[str, str]) -> dict[str, float]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    env = {k: v for k, v in os.environ.items() if k not in as_environment()}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(HERE / "plain_loop.py"), str(job)], env={**env, **extra}, check=True,

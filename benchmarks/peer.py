@@ -206,10 +206,9 @@ def run_one(who: str, body: dict, work: Path, tag: str, flwr_py: Path | None, np
     if who in ("plain", "plain-malloc"):
         env = None
         if who == "plain-malloc":
-            from medfed.core.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+            from medfed.core.allocator import as_environment
 
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-                   "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+            env = {**os.environ, **as_environment()}
         m = measured([sys.executable, HERE / "plain_loop.py", job], log, env)
         res = json.loads(log.read_text().strip().splitlines()[-1])
         startup, acc = res["round1_at"] - m["t0"], res["accuracy"]

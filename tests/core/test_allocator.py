@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from medfed.core.allocator import why_not_tuned
+from medfed.core.allocator import OFF_SWITCH, USER_SETTINGS, why_not_tuned
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -27,8 +27,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(**env: str) -> int:
-    clean = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                                                               "GLIBC_TUNABLES", "LD_PRELOAD", "MEDFED_MALLOC")}
+    clean = {k: v for k, v in os.environ.items() if k not in (*USER_SETTINGS, OFF_SWITCH)}
     out = subprocess.run([sys.executable, "-c", PATTERN], env={**clean, **env}, capture_output=True, text=True,
                          timeout=120, check=True)
     return int(out.stdout.strip())

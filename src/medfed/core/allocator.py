@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import sys
+from collections.abc import Mapping
 
 log = logging.getLogger("medfed")
 
@@ -39,7 +40,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mal
 _done: bool | None = None  # once per process
 
 
-def why_not_tuned(environ: os._Environ | dict[str, str] | None = None) -> str | None:
+def why_not_tuned(environ: Mapping[str, str] | None = None) -> str | None:
     """Why the allocator is left as it is (None: it is tuned): the switch, the user's own
     settings, or a C library other than glibc."""
     env = os.environ if environ is None else environ
@@ -51,6 +52,12 @@ def why_not_tuned(environ: os._Environ | dict[str, str] | None = None) -> str | 
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return "the C library is not glibc"
     return None
+
+
+def as_environment() -> dict[str, str]:
+    """The same thresholds as glibc's environment variables, for a process medfed does not
+    start itself (a plain loop measured beside medfed, benchmarks/)."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def tune_allocator() -> bool:
