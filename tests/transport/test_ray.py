@@ -20,6 +20,7 @@ from medfed.server import runner  # noqa: E402
 from medfed.server.loop import make_plan  # noqa: E402
 from medfed.server.runner import initial_model  # noqa: E402
 from medfed.transport.ray import RayTransport  # noqa: E402
+from medfed.transport.spool import ENVIRONMENT, Spool  # noqa: E402
 from ray_jobs import assert_same, job_dict, read_run, run  # noqa: E402
 
 
@@ -45,11 +46,17 @@ def local_ray():
 
 
 @pytest.mark.parametrize("algorithm", [{"name": "scaffold"}, {"name": "ditto", "lam": 0.1}])
-def test_site_state_lives_in_the_actors_and_the_run_equals_inprocess(tmp_path, local_ray, algorithm):
+def test_site_state_lives_in_the_actors_and_the_run_equals_inprocess(tmp_path, local_ray, algorithm, monkeypatch):
     # SCAFFOLD's control variates and Ditto's personal models stay in the actors between rounds
     over = {"algorithm": algorithm, "train": {"batch_size": 4, "optimizer": "sgd", "momentum": 0}, "compare": []}
     ref = run(tmp_path / "inprocess", **over)
+    written = []
+    if algorithm["name"] == "scaffold":  # every update on Ray kept on disk (transport/spool.py): the same run
+        monkeypatch.setenv(ENVIRONMENT, "0")
+        to_file = Spool._to_file
+        monkeypatch.setattr(Spool, "_to_file", lambda self, blob: written.append(1) or to_file(self, blob))
     got = run(tmp_path / "ray", transport="ray", ray={"max_concurrent": 2}, **over)
+    assert len(written) == (6 if algorithm["name"] == "scaffold" else 0)  # 3 sites, 2 rounds
     assert_same(ref, got)
     if algorithm["name"] == "ditto":
         assert any(r["arm"] == "personalized" for r in got[0])

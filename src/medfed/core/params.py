@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
+from medfed.core.tensors import describe
 from medfed.core.types import Params
 
 
@@ -29,16 +30,19 @@ def float_names(params: Params, names: Iterable[str] | None = None) -> list[str]
     """The names of ``params`` (or of ``names``, in their order) that hold floating-point
     tensors."""
     keys = params.keys() if names is None else names
-    return [k for k in keys if params[k].is_floating_point()]
+    return [k for k in keys if describe(params, k)[1].is_floating_point]  # (a file's tensors are not read)
 
 
 def delta(params: Params, reference: Params) -> Params:
     """``params - reference`` over the floating-point entries of ``params``, in float32
-    (float64 entries stay float64)."""
+    (float64 entries stay float64), listed by name: what the server then sums or draws
+    entry by entry (a norm, DP noise) does not depend on the order in which an update or
+    the global model listed its tensors (a model lists them by layer, a file by name)."""
     out: Params = {}
-    for k in float_names(params):
-        dt = torch.float64 if params[k].dtype == torch.float64 else torch.float32
-        out[k] = params[k].to(dt) - reference[k].to(dt)
+    for k in sorted(float_names(params)):
+        t = params[k]
+        dt = torch.float64 if t.dtype == torch.float64 else torch.float32
+        out[k] = t.to(dt) - reference[k].to(dt)
     return out
 
 
@@ -78,8 +82,13 @@ def clip_to_norm(d: Params, bound: float) -> tuple[Params, float]:
 
 
 def nbytes(params: Params) -> int:
-    """Bytes of tensor data in ``params`` (what a payload carries, less its header)."""
-    return sum(t.numel() * t.element_size() for t in params.values())
+    """Bytes of tensor data in ``params`` (what a payload carries, less its header), from
+    shapes and dtypes: tensors kept on disk (core/payload.FileTensors) are not read."""
+    total = 0
+    for name in params:
+        shape, dtype = describe(params, name)
+        total += math.prod(shape) * dtype.itemsize
+    return total
 
 
 @torch.no_grad()

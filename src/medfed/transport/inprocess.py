@@ -1,7 +1,8 @@
 """In-process transport: sites are objects in this process, called one after another.
 
 Deterministic and the default for simulation. There is nothing to wait on, so
-``timeout`` is not enforced here: a site's call returns when its training ends.
+``timeout`` is not enforced here: a site's call returns when its training ends. A round's
+updates past the memory budget are kept on disk (transport/spool.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from medfed.core.errors import MedfedError
 from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, SiteFailure, Update
 from medfed.site.app import SiteApp
 from medfed.transport.base import Transport, describe_exception
+from medfed.transport.spool import Spool
 
 
 class InProcessTransport(Transport):
@@ -26,9 +28,10 @@ class InProcessTransport(Transport):
 
     def fit(self, requests: Sequence[FitRequest], timeout: float) -> list[Update | SiteFailure]:
         out: list[Update | SiteFailure] = []
+        spool = Spool()
         for req in requests:
             try:
-                out.append(self._app(req.site).fit(req.params, req.plan))
+                out.append(spool.update(self._app(req.site).fit(req.params, req.plan)))
             except Exception as e:  # one site's failure must not stop the federation
                 out.append(SiteFailure(req.site, describe_exception(e)))
         return out

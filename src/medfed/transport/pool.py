@@ -4,7 +4,8 @@ Each worker process serves a fixed subset of sites (site i goes to worker i mod 
 site's algorithm state stays in one process for the whole run. Workers are started with
 ``spawn`` (safe with torch's thread pools), build their sites' data themselves from the
 job (data never crosses the process boundary) and exchange parameters as safetensors
-bytes through the codec. Every wait is bounded by ``timeout``.
+bytes through the codec. Every wait is bounded by ``timeout``. A round's updates past the
+memory budget are written to disk as they arrive (transport/spool.py).
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import json
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from medfed.config import Job
 from medfed.core import codec
+from medfed.core.errors import CodecError
 from medfed.core.types import Arm, EvalRequest, EvalResult, FitRequest, Message, SiteFailure, Split, Update
 from medfed.transport.base import Transport, describe_exception
+from medfed.transport.spool import Spool
 
 # --------------------------------------------------------------------------- worker side
 
@@ -104,40 +107,53 @@ class PoolTransport(Transport):
             self._executors[i] = ex
         return ex
 
-    def _run(self, sites: Sequence[str], submit: Callable[[ProcessPoolExecutor, int], Future], timeout: float) -> list[tuple[str, Any] | SiteFailure]:
-        futures: list[Future | SiteFailure] = []
+    def _run(self, sites: Sequence[str], submit: Callable[[ProcessPoolExecutor, int], Future], timeout: float,
+             take: Callable[[Any], Any] = lambda payload: payload) -> list[Any]:
+        """``submit(executor, k)`` for each site k, all answered (or failed) by one deadline
+        ``timeout`` seconds away; in request order. ``take`` turns each answer's payload into
+        what is returned as soon as that answer arrives (updates past the memory budget go
+        to disk then: transport/spool.py)."""
+        out: list[Any] = [None] * len(sites)
+        running: dict[Future, int] = {}
         for k, site in enumerate(sites):
-            if site not in self._assign:
-                futures.append(SiteFailure(site, "unknown site"))
-                continue
-            futures.append(submit(self._executor(self._assign[site]), k))
-        pending = [f for f in futures if isinstance(f, Future)]
-        deadline = time.monotonic() + timeout
-        done, _ = wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        out: list[tuple[str, Any] | SiteFailure] = []
-        for site, f in zip(sites, futures):
-            if isinstance(f, SiteFailure):
-                out.append(f)
-            elif f not in done:
-                f.cancel()
-                self._kill(self._assign[site])  # a hung worker must not block later rounds
-                out.append(SiteFailure(site, f"no answer within round_timeout={timeout:g}s"))
-            elif f.exception() is not None:
-                exc = f.exception()
-                if isinstance(exc, BrokenProcessPool):  # a worker died: start afresh next time
-                    self._executors[self._assign[site]] = None
-                out.append(SiteFailure(site, f"worker process failed: {describe_exception(exc)}"))
+            if site in self._assign:
+                running[submit(self._executor(self._assign[site]), k)] = k
             else:
-                status, payload = f.result()
-                out.append(SiteFailure(site, payload) if status == "error" else ("ok", payload))
+                out[k] = SiteFailure(site, "unknown site")
+        deadline = time.monotonic() + timeout
+        while running:
+            done, _ = wait(list(running), timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
+            if not done:
+                break
+            for f in done:
+                k = running.pop(f)
+                out[k] = self._answer(sites[k], f, take)
+        for f, k in running.items():
+            f.cancel()
+            self._kill(self._assign[sites[k]])  # a hung worker must not block later rounds
+            out[k] = SiteFailure(sites[k], f"no answer within round_timeout={timeout:g}s")
         return out
+
+    def _answer(self, site: str, f: Future, take: Callable[[Any], Any]) -> Any:
+        """A finished task's payload through ``take``, or a SiteFailure saying why there is none."""
+        exc = f.exception()
+        if exc is not None:
+            if isinstance(exc, BrokenProcessPool):  # a worker died: start afresh next time
+                self._executors[self._assign[site]] = None
+            return SiteFailure(site, f"worker process failed: {describe_exception(exc)}")
+        status, payload = f.result()
+        if status == "error":
+            return SiteFailure(site, payload)
+        try:
+            return take(payload)
+        except CodecError as e:
+            return SiteFailure(site, f"its answer could not be read: {e}")
 
     def fit(self, requests: Sequence[FitRequest], timeout: float) -> list[Update | SiteFailure]:
         blobs = [codec.encode_fit_request(r) for r in requests]
-        raw = self._run(
-            [r.site for r in requests], lambda ex, k: ex.submit(_worker_fit, blobs[k]), timeout
-        )
-        return [r if isinstance(r, SiteFailure) else codec.decode_update(r[1]) for r in raw]
+        spool = Spool()
+        return self._run([r.site for r in requests], lambda ex, k: ex.submit(_worker_fit, blobs[k]), timeout,
+                         spool.blob)
 
     def evaluate(
         self, requests: Sequence[EvalRequest], timeout: float
@@ -155,7 +171,7 @@ class PoolTransport(Transport):
             if isinstance(r, SiteFailure):
                 out.append(r)
                 continue
-            out.append(codec.decode_eval_results(req.site, r[1]))
+            out.append(codec.decode_eval_results(req.site, r))
         return out
 
     def exchange(self, messages: Sequence[Message], timeout: float) -> list[dict | SiteFailure]:
@@ -165,7 +181,7 @@ class PoolTransport(Transport):
             lambda ex, k: ex.submit(_worker_exchange, messages[k].site, messages[k].topic, messages[k].round, bodies[k]),
             timeout,
         )
-        return [r if isinstance(r, SiteFailure) else json.loads(r[1]) for r in raw]
+        return [r if isinstance(r, SiteFailure) else json.loads(r) for r in raw]
 
     def _kill(self, i: int, grace: float = 5.0) -> None:
         """Stop worker ``i`` without waiting on it for more than ``grace`` seconds."""

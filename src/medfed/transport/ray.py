@@ -47,6 +47,7 @@ from medfed.core.summary import SiteSummary
 from medfed.core.types import EvalRequest, EvalResult, FitRequest, Message, Params, SiteFailure, Update
 from medfed.transport.base import Transport, describe_exception
 from medfed.transport.ray_actor import SiteActor, as_array
+from medfed.transport.spool import Spool
 
 log = logging.getLogger("medfed")
 
@@ -168,10 +169,10 @@ class RayTransport(Transport):
     def fit(self, requests: Sequence[FitRequest], timeout: float) -> list[Update | SiteFailure]:
         models = _Shared(lambda r: codec.encode_model(r.params, r.plan.extras), lambda r: (id(r.params), id(r.plan.extras)))
         plans = [json.dumps(codec.plan_to_dict(r.plan)) for r in requests]
-        raw = self._call([r.site for r in requests],
-                         lambda a, k: a.fit.remote(requests[k].site, models.ref(requests[k]), plans[k]), timeout)
-        return [r if isinstance(r, SiteFailure) else _decoded(r[0], lambda r=r: codec.decode_update(memoryview(r[1])))
-                for r in raw]
+        spool = Spool()  # each update decoded as it arrives; past the memory budget, to disk
+        return self._call([r.site for r in requests],
+                          lambda a, k: a.fit.remote(requests[k].site, models.ref(requests[k]), plans[k]), timeout,
+                          lambda site, payload: _decoded(site, lambda: spool.blob(memoryview(payload))))
 
     def evaluate(self, requests: Sequence[EvalRequest], timeout: float) -> list[list[EvalResult] | SiteFailure]:
         models = _Shared(lambda r: codec.encode_params(r.params), lambda r: id(r.params))
@@ -214,13 +215,16 @@ class RayTransport(Transport):
 
     # ---------------------------------------------------------------- the bounded wait
 
-    def _call(self, sites: Sequence[str], submit: Callable[[Any, int], Any], timeout: float) -> list[tuple[str, Any] | SiteFailure]:
+    def _call(self, sites: Sequence[str], submit: Callable[[Any, int], Any], timeout: float,
+              take: Callable[[str, Any], Any] = lambda site, payload: (site, payload)) -> list[Any]:
         """``submit(actor, k)`` for each site k, at most ``max_concurrent`` in flight, all
-        answered (or failed) by one deadline ``timeout`` seconds away; in request order."""
+        answered (or failed) by one deadline ``timeout`` seconds away; in request order.
+        ``take(site, payload)`` turns each answer into what is returned as soon as it
+        arrives (the default: the pair as it is)."""
         import ray
 
         deadline = time.monotonic() + timeout
-        out: list[tuple[str, Any] | SiteFailure | None] = [None] * len(sites)
+        out: list[Any] = [None] * len(sites)
         queue: deque[int] = deque()
         for k, site in enumerate(sites):
             if site in self._assign:
@@ -249,7 +253,7 @@ class RayTransport(Transport):
                 if answer is _AGAIN:
                     waiting.append((time.monotonic() + RETRY_PAUSE, k))
                 else:
-                    out[k] = answer
+                    out[k] = answer if isinstance(answer, SiteFailure) else take(*answer)
         for _, k in waiting:
             out[k] = SiteFailure(sites[k], f"its Ray actor was still restarting at round_timeout={timeout:g}s")
         stalled = {self._assign[sites[k]] for k in running.values()}
@@ -261,7 +265,7 @@ class RayTransport(Transport):
         for i in stalled:  # a hung actor must not block later rounds: stopped, and a new one started
             ray.kill(self._actors[i], no_restart=True)
             self._actors[i] = self._start(i)
-        return out  # type: ignore[return-value]
+        return out
 
     def _answer(self, site: str, ref: Any) -> tuple[str, Any] | SiteFailure | object:
         """The answer of a finished task; ``_AGAIN`` when its actor was restarting (send it
