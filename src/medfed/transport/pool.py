@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -120,14 +119,12 @@ class PoolTransport(Transport):
                 running[submit(self._executor(self._assign[site]), k)] = k
             else:
                 out[k] = SiteFailure(site, "unknown site")
-        deadline = time.monotonic() + timeout
-        while running:
-            done, _ = wait(list(running), timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
-            if not done:
-                break
-            for f in done:
+        try:  # each answer taken as it arrives (and let go of), until the deadline
+            for f in as_completed(list(running), timeout=timeout):
                 k = running.pop(f)
                 out[k] = self._answer(sites[k], f, take)
+        except TimeoutError:  # the ones still running are failures, below
+            pass
         for f, k in running.items():
             f.cancel()
             self._kill(self._assign[sites[k]])  # a hung worker must not block later rounds
