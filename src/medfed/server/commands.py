@@ -1,20 +1,27 @@
-"""``medfed submit --kit ADMIN_KIT JOB.yaml`` and ``medfed jobs list | show ID | abort ID
---kit ADMIN_KIT``: an admin's calls to a queue server (``medfed server --queue``), over the
-admin service (transport/grpc/admin.py), printed as tables.
+"""``medfed server --kit KIT --job JOB.yaml | --queue RUNS_DIR``: a job, or a queue of jobs,
+served to the consortium's sites over mutual TLS (server/deploy.py, server/queue_server.py);
+``medfed submit --kit ADMIN_KIT JOB.yaml`` and ``medfed jobs list | show ID | abort ID
+--kit ADMIN_KIT``: an admin's calls to a queue server, over the admin service
+(transport/grpc/admin.py), printed as tables.
 
-``jobs_app`` is the ``medfed jobs`` group and ``submit`` the ``medfed submit`` command;
-cli.py registers both.
+``serve`` is the ``medfed server`` command, ``jobs_app`` the ``medfed jobs`` group and
+``submit`` the ``medfed submit`` command; cli.py registers them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Optional, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+
+from medfed import terminal
+from medfed.config import load_job
+from medfed.core.errors import ConfigError, MedfedError
+from medfed.terminal import fail, out, print_run, seconds, setup_logging
 
 if TYPE_CHECKING:
     from medfed.server.queue import QueuedJob
@@ -28,21 +35,10 @@ jobs_app = typer.Typer(add_completion=False, no_args_is_help=True,
 _KIT_HELP = "An admin kit folder (from `medfed provision`: admin/)."
 _STATUS_STYLE = {"queued": "cyan", "running": "bold yellow", "complete": "green", "failed": "red", "aborted": "magenta"}
 
-out = Console()
-
-
-def _fail(e: Exception) -> None:
-    """As cli.py prints an error a user caused: one line; exit 2 for a bad job or kit, else 1."""
-    from medfed.core.errors import ConfigError, NetworkError
-
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2 if isinstance(e, (ConfigError, NetworkError)) else 1)
-
 
 def _ask(kit: Path, call: Callable[["AdminConnection"], T]) -> T:
     """``call`` on a connection to the queue server of the admin ``kit``; a medfed error is
-    printed as one line and exits (:func:`_fail`)."""
-    from medfed.core.errors import MedfedError
+    printed as one line and exits (terminal.fail)."""
     from medfed.transport.grpc.admin_client import AdminConnection
     from medfed.transport.pki import load_kit
 
@@ -50,8 +46,7 @@ def _ask(kit: Path, call: Callable[["AdminConnection"], T]) -> T:
         with AdminConnection(load_kit(kit, role="admin")) as conn:
             return call(conn)
     except MedfedError as e:
-        _fail(e)
-        raise  # not reached: _fail exits
+        fail(e)
 
 
 def _status(job: QueuedJob) -> str:
@@ -122,3 +117,60 @@ def abort(job_id: str = typer.Argument(..., help="The job's id (see medfed jobs 
     else:
         out.print(f"job [bold]{job.id}[/] is running: it stops at its next round boundary (its run folder is kept)",
                   highlight=False)
+
+
+def serve(
+    kit: Path = typer.Option(..., "--kit", help="The server's startup kit folder (from `medfed provision`)."),
+    job_file: Optional[Path] = typer.Option(None, "--job", help="Job YAML: the same file a simulation runs."),
+    queue: Optional[Path] = typer.Option(
+        None, "--queue", help="Instead of --job: serve a queue of jobs, kept in this runs folder, one after another "
+                              "(`medfed submit`, `medfed jobs` with an admin kit); runs until stopped."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run that was stopped, after its last completed round."),
+    listen: Optional[str] = typer.Option(None, "--listen", help="Address to bind, host:port (default 0.0.0.0:<kit port>)."),
+    join_timeout: Optional[float] = typer.Option(
+        None, "--join-timeout", callback=seconds,
+        help="Seconds (> 0) to wait for the sites before round 1 (default: the job's round_timeout).",
+    ),
+    he_context: Optional[Path] = typer.Option(
+        None, "--he-context",
+        help="For a job with privacy.he: the consortium's public CKKS context, he-public.ctx from `medfed he-keys`.",
+    ),
+) -> None:
+    """Serve a job (or, with --queue, a queue of jobs) to the consortium's sites over mutual TLS."""
+    from medfed.server.deploy import serve_job
+    from medfed.transport.grpc.handshakes import watch_refused_handshakes
+    from medfed.transport.pki import load_kit
+
+    setup_logging(logging.INFO)
+    if terminal.PROGRAM:  # before gRPC is imported: refused TLS handshakes in run.log (it takes over the process's fd 2)
+        watch_refused_handshakes()
+    if queue is not None:
+        _serve_queue(kit, queue, job_file, resume, join_timeout, listen, he_context)
+        return
+    try:
+        if job_file is None:
+            raise ConfigError("medfed server needs --job JOB.yaml (one job), or --queue RUNS_DIR (a queue of jobs)")
+        job = load_job(job_file)
+        result = serve_job(job, load_kit(kit, role="server"), resume=resume, listen=listen, join_timeout=join_timeout,
+                           he_context=he_context)
+    except MedfedError as e:
+        fail(e)
+        return
+    print_run(result.run_dir, job, result.elapsed_s)
+
+
+def _serve_queue(kit: Path, runs_dir: Path, job_file: Optional[Path], resume: bool, join_timeout: Optional[float],
+                 listen: Optional[str], he_context: Optional[Path]) -> None:
+    """medfed server --queue RUNS_DIR (server/queue_server.py): until stopped (Ctrl-C)."""
+    from medfed.server.queue_server import serve_queue
+    from medfed.transport.pki import load_kit
+
+    try:
+        if job_file is not None or resume or join_timeout is not None:
+            raise ConfigError("--queue serves the jobs admins submit (medfed submit): leave out --job, --resume and "
+                              "--join-timeout (a job the server was running when it stopped is resumed by itself)")
+        serve_queue(load_kit(kit, role="server"), runs_dir, listen=listen, he_context=he_context)
+    except MedfedError as e:
+        fail(e)
+    except KeyboardInterrupt:
+        out.print("queue server stopped; a job it was running is resumed when it starts again")
