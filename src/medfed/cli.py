@@ -1,7 +1,7 @@
 """The command line: ``medfed run | validate | report | compare | loso | dashboard`` here;
-``provision`` (transport/pki/commands.py), ``server``, ``submit`` and ``jobs``
-(server/commands.py), ``site`` (site/commands.py) and ``he-keys`` (privacy/he/commands.py)
-registered from the modules of their parts.
+``provision``, ``server``, ``submit`` and ``jobs`` (server/commands.py), ``site``
+(site/commands.py) and ``he-keys`` (privacy/he/commands.py) registered from the modules
+of their parts.
 
 Errors that a user can cause are printed as one clear message (no traceback) and the
 command exits with status 2 (bad job or data) or 1 (a run that failed on the way):
@@ -23,11 +23,10 @@ from medfed import terminal
 from medfed.config import Job, builtin_job_path, load_job
 from medfed.core.errors import ConfigError, MedfedError
 from medfed.privacy.he.commands import he_keys
-from medfed.server.commands import jobs_app, serve
+from medfed.server.commands import jobs_app, provision, serve
 from medfed.server.commands import submit as submit_job
 from medfed.site.commands import site_app
 from medfed.terminal import err, fail, out, print_run, setup_logging
-from medfed.transport.pki.commands import provision
 
 if TYPE_CHECKING:
     from medfed.core.summary import SiteSummary
@@ -235,7 +234,7 @@ def dashboard(
         server.server_close()
 
 
-app.command()(provision)  # transport/pki/commands.py: the consortium's CA and kits, revocation
+app.command()(provision)  # server/commands.py: the consortium's CA and kits, revocation
 app.command("server")(serve)  # server/commands.py: a job, or a queue of jobs, served over mutual TLS
 app.add_typer(site_app, name="site")  # site/commands.py: medfed site [--kit ...] | site approve | site reject
 app.command("submit")(submit_job)  # server/commands.py: an admin's job to a queue server

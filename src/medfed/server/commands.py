@@ -1,11 +1,15 @@
-"""``medfed server --kit KIT --job JOB.yaml | --queue RUNS_DIR``: a job, or a queue of jobs,
+"""The coordinator's commands. ``medfed provision CONSORTIUM.yaml [--out DIR] [--revoke
+SITE]``: the consortium's certificate authority and a startup kit per participant
+(transport/pki/provisioning.py), or a site's certificate revoked (revocation.py).
+``medfed server --kit KIT --job JOB.yaml | --queue RUNS_DIR``: a job, or a queue of jobs,
 served to the consortium's sites over mutual TLS (server/deploy.py, server/queue_server.py);
 ``medfed submit --kit ADMIN_KIT JOB.yaml`` and ``medfed jobs list | show ID | abort ID
 --kit ADMIN_KIT``: an admin's calls to a queue server, over the admin service
 (transport/grpc/admin.py), printed as tables.
 
-``serve`` is the ``medfed server`` command, ``jobs_app`` the ``medfed jobs`` group and
-``submit`` the ``medfed submit`` command; cli.py registers them.
+``provision``, ``serve`` (``medfed server``), ``submit`` and the ``jobs_app`` group are
+registered by cli.py. Each imports what it needs when it runs (certificates, gRPC), so
+that ``medfed run`` does not.
 """
 
 from __future__ import annotations
@@ -174,3 +178,64 @@ def _serve_queue(kit: Path, runs_dir: Path, job_file: Optional[Path], resume: bo
         fail(e)
     except KeyboardInterrupt:
         out.print("queue server stopped; a job it was running is resumed when it starts again")
+
+
+def provision(
+    consortium_file: Path = typer.Argument(..., help="Consortium YAML: name, server host/port, sites."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder for the CA and the kits (default: <name>-kits next to the consortium file)."
+    ),
+    revoke: Optional[str] = typer.Option(
+        None, "--revoke", help="Revoke the certificate of this site: the CA re-signs its revocation list, copied into "
+                               "the server kit (install revoked.crl.pem beside the running server's kit)."),
+) -> None:
+    """Create the consortium's CA and a startup kit per participant (only the missing ones)."""
+    from rich.table import Table
+
+    from medfed.transport import pki
+
+    if revoke is not None:
+        _revoke(consortium_file, out_dir, revoke)
+        return
+    try:
+        result = pki.provision(consortium_file, out_dir)
+    except MedfedError as e:
+        fail(e)
+        return
+    cons = result.consortium
+    table = Table(title=f"consortium '{cons.name}', server {cons.server.host}:{cons.server.port}")
+    for col in ("name", "role", "kit folder", "status", "expires"):
+        table.add_column(col)
+    for k in result.kits:
+        status = "[green]created[/]" if k.status == "created" else "kept"
+        if not k.in_consortium_file:
+            status += " [yellow](removed from file, not revoked)[/]"
+        expires = f"{k.not_after:%Y-%m-%d}" + (" [red](expired)[/]" if k.expired else "")
+        table.add_row(k.name, k.role, str(k.path), status, expires)
+    out.print(table)
+    if result.ca_created:
+        out.print(f"new CA: [bold]{result.out_dir / 'ca'}[/]")
+    for note in result.notes:
+        out.print(f"[yellow]note:[/] {note}", highlight=False)
+    out.print(
+        "Send each kit folder to its participant over a secure channel (it holds a private key). "
+        f"Keep [bold]{result.out_dir / 'ca'}[/] offline and backed up: it can issue new kits, and adding a site "
+        "later needs it. To reissue a kit, delete its folder and run provision again.",
+        highlight=False,
+    )
+
+
+def _revoke(consortium_file: Path, out_dir: Optional[Path], name: str) -> None:
+    from medfed.transport.pki import default_out_dir, load_consortium
+    from medfed.transport.pki.revocation import revoke
+
+    try:
+        out_folder = out_dir if out_dir is not None else default_out_dir(consortium_file, load_consortium(consortium_file))
+        mine, listed, server_copy = revoke(out_folder, name)
+    except MedfedError as e:
+        fail(e)
+        return
+    out.print(f"revoked: site [bold]{escape(mine.name)}[/] (serial {mine.serial:x}, {mine.when:%Y-%m-%d %H:%M} UTC); "
+              f"{len(listed)} revoked in all: {escape(', '.join(r.name for r in listed))}", highlight=False)
+    out.print(f"Install [bold]{escape(str(server_copy))}[/] in the running server's kit folder (same file name): the "
+              "server refuses the site at its next call, without a restart.", highlight=False)
