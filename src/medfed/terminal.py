@@ -1,5 +1,5 @@
 """What medfed's commands share on the terminal (cli.py and the command modules it
-registers: server/commands.py, site/commands.py, transport/pki/commands.py): the two
+registers: server/commands.py, site/commands.py): the two
 consoles, an error a user can cause printed as one clear line (no traceback) with exit
 status 2 (a bad job, data, model, run folder or network) or 1 (a run that failed on the
 way), medfed's log on the terminal, a finished run's summary, and options in seconds.
